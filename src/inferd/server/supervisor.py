@@ -1,0 +1,248 @@
+"""Start an engine process, wait until it answers, restart it with back-off, stop it cleanly.
+
+One `Supervisor` per served model. The engine runs in its own session (process group) through
+`inferd.engines.launch`, so a stop can signal the engine and every process it spawned at once, and
+the kernel kills it if inferd itself dies. Readiness is the engine's health route answering 200.
+
+States: starting -> ready; ready -> restarting (the process exited) -> starting ...; a stop leads to
+stopped. An engine that fails `MAX_START_FAILURES` times in a row without ever becoming ready
+goes to failed and `failed` is set: the serve loop then exits with the engine's last log lines,
+rather than restarting forever something that cannot start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import enum
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+
+import aiohttp
+
+from inferd.engines.base import Engine
+from inferd.errors import EngineStartError
+
+log = logging.getLogger("inferd.supervisor")
+
+MAX_START_FAILURES = 3
+BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
+HEALTH_POLL_S = 0.5
+STOP_GRACE_S = 10.0
+LOG_TAIL_LINES = 200
+# Engine output lines that are worth a warning even when the engine's chatter is at debug level.
+_LOUD = (" ERROR ", " CRITICAL ", "Traceback (most recent call last)")
+
+
+class State(enum.StrEnum):
+    STARTING = "starting"
+    READY = "ready"
+    RESTARTING = "restarting"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+class Supervisor:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        ready_timeout_s: float,
+        host: str = "127.0.0.1",
+        backoff_s: tuple[float, ...] = BACKOFF_S,
+    ) -> None:
+        self.engine = engine
+        self.backoff_s = backoff_s
+        self.ready_timeout_s = ready_timeout_s
+        self.host = host
+        self.port = 0
+        self.state = State.STOPPED
+        self.last_error: str | None = None
+        self.restarts = 0
+        self.engine_version: str | None = None
+        self.started_at = 0.0
+        self.ready_seconds: float | None = None
+        self.tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
+        self.ready = asyncio.Event()
+        self.failed = asyncio.Event()
+        self._proc: asyncio.subprocess.Process | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._log = logging.getLogger(f"inferd.engine.{engine.served_name}")
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def start(self, session: aiohttp.ClientSession) -> None:
+        self.started_at = time.monotonic()
+        self._task = asyncio.create_task(
+            self._run(session), name=f"supervise {self.engine.served_name}"
+        )
+
+    async def _spawn(self) -> asyncio.subprocess.Process:
+        self.port = free_port(self.host)
+        cmd = self.engine.command(self.host, self.port)
+        argv = [sys.executable, "-m", "inferd.engines.launch", str(os.getpid()), "--", *cmd.argv]
+        log.info(
+            "starting %s engine for %s on port %d",
+            self.engine.name,
+            self.engine.served_name,
+            self.port,
+        )
+        log.debug("engine command: %s", " ".join(cmd.argv))
+        return await asyncio.create_subprocess_exec(
+            *argv,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            env={**os.environ, **cmd.env},
+            start_new_session=True,
+            limit=1 << 20,  # engines print long lines (config dumps); the default is 64 KiB
+        )
+
+    async def _pump_output(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdout is not None
+        async for raw in proc.stdout:
+            line = raw.decode("utf-8", "replace").rstrip()
+            self.tail.append(line)
+            level = logging.WARNING if any(w in line for w in _LOUD) else logging.DEBUG
+            self._log.log(level, "%s", line)
+
+    async def _wait_ready(
+        self, proc: asyncio.subprocess.Process, session: aiohttp.ClientSession
+    ) -> None:
+        deadline = time.monotonic() + self.ready_timeout_s
+        url = self.base_url + self.engine.health_path
+        while time.monotonic() < deadline:
+            if proc.returncode is not None:
+                raise EngineStartError(
+                    f"engine exited with code {proc.returncode} before it was ready"
+                )
+            with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
+                async with session.get(url, timeout=aiohttp.ClientTimeout(total=2)) as resp:
+                    if resp.status == 200:
+                        return
+            await asyncio.sleep(HEALTH_POLL_S)
+        raise EngineStartError(f"engine was not ready after {self.ready_timeout_s:g} s")
+
+    async def _read_version(self, session: aiohttp.ClientSession) -> None:
+        with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+            async with session.get(
+                self.base_url + self.engine.version_path, timeout=aiohttp.ClientTimeout(total=2)
+            ) as resp:
+                if resp.status == 200:
+                    self.engine_version = str((await resp.json(content_type=None)).get("version"))
+
+    async def _run(self, session: aiohttp.ClientSession) -> None:
+        try:
+            await self._supervise(session)
+        except Exception as exc:  # e.g. the engine's executable is missing: fail loudly, once
+            log.exception("supervising the %s engine failed", self.engine.name)
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            self.state = State.FAILED
+            self.failed.set()
+
+    async def _supervise(self, session: aiohttp.ClientSession) -> None:
+        failures = 0
+        ever_ready = False
+        while not self._stopping:
+            self.state = State.STARTING if not ever_ready else State.RESTARTING
+            begun = time.monotonic()
+            proc = self._proc = await self._spawn()
+            pump = asyncio.create_task(self._pump_output(proc))
+            try:
+                await self._wait_ready(proc, session)
+            except EngineStartError as exc:
+                failures += 1
+                self.last_error = str(exc)
+                log.error("%s engine for %s: %s", self.engine.name, self.engine.served_name, exc)
+                await self._terminate(proc)
+                await pump
+                if not ever_ready and failures >= MAX_START_FAILURES:
+                    self.state = State.FAILED
+                    self.failed.set()
+                    return
+                await self._backoff(failures)
+                continue
+            failures = 0
+            ever_ready = True
+            self.ready_seconds = time.monotonic() - begun
+            await self._read_version(session)
+            self.state = State.READY
+            self.last_error = None
+            self.ready.set()
+            code = await proc.wait()
+            await pump
+            self.ready.clear()
+            if self._stopping:
+                break
+            self.restarts += 1
+            self.last_error = f"engine exited with code {code}"
+            log.error(
+                "%s engine for %s exited with code %s; restarting",
+                self.engine.name,
+                self.engine.served_name,
+                code,
+            )
+            await self._backoff(1)
+        self.state = State.STOPPED
+
+    async def _backoff(self, attempt: int) -> None:
+        self.state = State.RESTARTING
+        await asyncio.sleep(self.backoff_s[min(attempt, len(self.backoff_s)) - 1])
+
+    async def _terminate(self, proc: asyncio.subprocess.Process) -> None:
+        """SIGTERM to the engine's whole process group, SIGKILL after a grace period."""
+        if proc.returncode is not None:
+            self._kill_group(proc.pid, signal.SIGKILL)  # stragglers of a dead leader
+            return
+        self._kill_group(proc.pid, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), STOP_GRACE_S)
+        except TimeoutError:
+            log.warning("engine did not stop within %g s; killing it", STOP_GRACE_S)
+        self._kill_group(proc.pid, signal.SIGKILL)
+        await proc.wait()
+
+    @staticmethod
+    def _kill_group(pid: int, sig: signal.Signals) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, sig)
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self.ready.clear()
+        if self._proc is not None:
+            await self._terminate(self._proc)
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self.state = State.STOPPED
+
+    def describe(self) -> dict[str, object]:
+        """The state `/v1/health/ready` shows for this engine."""
+        return {
+            "state": self.state.value,
+            "engine": self.engine.name,
+            "restarts": self.restarts,
+            "error": self.last_error,
+            "seconds_since_start": round(time.monotonic() - self.started_at, 1)
+            if self.started_at
+            else None,
+        }

@@ -1,0 +1,88 @@
+"""The front in this process (real uvicorn, real HTTP) over a recorded engine in a real process."""
+
+from __future__ import annotations
+
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+
+from inferd.catalog import Catalog
+from inferd.engines.base import Engine, EngineCommand
+from inferd.server.app import create_app
+from inferd.server.served import ServedModel
+from inferd.server.supervisor import Supervisor
+
+RECORDED = Path(__file__).with_name("recorded_engine.py")
+MODEL = "smollm2-135m-instruct"
+
+
+class RecordedEngine(Engine):
+    name = "recorded"
+
+    def command(self, host: str, port: int) -> EngineCommand:
+        return EngineCommand(
+            [sys.executable, str(RECORDED), "--host", host, "--port", str(port), *self.extra_args]
+        )
+
+
+def served_model(tmp_path: Path, *extra: str, backoff: tuple[float, ...] = (0.2,)) -> ServedModel:
+    entry = Catalog.load().get(MODEL)
+    profile = entry.profiles[0]
+    engine = RecordedEngine(MODEL, tmp_path, profile, list(extra), tmp_path)
+    supervisor = Supervisor(engine, ready_timeout_s=20, backoff_s=backoff)
+    return ServedModel(entry, profile, supervisor, "Apache License 2.0 (text)", {"source": {}})
+
+
+@dataclass
+class Front:
+    url: str
+    served: ServedModel
+    server: uvicorn.Server
+    thread: threading.Thread
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=10)
+
+    def wait_ready(self, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        with self.client() as c:
+            while time.monotonic() < deadline:
+                if c.get("/v1/health/ready").status_code == 200:
+                    return
+                time.sleep(0.05)
+        raise AssertionError("front never became ready")
+
+
+def start_front(served: ServedModel) -> Front:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    app = create_app([served])
+    config = uvicorn.Config(app, log_config=None, lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    return Front(f"http://127.0.0.1:{port}", served, server, thread)
+
+
+def stop_front(front: Front) -> None:
+    front.server.should_exit = True
+    front.thread.join(timeout=30)
+
+
+@pytest.fixture
+def front(tmp_path: Path) -> Iterator[Front]:
+    f = start_front(served_model(tmp_path))
+    f.wait_ready()
+    yield f
+    stop_front(f)

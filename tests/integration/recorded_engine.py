@@ -1,0 +1,129 @@
+"""A recorded engine: replays real vLLM 0.32.0 responses (tests/fixtures/vllm-0.32.0) over HTTP.
+
+Run as its own process by the integration tests, through inferd's real supervisor, so that the
+front's proxying, streaming, error mapping, restarts and shutdown are tested fast and with faults
+a real engine will not produce on demand. What the user message says picks the behaviour:
+
+    "crash"    stream two events, then the process dies (engine crash mid-stream)
+    "slow"     stream with 0.3 s between events (to see events arrive one by one, and to hang up)
+    "invalid"  answer with vLLM's real 400 body
+    otherwise  replay the recorded answer (streamed or not)
+
+`GET /debug/open-streams` says how many streams are in progress (to check that a client that
+hangs up makes the front close the engine connection). `--ready-after S` delays listening, like
+vLLM, which only opens its port once the model is loaded; `--exit-at-start` fails at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+
+from aiohttp import web
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "vllm-0.32.0"
+
+
+def _events() -> list[bytes]:
+    raw = (FIXTURES / "chat-stream-usage.sse").read_bytes()
+    return [e + b"\n\n" for e in raw.split(b"\n\n") if e.strip()]
+
+
+class Recorded:
+    def __init__(self) -> None:
+        self.open_streams = 0
+        self.events = _events()
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        if request.content_type != "application/json":
+            return web.json_response(
+                {
+                    "error": {
+                        "message": "Only 'application/json' is allowed",
+                        "type": "Bad Request",
+                        "code": 400,
+                    }
+                },
+                status=400,
+            )
+        body = await request.json()
+        text = body["messages"][-1]["content"]
+        if text == "invalid":
+            return web.Response(
+                body=(FIXTURES / "error-max-tokens.json").read_bytes(),
+                status=400,
+                content_type="application/json",
+            )
+        if not body.get("stream"):
+            return web.Response(
+                body=(FIXTURES / "chat.json").read_bytes(), content_type="application/json"
+            )
+        with_usage = (body.get("stream_options") or {}).get("include_usage")
+        events = [e for e in self.events if with_usage or b'"choices":[]' not in e]
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        self.open_streams += 1
+        try:
+            for i, event in enumerate(events):
+                if text == "crash" and i == 2:
+                    os._exit(3)
+                await resp.write(event)
+                await asyncio.sleep(0.3 if text == "slow" else 0.001)
+        finally:
+            self.open_streams -= 1
+        return resp
+
+    async def fixture(self, request: web.Request) -> web.Response:
+        name = {
+            "/v1/models": "models.json",
+            "/version": "version.json",
+            "/tokenize": "tokenize.json",
+            "/metrics": "metrics.txt",
+        }[request.path]
+        kind = "text/plain" if name.endswith(".txt") else "application/json"
+        return web.Response(body=(FIXTURES / name).read_bytes(), content_type=kind)
+
+    async def health(self, _: web.Request) -> web.Response:
+        return web.Response()
+
+    async def open_count(self, _: web.Request) -> web.Response:
+        return web.json_response({"open": self.open_streams})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--ready-after", type=float, default=0.0)
+    parser.add_argument("--exit-at-start", action="store_true")
+    args = parser.parse_args()
+    print(json.dumps({"recorded engine": "starting", "port": args.port}), flush=True)
+    if args.exit_at_start:
+        print("ERROR recorded engine told to fail at start", file=sys.stderr, flush=True)
+        sys.exit(4)
+    rec = Recorded()
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", rec.chat)
+    app.router.add_post("/v1/completions", rec.chat)
+    for path in ("/v1/models", "/version", "/metrics"):
+        app.router.add_get(path, rec.fixture)
+    app.router.add_post("/tokenize", rec.fixture)
+    app.router.add_get("/health", rec.health)
+    app.router.add_get("/debug/open-streams", rec.open_count)
+
+    async def serve() -> None:
+        await asyncio.sleep(args.ready_after)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.TCPSite(runner, args.host, args.port).start()
+        await asyncio.Event().wait()
+
+    asyncio.run(serve())
+
+
+if __name__ == "__main__":
+    main()

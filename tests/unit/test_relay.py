@@ -1,0 +1,76 @@
+"""What the proxy reads from streamed events, and the usage chunk it strips for the client."""
+
+from __future__ import annotations
+
+from inferd.observability.metrics import Metrics
+from inferd.server.proxy import Call
+
+# Events as vLLM 0.32.0 streams them (chat, include_usage).
+TOKEN = (
+    b'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"m",'
+    b'"choices":[{"index":0,"delta":{"content":"Car"},"logprobs":null,'
+    b'"finish_reason":null,"token_ids":null}]}\n\n'
+)
+LAST = (
+    b'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"m",'
+    b'"choices":[{"index":0,"delta":{"content":" hello"},"logprobs":null,'
+    b'"finish_reason":"length","stop_reason":null,"token_ids":null}]}\n\n'
+)
+USAGE = (
+    b'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"m",'
+    b'"choices":[],"usage":{"prompt_tokens":31,"total_tokens":35,"completion_tokens":4}}\n\n'
+)
+DONE = b"data: [DONE]\n\n"
+
+
+def _call() -> tuple[Call, Metrics]:
+    metrics = Metrics()
+    return Call("m", metrics, "/v1/chat/completions", "rid"), metrics
+
+
+def _value(metrics: Metrics, name: str, **labels: str) -> float:
+    return metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def test_plain_token_events_pass_untouched() -> None:
+    call, _ = _call()
+    assert call.observe_events(TOKEN) == TOKEN
+    assert call.first_token_at is not None
+
+
+def test_injected_usage_chunk_is_stripped_and_counted() -> None:
+    call, metrics = _call()
+    call.strip_usage = True
+    out = call.observe_events(TOKEN + LAST + USAGE + DONE)
+    assert out == TOKEN + LAST + DONE
+    assert (call.prompt_tokens, call.completion_tokens) == (31, 4)
+    assert call.finish_reason == "length"
+    call.finish(200)
+    assert _value(metrics, "prompt_tokens_total", model="m") == 31
+    assert _value(metrics, "generation_tokens_total", model="m") == 4
+    assert _value(metrics, "request_success_total", model="m", finished_reason="length") == 1
+    assert _value(metrics, "num_requests_running", model="m") == 0
+
+
+def test_usage_the_client_asked_for_is_kept() -> None:
+    call, _ = _call()
+    assert call.observe_events(USAGE + DONE) == USAGE + DONE
+    assert call.completion_tokens == 4
+
+
+def test_finish_is_recorded_once() -> None:
+    call, metrics = _call()
+    assert _value(metrics, "num_requests_running", model="m") == 1
+    call.finish(502)
+    call.finish(499)
+    assert _value(metrics, "request_failure_total", model="m", status="502") == 1
+    assert _value(metrics, "request_failure_total", model="m", status="499") == 0
+    assert _value(metrics, "num_requests_running", model="m") == 0
+
+
+def test_non_streamed_answer_usage() -> None:
+    call, _ = _call()
+    call.read_answer(
+        b'{"choices":[{"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":5}}'
+    )
+    assert (call.prompt_tokens, call.completion_tokens, call.finish_reason) == (3, 5, "stop")
