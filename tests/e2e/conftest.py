@@ -1,0 +1,120 @@
+"""A real `inferd serve` (real vLLM engine, real model from PyPI, real HTTP), shared by the suite.
+
+Engine starts are slow on a small CPU (about two minutes the first time, with torch.compile), so
+one server runs for the whole session. Its model cache is `INFERD_TEST_CACHE_PATH` (default
+~/.cache/inferd-tests), kept between runs so a second run skips the download and conversion; CI
+starts empty and so exercises them. While the server starts, the fixture records what the health
+routes answered, for the readiness tests.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+MODEL = "smollm2-135m-instruct"
+INFERD = str(Path(sys.executable).with_name("inferd"))
+START_TIMEOUT_S = 900
+
+
+def cache_path() -> Path:
+    default = Path.home() / ".cache" / "inferd-tests"
+    return Path(os.environ.get("INFERD_TEST_CACHE_PATH", default))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Served:
+    """One running `inferd serve` process and what was seen while it started."""
+
+    proc: subprocess.Popen[bytes]
+    port: int
+    log: Path
+    seen: list[tuple[str, int, str]] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+    def descendants(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def wait_ready(self, timeout: float = START_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout
+        with httpx.Client(base_url=self.url, timeout=5) as c:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise AssertionError(
+                        f"inferd exited with {self.proc.returncode}:\n{self.log_tail()}"
+                    )
+                for path in ("/v1/health/live", "/v1/health/ready"):
+                    try:
+                        r = c.get(path)
+                    except httpx.TransportError:
+                        continue
+                    self.seen.append((path, r.status_code, r.text))
+                if self.seen and self.seen[-1][:2] == ("/v1/health/ready", 200):
+                    return
+                time.sleep(0.5)
+        raise AssertionError(f"inferd not ready after {timeout} s:\n{self.log_tail()}")
+
+    def stop(self, sig: signal.Signals = signal.SIGTERM, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            for p in [*self.descendants(), psutil.Process(self.proc.pid)]:
+                p.kill()
+            raise
+
+
+def start(tmp: Path, *args: str, cache: Path | None = None) -> Served:
+    port = free_port()
+    log = tmp / f"inferd-{port}.log"
+    env = {**os.environ, "INFERD_CACHE_PATH": str(cache or cache_path())}
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [INFERD, "serve", "--port", str(port), *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    return Served(proc, port, log)
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    served = start(tmp_path_factory.mktemp("serve"))
+    try:
+        served.wait_ready()
+        yield served
+    finally:
+        served.stop()
+
+
+@pytest.fixture(scope="session")
+def base_url(server: Served) -> str:
+    return server.url + "/v1"

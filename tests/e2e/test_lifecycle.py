@@ -1,0 +1,59 @@
+"""Stopping `inferd serve` (SIGTERM, Ctrl-C) at any point leaves no engine process behind.
+
+These start their own servers with `--engine-args=--enforce-eager`: vLLM then starts in about
+20 s instead of two minutes, and the start-up path is the same.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import openai
+import psutil
+import pytest
+
+from tests.e2e.conftest import MODEL, Served, start
+
+pytestmark = pytest.mark.e2e
+EAGER = "--engine-args=--enforce-eager"
+
+
+def _wait_for_engine_processes(served: Served, timeout: float = 300) -> list[psutil.Process]:
+    """Wait until vLLM has spawned its engine core (a child of the API server process)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        children = served.descendants()
+        if len(children) >= 2:
+            return children
+        assert served.proc.poll() is None, served.log_tail()
+        time.sleep(0.2)
+    raise AssertionError(f"no engine process appeared:\n{served.log_tail()}")
+
+
+def _gone(processes: list[psutil.Process], timeout: float = 5) -> list[psutil.Process]:
+    _, alive = psutil.wait_procs(processes, timeout=timeout)
+    return alive
+
+
+def test_sigterm_when_ready_stops_everything(tmp_path: Path) -> None:
+    served = start(tmp_path, EAGER)
+    served.wait_ready()
+    client = openai.OpenAI(base_url=served.url + "/v1", api_key="unused", max_retries=0)
+    r = client.chat.completions.create(
+        model=MODEL, max_tokens=4, messages=[{"role": "user", "content": "hi"}]
+    )
+    assert r.choices[0].message.content is not None
+    children = served.descendants()
+    assert children, "the engine should run as a child of inferd"
+    assert served.stop(signal.SIGTERM) == 0
+    assert not _gone(children)
+
+
+def test_ctrl_c_while_the_engine_starts_stops_everything(tmp_path: Path) -> None:
+    served = start(tmp_path, EAGER)
+    children = _wait_for_engine_processes(served)
+    assert served.stop(signal.SIGINT) == 0
+    assert not _gone(children)
+    assert "Traceback" not in served.log_tail(200)

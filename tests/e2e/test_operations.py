@@ -1,0 +1,70 @@
+"""Health, readiness, metadata and metrics of a real `inferd serve`."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+
+from tests.e2e.conftest import MODEL, Served
+
+pytestmark = pytest.mark.e2e
+
+
+def test_live_while_starting_and_ready_only_once_the_engine_answers(server: Served) -> None:
+    ready = [(code, body) for path, code, body in server.seen if path == "/v1/health/ready"]
+    live = [code for path, code, _ in server.seen if path == "/v1/health/live"]
+    assert ready[0][0] == 503, "the first readiness probe should find the engine still starting"
+    state = json.loads(ready[0][1])
+    assert state["status"] == "not_ready"
+    assert state["models"][MODEL]["state"] in ("starting", "restarting")
+    assert ready[-1][0] == 200
+    assert set(live) == {200}
+
+
+def _metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(f'{name}{{model="{MODEL}"'):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} missing")
+
+
+def test_metrics_rise_after_requests(server: Served, base_url: str) -> None:
+    def scrape() -> str:
+        return httpx.get(server.url + "/v1/metrics", timeout=30).text
+
+    before = scrape()
+    client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0)
+    client.chat.completions.create(
+        model=MODEL, max_tokens=4, messages=[{"role": "user", "content": "hi"}]
+    )
+    list(
+        client.chat.completions.create(
+            model=MODEL, max_tokens=4, stream=True, messages=[{"role": "user", "content": "hi"}]
+        )
+    )
+    after = scrape()
+    for name in (
+        "prompt_tokens_total",
+        "generation_tokens_total",
+        "e2e_request_latency_seconds_count",
+    ):
+        assert _metric(after, name) > _metric(before, name), name
+    assert _metric(after, "time_to_first_token_seconds_count") >= 1
+    assert _metric(after, "num_requests_running") == 0
+    assert "vllm:generation_tokens_total" in after  # the engine's own metrics, passed through
+
+
+def test_metadata_names_model_profile_and_engine(server: Served) -> None:
+    meta = httpx.get(server.url + "/v1/metadata", timeout=30).json()
+    model = meta["models"][0]
+    assert model["id"] == MODEL
+    assert model["license"] == "apache-2.0"
+    assert model["profile"]["id"] == meta["selectedModelProfileId"]
+    assert model["profile"]["tags"]["engine"] == "vllm"
+    assert model["engine"]["version"]
+    assert meta["inferd_version"]
+    lic = httpx.get(server.url + "/v1/license", timeout=30).json()["licenses"][0]
+    assert "Apache License" in lic["content"]
