@@ -1,17 +1,10 @@
-"""Shared test helpers: paths to the shared hardware captures."""
+"""Shared test paths."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[1]
-# Real captures from real machines (read-only, next to the repository).
-SHARED_FIXTURES = REPO.parent / "shared" / "fixtures"
-LOCAL_FIXTURES = Path(__file__).parent / "fixtures"
-
-
-@pytest.fixture
-def fixtures() -> Path:
-    return LOCAL_FIXTURES
+# Real captures from real machines: hardware/ (copied from the project's shared fixtures, so a
+# fresh clone has them) and vllm-0.32.0/ (engine responses).
+FIXTURES = Path(__file__).parent / "fixtures"

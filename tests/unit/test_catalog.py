@@ -39,7 +39,7 @@ def test_default_profile_on_the_dev_machine() -> None:
     assert chosen.tags == {
         "engine": "vllm",
         "precision": "bf16",
-        "device": "cpu",
+        "hardware": "cpu",
         "optimize": "throughput",
         "format": "safetensors",
     }

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from inferd.catalog import hardware
-from tests.conftest import SHARED_FIXTURES
+from tests.conftest import FIXTURES
 
-EPYC = SHARED_FIXTURES / "hardware" / "cpu-epyc-2core"
+EPYC = FIXTURES / "hardware" / "cpu-epyc-2core"
 
 
 def test_cpuinfo_of_the_dev_machine() -> None:

@@ -74,3 +74,24 @@ def test_non_streamed_answer_usage() -> None:
         b'{"choices":[{"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":5}}'
     )
     assert (call.prompt_tokens, call.completion_tokens, call.finish_reason) == (3, 5, "stop")
+
+
+def test_spaced_json_from_other_engines_is_understood() -> None:
+    call, _ = _call()
+    call.strip_usage = True
+    spaced = (
+        b'data: {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}\n\n'
+        b'data: {"choices": [], "usage": {"prompt_tokens": 2, "completion_tokens": 3}}\n\n'
+    )
+    out = call.observe_events(spaced)
+    assert out == spaced.split(b"\n\n")[0] + b"\n\n"
+    assert (call.finish_reason, call.completion_tokens) == ("stop", 3)
+
+
+def test_error_event_inside_a_stream_counts_as_a_failure() -> None:
+    call, metrics = _call()
+    event = b'data: {"error": {"message": "boom", "type": "server_error", "code": 500}}\n\n'
+    assert call.observe_events(TOKEN + event) == TOKEN + event
+    call.finish(200)
+    assert _value(metrics, "request_failure_total", model="m", status="500") == 1
+    assert _value(metrics, "request_success_total", model="m", finished_reason="unknown") == 0

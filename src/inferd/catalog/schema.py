@@ -87,7 +87,7 @@ class Profile(_Strict):
         return {
             "engine": self.engine,
             "precision": self.precision,
-            "device": self.requires.device,
+            "hardware": self.requires.device,
             "optimize": self.optimize,
             "format": self.format,
         }

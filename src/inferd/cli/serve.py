@@ -34,7 +34,8 @@ def serve(settings: Settings) -> int:
     # Until uvicorn installs its own handlers, SIGTERM interrupts preparation like Ctrl-C does,
     # so a download or conversion child is cleaned up instead of orphaned.
     signal.signal(signal.SIGTERM, _interrupt)
-    console = Console(stderr=True, highlight=False)
+    # soft_wrap: log collectors get whole lines, not lines cut at 80 columns.
+    console = Console(stderr=True, highlight=False, soft_wrap=True)
     logs.configure(settings.log_level, settings.json_logs)
 
     entry = Catalog.load().get(settings.model)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -33,14 +34,15 @@ from inferd.server.served import ModelTable, ServedModel
 
 log = logging.getLogger("inferd.requests")
 
-_USAGE = b'"usage":{'
-_EMPTY_CHOICES = b'"choices":[]'
-_FINISH = b'"finish_reason":"'
+# Markers looked for in raw event bytes, so that plain token events are never parsed.
+_USAGE = b'"usage"'
+_ERROR = b'{"error"'
+_FINISH = re.compile(rb'"finish_reason"\s*:\s*"([^"]*)"')
 _REQUEST_ID_MAX = 128
 
 
 def request_id(request: Request) -> str:
-    """The client's X-Request-Id when it is sane, else a new one; echoed back and sent on."""
+    """The client's X-Request-Id when it is sane, else a new one; echoed back to the client."""
     given = request.headers.get("x-request-id", "")
     if 0 < len(given) <= _REQUEST_ID_MAX and given.isprintable():
         return given
@@ -87,13 +89,15 @@ class Call:
         self.metrics = metrics
         self.path = path
         self.rid = rid
+        # The engine gets an id of its own: clients may reuse theirs, engines need unique ones.
+        self.engine_rid = f"{rid}-{uuid.uuid4().hex[:8]}"
         self.started = time.perf_counter()
         self.first_token_at: float | None = None
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.finish_reason = "unknown"
         self.strip_usage = False
-        self.status = 200
+        self.engine_error = False  # the engine reported an error inside a 200 stream
         self._open = True
         if counted:
             metrics.requests_running.labels(self.model).inc()
@@ -102,32 +106,31 @@ class Call:
         self.prompt_tokens = int(usage.get("prompt_tokens") or 0)
         self.completion_tokens = int(usage.get("completion_tokens") or 0)
 
-    def read_finish(self, event: bytes) -> None:
-        at = event.rfind(_FINISH)
-        if at >= 0:
-            start = at + len(_FINISH)
-            self.finish_reason = event[start : event.find(b'"', start)].decode("ascii", "replace")
-
     def observe_events(self, chunk: bytes) -> bytes:
         """Look at complete SSE events; returns what goes on to the client."""
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
-        if _USAGE not in chunk and _FINISH not in chunk:
+        reasons = _FINISH.findall(chunk)
+        if reasons:
+            self.finish_reason = reasons[-1].decode("ascii", "replace")
+        if _USAGE not in chunk and _ERROR not in chunk:
             return chunk  # the common case: plain token events, forwarded untouched
         kept: list[bytes] = []
         for event in chunk.split(b"\n\n"):
             if not event:
                 continue
-            if _FINISH in event:
-                self.read_finish(event)
-            if _USAGE in event:
+            if _USAGE in event or _ERROR in event:
                 try:
-                    data = json.loads(event.removeprefix(b"data: "))
+                    data = json.loads(event.removeprefix(b"data:"))
                 except ValueError:
-                    data = {}  # not ours to judge; the client gets the event as it was
-                self.read_usage(data.get("usage") or {})
-                if self.strip_usage and _EMPTY_CHOICES in event:
-                    continue  # the usage chunk inferd asked for on the client's behalf
+                    data = None  # not ours to judge; the client gets the event as it was
+                if isinstance(data, dict):
+                    self.engine_error |= "error" in data
+                    usage = data.get("usage")
+                    if isinstance(usage, dict):
+                        self.read_usage(usage)
+                        if self.strip_usage and data.get("choices") == []:
+                            continue  # the usage chunk inferd asked for on the client's behalf
             kept.append(event + b"\n\n")
         return b"".join(kept)
 
@@ -146,7 +149,8 @@ class Call:
         if not self._open:
             return
         self._open = False
-        self.status = status
+        if self.engine_error and status < 400:
+            status = 500
         now = time.perf_counter()
         if self.counted:
             self._record(status, now)
@@ -158,7 +162,7 @@ class Call:
             self.prompt_tokens,
             self.completion_tokens,
             (now - self.started) * 1000,
-            extra={"request_id": self.rid},
+            extra={"request_id": self.rid, "engine_request_id": self.engine_rid},
         )
 
     def _record(self, status: int, now: float) -> None:
@@ -253,7 +257,7 @@ class Proxy:
     ) -> Response:
         assert self.session is not None
         url = served.supervisor.base_url + path
-        headers = {"Content-Type": "application/json", "X-Request-Id": call.rid}
+        headers = {"Content-Type": "application/json", "X-Request-Id": call.engine_rid}
         try:
             resp = await self.session.post(url, data=body, headers=headers)
         except (TimeoutError, aiohttp.ClientError) as exc:
