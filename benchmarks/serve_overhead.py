@@ -8,7 +8,10 @@ shared, noisy machine hits both sides alike:
 1. separate processes: the engine started alone with exactly the command inferd builds for the
    profile (`VllmEngine.command`), then `inferd serve` (which starts that same command itself);
 2. same engine: one `inferd serve`, loaded alternately through the front and straight at its
-   engine's port, so both sides share one warm engine process and differ only by the front hop.
+   engine's port, so both sides share one warm engine process and differ only by the front hop;
+3. paired TTFT: on that same server, `--pairs` single streamed requests (128-token prompt, one
+   output token) sent alternately straight to the engine and through inferd; the median of the
+   paired differences is the latency the front adds, with drift cancelled pair by pair.
 
 Usage: python benchmarks/serve_overhead.py [--rounds 3] [--concurrency 1,16] [--out DIR]
 Prints a markdown table (medians over rounds) and writes every raw result as JSON under --out.
@@ -32,9 +35,10 @@ from typing import Any
 
 import httpx
 
-from inferd.cache import ModelStore, prepare
-from inferd.catalog import Catalog, hardware, profiles
-from inferd.engines import engine_for
+from inferd.cache import prepare
+from inferd.catalog import hardware
+from inferd.cli.plan import resolve
+from inferd.config import load_settings
 
 MODEL = "smollm2-135m-instruct"
 HERE = Path(__file__).resolve().parent
@@ -115,6 +119,34 @@ def bench(base_url: str, tokenizer: Path, concurrency: int, prompts: int) -> dic
     return result
 
 
+def first_token_ms(client: httpx.Client, base_url: str, prompt: str) -> float:
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 1, "stream": True, "temperature": 0}
+    started = time.perf_counter()
+    with client.stream("POST", base_url + "/v1/completions", json=body) as resp:
+        lines = resp.iter_lines()
+        for line in lines:
+            if line.startswith("data: {"):
+                elapsed = (time.perf_counter() - started) * 1000
+                for _ in lines:  # finish the stream so the connection is reused
+                    pass
+                return elapsed
+    raise SystemExit(f"no token from {base_url}")
+
+
+def paired_ttft(direct: str, front: str, pairs: int) -> list[float]:
+    """Added TTFT per pair (front minus direct), alternating which side goes first."""
+    prompt = " ".join(["hello"] * 128)  # 128 prompt tokens
+    diffs = []
+    with httpx.Client(timeout=60) as client:
+        for side in (direct, front):
+            first_token_ms(client, side, prompt)  # warm connections
+        for i in range(pairs):
+            order = (direct, front) if i % 2 == 0 else (front, direct)
+            times = {side: first_token_ms(client, side, prompt) for side in order}
+            diffs.append(times[front] - times[direct])
+    return diffs
+
+
 def engine_port_from_log(log: Path, timeout: float = 120) -> int:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -138,21 +170,24 @@ def main() -> None:
     parser.add_argument(
         "--skip-separate", action="store_true", help="only the same-engine comparison"
     )
+    parser.add_argument("--pairs", type=int, default=60, help="paired TTFT samples per round")
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
 
-    entry = Catalog.load().get(MODEL)
-    profile = profiles.select(entry, hardware.detect())
-    store = ModelStore(args.cache_path)
-    store.ensure_writable()
-    prepared = prepare(entry, profile, store, index_url="https://pypi.org/simple")
-    engine = engine_for(profile)(
-        MODEL, prepared.path, profile, [], store.engine_dir(profile.engine)
+    # The engine command exactly as `inferd serve` builds it for this machine.
+    settings = load_settings({"model": MODEL, "cache_path": args.cache_path})
+    plan = resolve(settings)
+    plan.store.ensure_writable()
+    prepared = prepare(
+        plan.entry, plan.chosen.profile, plan.store, index_url=settings.pypi_index_url
     )
+    engine = plan.engine(settings, prepared.path)
+    engine.cache_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "INFERD_CACHE_PATH": str(args.cache_path)}
     prompts = {c: max(8, 4 * c) for c in levels}
     rows: list[dict[str, Any]] = []
+    pair_rows: list[dict[str, Any]] = []
 
     def record(setup: str, rnd: int, url: str) -> None:
         for c in levels:
@@ -160,7 +195,8 @@ def main() -> None:
             row = {"setup": setup, "round": rnd, "concurrency": c, **{k: r.get(k) for k in KEYS}}
             rows.append(row)
             print(json.dumps(row), flush=True)
-            (args.out / "raw.jsonl").open("a").write(json.dumps(row) + "\n")
+            with (args.out / "raw.jsonl").open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
 
     for rnd in range(args.rounds):
         if not args.skip_separate:
@@ -195,10 +231,27 @@ def main() -> None:
             engine_port = engine_port_from_log(log)
             record("same engine: direct", rnd, f"http://127.0.0.1:{engine_port}")
             record("same engine: via inferd", rnd, f"http://127.0.0.1:{port}")
+            diffs = paired_ttft(
+                f"http://127.0.0.1:{engine_port}", f"http://127.0.0.1:{port}", args.pairs
+            )
+            pair_rows.append({"round": rnd, "added_ttft_ms": diffs})
+            with (args.out / "paired.jsonl").open("a") as fh:
+                fh.write(json.dumps(pair_rows[-1]) + "\n")
+            print(
+                f"paired TTFT round {rnd}: median added {statistics.median(diffs):+.2f} ms",
+                flush=True,
+            )
         finally:
             stop(front)
 
     summary = summarize(rows, levels)
+    every = [d for r in pair_rows for d in r["added_ttft_ms"]]
+    if every:
+        q = statistics.quantiles(every, n=4)
+        summary += (
+            f"\npaired TTFT, {len(every)} pairs: median added {statistics.median(every):+.2f} ms"
+            f" (quartiles {q[0]:+.2f} / {q[2]:+.2f} ms)\n"
+        )
     (args.out / "summary.md").write_text(summary)
     print(summary)
     print(environment(), file=sys.stderr)

@@ -69,8 +69,49 @@ def test_listings_have_json() -> None:
     models = json.loads(_run("models", "--json").stdout)
     assert any(m["id"] == "smollm2-135m-instruct" for m in models)
     profiles = json.loads(_run("profiles", "smollm2-135m-instruct", "--json").stdout)
-    assert profiles["profiles"][0]["profile"] == "vllm-cpu-bf16"
+    assert profiles["selected"] == "vllm-cpu-bf16"
+    assert profiles["profiles"][0]["id"] == "vllm-cpu-bf16"
     assert _run("version").stdout.startswith("inferd ")
     assert subprocess.run(
         [sys.executable, "-m", "inferd", "version"], capture_output=True, text=True, check=True
     ).stdout.startswith("inferd ")
+
+
+H100 = str(Path(__file__).parents[1] / "fixtures" / "hardware" / "h100-sxm")
+
+
+def test_profiles_on_the_h100_capture_pick_a_single_gpu_vllm_profile() -> None:
+    import json
+
+    r = _run("profiles", "llama-3.1-8b-instruct", "--hardware", H100, "--json")
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert data["selected"] == "vllm-hopper-fp8-tp1"
+    chosen = next(p for p in data["profiles"] if p["id"] == data["selected"])
+    assert (chosen["engine"], chosen["tp"], chosen["status"]) == ("vllm", 1, "runnable")
+    assert {"id", "engine", "precision", "tp", "status", "reason"} <= set(chosen)
+    table = _run("profiles", "llama-3.1-8b-instruct", "--hardware", H100).stdout
+    assert "H100" in table and "Runnable here" in table and "vllm-hopper-fp8-tp1" in table
+
+
+def test_profiles_here_explain_why_no_gpu_profile_fits() -> None:
+    import json
+
+    data = json.loads(_run("profiles", "llama-3.1-8b-instruct", "--json").stdout)
+    assert data["selected"] is None
+    assert all(p["status"] == "incompatible" and "GPU" in p["reason"] for p in data["profiles"])
+    r = _run("serve", "llama-3.1-8b-instruct", "--dry-run")
+    assert r.returncode == 2
+    assert "needs an NVIDIA GPU" in _one_line(r)
+
+
+def test_dry_run_prints_the_engine_command() -> None:
+    import json
+
+    r = _run("serve", "--dry-run", "--json")
+    assert r.returncode == 0, r.stderr
+    plan = json.loads(r.stdout)
+    argv = plan["engine"]["argv"]
+    assert argv[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    assert argv[argv.index("--max-model-len") + 1] == "8192"
+    assert plan["profile"]["id"] == "vllm-cpu-bf16"

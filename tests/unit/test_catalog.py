@@ -1,4 +1,4 @@
-"""The shipped catalog loads, and profile selection explains every refusal."""
+"""The shipped catalog: every entry loads, its facts agree with its published checkpoint."""
 
 from __future__ import annotations
 
@@ -6,61 +6,95 @@ from pathlib import Path
 
 import pytest
 
-from inferd.catalog import Catalog, profiles
-from inferd.catalog.hardware import CPU, Hardware
-from inferd.errors import ConfigError, NoProfileError, UnknownModelError
+from inferd.catalog import Catalog
+from inferd.catalog.estimate import kv_bytes_per_token, parameters, weight_bytes
+from inferd.errors import ConfigError, UnknownModelError
 
-ZEN4 = Hardware(
-    CPU("x86_64", "AMD EPYC", 2, frozenset({"avx2", "avx512f", "avx512_bf16"})), 25276510208
-)
+CATALOG = Catalog.load()
+REQUIRED = {
+    "smollm2-135m-instruct",
+    "gemma-3-270m",
+    "all-minilm-l6-v2",
+    "llama-3.1-8b-instruct",
+    "llama-3.3-70b-instruct",
+    "gemma-2-9b-it",
+    "gemma-2-27b-it",
+    "phi-3-mini-4k-instruct",
+    "phi-3.5-mini-instruct",
+    "mistral-7b-instruct-v0.3",
+    "mistral-large-instruct-2407",
+    "dbrx-instruct",
+    "qwen2.5-7b-instruct",
+}
 
 
-def test_default_model_entry() -> None:
-    entry = Catalog.load().get("smollm2-135m-instruct")
-    assert entry.task == "chat"
-    assert entry.license == "apache-2.0"
-    source = entry.source(entry.profiles[0].source)
-    weights = source.file("weights")
-    assert weights is not None and weights.path.endswith(".gguf")
-    assert source.file("license") is not None
-    # bf16 weights: parameters x 2 bytes is the converted checkpoint's size (269,060,552 bytes).
-    assert abs(entry.parameters * 2 - 269_060_552) / 269_060_552 < 0.01
+def test_catalog_has_the_required_models() -> None:
+    assert {e.id for e in CATALOG} >= REQUIRED
+
+
+@pytest.mark.parametrize("entry", list(CATALOG), ids=lambda e: e.id)
+def test_weight_estimate_matches_the_published_checkpoint(entry: object) -> None:
+    from inferd.catalog.schema import ModelEntry
+
+    assert isinstance(entry, ModelEntry)
+    for source in entry.sources:
+        estimate = weight_bytes(entry.architecture, source.precision)
+        published = source.size_bytes
+        assert abs(estimate - published) / published < 0.10, (source.id, estimate, published)
+    # The parameter count the entry states agrees with its architecture too.
+    assert abs(parameters(entry.architecture) - entry.parameters) / entry.parameters < 0.05
+
+
+def test_known_parameter_counts() -> None:
+    # Published totals: 8.03B, 70.6B, 132B (DBRX: 16 experts, all held in memory), 135M.
+    assert parameters(CATALOG.get("llama-3.1-8b-instruct").architecture) == pytest.approx(
+        8.03e9, rel=0.01
+    )
+    assert parameters(CATALOG.get("llama-3.3-70b-instruct").architecture) == pytest.approx(
+        70.6e9, rel=0.01
+    )
+    assert parameters(CATALOG.get("dbrx-instruct").architecture) == pytest.approx(132e9, rel=0.01)
+    assert parameters(CATALOG.get("smollm2-135m-instruct").architecture) == 134_515_008
+
+
+def test_kv_cache_per_token() -> None:
+    # Llama 3.1 8B: 2 x 32 layers x 8 KV heads x 128 x 2 bytes = 128 KiB per token.
+    assert kv_bytes_per_token(CATALOG.get("llama-3.1-8b-instruct").architecture, "bf16") == 131072
+    assert kv_bytes_per_token(CATALOG.get("llama-3.1-8b-instruct").architecture, "fp8") == 65536
+
+
+def test_pypi_sources_have_hashes_and_hub_sources_pin_a_repo() -> None:
+    for entry in CATALOG:
+        for source in entry.sources:
+            if source.kind == "pypi":
+                assert source.wheels and all(f.sha256 for f in source.files)
+            else:
+                assert source.repo and source.revision and source.total_bytes
 
 
 def test_unknown_model_lists_what_exists() -> None:
     with pytest.raises(UnknownModelError, match="smollm2-135m-instruct"):
-        Catalog.load().get("llama-9000")
+        CATALOG.get("llama-9000")
 
 
-def test_default_profile_on_the_dev_machine() -> None:
-    entry = Catalog.load().get("smollm2-135m-instruct")
-    chosen = profiles.select(entry, ZEN4)
-    assert chosen.id == "vllm-cpu-bf16"
-    assert chosen.tags == {
-        "engine": "vllm",
-        "precision": "bf16",
-        "hardware": "cpu",
-        "optimize": "throughput",
-        "format": "safetensors",
-    }
+def test_bad_yaml_names_file_and_field(tmp_path: Path) -> None:
+    good = Path(__file__).parents[2] / "src/inferd/catalog/models/smollm2-135m-instruct.yaml"
+    (tmp_path / "broken.yaml").write_text(good.read_text().replace("layers: 30", "layers: many"))
+    with pytest.raises(ConfigError) as info:
+        Catalog.load(tmp_path)
+    assert "broken.yaml" in str(info.value)
+    assert "architecture.layers" in str(info.value)
 
 
-def test_no_profile_says_why() -> None:
-    entry = Catalog.load().get("smollm2-135m-instruct")
-    old = Hardware(CPU("aarch64", "Neoverse", 1, frozenset()), 2 * 2**30)
-    with pytest.raises(NoProfileError) as info:
-        profiles.select(entry, old)
-    message = str(info.value)
-    assert "x86_64" in message and "avx512f" in message and "GiB memory" in message
+def test_unparsable_yaml_names_the_line(tmp_path: Path) -> None:
+    (tmp_path / "bad.yaml").write_text("id: x\nname: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml.*line"):
+        Catalog.load(tmp_path)
 
 
-def test_named_profile_must_exist() -> None:
-    entry = Catalog.load().get("smollm2-135m-instruct")
-    with pytest.raises(NoProfileError, match="has no profile 'fast'"):
-        profiles.select(entry, ZEN4, "fast")
-
-
-def test_broken_catalog_file_is_named(tmp_path: Path) -> None:
-    (tmp_path / "broken.yaml").write_text("id: x\nname: y\n")
-    with pytest.raises(ConfigError, match=r"broken\.yaml"):
+def test_file_paths_cannot_escape_the_model_folder(tmp_path: Path) -> None:
+    good = Path(__file__).parents[2] / "src/inferd/catalog/models/smollm2-135m-instruct.yaml"
+    text = good.read_text().replace("- path: LICENSE", "- path: ../../LICENSE")
+    (tmp_path / "escape.yaml").write_text(text)
+    with pytest.raises(ConfigError, match="relative path inside"):
         Catalog.load(tmp_path)

@@ -1,20 +1,60 @@
-"""CPU and memory detection from real captures and cgroup files."""
+"""Hardware detection: real captures from the H100 machine and the 2-core dev machine."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from inferd.catalog import hardware
+from inferd.errors import ConfigError
 from tests.conftest import FIXTURES
 
+H100 = FIXTURES / "hardware" / "h100-sxm"
 EPYC = FIXTURES / "hardware" / "cpu-epyc-2core"
 
 
-def test_cpuinfo_of_the_dev_machine() -> None:
-    name, features = hardware.parse_cpuinfo((EPYC / "cpuinfo-head.txt").read_text())
-    assert name == "AMD EPYC"
-    assert {"avx2", "avx512f", "avx512_bf16"} <= features
-    assert "amx_bf16" not in features
+def test_h100_from_captures() -> None:
+    hw = hardware.from_captures(H100)
+    assert len(hw.gpus) == 1
+    gpu = hw.gpus[0]
+    assert gpu.name == "NVIDIA H100 80GB HBM3"
+    assert gpu.compute_capability == (9, 0)
+    assert gpu.family == "hopper"
+    assert gpu.memory_bytes == 85520809984  # NVML's reading in probe.json
+    assert hw.driver == "580.159.04"
+    assert hw.cpu.usable_cores == 16
+    assert hw.memory_bytes == 135148564480
+    assert {"avx512f", "avx512_bf16", "amx_bf16"} <= hw.cpu.features
+
+
+def test_every_gpu_capture_format_agrees() -> None:
+    from_csv, driver = hardware.parse_query_csv((H100 / "nvidia-smi-query.csv").read_text())
+    from_xml, _ = hardware.parse_smi_xml((H100 / "nvidia-smi-q.xml").read_text())
+    from_probe, _ = hardware.parse_probe_json((H100 / "probe.json").read_text())
+    assert driver == "580.159.04"
+    for gpus in (from_csv, from_xml):
+        assert [(g.name, g.compute_capability) for g in gpus] == [("NVIDIA H100 80GB HBM3", (9, 0))]
+        # nvidia-smi reports MiB of usable framebuffer: within 1% of NVML's byte count.
+        assert gpus[0].memory_bytes == pytest.approx(from_probe[0].memory_bytes, rel=0.01)
+
+
+def test_cpu_machine_from_captures() -> None:
+    hw = hardware.from_captures(EPYC)
+    assert hw.gpus == ()
+    assert hw.cpu.model_name == "AMD EPYC"
+    assert hw.cpu.usable_cores == 2
+    assert hw.cpu.arch == "x86_64"
+    assert hw.memory_bytes == 25276510208
+    assert "no NVIDIA GPU" in hw.summary()
+
+
+def test_not_a_capture_folder(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not a folder"):
+        hardware.from_captures(tmp_path / "missing")
+    (tmp_path / "probe.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="cannot read the captures"):
+        hardware.from_captures(tmp_path)
 
 
 def test_cgroup_v2_limits(tmp_path: Path) -> None:

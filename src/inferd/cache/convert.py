@@ -41,7 +41,21 @@ def converter_versions() -> dict[str, str]:
     return versions
 
 
-def convert(gguf: Path, out: Path, dtype_name: str, emit: Callable[[str], None]) -> None:
+def _special_token_flags(gguf: Path) -> dict[str, bool]:
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(gguf)).fields
+    flags = {}
+    for flag in ("add_bos_token", "add_eos_token"):
+        field = fields.get(f"tokenizer.ggml.{flag}")
+        if field is not None:
+            flags[flag] = bool(field.parts[field.data[0]][0])
+    return flags
+
+
+def convert(
+    gguf: Path, out: Path, dtype_name: str, emit: Callable[[str], None], chat: bool = True
+) -> None:
     """The child's work. Imports are local: only this process pays for torch."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -49,8 +63,12 @@ def convert(gguf: Path, out: Path, dtype_name: str, emit: Callable[[str], None])
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
     emit("tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    if not tokenizer.chat_template:
-        raise SystemExit("the GGUF file carries no chat template")
+    if chat and not tokenizer.chat_template:
+        raise SystemExit("the GGUF file carries no chat template, which a chat model needs")
+    # transformers drops the GGUF's add-BOS/EOS flags; models such as Gemma answer garbage
+    # without their BOS token, so carry the flags over.
+    for flag, value in _special_token_flags(gguf).items():
+        setattr(tokenizer, flag, value)
     emit("weights")
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=dtype)
     # Drop the GGUF marker so the checkpoint is saved (and later loaded) as plain weights.
@@ -63,10 +81,14 @@ def convert(gguf: Path, out: Path, dtype_name: str, emit: Callable[[str], None])
     emit("done")
 
 
-def run_conversion(gguf: Path, out: Path, dtype: str, reporter: Reporter = SILENT) -> float:
+def run_conversion(
+    gguf: Path, out: Path, dtype: str, reporter: Reporter = SILENT, *, chat: bool = True
+) -> float:
     """Convert in a child process; returns the seconds it took. Raises `CacheError` on failure."""
     started = time.monotonic()
     cmd = [sys.executable, "-m", "inferd.cache.convert", str(gguf), str(out), "--dtype", dtype]
+    if chat:
+        cmd.append("--chat")
     # Conversion is offline by construction: the GGUF carries config and tokenizer.
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
     task = reporter.task(f"convert {gguf.name} -> safetensors ({dtype})", len(STAGES))
@@ -96,6 +118,7 @@ def main() -> None:
     parser.add_argument("gguf", type=Path)
     parser.add_argument("out", type=Path)
     parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
+    parser.add_argument("--chat", action="store_true", help="require a chat template")
     args = parser.parse_args()
     # Keep stdout for progress lines: libraries' chatter goes to stderr.
     progress_out, sys.stdout = sys.stdout, sys.stderr
@@ -103,7 +126,7 @@ def main() -> None:
     def emit(stage: str) -> None:
         print(json.dumps({"stage": stage}), file=progress_out, flush=True)
 
-    convert(args.gguf, args.out, args.dtype, emit)
+    convert(args.gguf, args.out, args.dtype, emit, chat=args.chat)
 
 
 if __name__ == "__main__":

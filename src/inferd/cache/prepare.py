@@ -2,29 +2,32 @@
 
 A folder is reused only when its `provenance.json` matches the profile's source and every file it
 lists still has the recorded sha256; anything else (missing, partial, altered) is rebuilt from
-verified source blobs, in a staging folder that is moved into place atomically, under a per-model
-lock so concurrent starts do the work once. The provenance records the chain source file hash ->
-converter versions -> output file hashes, so anyone can check what the engine was given.
+verified sources, in a staging folder that is moved into place atomically, under a per-model
+lock so concurrent starts do the work once. Whatever an interrupted run left behind (staging
+folders, `.partial` blobs) is cleared under that lock. The provenance records the chain source
+file hashes -> converter versions -> output file hashes, so anyone can check what the engine was
+given.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from inferd.cache.convert import converter_versions, run_conversion
-from inferd.cache.fetch import fetch_source
+from inferd.cache.fetch import disk_errors, fetch_huggingface, fetch_pypi
 from inferd.cache.reporting import SILENT, Reporter
-from inferd.cache.store import ModelStore, sha256_file
-from inferd.catalog.schema import ModelEntry, Profile
+from inferd.cache.store import PROVENANCE, ModelStore, hash_tree
+from inferd.catalog.schema import ModelEntry, Profile, Source
 from inferd.errors import CacheError
 
-PROVENANCE = "provenance.json"
-LICENSE_FILE = "LICENSE"
+BUNDLED_LICENSE = "LICENSE"
 
 
 @dataclass(frozen=True)
@@ -35,49 +38,41 @@ class PreparedModel:
 
     @property
     def license_text(self) -> str:
+        name = self.provenance.get("license_file")
         try:
-            return (self.path / LICENSE_FILE).read_text()
+            return (self.path / name).read_text(errors="replace") if name else ""
         except OSError:
             return ""
 
 
 def variant(profile: Profile) -> str:
     """Folder name for what the engine loads: profiles that load the same thing share it."""
-    return f"{profile.format}-{profile.precision}"
+    # fp8 GPU profiles quantize at load time from the bf16 checkpoint: they share its folder.
+    precision = "bf16" if profile.precision == "fp8" else profile.precision
+    return f"{profile.format}-{precision}"
 
 
-def _hash_tree(folder: Path, reporter: Reporter) -> dict[str, str]:
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != PROVENANCE)
-    total = sum(p.stat().st_size for p in files)
-    with reporter.task(f"hash {folder.name}", total) as advance:
-        return {p.name: sha256_file(p, advance) for p in files}
+def source_record(source: Source) -> dict[str, Any]:
+    record: dict[str, Any] = {"id": source.id, "kind": source.kind}
+    if source.kind == "pypi":
+        record["wheels"] = {w.filename: w.sha256 for w in source.wheels}
+        record["files"] = {f.path: f.sha256 for f in source.files}
+    else:
+        record.update(repo=source.repo, revision=source.revision)
+    return record
 
 
-def _source_record(model: ModelEntry, profile: Profile) -> dict[str, Any]:
-    source = model.source(profile.source)
-    return {
-        "kind": source.kind,
-        "package": source.package,
-        "version": source.version,
-        "wheel": source.wheel,
-        "wheel_sha256": source.wheel_sha256,
-        "files": {f.path: f.sha256 for f in source.files},
-    }
-
-
-def _intact(
-    folder: Path, model: ModelEntry, profile: Profile, reporter: Reporter
-) -> dict[str, Any] | None:
+def intact(folder: Path, source: Source, reporter: Reporter = SILENT) -> dict[str, Any] | None:
     """The folder's provenance if it is complete and unaltered, else None (and why, to the user)."""
     try:
         record: dict[str, Any] = json.loads((folder / PROVENANCE).read_text())
     except (OSError, ValueError):
         return None
-    if record.get("source") != _source_record(model, profile):
+    if record.get("source") != source_record(source):
         reporter.note(f"{folder} was built from another source; rebuilding it")
         return None
     expected: dict[str, str] = record.get("outputs", {})
-    actual = _hash_tree(folder, reporter)
+    actual = hash_tree(folder, reporter)
     if actual != expected:
         changed = sorted(
             k for k in expected.keys() | actual.keys() if expected.get(k) != actual.get(k)
@@ -87,28 +82,54 @@ def _intact(
     return record
 
 
-def _build(
-    staged: Path, model: ModelEntry, profile: Profile, blobs: dict[str, Path], reporter: Reporter
+def _link(src: Path, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    os.link(src, dest)
+
+
+def _bundled_license(spdx: str) -> str | None:
+    item = resources.files("inferd.catalog").joinpath("licenses", f"{spdx}.txt")
+    return item.read_text() if item.is_file() else None
+
+
+def _build_from_blobs(
+    staged: Path,
+    scratch: Path,
+    model: ModelEntry,
+    profile: Profile,
+    source: Source,
+    blobs: dict[str, Path],
+    reporter: Reporter,
 ) -> dict[str, Any]:
     """Fill `staged` with what the engine loads; returns the conversion part of the provenance."""
-    source = model.source(profile.source)
-    weights, license_file = source.file("weights"), source.file("license")
-    assert weights is not None  # the schema requires a weights file per source
-    if license_file is not None:
-        os.link(blobs[license_file.path], staged / LICENSE_FILE)
+    weights = source.file("weights")
+    assert weights is not None  # the schema requires a weights file for pypi sources
+    for f in source.files:
+        if f.role == "license" or profile.format == source.format:
+            _link(blobs[f.path], staged / f.path)
     if profile.format == source.format:
-        os.link(blobs[weights.path], staged / Path(weights.path).name)
         return {"tool": "none (files as shipped)"}
     if (source.format, profile.format) != ("gguf", "safetensors"):
         raise CacheError(f"no converter from {source.format} to {profile.format}")
-    # transformers finds the GGUF by name next to where it writes; give it a readable name.
-    gguf = staged.parent / Path(weights.path).name
-    os.link(blobs[weights.path], gguf)
-    try:
-        seconds = run_conversion(gguf, staged, profile.precision, reporter)
-    finally:
-        gguf.unlink(missing_ok=True)
+    # transformers reads the GGUF by name from a folder; give it one outside the output folder.
+    gguf = scratch / Path(weights.path).name
+    _link(blobs[weights.path], gguf)
+    seconds = run_conversion(gguf, staged, profile.precision, reporter, chat=model.task == "chat")
     return {"tool": "transformers", "versions": converter_versions(), "seconds": round(seconds, 1)}
+
+
+def _license_file(staged: Path, model: ModelEntry, source: Source) -> str | None:
+    """The licence text's path in the folder: the source's own, else inferd's SPDX copy."""
+    own = source.file("license")
+    if own is not None:
+        return own.path
+    if (staged / BUNDLED_LICENSE).exists():
+        return BUNDLED_LICENSE
+    text = _bundled_license(model.license)
+    if text is None:
+        return None
+    (staged / BUNDLED_LICENSE).write_text(text)
+    return BUNDLED_LICENSE
 
 
 def prepare(
@@ -121,23 +142,35 @@ def prepare(
     reporter: Reporter = SILENT,
 ) -> PreparedModel:
     folder = store.model_dir(model.id, variant(profile))
-    with store.lock(model.id):
-        record = _intact(folder, model, profile, reporter)
+    source = model.source(profile.source)
+    with store.lock("blobs", shared=True), store.lock(model.id):
+        store.clear_leftovers(model.id)
+        record = intact(folder, source, reporter)
         if record is not None:
             return PreparedModel(folder, record, reused=True)
-        source = model.source(profile.source)
-        blobs = fetch_source(source, store, index_url=index_url, offline=offline, reporter=reporter)
-        with store.staging(f"{model.id}-") as scratch:
+        with store.staging(f"{model.id}-") as scratch, disk_errors(store):
             staged = scratch / "model"
             staged.mkdir()
-            conversion = _build(staged, model, profile, blobs, reporter)
+            if source.kind == "pypi":
+                blobs = fetch_pypi(
+                    source, store, scratch, index_url=index_url, offline=offline, reporter=reporter
+                )
+                conversion = _build_from_blobs(
+                    staged, scratch, model, profile, source, blobs, reporter
+                )
+            else:
+                fetch_huggingface(source, staged, offline=offline, reporter=reporter)
+                shutil.rmtree(staged / ".cache", ignore_errors=True)  # the hub client's notes
+                conversion = {"tool": "none (files as shipped)"}
+            license_file = _license_file(staged, model, source)
             record = {
                 "model": model.id,
                 "variant": variant(profile),
-                "source": _source_record(model, profile),
+                "source": source_record(source),
+                "license_file": license_file,
                 "conversion": conversion,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "outputs": _hash_tree(staged, reporter),
+                "outputs": hash_tree(staged, reporter),
             }
             (staged / PROVENANCE).write_text(json.dumps(record, indent=2) + "\n")
             store.commit_dir(staged, folder)

@@ -1,65 +1,157 @@
 """Profile selection: which of a model's profiles runs on this hardware, and why the others don't.
 
-A profile runs when every requirement holds. Among those, the catalog's order is the preference
-(the entry lists its best profile first). A named profile (`INFERD_PROFILE`) is honoured or refused
-with its reasons; when none fits, the error lists every profile with what it lacks, instead of an
-opaque "no profile matched".
+Every profile gets a status:
+
+- `runnable`: every requirement holds and the memory estimate fits at the profile's context;
+- `smaller-context`: everything holds but memory, which fits at a smaller context (named, so the
+  user knows what `--max-model-len` to ask for);
+- `incompatible`: a requirement fails (each reason is given).
+
+The selection rules, in order (documented in docs/profiles.md and tested):
+1. keep the runnable profiles (a `smaller-context` one only when the user lowered the context);
+2. if the user asked to optimize for latency or throughput, prefer profiles made for that;
+3. prefer hardware-specific profiles (made for this GPU family) over generic ones;
+4. prefer the faster engine;
+5. prefer the lower precision that keeps quality (fp8 before bf16 before int8/int4);
+6. then fewer GPUs for throughput, more GPUs for latency.
+A profile named with `--profile` is honoured or refused with its reasons; `--force` runs it anyway.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from inferd.catalog.estimate import Estimate, estimate
 from inferd.catalog.hardware import Hardware
 from inferd.catalog.schema import ModelEntry, Profile
 from inferd.errors import NoProfileError
+
+RUNNABLE, SMALLER, INCOMPATIBLE = "runnable", "smaller-context", "incompatible"
+# Engines by serving speed on each device, fastest first (a lower rank wins).
+ENGINE_RANK = {"gpu": {"vllm": 0}, "cpu": {"vllm": 0}}
+# Lower precision first, as long as it keeps quality: fp8 is near-lossless on GPUs that have it;
+# integer quantisations cost quality and come after bf16.
+PRECISION_RANK = {
+    "fp8": 0,
+    "bf16": 1,
+    "fp16": 1,
+    "fp32": 2,
+    "q8_0": 3,
+    "int8": 3,
+    "q4_k_m": 4,
+    "q4_1": 4,
+    "awq": 4,
+    "int4": 4,
+}
 
 
 @dataclass(frozen=True)
 class Candidate:
     profile: Profile
-    reasons: tuple[str, ...]  # why it cannot run here; empty when it can
+    status: str
+    reasons: tuple[str, ...]  # why it cannot run here (incompatible) or what is short (smaller)
+    estimate: Estimate | None
 
     @property
     def runnable(self) -> bool:
-        return not self.reasons
+        return self.status == RUNNABLE
+
+    @property
+    def reason(self) -> str:
+        return "; ".join(self.reasons)
 
 
-def check(profile: Profile, hw: Hardware) -> Candidate:
-    req, reasons = profile.requires, []
+def _requirement_gaps(profile: Profile, hw: Hardware) -> list[str]:
+    req, gaps = profile.requires, []
     if req.device == "gpu":
-        reasons.append("needs an NVIDIA GPU; none detected")
+        if not hw.gpus:
+            return ["needs an NVIDIA GPU; none detected"]
+        if len(hw.gpus) < profile.gpus:
+            gaps.append(f"needs {profile.gpus} GPUs, {len(hw.gpus)} here")
+        gpu = hw.gpus[0]
+        cc = gpu.compute_capability[0] + gpu.compute_capability[1] / 10
+        if req.gpu_families and gpu.family not in req.gpu_families:
+            gaps.append(
+                f"needs a {'/'.join(req.gpu_families)} GPU, this is {gpu.name} ({gpu.family})"
+            )
+        elif cc < req.min_compute_capability:
+            gaps.append(
+                f"needs compute capability {req.min_compute_capability:g}+, {gpu.name} has {cc:g}"
+            )
     if req.arch and hw.cpu.arch not in req.arch:
-        reasons.append(f"needs a {'/'.join(req.arch)} CPU, this is {hw.cpu.arch}")
+        gaps.append(f"needs a {'/'.join(req.arch)} CPU, this is {hw.cpu.arch}")
     missing = [f for f in req.cpu_features if f not in hw.cpu.features]
     if missing:
-        reasons.append(f"needs CPU features {', '.join(missing)}")
+        gaps.append(f"needs CPU features {', '.join(missing)}")
     if hw.cpu.usable_cores < req.min_cores:
-        reasons.append(f"needs {req.min_cores} cores, {hw.cpu.usable_cores} usable")
-    if hw.memory_gib < req.min_memory_gib:
-        reasons.append(f"needs {req.min_memory_gib:g} GiB memory, {hw.memory_gib:.1f} GiB here")
-    return Candidate(profile, tuple(reasons))
+        gaps.append(f"needs {req.min_cores} cores, {hw.cpu.usable_cores} usable")
+    return gaps
 
 
-def candidates(model: ModelEntry, hw: Hardware) -> list[Candidate]:
-    return [check(p, hw) for p in model.profiles]
+def check(
+    model: ModelEntry, profile: Profile, hw: Hardware, context: int | None = None
+) -> Candidate:
+    gaps = _requirement_gaps(profile, hw)
+    if gaps:
+        return Candidate(profile, INCOMPATIBLE, tuple(gaps), None)
+    est = estimate(model, profile, hw, context)
+    if est.fits:
+        return Candidate(profile, RUNNABLE, (), est)
+    if est.fits_context is not None:
+        return Candidate(
+            profile,
+            SMALLER,
+            (
+                f"{est.describe()}; fits with a {est.fits_context}-token context "
+                f"(--max-model-len {est.fits_context})",
+            ),
+            est,
+        )
+    return Candidate(profile, INCOMPATIBLE, (f"does not fit: {est.describe()}",), est)
 
 
-def select(model: ModelEntry, hw: Hardware, wanted: str = "default") -> Profile:
-    """The profile to run: `wanted` by id, or the first runnable one for `default`."""
-    found = candidates(model, hw)
+def candidates(model: ModelEntry, hw: Hardware, context: int | None = None) -> list[Candidate]:
+    return [check(model, p, hw, context) for p in model.profiles]
+
+
+def rank_key(c: Candidate, optimize: str | None) -> tuple[int, ...]:
+    p = c.profile
+    device = p.requires.device
+    goal = optimize or "throughput"
+    return (
+        int(optimize is not None and p.optimize != optimize),
+        int(not (p.requires.gpu_families or p.requires.cpu_features)),
+        ENGINE_RANK[device].get(p.engine, 9),
+        PRECISION_RANK.get(p.precision, 9),
+        p.gpus if goal == "throughput" else -p.gpus,
+    )
+
+
+def select(
+    model: ModelEntry,
+    hw: Hardware,
+    wanted: str = "default",
+    *,
+    optimize: str | None = None,
+    context: int | None = None,
+    force: bool = False,
+) -> Candidate:
+    """The profile to run: `wanted` by id, or the best runnable one for `default`."""
+    found = candidates(model, hw, context)
     if wanted != "default":
         match = next((c for c in found if c.profile.id == wanted), None)
         if match is None:
             known = ", ".join(c.profile.id for c in found)
             raise NoProfileError(f"model {model.id} has no profile {wanted!r}; it has: {known}")
-        if not match.runnable:
-            raise NoProfileError(f"profile {wanted} cannot run here: {'; '.join(match.reasons)}")
-        return match.profile
-    for c in found:
-        if c.runnable:
-            return c.profile
-    detail = "; ".join(f"{c.profile.id}: {', '.join(c.reasons)}" for c in found)
+        if not match.runnable and not force:
+            raise NoProfileError(
+                f"profile {wanted} cannot run here: {match.reason} (--force runs it anyway)"
+            )
+        return match
+    runnable = [c for c in found if c.runnable]
+    if runnable:
+        return min(runnable, key=lambda c: rank_key(c, optimize))
+    detail = "; ".join(f"{c.profile.id}: {c.reason}" for c in found)
     raise NoProfileError(
         f"no profile of {model.id} runs on this machine ({hw.summary()}): {detail}"
     )

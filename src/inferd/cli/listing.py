@@ -8,17 +8,28 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from inferd.catalog import Catalog, hardware, profiles
+from inferd.catalog import hardware, profiles
+from inferd.catalog.estimate import GiB
+from inferd.catalog.profiles import INCOMPATIBLE, RUNNABLE, SMALLER, Candidate
+from inferd.cli.plan import catalog
+from inferd.config import Settings
+from inferd.errors import NoProfileError
+
+GROUPS = (
+    (RUNNABLE, "Runnable here"),
+    (SMALLER, "Runnable here with a smaller context"),
+    (INCOMPATIBLE, "Incompatible with this machine"),
+)
 
 
-def _print_json(data: Any) -> None:
+def print_json(data: Any) -> None:
     print(json.dumps(data, indent=2))
 
 
-def list_models(*, as_json: bool) -> int:
-    entries = list(Catalog.load())
+def list_models(settings: Settings, *, as_json: bool) -> int:
+    entries = list(catalog(settings))
     if as_json:
-        _print_json(
+        print_json(
             [
                 {
                     "id": e.id,
@@ -26,66 +37,116 @@ def list_models(*, as_json: bool) -> int:
                     "task": e.task,
                     "license": e.license,
                     "parameters": e.parameters,
+                    "max_context": e.architecture.max_context,
                     "profiles": [p.id for p in e.profiles],
                 }
                 for e in entries
             ]
         )
         return 0
-    table = Table("id", "task", "parameters", "license", "profiles")
+    table = Table()
+    table.add_column("id", no_wrap=True)
+    for name in ("task", "params", "context", "license"):
+        table.add_column(name, no_wrap=True)
+    table.add_column("profiles", justify="right")
     for e in entries:
+        size = e.parameters / 1e9
+        params = f"{size:.1f}B" if size >= 1 else f"{e.parameters / 1e6:.0f}M"
         table.add_row(
-            e.id,
-            e.task,
-            f"{e.parameters / 1e6:,.0f}M",
-            e.license,
-            ", ".join(p.id for p in e.profiles),
+            e.id, e.task, params, str(e.architecture.max_context), e.license, str(len(e.profiles))
         )
     Console().print(table)
     return 0
 
 
-def list_profiles(model_id: str | None, *, as_json: bool) -> int:
-    catalog = Catalog.load()
-    entries = [catalog.get(model_id)] if model_id else list(catalog)
-    hw = hardware.detect()
-    found = [(e, profiles.candidates(e, hw)) for e in entries]
-    rows = []
-    for entry, candidates in found:
-        chosen = next((c.profile.id for c in candidates if c.runnable), None)
-        rows += [(entry, c, c.profile.id == chosen) for c in candidates]
-    if as_json:
-        _print_json(
+def _row(c: Candidate, selected: str | None) -> dict[str, Any]:
+    p, est = c.profile, c.estimate
+    return {
+        "id": p.id,
+        "engine": p.engine,
+        "precision": p.precision,
+        "tp": p.tp,
+        "pp": p.pp,
+        "optimize": p.optimize,
+        "hardware": p.requires.device,
+        "status": c.status,
+        "reason": c.reason or None,
+        "selected": p.id == selected,
+        "context": p.context,
+        "fits_context": est.fits_context if est else None,
+        "memory_per_device_bytes": est.total if est else None,
+        "usable_bytes": est.available if est else None,
+        "notes": p.notes.strip() or None,
+    }
+
+
+def list_profiles(settings: Settings, model_id: str | None, *, as_json: bool) -> int:
+    models = catalog(settings)
+    entries = [models.get(model_id)] if model_id else list(models)
+    hw = hardware.detect(settings.hardware)
+    optimize = None if settings.optimize == "auto" else settings.optimize
+    report = []
+    for entry in entries:
+        found = profiles.candidates(entry, hw, settings.max_model_len)
+        try:
+            selected: str | None = profiles.select(
+                entry, hw, optimize=optimize, context=settings.max_model_len
+            ).profile.id
+        except NoProfileError:
+            selected = None
+        report.append(
             {
-                "hardware": hw.summary(),
-                "profiles": [
-                    {
-                        "model": e.id,
-                        "profile": c.profile.id,
-                        "tags": c.profile.tags,
-                        "runnable": c.runnable,
-                        "default": default,
-                        "reasons": list(c.reasons),
-                        "notes": c.profile.notes.strip(),
-                    }
-                    for e, c, default in rows
-                ],
+                "model": entry.id,
+                "selected": selected,
+                "profiles": [_row(c, selected) for c in found],
             }
         )
+    if as_json:
+        body: dict[str, Any] = {"hardware": hw.as_dict()}
+        body.update(report[0] if model_id else {"models": report})
+        print_json(body)
         return 0
-    console = Console()
-    console.print(f"hardware: {hw.summary()}")
-    table = Table(
-        "model", "profile", "engine", "precision", "optimize", "runs here", show_lines=True
-    )
-    for e, c, default in rows:
-        status = "yes (default)" if default else "yes" if c.runnable else "; ".join(c.reasons)
-        tags = c.profile.tags
-        table.add_row(
-            e.id, c.profile.id, tags["engine"], tags["precision"], tags["optimize"], status
-        )
-    console.print(table)
-    for _, c, _ in rows:
-        if c.profile.notes:
-            console.print(f"\n[bold]{c.profile.id}[/bold]: {c.profile.notes.strip()}")
+    console = Console(highlight=False)
+    console.print(f"[bold]System[/bold]: {hw.summary()}  [dim](from {hw.source})[/dim]")
+    for item in report:
+        _print_model(console, item)
     return 0
+
+
+def _note(r: dict[str, Any]) -> str:
+    if r["status"] == SMALLER:
+        return f"fits with --max-model-len {r['fits_context']}"
+    return str(r["reason"] or "")
+
+
+def _print_model(console: Console, item: dict[str, Any]) -> None:
+    console.print(f"\n[bold]{item['model']}[/bold]")
+    for status, title in GROUPS:
+        rows = [r for r in item["profiles"] if r["status"] == status]
+        if not rows:
+            continue
+        table = Table(title=title, title_justify="left")
+        table.add_column("profile", no_wrap=True)
+        for name in ("engine", "precision", "tp", "optimize"):
+            table.add_column(name)
+        table.add_column("memory need/usable", no_wrap=True)
+        table.add_column("note")
+        for r in rows:
+            need, usable = r["memory_per_device_bytes"], r["usable_bytes"]
+            memory = f"{need / GiB:.1f} / {usable / GiB:.1f} GiB" if need else "-"
+            name = r["id"] + (" *" if r["selected"] else "")
+            table.add_row(
+                name, r["engine"], r["precision"], str(r["tp"]), r["optimize"], memory, _note(r)
+            )
+        console.print(table)
+    smaller = [r for r in item["profiles"] if r["status"] == SMALLER]
+    if item["selected"]:
+        console.print(f"serve would pick: [bold]{item['selected']}[/bold] (marked *)")
+    elif smaller:
+        r = smaller[0]
+        console.print(
+            f"serve would refuse as it is; `inferd serve {item['model']} --profile "
+            f"{r['id']} --max-model-len {r['fits_context']}` fits"
+        )
+    else:
+        console.print("serve would refuse: no profile runs here (see the notes)")

@@ -1,22 +1,31 @@
 """The `inferd` command: parse arguments, run a subcommand, turn errors into one line.
 
-Subcommands: `serve` (run the service), `models` (the catalog), `profiles` (a model's profiles and
-whether each runs here), `version`. `serve`'s flags are generated from `config.Settings`, so every
-setting is a flag with the same help text as its `INFERD_*` variable. User errors print one line
-and exit 2; runtime failures print one line and exit 1; no traceback reaches the user.
+    inferd serve [MODEL] [--dry-run [--json]]      run the service (or show what would run)
+    inferd models [--json]                         the catalog
+    inferd profiles [MODEL] [--hardware PATH]      each profile: runnable, smaller context, why not
+    inferd cache pull|list|verify|rm|export|import the model cache
+    inferd version
+
+Settings flags are generated from `config.Settings`, so each has the same help text as its
+`INFERD_*` variable. User errors print one line and exit 2; runtime failures (a download that
+fails, a file whose hash differs) print one line and exit 1; no traceback reaches the user.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 from inferd import __version__
-from inferd.config import SETTINGS_FIELDS, env_name, flag_name
+from inferd.config import SETTINGS_FIELDS, Settings, env_name, flag_name, load_settings
 from inferd.errors import InferdError, UsageError
+
+ALL = {f.name for f in SETTINGS_FIELDS}
+SELECTION = {"hardware", "optimize", "max_model_len", "profile", "force", "catalog_path"}
+CACHE = {"cache_path", "offline", "pypi_index_url", "catalog_path"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -26,10 +35,14 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
+def _add_settings(parser: argparse.ArgumentParser, names: Iterable[str]) -> None:
+    wanted = set(names)
+    parser.add_argument(
+        "--config", type=Path, default=None, help="YAML file of settings [env INFERD_CONFIG]"
+    )
     for f in SETTINGS_FIELDS:
-        if f.name == "model":
-            continue  # positional
+        if f.name not in wanted or f.name == "model":
+            continue
         help_text = f"{f.metadata['help']} [env {env_name(f.name)}]"
         kind = f.type if isinstance(f.type, str) else f.type.__name__
         if kind == "bool":
@@ -51,6 +64,10 @@ def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
             )
 
 
+def _json_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print JSON for programs")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="inferd", description="An open, engine-neutral inference microservice.")
     parser.add_argument("--version", action="version", version=f"inferd {__version__}")
@@ -61,39 +78,97 @@ def build_parser() -> argparse.ArgumentParser:
         "model", nargs="?", default=None, help=f"catalog id of the model [env {env_name('model')}]"
     )
     serve.add_argument(
-        "--config", type=Path, default=None, help="YAML file of settings [env INFERD_CONFIG]"
+        "--dry-run",
+        action="store_true",
+        help="print what would run (model, profile, cache, engine command) and stop",
     )
-    _add_setting_flags(serve)
+    _json_flag(serve)
+    _add_settings(serve, ALL)
 
     models = sub.add_parser("models", help="list the models in the catalog")
-    models.add_argument("--json", action="store_true", help="print JSON for programs")
+    _json_flag(models)
+    _add_settings(models, {"catalog_path"})
 
-    profiles = sub.add_parser("profiles", help="list a model's profiles and which run here")
-    profiles.add_argument("model", nargs="?", default=None, help="catalog id (default: all)")
-    profiles.add_argument("--json", action="store_true", help="print JSON for programs")
+    prof = sub.add_parser("profiles", help="list a model's profiles and which run here")
+    prof.add_argument("model", nargs="?", default=None, help="catalog id (default: every model)")
+    _json_flag(prof)
+    _add_settings(prof, SELECTION - {"profile", "force"})
+
+    cache = sub.add_parser("cache", help="manage the model cache").add_subparsers(
+        dest="cache_command", required=True, parser_class=_Parser
+    )
+    pull = cache.add_parser("pull", help="fetch and prepare a model (for its selected profile)")
+    pull.add_argument("model")
+    _json_flag(pull)
+    _add_settings(pull, CACHE | SELECTION | {"log_level"})
+    listing = cache.add_parser("list", help="the models in the cache")
+    _json_flag(listing)
+    _add_settings(listing, {"cache_path"})
+    verify = cache.add_parser("verify", help="re-hash cached files; exit 1 naming any that differ")
+    verify.add_argument("model", nargs="?", default=None)
+    _json_flag(verify)
+    _add_settings(verify, {"cache_path", "catalog_path"})
+    rm = cache.add_parser("rm", help="remove a model (and source files nothing else uses)")
+    rm.add_argument("model")
+    _add_settings(rm, {"cache_path", "catalog_path"})
+    exp = cache.add_parser("export", help="write a model and its manifest into one file")
+    exp.add_argument("model")
+    exp.add_argument("file", type=Path)
+    _add_settings(exp, {"cache_path", "catalog_path"})
+    imp = cache.add_parser("import", help="bring a model exported elsewhere into this cache")
+    imp.add_argument("file", type=Path)
+    _add_settings(imp, {"cache_path", "catalog_path"})
 
     sub.add_parser("version", help="print inferd's version")
     return parser
 
 
-def _dispatch(args: argparse.Namespace) -> int:
-    # Imports per command: `inferd version` should not pay for the server's imports.
+def _settings(args: argparse.Namespace) -> Settings:
+    flags: dict[str, Any] = {name: getattr(args, name, None) for name in ALL}
     if args.command == "serve":
-        from inferd.cli.serve import serve
-        from inferd.config import load_settings
+        flags["model"] = args.model
+    return load_settings(flags, config_file=getattr(args, "config", None))
 
-        flags: dict[str, Any] = {f.name: getattr(args, f.name) for f in SETTINGS_FIELDS}
-        return serve(load_settings(flags, config_file=args.config))
+
+def _cache(args: argparse.Namespace, s: Settings) -> int:
+    # Imports per command: `inferd version` should not pay for the server's imports.
+    from inferd.cli import cache_cmd
+
+    commands: dict[str, Callable[[], int]] = {
+        "pull": lambda: cache_cmd.pull(s, args.model, as_json=args.json),
+        "list": lambda: cache_cmd.list_cached(s, as_json=args.json),
+        "verify": lambda: cache_cmd.verify(s, args.model, as_json=args.json),
+        "rm": lambda: cache_cmd.remove(s, args.model),
+        "export": lambda: cache_cmd.export_cmd(s, args.model, args.file),
+        "import": lambda: cache_cmd.import_cmd(s, args.file),
+    }
+    return commands[args.cache_command]()
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "version":
+        print(f"inferd {__version__}")
+        return 0
+    settings = _settings(args)
     if args.command == "models":
         from inferd.cli.listing import list_models
 
-        return list_models(as_json=args.json)
+        return list_models(settings, as_json=args.json)
+    if args.command == "serve":
+        from inferd.cli.serve import dry_run, serve
+
+        if args.dry_run:
+            return dry_run(settings, as_json=args.json)
+        if args.json:
+            raise UsageError(
+                "--json goes with --dry-run (a running service logs, it does not print a result)"
+            )
+        return serve(settings)
     if args.command == "profiles":
         from inferd.cli.listing import list_profiles
 
-        return list_profiles(args.model, as_json=args.json)
-    print(f"inferd {__version__}")
-    return 0
+        return list_profiles(settings, args.model, as_json=args.json)
+    return _cache(args, settings)
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:

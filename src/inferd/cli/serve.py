@@ -2,22 +2,26 @@
 
 Order matters for the user: everything that can fail fast (unknown model, no fitting profile,
 cache not writable, port in use) is checked before the slow work (download, conversion, engine
-start), so a mistake costs a second, not minutes.
+start), so a mistake costs a second, not minutes. `--dry-run` stops after resolving and prints
+what would run (model, profile, memory estimate, cache paths, the exact engine command).
 """
 
 from __future__ import annotations
 
+import json
+import shlex
 import signal
 import time
+from typing import Any
 
 from rich.console import Console
 
 from inferd import __version__
-from inferd.cache import ModelStore, prepare
-from inferd.catalog import Catalog, hardware, profiles
+from inferd.cache import prepare
+from inferd.cache.prepare import intact
+from inferd.cli.plan import Plan, resolve
 from inferd.cli.progress import RichReporter
 from inferd.config import Settings
-from inferd.engines import engine_for
 from inferd.observability import logs
 from inferd.server import runtime
 from inferd.server.app import create_app
@@ -38,30 +42,29 @@ def serve(settings: Settings) -> int:
     console = Console(stderr=True, highlight=False, soft_wrap=True)
     logs.configure(settings.log_level, settings.json_logs)
 
-    entry = Catalog.load().get(settings.model)
-    hw = hardware.detect()
-    profile = profiles.select(entry, hw, settings.profile)
-    store = ModelStore(settings.cache_path)
-    store.ensure_writable()
+    plan = resolve(settings)
+    entry, profile = plan.entry, plan.chosen.profile
+    plan.store.ensure_writable()
     sock = runtime.bind(settings.host, settings.port)
 
     console.print(f"[bold]inferd {__version__}[/bold] serving [bold]{entry.id}[/bold]")
     tags = " ".join(f"{k}={v}" for k, v in profile.tags.items())
-    console.print(f"  profile  {profile.id} ({tags})")
-    console.print(f"  hardware {hw.summary()}")
+    console.print(f"  profile  {profile.id} ({tags}), context {plan.context}")
+    console.print(f"  hardware {plan.hardware.summary()}")
+    if not plan.chosen.runnable:
+        console.print(f"[yellow]  forced: {plan.chosen.reason}[/yellow]")
     prepared = prepare(
         entry,
         profile,
-        store,
+        plan.store,
         index_url=settings.pypi_index_url,
         offline=settings.offline,
         reporter=RichReporter(console),
     )
     console.print(f"  model    {prepared.path} ({'reused' if prepared.reused else 'built'})")
 
-    engine = engine_for(profile)(
-        entry.id, prepared.path, profile, settings.engine_argv(), store.engine_dir(profile.engine)
-    )
+    engine = plan.engine(settings, prepared.path)
+    engine.cache_dir.mkdir(parents=True, exist_ok=True)
     supervisor = Supervisor(engine, ready_timeout_s=settings.engine_ready_timeout_s)
     served = ServedModel(entry, profile, supervisor, prepared.license_text, prepared.provenance)
     app = create_app([served], log_requests=settings.log_requests)
@@ -77,3 +80,83 @@ def serve(settings: Settings) -> int:
     return runtime.run(
         app, sock, [served], log_level=settings.log_level, on_ready=on_ready, started=started
     )
+
+
+def describe(plan: Plan, settings: Settings) -> dict[str, Any]:
+    """Everything `serve` would do, as data (for `--dry-run`)."""
+    profile, est = plan.chosen.profile, plan.chosen.estimate
+    folder = plan.model_dir
+    present = folder.is_dir()
+    ok = present and intact(folder, plan.entry.source(profile.source)) is not None
+    command = plan.engine(settings).command("127.0.0.1", 0)
+    return {
+        "model": plan.entry.id,
+        "profile": {
+            "id": profile.id,
+            "tags": profile.tags,
+            "status": plan.chosen.status,
+            "reason": plan.chosen.reason or None,
+        },
+        "context": plan.context,
+        "hardware": plan.hardware.as_dict(),
+        "estimate": None
+        if est is None
+        else {
+            "weights_bytes": est.weights,
+            "kv_cache_bytes": est.kv_cache,
+            "overhead_bytes": est.overhead,
+            "available_bytes": est.available,
+        },
+        "cache": {
+            "root": str(plan.store.root),
+            "model_dir": str(folder),
+            "present": present,
+            "intact": ok,
+            "engine_cache": str(plan.store.engine_dir(profile.engine)),
+        },
+        "listen": {"host": settings.host, "port": settings.port},
+        "engine": {
+            "name": profile.engine,
+            "argv": command.argv,
+            "env": command.env,
+            "note": "--port 0 stands for the free loopback port chosen at start",
+        },
+    }
+
+
+def dry_run(settings: Settings, *, as_json: bool) -> int:
+    plan = resolve(settings)
+    info = describe(plan, settings)
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return 0
+    console = Console(highlight=False, soft_wrap=True)
+    p = info["profile"]
+    console.print(f"model    {info['model']}")
+    console.print(
+        f"profile  {p['id']} ({p['status']}) " + " ".join(f"{k}={v}" for k, v in p["tags"].items())
+    )
+    console.print(f"context  {info['context']} tokens")
+    console.print(f"hardware {plan.hardware.summary()}")
+    if info["estimate"]:
+        e = info["estimate"]
+        need = (e["weights_bytes"] + e["kv_cache_bytes"] + e["overhead_bytes"]) / 2**30
+        console.print(
+            f"memory   {need:.1f} GiB needed per device, "
+            f"{e['available_bytes'] / 2**30:.1f} GiB usable"
+        )
+    c = info["cache"]
+    if c["intact"]:
+        state = "present and intact"
+    elif c["present"]:
+        state = "present but altered: serve will rebuild it"
+    elif settings.offline:
+        state = "missing, and offline: bring it in with `inferd cache import FILE`"
+    else:
+        state = "not in the cache yet: serve will fetch it"
+    console.print(f"cache    {c['model_dir']} ({state})")
+    console.print(f"listen   {settings.host}:{settings.port}")
+    env = " ".join(f"{k}={shlex.quote(v)}" for k, v in info["engine"]["env"].items())
+    console.print(f"engine   {env} {shlex.join(info['engine']['argv'])}")
+    console.print("         (--port 0: a free loopback port is chosen at start)")
+    return 0

@@ -53,6 +53,21 @@ class Settings:
         _default_cache_path, "Model cache folder (default: ~/.cache/inferd)."
     )
     profile: str = _setting("default", "Profile id to run, or `default` to choose by hardware.")
+    optimize: str = _setting(
+        "auto",
+        "Prefer profiles made for `latency` or `throughput` (`auto`: no preference).",
+        choices=("auto", "latency", "throughput"),
+    )
+    force: bool = _setting(False, "Run the named --profile even where it does not fit.")
+    max_model_len: int | None = _setting(
+        None, "Serve this context length instead of the profile's (tokens)."
+    )
+    catalog_path: Path | None = _setting(  # noqa: RUF009 (_setting returns a dataclass field)
+        None, "A folder of extra catalog entries (YAML), added to the shipped catalog."
+    )
+    hardware: Path | None = _setting(  # noqa: RUF009 (_setting returns a dataclass field)
+        None, "Read the hardware from a folder of captures instead of this machine."
+    )
     log_level: str = _setting("info", "Log level.", choices=LOG_LEVELS)
     json_logs: bool = _setting(False, "Write logs as JSON lines (one object per line).")
     log_requests: bool = _setting(
@@ -92,6 +107,10 @@ def _coerce(name: str, raw: Any, source: str) -> Any:
     """Turn a raw value (string from env, YAML scalar, flag value) into the field's type."""
     f = _BY_NAME[name]
     kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    if kind.endswith(" | None"):
+        if raw is None or (isinstance(raw, str) and not raw.strip()):
+            return None
+        kind = kind.removesuffix(" | None")
     try:
         if kind == "bool":
             if isinstance(raw, bool):
@@ -177,4 +196,6 @@ def _validate(s: Settings) -> None:
         raise ConfigError("engine_ready_timeout_s must be positive")
     if not s.model:
         raise ConfigError("no model given")
+    if s.max_model_len is not None and s.max_model_len < 16:
+        raise ConfigError(f"max_model_len {s.max_model_len} is too small")
     s.engine_argv()

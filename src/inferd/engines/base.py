@@ -50,6 +50,7 @@ class Engine(ABC):
         profile: Profile,
         extra_args: list[str],
         cache_dir: Path,
+        context: int | None = None,
     ) -> None:
         self.served_name = served_name
         self.model_dir = model_dir
@@ -57,6 +58,8 @@ class Engine(ABC):
         # Where the engine keeps its own caches (compiled kernels...), inside inferd's cache so
         # one volume holds everything and a restart finds its warm-up work done.
         self.cache_dir = cache_dir
+        # The context served: the profile's, or a smaller one the user asked for.
+        self.context = context or profile.context
         # Pass-through arguments come last so they override the profile's (argparse: last wins).
         self.extra_args = extra_args
 

@@ -3,6 +3,9 @@
 Started as `python -m vllm.entrypoints.openai.api_server`, not the `vllm` console script: the CPU
 build's script looks up the distribution name `vllm` and crashes (see shared FACTS). The server is
 ready when `/health` answers 200, which vLLM only does after the model is loaded and warmed up.
+Flags that follow from the profile's fields (context, parallelism, precision, memory share) are
+derived here, so the catalog states each fact once; a profile's `engine_args` come after them
+and the user's pass-through arguments last (argparse: the last occurrence wins).
 """
 
 from __future__ import annotations
@@ -17,10 +20,29 @@ BASE_ENV = {
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
 }
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 class VllmEngine(Engine):
     name = "vllm"
+
+    def profile_args(self) -> dict[str, str | int | float | bool]:
+        p = self.profile
+        args: dict[str, str | int | float | bool] = {"max-model-len": self.context}
+        if p.requires.device == "gpu":
+            args["tensor-parallel-size"] = p.tp
+            if p.pp > 1:
+                args["pipeline-parallel-size"] = p.pp
+            args["gpu-memory-utilization"] = p.gpu_memory_utilization
+        if p.precision == "fp8":
+            # Quantized at load from the bf16 checkpoint (see cache.prepare.variant).
+            args["quantization"] = "fp8"
+            args["dtype"] = "bfloat16"
+        elif p.precision in DTYPES:
+            args["dtype"] = DTYPES[p.precision]
+        if p.kv_precision == "fp8":
+            args["kv-cache-dtype"] = "fp8"
+        return {**args, **p.engine_args}
 
     def command(self, host: str, port: int) -> EngineCommand:
         argv = [
@@ -37,7 +59,7 @@ class VllmEngine(Engine):
             str(port),
             # The front logs requests (without prompts); a second access log per request is noise.
             "--disable-uvicorn-access-log",
-            *flags_from_mapping(self.profile.engine_args),
+            *flags_from_mapping(self.profile_args()),
             *self.extra_args,
         ]
         env = {**BASE_ENV, "VLLM_CACHE_ROOT": str(self.cache_dir), **self.profile.engine_env}

@@ -34,6 +34,7 @@ PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 FORWARDED = {
     "/v1/chat/completions": ("/v1/chat/completions", True),
     "/v1/completions": ("/v1/completions", True),
+    "/v1/embeddings": ("/v1/embeddings", True),
     "/v1/tokenize": ("/tokenize", False),
     "/v1/detokenize": ("/detokenize", False),
     "/tokenize": ("/tokenize", False),
