@@ -19,10 +19,16 @@ one of these, so nothing else leaks out.
     │   ├── EngineStartError          it exited or timed out before it was ready
     │   ├── EngineNotReadyError       503 + Retry-After: not (yet) ready for requests
     │   └── EngineUnavailableError    502: it could not be reached mid-request
-    └── RequestError                  400 invalid_request_error
-        ├── InvalidRequestError       400: malformed JSON or an invalid field (names the field)
-        ├── ModelNotFoundError        404 model_not_found
-        └── RouteNotFoundError        404: no such route
+    ├── RequestError                  400 invalid_request_error
+    │   ├── InvalidRequestError       400: malformed JSON or an invalid field (names the field)
+    │   ├── ModelNotFoundError        404 model_not_found
+    │   ├── RouteNotFoundError        404: no such route
+    │   └── PayloadTooLargeError      413: the body exceeds the limit
+    ├── AuthenticationError           401: no key, or a key that is not valid
+    ├── RateLimitError                429 + Retry-After: a key's requests or tokens per minute
+    └── UnavailableError              503 + Retry-After: try again later
+        ├── OverloadedError           every slot taken and the queue full, or queued too long
+        └── DrainingError             the service is shutting down
 """
 
 from __future__ import annotations
@@ -124,3 +130,45 @@ class ModelNotFoundError(RequestError):
 class RouteNotFoundError(RequestError):
     status = 404
     code = "not_found"
+
+
+class PayloadTooLargeError(RequestError):
+    status = 413
+    code = "request_too_large"
+
+
+class AuthenticationError(InferdError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"}
+
+
+class _RetryLater(InferdError):
+    def __init__(self, message: str, *, retry_after_s: int = 5) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
+
+
+class RateLimitError(_RetryLater):
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+
+class UnavailableError(_RetryLater):
+    status = 503
+    code = "unavailable"
+
+
+class OverloadedError(UnavailableError):
+    code = "overloaded"
+
+
+class DrainingError(UnavailableError):
+    code = "shutting_down"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -115,3 +116,28 @@ def test_dry_run_prints_the_engine_command() -> None:
     assert argv[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
     assert argv[argv.index("--max-model-len") + 1] == "8192"
     assert plan["profile"]["id"] == "vllm-cpu-bf16"
+
+
+def test_non_loopback_bind_without_keys_is_refused(tmp_path: Path) -> None:
+    env = {**os.environ, "INFERD_API_KEYS_FILE": str(tmp_path / "none.json")}
+    r = _run("serve", "--host", "0.0.0.0", "--cache-path", str(tmp_path), env=env)
+    assert r.returncode == 2
+    assert "--allow-unauthenticated" in _one_line(r)
+
+
+def test_keys_create_list_revoke(tmp_path: Path) -> None:
+    import json
+
+    env = {**os.environ, "INFERD_API_KEYS_FILE": str(tmp_path / "keys.json")}
+    created = _run("keys", "create", "ci", "--rpm", "60", env=env)
+    assert created.returncode == 0
+    key = created.stdout.strip()
+    assert key.startswith("inferd-") and key not in (tmp_path / "keys.json").read_text()
+    listed = json.loads(_run("keys", "list", "--json", env=env).stdout)["keys"]
+    assert [(k["name"], k["rpm"], k["revoked"]) for k in listed] == [("ci", 60, False)]
+    assert _run("keys", "revoke", "ci", env=env).returncode == 0
+    assert json.loads(_run("keys", "list", "--json", env=env).stdout)["keys"][0]["revoked"]
+    again = _run("keys", "revoke", "ci", env=env)
+    assert again.returncode == 2 and "no active key" in _one_line(again)
+    bad = _run("keys", "create", "x", "--rpm", "0", env=env)
+    assert bad.returncode == 2

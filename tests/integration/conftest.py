@@ -9,14 +9,18 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
 from inferd.catalog import Catalog
+from inferd.config import Settings, load_settings
 from inferd.engines.base import Engine, EngineCommand
+from inferd.engines.vllm import vllm_accepted_params
 from inferd.server.app import create_app
+from inferd.server.keys import KeyRing
+from inferd.server.runtime import DrainingServer, make_server
 from inferd.server.served import ServedModel
 from inferd.server.supervisor import Supervisor
 
@@ -25,12 +29,17 @@ MODEL = "smollm2-135m-instruct"
 
 
 class RecordedEngine(Engine):
+    """Replays vLLM 0.32.0, so it takes vLLM's request fields."""
+
     name = "recorded"
 
     def command(self, host: str, port: int) -> EngineCommand:
         return EngineCommand(
             [sys.executable, str(RECORDED), "--host", host, "--port", str(port), *self.extra_args]
         )
+
+    def accepted_params(self, route: str) -> frozenset[str] | None:
+        return vllm_accepted_params(route)
 
 
 def served_model(tmp_path: Path, *extra: str, backoff: tuple[float, ...] = (0.2,)) -> ServedModel:
@@ -41,15 +50,21 @@ def served_model(tmp_path: Path, *extra: str, backoff: tuple[float, ...] = (0.2,
     return ServedModel(entry, profile, supervisor, "Apache License 2.0 (text)", {"source": {}})
 
 
+def settings(tmp_path: Path, **values: Any) -> Settings:
+    values.setdefault("api_keys_file", tmp_path / "no-keys.json")
+    return load_settings(values, env={})
+
+
 @dataclass
 class Front:
     url: str
     served: ServedModel
-    server: uvicorn.Server
+    server: DrainingServer
     thread: threading.Thread
+    client_options: dict[str, Any]
 
-    def client(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=10)
+    def client(self, **kwargs: Any) -> httpx.Client:
+        return httpx.Client(base_url=self.url, **{"timeout": 10, **self.client_options, **kwargs})
 
     def wait_ready(self, timeout: float = 20) -> None:
         deadline = time.monotonic() + timeout
@@ -61,18 +76,21 @@ class Front:
         raise AssertionError("front never became ready")
 
 
-def start_front(served: ServedModel) -> Front:
+def start_front(
+    served: ServedModel, config: Settings | None = None, **client_options: Any
+) -> Front:
+    config = config or load_settings({}, env={})
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    app = create_app([served])
-    config = uvicorn.Config(app, log_config=None, lifespan="on")
-    server = uvicorn.Server(config)
+    keys = KeyRing(config.api_keys_file)
+    server = make_server(create_app([served], config, keys), config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     while not server.started:
         time.sleep(0.01)
-    return Front(f"http://127.0.0.1:{port}", served, server, thread)
+    scheme = "http" if config.ssl_mode == "disabled" else "https"
+    return Front(f"{scheme}://127.0.0.1:{port}", served, server, thread, client_options)
 
 
 def stop_front(front: Front) -> None:
@@ -82,7 +100,7 @@ def stop_front(front: Front) -> None:
 
 @pytest.fixture
 def front(tmp_path: Path) -> Iterator[Front]:
-    f = start_front(served_model(tmp_path))
+    f = start_front(served_model(tmp_path), settings(tmp_path))
     f.wait_ready()
     yield f
     stop_front(f)

@@ -51,7 +51,30 @@ class Recorded:
                 status=400,
             )
         body = await request.json()
-        text = body["messages"][-1]["content"]
+        messages = (
+            body.get("messages")
+            if request.path.endswith("chat/completions")
+            else [{"content": body.get("prompt")}]
+        )
+        # Like vLLM, refuse what it cannot read with a 400 rather than crash.
+        if not (
+            isinstance(messages, list)
+            and messages
+            and isinstance(messages[-1], dict)
+            and isinstance(messages[-1].get("content"), str)
+        ):
+            return web.json_response(
+                {
+                    "error": {
+                        "message": "1 validation error: messages/prompt",
+                        "type": "Bad Request",
+                        "param": "body.messages",
+                        "code": 400,
+                    }
+                },
+                status=400,
+            )
+        text = messages[-1]["content"]
         if text == "invalid":
             return web.Response(
                 body=(FIXTURES / "error-max-tokens.json").read_bytes(),

@@ -60,7 +60,7 @@ def test_engine_that_cannot_start_fails_for_good(tmp_path: Path) -> None:
             time.sleep(0.05)
         state = httpx.get(front.url + "/v1/health/ready").json()["models"][MODEL]
         assert state["state"] == "failed"
-        assert "exited with code 4" in state["error"]
+        assert "exited with code 4" in state["last_error"]
         assert any("told to fail" in line for line in front.served.supervisor.tail)
     finally:
         stop_front(front)

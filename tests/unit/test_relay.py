@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from inferd.observability.metrics import Metrics
-from inferd.server.proxy import Call
+from inferd.server.admission import Admission, Limits
+from inferd.server.call import Call
 
 # Events as vLLM 0.32.0 streams them (chat, include_usage).
 TOKEN = (
@@ -25,7 +28,11 @@ DONE = b"data: [DONE]\n\n"
 
 def _call() -> tuple[Call, Metrics]:
     metrics = Metrics()
-    return Call("m", metrics, "/v1/chat/completions", "rid"), metrics
+    admission = Admission(
+        "m", Limits(4, 4, 1.0), metrics.requests_running, metrics.requests_waiting
+    )
+    slot = asyncio.run(admission.acquire())
+    return Call("m", metrics, "/v1/chat/completions", "rid", slot=slot), metrics
 
 
 def _value(metrics: Metrics, name: str, **labels: str) -> float:

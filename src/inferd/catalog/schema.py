@@ -165,6 +165,9 @@ class Profile(_Strict):
     kv_precision: Literal["fp32", "bf16", "fp16", "fp8"] = "bf16"
     # Fraction of each GPU's memory the engine may use (GPU profiles).
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    # Requests inferd lets into the engine at once (admission control); more wait in its queue.
+    # GPU default: vLLM's own batch limit (max_num_seqs 256).
+    max_running: int = Field(default=256, ge=1)
     requires: Requirements = Requirements()
     # Engine flags by their own names (e.g. max-model-len: 4096); `true` means a bare flag.
     engine_args: dict[str, str | int | float | bool] = {}

@@ -4,6 +4,7 @@
     inferd models [--json]                         the catalog
     inferd profiles [MODEL] [--hardware PATH]      each profile: runnable, smaller context, why not
     inferd cache pull|list|verify|rm|export|import the model cache
+    inferd keys create|list|revoke                 API keys
     inferd version
 
 Settings flags are generated from `config.Settings`, so each has the same help text as its
@@ -119,6 +120,21 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("file", type=Path)
     _add_settings(imp, {"cache_path", "catalog_path"})
 
+    keys = sub.add_parser("keys", help="manage API keys").add_subparsers(
+        dest="keys_command", required=True, parser_class=_Parser
+    )
+    create = keys.add_parser("create", help="make a key; it is printed once, only its hash kept")
+    create.add_argument("name")
+    create.add_argument("--rpm", type=int, default=None, help="requests per minute at most")
+    create.add_argument("--tpm", type=int, default=None, help="tokens per minute at most")
+    _add_settings(create, {"api_keys_file"})
+    keys_list = keys.add_parser("list", help="the keys (names and limits, never the keys)")
+    _json_flag(keys_list)
+    _add_settings(keys_list, {"api_keys_file"})
+    revoke = keys.add_parser("revoke", help="revoke a key (a running service notices at once)")
+    revoke.add_argument("name")
+    _add_settings(revoke, {"api_keys_file"})
+
     sub.add_parser("version", help="print inferd's version")
     return parser
 
@@ -164,6 +180,17 @@ def _dispatch(args: argparse.Namespace) -> int:
                 "--json goes with --dry-run (a running service logs, it does not print a result)"
             )
         return serve(settings)
+    if args.command == "keys":
+        from inferd.cli import keys_cmd
+
+        if args.keys_command == "create":
+            for limit in ("rpm", "tpm"):
+                if getattr(args, limit) is not None and getattr(args, limit) < 1:
+                    raise UsageError(f"--{limit} must be at least 1")
+            return keys_cmd.create(settings, args.name, args.rpm, args.tpm)
+        if args.keys_command == "list":
+            return keys_cmd.list_keys(settings, as_json=args.json)
+        return keys_cmd.revoke(settings, args.name)
     if args.command == "profiles":
         from inferd.cli.listing import list_profiles
 

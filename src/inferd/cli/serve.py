@@ -8,6 +8,7 @@ what would run (model, profile, memory estimate, cache paths, the exact engine c
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import shlex
 import signal
@@ -22,9 +23,11 @@ from inferd.cache.prepare import intact
 from inferd.cli.plan import Plan, resolve
 from inferd.cli.progress import RichReporter
 from inferd.config import Settings
+from inferd.errors import UsageError
 from inferd.observability import logs
 from inferd.server import runtime
 from inferd.server.app import create_app
+from inferd.server.keys import KeyRing
 from inferd.server.served import ServedModel
 from inferd.server.supervisor import Supervisor
 
@@ -44,6 +47,8 @@ def serve(settings: Settings) -> int:
 
     plan = resolve(settings)
     entry, profile = plan.entry, plan.chosen.profile
+    keys = KeyRing(settings.api_keys_file)
+    _refuse_open_bind(settings, keys)
     plan.store.ensure_writable()
     sock = runtime.bind(settings.host, settings.port)
 
@@ -67,19 +72,38 @@ def serve(settings: Settings) -> int:
     engine.cache_dir.mkdir(parents=True, exist_ok=True)
     supervisor = Supervisor(engine, ready_timeout_s=settings.engine_ready_timeout_s)
     served = ServedModel(entry, profile, supervisor, prepared.license_text, prepared.provenance)
-    app = create_app([served], log_requests=settings.log_requests)
+    app = create_app([served], settings, keys)
 
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
-    url = f"http://{host}:{settings.port}"
+    scheme = "http" if settings.ssl_mode == "disabled" else "https"
+    url = f"{scheme}://{host}:{settings.port}"
     console.print(f"  api      {url}/v1  (health {url}/v1/health/ready, docs {url}/docs)")
+    auth = (
+        f"on ({len(keys.describe())} key(s) in {settings.api_keys_file})"
+        if keys.active
+        else "off (no API keys configured)"
+    )
+    console.print(f"  keys     {auth}; TLS {settings.ssl_mode}")
     console.print(f"  engine   {engine.name} starting (live now, ready when the engine answers)")
 
     def on_ready(seconds: float) -> None:
         console.print(f"[green]ready[/green] in {seconds:.1f} s: {url}/v1 serves {entry.id}")
 
-    return runtime.run(
-        app, sock, [served], log_level=settings.log_level, on_ready=on_ready, started=started
-    )
+    return runtime.run(app, sock, [served], settings, on_ready=on_ready, started=started)
+
+
+def _refuse_open_bind(settings: Settings, keys: KeyRing) -> None:
+    """Listening beyond loopback without keys exposes the model to the network: say so."""
+    try:
+        loopback = ipaddress.ip_address(settings.host).is_loopback
+    except ValueError:
+        loopback = settings.host == "localhost"
+    if not loopback and not keys.active and not settings.allow_unauthenticated:
+        raise UsageError(
+            f"refusing to listen on {settings.host} without API keys: create one with "
+            "`inferd keys create NAME`, or pass --allow-unauthenticated "
+            "(INFERD_ALLOW_UNAUTHENTICATED=1) if something in front already authenticates"
+        )
 
 
 def describe(plan: Plan, settings: Settings) -> dict[str, Any]:

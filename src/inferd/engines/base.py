@@ -67,6 +67,10 @@ class Engine(ABC):
     def command(self, host: str, port: int) -> EngineCommand:
         """The full command line and environment that start this engine on host:port."""
 
+    def accepted_params(self, route: str) -> frozenset[str] | None:
+        """Request fields the engine honours on `route` (None: the front does not check)."""
+        return None
+
     @staticmethod
     def python() -> str:
         # Engines installed as Python packages run under the same interpreter as inferd.

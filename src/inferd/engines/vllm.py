@@ -22,9 +22,117 @@ BASE_ENV = {
 }
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
+# The request fields vLLM 0.32's OpenAI server reads (its protocol models' fields). vLLM
+# accepts any other field and ignores it with a log line; inferd refuses those by name instead.
+# tests/unit/test_engines.py checks these against the installed vLLM.
+_SAMPLING = frozenset(
+    {
+        "model",
+        "frequency_penalty",
+        "logit_bias",
+        "logprobs",
+        "max_tokens",
+        "n",
+        "presence_penalty",
+        "response_format",
+        "seed",
+        "stop",
+        "stream",
+        "stream_options",
+        "temperature",
+        "top_p",
+        "user",
+        "use_beam_search",
+        "top_k",
+        "min_p",
+        "repetition_penalty",
+        "watermarking",
+        "length_penalty",
+        "stop_token_ids",
+        "include_stop_str_in_output",
+        "ignore_eos",
+        "min_tokens",
+        "skip_special_tokens",
+        "spaces_between_special_tokens",
+        "truncate_prompt_tokens",
+        "truncation_side",
+        "prompt_logprobs",
+        "logprob_token_ids",
+        "allowed_token_ids",
+        "bad_words",
+        "echo",
+        "add_special_tokens",
+        "structured_outputs",
+        "priority",
+        "request_id",
+        "session_id",
+        "return_tokens_as_token_ids",
+        "return_token_ids",
+        "routed_experts_prompt_start",
+        "return_token_offsets",
+        "mm_payload",
+        "return_mm_kwargs",
+        "cache_salt",
+        "kv_transfer_params",
+        "ec_transfer_params",
+        "vllm_xargs",
+        "repetition_detection",
+        "thinking_token_budget",
+        "stream_interval",
+    }
+)
+ACCEPTED_PARAMS: dict[str, frozenset[str]] = {
+    "/v1/chat/completions": _SAMPLING
+    | {
+        "messages",
+        "top_logprobs",
+        "max_completion_tokens",
+        "tools",
+        "tool_choice",
+        "reasoning_effort",
+        "include_reasoning",
+        "parallel_tool_calls",
+        "add_generation_prompt",
+        "continue_final_message",
+        "documents",
+        "chat_template",
+        "chat_template_kwargs",
+        "media_io_kwargs",
+        "mm_processor_kwargs",
+        "return_prompt_text",
+    },
+    "/v1/completions": _SAMPLING | {"prompt", "suffix", "prompt_embeds"},
+    "/tokenize": frozenset(
+        {
+            "model",
+            "prompt",
+            "messages",
+            "add_special_tokens",
+            "return_token_strs",
+            "add_generation_prompt",
+            "continue_final_message",
+            "chat_template",
+            "chat_template_kwargs",
+            "media_io_kwargs",
+            "mm_processor_kwargs",
+            "tools",
+        }
+    ),
+    "/detokenize": frozenset({"model", "tokens"}),
+}
+
+
+def vllm_accepted_params(route: str) -> frozenset[str] | None:
+    """vLLM's fields for `route`; None where inferd does not check yet (embeddings, whose
+    request models vLLM assembles from mixins)."""
+    return ACCEPTED_PARAMS.get(route)
+
 
 class VllmEngine(Engine):
     name = "vllm"
+
+    def accepted_params(self, route: str) -> frozenset[str] | None:
+        return vllm_accepted_params(route)
 
     def profile_args(self) -> dict[str, str | int | float | bool]:
         p = self.profile

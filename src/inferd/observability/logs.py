@@ -1,18 +1,31 @@
 """Log set-up for the front: readable lines for people, or JSON lines (`INFERD_JSON_LOGS`).
 
-Prompts are never logged unless `INFERD_LOG_REQUESTS` asks for it, and API keys never are.
-uvicorn's own loggers are routed through the same handler so one process writes one format.
+Every line written while a request is being served carries that request's id (`request_id_var`,
+set by the server's middleware). Prompts are never logged unless `INFERD_LOG_REQUESTS` asks for
+it, and API keys never are. uvicorn's own loggers go through the same handler so one process
+writes one format.
 """
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import sys
 import time
 from typing import Any
 
-_RESERVED = set(vars(logging.makeLogRecord({})))
+request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "inferd_request_id", default=None
+)
+_RESERVED = set(vars(logging.makeLogRecord({}))) | {"request_id"}
+
+
+class RequestIdFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not getattr(record, "request_id", None):
+            record.request_id = request_id_var.get()
+        return True
 
 
 class JsonFormatter(logging.Formatter):
@@ -24,6 +37,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        rid = getattr(record, "request_id", None)
+        if rid:
+            entry["request_id"] = rid
         # Structured fields passed with `extra={...}` become top-level keys.
         entry.update({k: v for k, v in vars(record).items() if k not in _RESERVED})
         if record.exc_info:
@@ -31,13 +47,21 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+class TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        rid = getattr(record, "request_id", None)
+        return f"{line} [{rid}]" if rid else line
+
+
 def configure(level: str, json_logs: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(RequestIdFilter())
     if json_logs:
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S")
+            TextFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S")
         )
     root = logging.getLogger()
     root.handlers[:] = [handler]

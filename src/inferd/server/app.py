@@ -16,12 +16,17 @@ from typing import Any
 
 import aiohttp
 from fastapi import FastAPI, Request, Response
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
 from inferd import __version__
+from inferd.config import Settings
 from inferd.errors import EngineNotReadyError
 from inferd.observability.metrics import Metrics
 from inferd.server import errors
+from inferd.server.admission import Admission, Limits
+from inferd.server.context import RequestIdMiddleware
+from inferd.server.keys import KeyRing
 from inferd.server.proxy import Proxy
 from inferd.server.served import ModelTable, ServedModel
 from inferd.server.supervisor import State
@@ -40,21 +45,18 @@ FORWARDED = {
     "/tokenize": ("/tokenize", False),
     "/detokenize": ("/detokenize", False),
 }
-_OPENAPI_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {
-                "schema": {
-                    "type": "object",
-                    "required": ["model"],
-                    "properties": {"model": {"type": "string"}},
-                    "additionalProperties": True,
-                }
-            }
-        },
+
+
+def _openapi_body(model_ids: list[str]) -> dict[str, Any]:
+    """The documented request body: a JSON object naming one of the served models; the rest is
+    the engine's (OpenAI's) schema."""
+    schema = {
+        "type": "object",
+        "required": ["model"],
+        "properties": {"model": {"type": "string", "enum": model_ids}},
+        "additionalProperties": True,
     }
-}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
 def _model_info(m: ServedModel) -> dict[str, Any]:
@@ -80,12 +82,26 @@ def _model_info(m: ServedModel) -> dict[str, Any]:
     }
 
 
-def create_app(models: list[ServedModel], *, log_requests: bool = False) -> FastAPI:
+def create_app(
+    models: list[ServedModel], settings: Settings | None = None, keys: KeyRing | None = None
+) -> FastAPI:
+    """The front for `models`. `keys`: when it holds active keys, inference routes need one."""
+    settings = settings or Settings()
     table = ModelTable(models)
     metrics = Metrics()
     for m in table:
         metrics.add_model(m.id, m.supervisor.engine.name)
-    proxy = Proxy(table, metrics, log_requests=log_requests)
+        running = settings.max_running or m.profile.max_running
+        queue = settings.max_queue if settings.max_queue is not None else 2 * running
+        limits = Limits(running, queue, settings.queue_timeout_s)
+        m.admission = Admission(m.id, limits, metrics.requests_running, metrics.requests_waiting)
+    proxy = Proxy(
+        table,
+        metrics,
+        keys=keys,
+        max_body_bytes=settings.max_body_bytes,
+        log_requests=settings.log_requests,
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -107,7 +123,18 @@ def create_app(models: list[ServedModel], *, log_requests: bool = False) -> Fast
     )
     app.state.models = table
     app.state.metrics = metrics
+    app.state.proxy = proxy
     errors.install(app)
+    app.add_middleware(RequestIdMiddleware)
+    origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
+    if origins:  # CORS is off unless origins are named
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["*"],
+            allow_headers=["*"],
+            expose_headers=["X-Request-Id", "Retry-After"],
+        )
 
     def forwarder(engine_path: str, counted: bool) -> Any:
         async def forward(request: Request) -> Response:
@@ -121,13 +148,14 @@ def create_app(models: list[ServedModel], *, log_requests: bool = False) -> Fast
             forwarder(engine_path, counted),
             methods=["POST"],
             tags=["openai"],
-            openapi_extra=_OPENAPI_BODY,
+            openapi_extra=_openapi_body([m.id for m in table]),
             name=route,
         )
 
     @app.get("/v1/models", tags=["openai"])
-    async def list_models() -> JSONResponse:
+    async def list_models(request: Request) -> JSONResponse:
         """Every ready model, as its engine describes it."""
+        proxy.authorize(request)
         data: list[Any] = []
         assert proxy.session is not None
         for m in table:
@@ -147,9 +175,17 @@ def create_app(models: list[ServedModel], *, log_requests: bool = False) -> Fast
 
     @app.get("/v1/health/ready", tags=["health"])
     async def ready() -> JSONResponse:
-        states = {m.id: m.supervisor.describe() for m in table}
-        ok = all(m.supervisor.state is State.READY for m in table)
-        body = {"status": "ready" if ok else "not_ready", "models": states}
+        states = {
+            m.id: {
+                **m.supervisor.describe(),
+                "running": m.admission.running,
+                "waiting": m.admission.waiting,
+            }
+            for m in table
+        }
+        ok = not proxy.draining and all(m.supervisor.state is State.READY for m in table)
+        status = "draining" if proxy.draining else "ready" if ok else "not_ready"
+        body = {"status": status, "models": states}
         return JSONResponse(body, 200 if ok else 503, None if ok else {"Retry-After": "5"})
 
     @app.get("/v1/metadata", tags=["management"])
@@ -181,7 +217,9 @@ def create_app(models: list[ServedModel], *, log_requests: bool = False) -> Fast
             ]
         }
 
-    async def metrics_text() -> Response:
+    async def metrics_text(request: Request) -> Response:
+        if settings.metrics_auth:
+            proxy.authorize(request)
         for m in table:
             sup = m.supervisor
             metrics.engine_ready.labels(m.id, sup.engine.name).set(sup.state is State.READY)

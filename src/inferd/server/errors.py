@@ -73,7 +73,12 @@ def from_engine(status: int, body: bytes) -> dict[str, Any]:
         elif isinstance(err, str):
             message = err
     if code is None:
-        code = {400: "invalid_request", 404: "not_found", 413: "request_too_large"}.get(status)
+        code = {
+            400: "invalid_request",
+            404: "not_found",
+            413: "request_too_large",
+            502: "engine_error",
+        }.get(status)
     return envelope(message, type_for(status), code, param)
 
 

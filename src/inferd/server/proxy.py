@@ -1,24 +1,24 @@
 """Forward an OpenAI request to its model's engine and relay the answer, streaming as it comes.
 
-The front parses only what it must: the body must be a JSON object, `model` picks the engine,
-`stream` picks the relay. Everything else is the engine's to validate (its 4xx come back in the
-OpenAI envelope). Bytes go through unchanged, with one exception kept invisible to the client: a
-streamed request that did not ask for usage gets `stream_options.include_usage` added, so the
-token counters are exact, and the engine's final usage-only chunk is dropped on the way back.
+In order, each step cheap before the next: refuse while draining; check the API key and its
+limits; refuse an oversized body before reading it; parse the body (it must be a JSON object),
+pick the model, check the input limits; check the engine is ready; wait for a slot (admission
+control); then send the bytes on. Everything else is the engine's to validate (its 4xx come back
+in the OpenAI envelope). Bytes go through unchanged, with one exception kept invisible to the
+client: a streamed request that did not ask for usage gets `stream_options.include_usage` added,
+so the token counters are exact, and the engine's usage-only chunk is dropped on the way back.
 
-Per-request state (timings, token counts, finish reason) lives in a `Call` object, never on the
-shared `Proxy`. A client that disconnects closes the generator, which closes the engine
-connection, which makes the engine abort the request and free its slot.
+A client that disconnects closes the relay, which closes the engine connection, which makes the
+engine abort the request and free its slot. At the drain deadline `abort_all` cuts the engine
+connections still open; each stream then ends with an SSE error event and `[DONE]`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
-import re
-import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -27,26 +27,22 @@ from fastapi import Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from inferd.errors import EngineUnavailableError, InvalidRequestError
+from inferd.errors import (
+    DrainingError,
+    EngineUnavailableError,
+    InvalidRequestError,
+    PayloadTooLargeError,
+)
 from inferd.observability.metrics import Metrics
+from inferd.server import limits
+from inferd.server.call import Call
+from inferd.server.context import current_request_id
 from inferd.server.errors import envelope, from_engine
+from inferd.server.keys import KeyRecord, KeyRing
 from inferd.server.served import ModelTable, ServedModel
 
 log = logging.getLogger("inferd.requests")
-
-# Markers looked for in raw event bytes, so that plain token events are never parsed.
-_USAGE = b'"usage"'
-_ERROR = b'{"error"'
-_FINISH = re.compile(rb'"finish_reason"\s*:\s*"([^"]*)"')
-_REQUEST_ID_MAX = 128
-
-
-def request_id(request: Request) -> str:
-    """The client's X-Request-Id when it is sane, else a new one; echoed back to the client."""
-    given = request.headers.get("x-request-id", "")
-    if 0 < len(given) <= _REQUEST_ID_MAX and given.isprintable():
-        return given
-    return uuid.uuid4().hex
+_DONE = b"data: [DONE]"
 
 
 def parse_body(body: bytes) -> dict[str, Any]:
@@ -77,114 +73,6 @@ def _stream_flag(payload: dict[str, Any]) -> bool:
     return stream
 
 
-class Call:
-    """One request's journey through the front: timings and counts for metrics and the log."""
-
-    def __init__(
-        self, model: str, metrics: Metrics, path: str, rid: str, counted: bool = True
-    ) -> None:
-        self.model = model
-        # Only generation requests feed the request and token metrics (tokenize does not).
-        self.counted = counted
-        self.metrics = metrics
-        self.path = path
-        self.rid = rid
-        # The engine gets an id of its own: clients may reuse theirs, engines need unique ones.
-        self.engine_rid = f"{rid}-{uuid.uuid4().hex[:8]}"
-        self.started = time.perf_counter()
-        self.first_token_at: float | None = None
-        self.prompt_tokens = 0
-        self.completion_tokens = 0
-        self.finish_reason = "unknown"
-        self.strip_usage = False
-        self.engine_error = False  # the engine reported an error inside a 200 stream
-        self._open = True
-        if counted:
-            metrics.requests_running.labels(self.model).inc()
-
-    def read_usage(self, usage: dict[str, Any]) -> None:
-        self.prompt_tokens = int(usage.get("prompt_tokens") or 0)
-        self.completion_tokens = int(usage.get("completion_tokens") or 0)
-
-    def observe_events(self, chunk: bytes) -> bytes:
-        """Look at complete SSE events; returns what goes on to the client."""
-        if self.first_token_at is None:
-            self.first_token_at = time.perf_counter()
-        reasons = _FINISH.findall(chunk)
-        if reasons:
-            self.finish_reason = reasons[-1].decode("ascii", "replace")
-        if _USAGE not in chunk and _ERROR not in chunk:
-            return chunk  # the common case: plain token events, forwarded untouched
-        kept: list[bytes] = []
-        for event in chunk.split(b"\n\n"):
-            if not event:
-                continue
-            if _USAGE in event or _ERROR in event:
-                try:
-                    data = json.loads(event.removeprefix(b"data:"))
-                except ValueError:
-                    data = None  # not ours to judge; the client gets the event as it was
-                if isinstance(data, dict):
-                    self.engine_error |= "error" in data
-                    usage = data.get("usage")
-                    if isinstance(usage, dict):
-                        self.read_usage(usage)
-                        if self.strip_usage and data.get("choices") == []:
-                            continue  # the usage chunk inferd asked for on the client's behalf
-            kept.append(event + b"\n\n")
-        return b"".join(kept)
-
-    def read_answer(self, body: bytes) -> None:
-        try:
-            data = json.loads(body)
-        except ValueError:
-            return
-        if isinstance(data, dict):
-            self.read_usage(data.get("usage") or {})
-            choices = data.get("choices") or [{}]
-            self.finish_reason = str(choices[-1].get("finish_reason") or "unknown")
-
-    def finish(self, status: int = 200) -> None:
-        """Record the outcome once (success or failure) and release the running slot."""
-        if not self._open:
-            return
-        self._open = False
-        if self.engine_error and status < 400:
-            status = 500
-        now = time.perf_counter()
-        if self.counted:
-            self._record(status, now)
-        log.info(
-            "%s model=%s status=%d prompt_tokens=%d completion_tokens=%d ms=%.0f",
-            self.path,
-            self.model,
-            status,
-            self.prompt_tokens,
-            self.completion_tokens,
-            (now - self.started) * 1000,
-            extra={"request_id": self.rid, "engine_request_id": self.engine_rid},
-        )
-
-    def _record(self, status: int, now: float) -> None:
-        m, model = self.metrics, self.model
-        m.requests_running.labels(model).dec()
-        if status >= 400:
-            m.request_failure.labels(model, str(status)).inc()
-            return
-        m.request_success.labels(model, self.finish_reason).inc()
-        m.e2e.labels(model).observe(now - self.started)
-        if self.prompt_tokens or self.completion_tokens:
-            m.prompt_tokens.labels(model).inc(self.prompt_tokens)
-            m.generation_tokens.labels(model).inc(self.completion_tokens)
-            m.request_prompt_tokens.labels(model).observe(self.prompt_tokens)
-            m.request_generation_tokens.labels(model).observe(self.completion_tokens)
-        if self.first_token_at is not None:
-            m.ttft.labels(model).observe(self.first_token_at - self.started)
-            if self.completion_tokens > 1:
-                per_token = (now - self.first_token_at) / (self.completion_tokens - 1)
-                m.tpot.labels(model).observe(per_token)
-
-
 class RelayResponse(StreamingResponse):
     """A streaming response that always releases the engine call, even if never iterated.
 
@@ -206,11 +94,24 @@ class RelayResponse(StreamingResponse):
 
 
 class Proxy:
-    def __init__(self, models: ModelTable, metrics: Metrics, log_requests: bool = False) -> None:
+    def __init__(
+        self,
+        models: ModelTable,
+        metrics: Metrics,
+        *,
+        keys: KeyRing | None = None,
+        max_body_bytes: int = 4 * 2**20,
+        log_requests: bool = False,
+    ) -> None:
         self.models = models
         self.metrics = metrics
+        self.keys = keys
+        self.max_body_bytes = max_body_bytes
         self.log_requests = log_requests
         self.session: aiohttp.ClientSession | None = None
+        self.draining = False
+        self.active: set[Call] = set()
+        self._idle: asyncio.Event | None = None  # set when draining and nothing is in flight
 
     async def open(self) -> None:
         # No pool limit: admission control decides how many requests reach an engine, not the
@@ -226,16 +127,57 @@ class Proxy:
         if self.session is not None:
             await self.session.close()
 
+    # ------------------------------------------------------------------ guards
+
+    def authorize(self, request: Request) -> KeyRecord | None:
+        """The caller's key record (401/429 otherwise); None when no keys are configured."""
+        if self.keys is None or not self.keys.active:
+            return None
+        record = self.keys.authenticate(request.headers.get("authorization"))
+        self.keys.admit(record)
+        return record
+
+    async def _read_body(self, request: Request) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise PayloadTooLargeError(
+                f"request body of {declared} bytes exceeds the limit of {self.max_body_bytes}"
+            )
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_body_bytes:  # chunked bodies declare no length
+                raise PayloadTooLargeError(
+                    f"request body exceeds the limit of {self.max_body_bytes} bytes"
+                )
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    # ------------------------------------------------------------------ forwarding
+
     async def forward(self, request: Request, engine_path: str, counted: bool = True) -> Response:
-        body = await request.body()
+        if self.draining:
+            raise DrainingError("the service is shutting down; retry on another replica")
+        key = self.authorize(request)
+        body = await self._read_body(request)
         payload = parse_body(body)
         served = self.models.lookup(payload.get("model"))
         stream = _stream_flag(payload)
+        engine = served.supervisor.engine
+        limits.check(
+            engine_path,
+            payload,
+            context=engine.context,
+            accepted=engine.accepted_params(engine_path),
+            engine=engine.name,
+        )
         served.require_ready()
-        rid = request_id(request)
+        rid = current_request_id()
         if self.log_requests:
-            log.info("request %s body: %s", rid, body.decode("utf-8", "replace"))
-        call = Call(served.id, self.metrics, engine_path, rid, counted)
+            log.info("request body: %s", body.decode("utf-8", "replace"))
+        slot = await served.admission.acquire() if counted else None
+        call = Call(served.id, self.metrics, engine_path, rid, slot=slot, key=key, keys=self.keys)
+        self.active.add(call)
         if stream and not (payload.get("stream_options") or {}).get("include_usage"):
             payload["stream_options"] = {
                 **(payload.get("stream_options") or {}),
@@ -246,11 +188,20 @@ class Proxy:
         try:
             return await self._send(served, engine_path, body, stream, call)
         except asyncio.CancelledError:
-            call.finish(499)  # the client went away while the engine was answering
+            self._end(call, 499)  # the client went away while the engine was answering
+            raise
+        except DrainingError:
+            self._end(call, 503)
             raise
         except BaseException:
-            call.finish(502)
+            self._end(call, 502)
             raise
+
+    def _end(self, call: Call, status: int) -> None:
+        call.finish(status)
+        self.active.discard(call)
+        if not self.active and self._idle is not None:
+            self._idle.set()
 
     async def _send(
         self, served: ServedModel, path: str, body: bytes, stream: bool, call: Call
@@ -261,36 +212,72 @@ class Proxy:
         try:
             resp = await self.session.post(url, data=body, headers=headers)
         except (TimeoutError, aiohttp.ClientError) as exc:
+            served.supervisor.report_failure(f"a request could not reach the engine: {exc}")
             raise EngineUnavailableError(f"engine for {served.id} is unreachable: {exc}") from None
-        out_headers = {"X-Request-Id": call.rid}
+        call.upstream = resp
         if not stream or resp.status != 200:
             try:
                 data = await resp.read()
             except (TimeoutError, aiohttp.ClientError) as exc:
+                if call.abort_reason:
+                    raise DrainingError(call.abort_reason) from None
+                served.supervisor.report_failure(f"the engine failed mid-answer: {exc}")
                 raise EngineUnavailableError(
                     f"engine for {served.id} failed mid-answer: {exc}"
                 ) from None
             finally:
                 resp.release()
             if resp.status >= 400:
-                call.finish(resp.status)
-                return JSONResponse(from_engine(resp.status, data), resp.status, out_headers)
+                # An engine's own server error is, seen from the front, a failed upstream: 502.
+                status = 502 if resp.status >= 500 else resp.status
+                self._end(call, status)
+                error = from_engine(status, data)
+                if status == 400 and b"maximum context length" in data:
+                    await self._count_prompt(served, body, error)
+                return JSONResponse(error, status)
             call.read_answer(data)
-            call.finish(resp.status)
-            return Response(data, resp.status, out_headers, media_type=resp.content_type)
+            self._end(call, resp.status)
+            return Response(data, resp.status, media_type=resp.content_type)
 
         def release() -> None:
             resp.close()
-            call.finish(499)  # no-op when the relay already recorded how it ended
+            self._end(call, 499)  # a no-op when the relay already recorded how it ended
 
         return RelayResponse(
-            self._relay(resp, call),
+            self._relay(resp, call, served),
             media_type="text/event-stream",
-            headers={**out_headers, "Cache-Control": "no-cache"},
+            headers={"Cache-Control": "no-cache"},
             on_close=release,
         )
 
-    async def _relay(self, resp: aiohttp.ClientResponse, call: Call) -> AsyncIterator[bytes]:
+    async def _count_prompt(self, served: ServedModel, body: bytes, error: dict[str, Any]) -> None:
+        """Add the prompt's real token count to a too-long error: engines stop counting at the
+        limit ("at least 8193"), and a user deciding how much to cut needs the real number."""
+        assert self.session is not None
+        payload = json.loads(body)
+        query: dict[str, Any] = {"model": payload["model"]}
+        if isinstance(payload.get("prompt"), str):
+            query["prompt"] = payload["prompt"]
+        elif isinstance(payload.get("messages"), list):
+            query.update(messages=payload["messages"], add_generation_prompt=True)
+        else:
+            return
+        with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError, KeyError):
+            async with self.session.post(
+                served.supervisor.base_url + "/tokenize",
+                json=query,
+                timeout=aiohttp.ClientTimeout(total=10),
+            ) as resp:
+                counted = await resp.json()
+                error["error"]["message"] = (
+                    f"the prompt has {counted['count']} tokens and the model's context is "
+                    f"{counted['max_model_len']}; shorten the prompt (nothing was truncated). "
+                    f"Engine: {error['error']['message']}"
+                )
+
+    async def _relay(
+        self, resp: aiohttp.ClientResponse, call: Call, served: ServedModel
+    ) -> AsyncIterator[bytes]:
         """Pass complete SSE events on as soon as they arrive; never hold a finished event."""
         pending = b""
         status = 499  # if the generator is closed early, the client went away
@@ -302,17 +289,44 @@ class Proxy:
                     continue
                 complete, pending = pending[: end + 2], pending[end + 2 :]
                 out = call.observe_events(complete)
+                if _DONE in out:
+                    # The answer is complete: a client that hangs up now has what it asked for.
+                    status = 200
                 if out:
                     yield out
             if pending.strip():
                 yield pending
             status = 200
         except (TimeoutError, aiohttp.ClientError) as exc:
-            status = 502
-            err = envelope(
-                f"the engine stopped mid-stream: {exc}", "server_error", "engine_unavailable"
-            )
+            if call.abort_reason:
+                status, err = 503, envelope(call.abort_reason, "server_error", "shutting_down")
+            else:
+                reason = f"the engine stopped mid-stream: {exc}"
+                served.supervisor.report_failure(reason)
+                status, err = 502, envelope(reason, "server_error", "engine_unavailable")
             yield b"data: " + json.dumps(err).encode() + b"\n\ndata: [DONE]\n\n"
         finally:
             resp.close()
-            call.finish(status)
+            self._end(call, status)
+
+    # ------------------------------------------------------------------ drain
+
+    async def drain(self, timeout_s: float) -> int:
+        """Stop taking requests, let those in flight finish for `timeout_s`, then cut the rest.
+        Returns how many were cut."""
+        self.draining = True
+        self._idle = asyncio.Event()
+        if not self.active:
+            self._idle.set()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        cut = list(self.active)
+        for call in cut:
+            call.abort(
+                f"the service shut down before this request finished (drain timeout "
+                f"{timeout_s:g} s)"
+            )
+        # Give each relay a moment to send its error event and close.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), 2.5)
+        return len(cut)

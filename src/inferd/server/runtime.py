@@ -14,15 +14,19 @@ import errno
 import logging
 import signal
 import socket
+import ssl as _ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import FrameType
 from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
 
+from inferd.config import Settings
 from inferd.errors import ConfigError, PortInUseError
+from inferd.server.proxy import Proxy
 from inferd.server.served import ServedModel
 
 log = logging.getLogger("inferd.server")
@@ -89,24 +93,78 @@ async def _watch(
         await asyncio.gather(ready, *failures, return_exceptions=True)
 
 
+class DrainingServer(uvicorn.Server):
+    """uvicorn, but the first SIGTERM/SIGINT drains before stopping (a second one stops now).
+
+    Draining: readiness turns 503 and new requests get 503 at once, while the connection stays
+    open (so load balancers see a clear answer, not a refused connection); requests in flight
+    get `drain_timeout_s` to finish; then the engine connections still open are cut, which ends
+    each stream with an SSE error event. Then the usual shutdown stops the engines.
+    """
+
+    def __init__(self, config: uvicorn.Config, proxy: Proxy, drain_timeout_s: float) -> None:
+        super().__init__(config)
+        self.proxy = proxy
+        self.drain_timeout_s = drain_timeout_s
+        self._drain: asyncio.Task[None] | None = None
+        self._signalled = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._signalled or self._loop is None or not self.started:
+            super().handle_exit(sig, frame)  # a second signal, or not serving yet: stop now
+            return
+        self._signalled = True
+        log.info("signal %d: draining (up to %g s), then stopping", sig, self.drain_timeout_s)
+        # Signal handlers run between bytecodes of the loop's thread; call_soon_threadsafe is
+        # the safe way in from there (and from any other thread, such as a test's).
+        self._loop.call_soon_threadsafe(self._start_drain)
+
+    def _start_drain(self) -> None:
+        self._drain = asyncio.get_running_loop().create_task(self._drain_then_exit())
+
+    async def _drain_then_exit(self) -> None:
+        cut = await self.proxy.drain(self.drain_timeout_s)
+        if cut:
+            log.warning("drain timeout: %d request(s) cut short", cut)
+        self.should_exit = True
+
+
+def make_server(app: FastAPI, settings: Settings) -> DrainingServer:
+    """uvicorn configured from the settings (TLS, logging), draining on SIGTERM."""
+    ssl: dict[str, Any] = {}
+    if settings.ssl_mode != "disabled":
+        ssl = {"ssl_certfile": str(settings.ssl_certfile), "ssl_keyfile": str(settings.ssl_keyfile)}
+        if settings.ssl_ca_certs:
+            ssl["ssl_ca_certs"] = str(settings.ssl_ca_certs)
+        if settings.ssl_mode == "mtls":
+            ssl["ssl_cert_reqs"] = _ssl.CERT_REQUIRED
+    config = uvicorn.Config(
+        app,
+        log_config=None,  # inferd's own logging set-up applies
+        log_level=settings.log_level,
+        access_log=False,  # the proxy logs each inference request itself, without prompts
+        lifespan="on",
+        timeout_graceful_shutdown=10,  # after the drain, only stragglers are left
+        **ssl,
+    )
+    return DrainingServer(config, app.state.proxy, settings.drain_timeout_s)
+
+
 def run(
     app: FastAPI,
     sock: socket.socket,
     models: list[ServedModel],
+    settings: Settings,
     *,
-    log_level: str,
     on_ready: Callable[[float], None],
     started: float,
 ) -> int:
-    config = uvicorn.Config(
-        app,
-        log_config=None,  # inferd's own logging set-up applies
-        log_level=log_level,
-        access_log=False,  # the proxy logs each inference request itself, without prompts
-        lifespan="on",
-        timeout_graceful_shutdown=30,
-    )
-    server = uvicorn.Server(config)
+    server = make_server(app, settings)
     outcome = Outcome()
 
     async def main() -> None:
@@ -116,10 +174,10 @@ def run(
         finally:
             watcher.cancel()
 
-    # uvicorn turns SIGTERM/SIGINT into a graceful shutdown, then re-raises the signal with the
-    # handler that was there before it started. A clean stop is a success (exit 0), so that
-    # handler must do nothing; it is a Python handler, not SIG_IGN, because an ignored signal
-    # would stay ignored in the engines started afterwards.
+    # uvicorn re-raises the stopping signal, after shutdown, with the handler that was there
+    # before it started. A clean stop is a success (exit 0), so that handler must do nothing;
+    # it is a Python handler, not SIG_IGN, because an ignored signal would stay ignored in the
+    # engines started afterwards.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _stopped)
     asyncio.run(main())

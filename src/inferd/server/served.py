@@ -13,6 +13,7 @@ from typing import Any
 
 from inferd.catalog.schema import ModelEntry, Profile
 from inferd.errors import EngineNotReadyError, InvalidRequestError, ModelNotFoundError
+from inferd.server.admission import Admission
 from inferd.server.supervisor import State, Supervisor
 
 
@@ -23,6 +24,8 @@ class ServedModel:
     supervisor: Supervisor
     license_text: str = ""
     provenance: dict[str, Any] = field(default_factory=dict)
+    # Set by `create_app`, which owns the metrics the admission gauges belong to.
+    admission: Admission = field(init=False)
 
     @property
     def id(self) -> str:

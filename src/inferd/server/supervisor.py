@@ -31,8 +31,12 @@ from inferd.errors import EngineStartError
 log = logging.getLogger("inferd.supervisor")
 
 MAX_START_FAILURES = 3
-BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
+# Exponential back-off between restarts of a failing engine, capped at 30 s. An engine that
+# stayed up STABLE_S before crashing starts the sequence over.
+BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
+STABLE_S = 300.0
 HEALTH_POLL_S = 0.5
+EXIT_POLL_S = 0.2
 STOP_GRACE_S = 10.0
 LOG_TAIL_LINES = 200
 # Engine output lines that are worth a warning even when the engine's chatter is at debug level.
@@ -42,6 +46,7 @@ _LOUD = (" ERROR ", " CRITICAL ", "Traceback (most recent call last)")
 class State(enum.StrEnum):
     STARTING = "starting"
     READY = "ready"
+    SUSPECT = "suspect"  # a request just failed to reach it: not ready until it answers again
     RESTARTING = "restarting"
     FAILED = "failed"
     STOPPED = "stopped"
@@ -78,6 +83,8 @@ class Supervisor:
         self.failed = asyncio.Event()
         self._proc: asyncio.subprocess.Process | None = None
         self._task: asyncio.Task[None] | None = None
+        self._recheck_task: asyncio.Task[None] | None = None
+        self._session: aiohttp.ClientSession
         self._stopping = False
         self._log = logging.getLogger(f"inferd.engine.{engine.served_name}")
 
@@ -91,6 +98,7 @@ class Supervisor:
 
     def start(self, session: aiohttp.ClientSession) -> None:
         self.started_at = time.monotonic()
+        self._session = session
         self._task = asyncio.create_task(
             self._run(session), name=f"supervise {self.engine.served_name}"
         )
@@ -158,7 +166,8 @@ class Supervisor:
             self.failed.set()
 
     async def _supervise(self, session: aiohttp.ClientSession) -> None:
-        failures = 0
+        failures = 0  # failed starts in a row
+        crashes = 0  # crashes in a row of an engine that had been up less than STABLE_S
         ever_ready = False
         while not self._stopping:
             self.state = State.STARTING if not ever_ready else State.RESTARTING
@@ -184,23 +193,63 @@ class Supervisor:
             self.ready_seconds = time.monotonic() - begun
             await self._read_version(session)
             self.state = State.READY
-            self.last_error = None
             self.ready.set()
-            code = await proc.wait()
-            await pump
+            up_since = time.monotonic()
+            code = await self._exited(proc)
             self.ready.clear()
+            # The engine's own children (vLLM's engine core) may outlive it: clear the group.
+            self._kill_group(proc.pid, signal.SIGKILL)
+            await pump
             if self._stopping:
                 break
             self.restarts += 1
-            self.last_error = f"engine exited with code {code}"
+            crashes = crashes + 1 if time.monotonic() - up_since < STABLE_S else 1
+            self.last_error = f"engine exited with code {code} (restart {self.restarts})"
+            delay = self.backoff_s[min(crashes, len(self.backoff_s)) - 1]
             log.error(
-                "%s engine for %s exited with code %s; restarting",
+                "%s engine for %s exited with code %s; restarting in %g s (restart %d)",
                 self.engine.name,
                 self.engine.served_name,
                 code,
+                delay,
+                self.restarts,
             )
-            await self._backoff(1)
+            await self._backoff(crashes)
         self.state = State.STOPPED
+
+    def report_failure(self, reason: str) -> None:
+        """A request could not reach the engine: stop calling it ready at once, and look.
+
+        Noticing the process's exit takes a moment (and a hung engine does not exit at all);
+        readiness must not say 200 in between. If the engine answers its health check, it is
+        ready again; if it has died, the supervision loop restarts it."""
+        if self.state is not State.READY:
+            return
+        self.state = State.SUSPECT
+        self.ready.clear()
+        self.last_error = reason
+        self._recheck_task = asyncio.get_running_loop().create_task(self._recheck())
+
+    async def _recheck(self) -> None:
+        healthy = False
+        with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
+            async with self._session.get(
+                self.base_url + self.engine.health_path, timeout=aiohttp.ClientTimeout(total=5)
+            ) as resp:
+                healthy = resp.status == 200
+        alive = self._proc is not None and self._proc.returncode is None
+        if healthy and alive and self.state is State.SUSPECT:
+            self.state = State.READY
+            self.ready.set()
+
+    @staticmethod
+    async def _exited(proc: asyncio.subprocess.Process) -> int:
+        """The engine's exit code, as soon as it exits. Not `proc.wait()`: asyncio only returns
+        from that once the output pipe closes too, and the engine's own children (vLLM's engine
+        core) hold it open after the engine itself has died."""
+        while proc.returncode is None:  # noqa: ASYNC110 (no event fires before the pipe closes)
+            await asyncio.sleep(EXIT_POLL_S)
+        return proc.returncode
 
     async def _backoff(self, attempt: int) -> None:
         self.state = State.RESTARTING
@@ -241,7 +290,7 @@ class Supervisor:
             "state": self.state.value,
             "engine": self.engine.name,
             "restarts": self.restarts,
-            "error": self.last_error,
+            "last_error": self.last_error,
             "seconds_since_start": round(time.monotonic() - self.started_at, 1)
             if self.started_at
             else None,

@@ -1,0 +1,159 @@
+"""One request's journey through the front: its slot, timings, token counts and outcome.
+
+A `Call` is created once a request is admitted (it holds the engine slot), watches the answer go
+by (first token, usage, finish reason, errors inside a stream), and on `finish` releases the slot,
+charges the tokens to the caller's API key, records the metrics and writes the one log line. It
+is per-request state: nothing here is shared between requests.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+from typing import Any
+
+import aiohttp
+
+from inferd.observability.metrics import Metrics
+from inferd.server.admission import Slot
+from inferd.server.keys import KeyRecord, KeyRing
+
+log = logging.getLogger("inferd.requests")
+
+# Markers looked for in raw event bytes, so that plain token events are never parsed.
+_USAGE = b'"usage"'
+_ERROR = b'{"error"'
+_FINISH = re.compile(rb'"finish_reason"\s*:\s*"([^"]*)"')
+
+
+class Call:
+    """One request's journey through the front: timings and counts for metrics and the log."""
+
+    def __init__(
+        self,
+        model: str,
+        metrics: Metrics,
+        path: str,
+        rid: str,
+        *,
+        slot: Slot | None = None,
+        key: KeyRecord | None = None,
+        keys: KeyRing | None = None,
+    ) -> None:
+        self.model = model
+        # Only generation requests hold a slot and feed the request and token metrics.
+        self.slot = slot
+        self.counted = slot is not None
+        self.key, self.keys = key, keys
+        self.metrics = metrics
+        self.path = path
+        self.rid = rid
+        # The engine gets an id of its own: clients may reuse theirs, engines need unique ones.
+        self.engine_rid = f"{rid}-{uuid.uuid4().hex[:8]}"
+        self.started = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.finish_reason = "unknown"
+        self.strip_usage = False
+        self.engine_error = False  # the engine reported an error inside a 200 stream
+        self.upstream: aiohttp.ClientResponse | None = None
+        self.abort_reason: str | None = None
+        self._open = True
+
+    def abort(self, reason: str) -> None:
+        """Cut the engine connection (drain deadline): the relay then ends the stream."""
+        self.abort_reason = reason
+        if self.upstream is not None:
+            self.upstream.close()
+
+    def read_usage(self, usage: dict[str, Any]) -> None:
+        self.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+        self.completion_tokens = int(usage.get("completion_tokens") or 0)
+
+    def observe_events(self, chunk: bytes) -> bytes:
+        """Look at complete SSE events; returns what goes on to the client."""
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        reasons = _FINISH.findall(chunk)
+        if reasons:
+            self.finish_reason = reasons[-1].decode("ascii", "replace")
+        if _USAGE not in chunk and _ERROR not in chunk:
+            return chunk  # the common case: plain token events, forwarded untouched
+        kept: list[bytes] = []
+        for event in chunk.split(b"\n\n"):
+            if not event:
+                continue
+            if _USAGE in event or _ERROR in event:
+                try:
+                    data = json.loads(event.removeprefix(b"data:"))
+                except ValueError:
+                    data = None  # not ours to judge; the client gets the event as it was
+                if isinstance(data, dict):
+                    self.engine_error |= "error" in data
+                    usage = data.get("usage")
+                    if isinstance(usage, dict):
+                        self.read_usage(usage)
+                        if self.strip_usage and data.get("choices") == []:
+                            continue  # the usage chunk inferd asked for on the client's behalf
+            kept.append(event + b"\n\n")
+        return b"".join(kept)
+
+    def read_answer(self, body: bytes) -> None:
+        try:
+            data = json.loads(body)
+        except ValueError:
+            return
+        if isinstance(data, dict):
+            self.read_usage(data.get("usage") or {})
+            choices = data.get("choices") or [{}]
+            self.finish_reason = str(choices[-1].get("finish_reason") or "unknown")
+
+    def finish(self, status: int = 200) -> None:
+        """Record the outcome once (success or failure) and release the running slot."""
+        if not self._open:
+            return
+        self._open = False
+        if self.engine_error and status < 400:
+            status = 500
+        now = time.perf_counter()
+        if self.slot is not None:
+            self.slot.release()
+        if self.key is not None and self.keys is not None:
+            self.keys.record_tokens(self.key, self.prompt_tokens + self.completion_tokens)
+        if self.counted:
+            self._record(status, now)
+        log.info(
+            "%s model=%s status=%d prompt_tokens=%d completion_tokens=%d ms=%.0f",
+            self.path,
+            self.model,
+            status,
+            self.prompt_tokens,
+            self.completion_tokens,
+            (now - self.started) * 1000,
+            extra={
+                "engine_request_id": self.engine_rid,
+                "api_key": self.key.name if self.key else None,
+            },
+        )
+
+    def _record(self, status: int, now: float) -> None:
+        m, model = self.metrics, self.model
+        if status >= 400:
+            m.request_failure.labels(model, str(status)).inc()
+            return
+        m.request_success.labels(model, self.finish_reason).inc()
+        m.e2e.labels(model).observe(now - self.started)
+        if self.prompt_tokens or self.completion_tokens:
+            m.prompt_tokens.labels(model).inc(self.prompt_tokens)
+            m.generation_tokens.labels(model).inc(self.completion_tokens)
+            m.request_prompt_tokens.labels(model).observe(self.prompt_tokens)
+            m.request_generation_tokens.labels(model).observe(self.completion_tokens)
+        if self.first_token_at is not None:
+            m.ttft.labels(model).observe(self.first_token_at - self.started)
+            if self.completion_tokens > 1:
+                per_token = (now - self.first_token_at) / (self.completion_tokens - 1)
+                m.tpot.labels(model).observe(per_token)
