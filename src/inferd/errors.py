@@ -87,6 +87,17 @@ class IntegrityError(CacheError):
     code = "integrity_error"
 
 
+class _RetryLater(InferdError):
+    """An error that tells the client when to try again (`Retry-After`)."""
+
+    def __init__(self, message: str, *, retry_after_s: int = 5) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
+
+
 class EngineError(InferdError):
     code = "engine_error"
 
@@ -95,16 +106,9 @@ class EngineStartError(EngineError):
     code = "engine_start_failed"
 
 
-class EngineNotReadyError(EngineError):
+class EngineNotReadyError(EngineError, _RetryLater):
     status = 503
     code = "engine_not_ready"
-
-    def __init__(self, message: str, *, retry_after_s: int = 5) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-
-    def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(self.retry_after_s)}
 
 
 class EngineUnavailableError(EngineError):
@@ -144,15 +148,6 @@ class AuthenticationError(InferdError):
 
     def headers(self) -> dict[str, str]:
         return {"WWW-Authenticate": "Bearer"}
-
-
-class _RetryLater(InferdError):
-    def __init__(self, message: str, *, retry_after_s: int = 5) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-
-    def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(self.retry_after_s)}
 
 
 class RateLimitError(_RetryLater):

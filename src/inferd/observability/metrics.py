@@ -95,76 +95,57 @@ class Metrics:
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
-        m = ["model"]
-        self.requests_running = Gauge(
-            "num_requests_running", "Requests being processed by the engine.", m, registry=r
+        model, engine = ["model"], ["model", "engine"]
+
+        def gauge(name: str, doc: str, labels: list[str] = model) -> Gauge:
+            return Gauge(name, doc, labels, registry=r)
+
+        def counter(name: str, doc: str, labels: list[str] = model) -> Counter:
+            return Counter(name, doc, labels, registry=r)
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(name, doc, model, buckets=buckets, registry=r)
+
+        self.requests_running = gauge(
+            "num_requests_running", "Requests being processed by the engine."
         )
-        self.requests_waiting = Gauge(
-            "num_requests_waiting",
-            "Requests held by inferd before reaching the engine.",
-            m,
-            registry=r,
+        self.requests_waiting = gauge(
+            "num_requests_waiting", "Requests held by inferd before reaching the engine."
         )
-        self.prompt_tokens = Counter("prompt_tokens", "Prompt tokens processed.", m, registry=r)
-        self.generation_tokens = Counter("generation_tokens", "Tokens generated.", m, registry=r)
-        self.request_success = Counter(
-            "request_success",
-            "Requests that finished with an answer.",
-            [*m, "finished_reason"],
-            registry=r,
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens processed.")
+        self.generation_tokens = counter("generation_tokens", "Tokens generated.")
+        self.request_success = counter(
+            "request_success", "Requests that finished with an answer.", [*model, "finished_reason"]
         )
-        self.request_failure = Counter(
+        self.request_failure = counter(
             "request_failure",
             "Requests that ended with an error, by HTTP status.",
-            [*m, "status"],
-            registry=r,
+            [*model, "status"],
         )
-        self.ttft = Histogram(
-            "time_to_first_token_seconds",
-            "Time to first token (streamed requests).",
-            m,
-            buckets=TTFT_BUCKETS,
-            registry=r,
+        self.ttft = histogram(
+            "time_to_first_token_seconds", "Time to first token (streamed requests).", TTFT_BUCKETS
         )
-        self.tpot = Histogram(
+        self.tpot = histogram(
             "time_per_output_token_seconds",
             "Mean time per output token after the first.",
-            m,
-            buckets=TPOT_BUCKETS,
-            registry=r,
+            TPOT_BUCKETS,
         )
-        self.e2e = Histogram(
-            "e2e_request_latency_seconds",
-            "End-to-end request latency.",
-            m,
-            buckets=E2E_BUCKETS,
-            registry=r,
+        self.e2e = histogram(
+            "e2e_request_latency_seconds", "End-to-end request latency.", E2E_BUCKETS
         )
-        self.request_prompt_tokens = Histogram(
-            "request_prompt_tokens",
-            "Prompt tokens per request.",
-            m,
-            buckets=TOKEN_BUCKETS,
-            registry=r,
+        self.request_prompt_tokens = histogram(
+            "request_prompt_tokens", "Prompt tokens per request.", TOKEN_BUCKETS
         )
-        self.request_generation_tokens = Histogram(
-            "request_generation_tokens",
-            "Generated tokens per request.",
-            m,
-            buckets=TOKEN_BUCKETS,
-            registry=r,
+        self.request_generation_tokens = histogram(
+            "request_generation_tokens", "Generated tokens per request.", TOKEN_BUCKETS
         )
-        self.engine_ready = Gauge(
-            "inferd_engine_ready",
-            "1 when the model's engine answers its health check.",
-            [*m, "engine"],
-            registry=r,
+        self.engine_ready = gauge(
+            "inferd_engine_ready", "1 when the model's engine answers its health check.", engine
         )
-        self.engine_restarts = Gauge(
+        self.engine_restarts = gauge(
             "inferd_engine_restarts",
             "Times the model's engine was restarted after exiting.",
-            [*m, "engine"],
-            registry=r,
+            engine,
         )
 
     def add_model(self, model: str, engine: str) -> None:
