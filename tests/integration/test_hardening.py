@@ -97,7 +97,7 @@ def test_queue_timeout_is_a_503(tmp_path: Path) -> None:
         stop_front(front)
 
 
-def test_api_keys(tmp_path: Path) -> None:
+def test_api_keys(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     keys_file = tmp_path / "keys.json"
     good = KeyFile(keys_file).create("app", rpm=3, tpm=None)
     other = KeyFile(keys_file).create("other", rpm=None, tpm=None)
@@ -131,6 +131,7 @@ def test_api_keys(tmp_path: Path) -> None:
             )
     finally:
         stop_front(front)
+    assert good not in caplog.text and other not in caplog.text  # keys never reach the logs
 
 
 def test_metrics_can_require_a_key(tmp_path: Path) -> None:
