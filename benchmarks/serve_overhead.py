@@ -13,7 +13,8 @@ shared, noisy machine hits both sides alike:
    output token) sent alternately straight to the engine and through inferd; the median of the
    paired differences is the latency the front adds, with drift cancelled pair by pair.
 
-Usage: python benchmarks/serve_overhead.py [--rounds 3] [--concurrency 1,16] [--out DIR]
+Usage: python benchmarks/serve_overhead.py [--profile vllm-cpu-bf16] [--rounds 3]
+       [--concurrency 1,16] [--out DIR]
 Prints a markdown table (medians over rounds) and writes every raw result as JSON under --out.
 """
 
@@ -42,7 +43,7 @@ from inferd.config import load_settings
 
 MODEL = "smollm2-135m-instruct"
 HERE = Path(__file__).resolve().parent
-RUNNER = HERE / "vllm_bench_runner.py"
+RUNNER = ["-m", "inferd.bench.vllm_runner"]
 KEYS = (
     "completed",
     "output_throughput",
@@ -85,16 +86,18 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
-def bench(base_url: str, tokenizer: Path, concurrency: int, prompts: int) -> dict[str, Any]:
+def bench(
+    base_url: str, tokenizer: Path, concurrency: int, prompts: int, model: str = MODEL
+) -> dict[str, Any]:
     argv = [
         sys.executable,
-        str(RUNNER),
+        *RUNNER,
         "--backend",
         "openai",
         "--base-url",
         base_url,
         "--model",
-        MODEL,
+        model,
         "--tokenizer",
         str(tokenizer),
         "--dataset-name",
@@ -157,8 +160,9 @@ def engine_port_from_log(log: Path, timeout: float = 120) -> int:
     raise SystemExit("inferd never said which port its engine uses")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def rounds_parser(doc: str | None) -> argparse.ArgumentParser:
+    """The options every side-by-side benchmark here shares."""
+    parser = argparse.ArgumentParser(description=(doc or "").splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", default="1,16")
     parser.add_argument(
@@ -167,16 +171,27 @@ def main() -> None:
         default=Path(os.environ.get("INFERD_CACHE_PATH", Path.home() / ".cache" / "inferd")),
     )
     parser.add_argument("--out", type=Path, default=HERE / "runs" / time.strftime("%Y%m%d-%H%M%S"))
+    return parser
+
+
+def main() -> None:
+    parser = rounds_parser(__doc__)
     parser.add_argument(
         "--skip-separate", action="store_true", help="only the same-engine comparison"
     )
     parser.add_argument("--pairs", type=int, default=60, help="paired TTFT samples per round")
+    parser.add_argument("--profile", default="vllm-cpu-bf16", help="the profile to measure")
+    parser.add_argument(
+        "--tokenizer", type=Path, default=None, help="tokenizer folder (default: the model's)"
+    )
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
 
     # The engine command exactly as `inferd serve` builds it for this machine.
-    settings = load_settings({"model": MODEL, "cache_path": args.cache_path})
+    settings = load_settings(
+        {"model": MODEL, "cache_path": args.cache_path, "profile": args.profile}
+    )
     plan = resolve(settings)
     plan.store.ensure_writable()
     prepared = prepare(
@@ -191,7 +206,7 @@ def main() -> None:
 
     def record(setup: str, rnd: int, url: str) -> None:
         for c in levels:
-            r = bench(url, prepared.path, c, prompts[c])
+            r = bench(url, args.tokenizer or prepared.path, c, prompts[c])
             row = {"setup": setup, "round": rnd, "concurrency": c, **{k: r.get(k) for k in KEYS}}
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -218,7 +233,10 @@ def main() -> None:
         log = args.out / f"inferd-{rnd}.log"
         with log.open("wb") as out:
             front = subprocess.Popen(
-                [str(Path(sys.executable).with_name("inferd")), "serve", "--port", str(port)],
+                [
+                    str(Path(sys.executable).with_name("inferd")),
+                    *("serve", "--port", str(port), "--profile", args.profile),
+                ],
                 env=env,
                 start_new_session=True,
                 stdout=out,

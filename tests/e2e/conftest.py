@@ -1,10 +1,12 @@
-"""A real `inferd serve` (real vLLM engine, real model from PyPI, real HTTP), shared by the suite.
+"""A real `inferd serve` (real engines, real model from PyPI, real HTTP), shared by the suite.
 
-Engine starts are slow on a small CPU (about two minutes the first time, with torch.compile), so
-one server runs for the whole session. Its model cache is `INFERD_TEST_CACHE_PATH` (default
-~/.cache/inferd-tests), kept between runs so a second run skips the download and conversion; CI
-starts empty and so exercises them. While the server starts, the fixture records what the health
-routes answered, for the readiness tests.
+The `server` fixture is parametrized over both engines' profiles for the default model (llama.cpp
+latency, vLLM throughput), so every API and operations test shows both behave the same through
+inferd. vLLM starts slowly on a small CPU (about two minutes the first time, with
+torch.compile), so one server per engine runs for the whole session. Their model cache is
+`INFERD_TEST_CACHE_PATH` (default ~/.cache/inferd-tests), kept between runs so a second run skips
+the download and conversion; CI starts empty and so exercises them. While a server starts, the
+fixture records what the health routes answered, for the readiness tests.
 """
 
 from __future__ import annotations
@@ -24,6 +26,10 @@ import psutil
 import pytest
 
 MODEL = "smollm2-135m-instruct"
+LLAMACPP_PROFILE = "llamacpp-cpu-q8_0"
+VLLM_PROFILE = "vllm-cpu-bf16"
+# Tests that need vLLM itself (its engine-core child, its flags) start it by name.
+VLLM = ("--profile", VLLM_PROFILE)
 INFERD = str(Path(sys.executable).with_name("inferd"))
 START_TIMEOUT_S = 900
 
@@ -46,6 +52,7 @@ class Served:
     proc: subprocess.Popen[bytes]
     port: int
     log: Path
+    profile: str = "default"
     seen: list[tuple[str, int, str]] = field(default_factory=list)
 
     @property
@@ -102,12 +109,15 @@ def start(tmp: Path, *args: str, cache: Path | None = None) -> Served:
             stderr=subprocess.STDOUT,
             env=env,
         )
-    return Served(proc, port, log)
+    profile = args[args.index("--profile") + 1] if "--profile" in args else "default"
+    return Served(proc, port, log, profile)
 
 
-@pytest.fixture(scope="session")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    served = start(tmp_path_factory.mktemp("serve"))
+@pytest.fixture(scope="session", params=[LLAMACPP_PROFILE, VLLM_PROFILE], ids=["llamacpp", "vllm"])
+def server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Served]:
+    served = start(tmp_path_factory.mktemp("serve"), "--profile", request.param)
     try:
         served.wait_ready()
         yield served

@@ -70,8 +70,15 @@ def test_listings_have_json() -> None:
     models = json.loads(_run("models", "--json").stdout)
     assert any(m["id"] == "smollm2-135m-instruct" for m in models)
     profiles = json.loads(_run("profiles", "smollm2-135m-instruct", "--json").stdout)
-    assert profiles["selected"] == "vllm-cpu-bf16"
-    assert profiles["profiles"][0]["id"] == "vllm-cpu-bf16"
+    assert profiles["selected"] == "llamacpp-cpu-q4_1"
+    assert profiles["profiles"][0]["id"] == "llamacpp-cpu-q4_1"
+    assert profiles["by_goal"] == {
+        "latency": "llamacpp-cpu-q4_1",
+        "throughput": "vllm-cpu-bf16",
+    }
+    assert "no --optimize given" in profiles["why"]
+    table = _run("profiles", "smollm2-135m-instruct").stdout
+    assert "why: no --optimize given" in table and "--optimize throughput picks" in table
     assert _run("version").stdout.startswith("inferd ")
     assert subprocess.run(
         [sys.executable, "-m", "inferd", "version"], capture_output=True, text=True, check=True
@@ -113,9 +120,23 @@ def test_dry_run_prints_the_engine_command() -> None:
     assert r.returncode == 0, r.stderr
     plan = json.loads(r.stdout)
     argv = plan["engine"]["argv"]
+    assert Path(argv[0]).name == "llama-server"
+    assert argv[argv.index("--parallel") + 1] == "4"
+    assert plan["profile"]["id"] == "llamacpp-cpu-q4_1"
+    assert "no --optimize given" in plan["profile"]["why"]
+
+    r = _run("serve", "--dry-run", "--json", "--optimize", "throughput")
+    assert r.returncode == 0, r.stderr
+    plan = json.loads(r.stdout)
+    argv = plan["engine"]["argv"]
     assert argv[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
     assert argv[argv.index("--max-model-len") + 1] == "8192"
     assert plan["profile"]["id"] == "vllm-cpu-bf16"
+    assert plan["profile"]["why"].startswith("--optimize throughput")
+
+    env = {**os.environ, "INFERD_OPTIMIZE": "throughput"}
+    r = _run("serve", "--dry-run", "--json", env=env)
+    assert json.loads(r.stdout)["profile"]["id"] == "vllm-cpu-bf16"
 
 
 def test_non_loopback_bind_without_keys_is_refused(tmp_path: Path) -> None:

@@ -1,6 +1,7 @@
 """Hardening against a real engine: overload, disconnects, long prompts, unknown parameters,
-an engine killed mid-stream, and a drain on SIGTERM. One dedicated `inferd serve` (eager vLLM,
-2 slots, 2 queue places, 3 s drain) is shared by these tests, in this order."""
+an engine killed mid-stream, and a drain on SIGTERM. One dedicated `inferd serve` per engine
+(llama.cpp, and eager vLLM; 2 slots, 2 queue places, 3 s drain) is shared by these tests, in
+this order: both engines must behave the same through inferd."""
 
 from __future__ import annotations
 
@@ -15,16 +16,27 @@ import httpx
 import psutil
 import pytest
 
-from tests.e2e.conftest import MODEL, Served, start
+from tests.e2e.conftest import LLAMACPP_PROFILE, MODEL, VLLM_PROFILE, Served, start
 
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(scope="module")
-def hard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+# Per profile: extra flags, the engine's own gauge of running requests, how to spot its process.
+ENGINES = {
+    LLAMACPP_PROFILE: ((), "llamacpp:requests_processing", "llama-server"),
+    VLLM_PROFILE: (("--engine-args=--enforce-eager",), "vllm:num_requests_running", "api_server"),
+}
+
+
+@pytest.fixture(scope="module", params=list(ENGINES), ids=["llamacpp", "vllm"])
+def hard(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Served]:
     served = start(
         tmp_path_factory.mktemp("hard"),
-        "--engine-args=--enforce-eager",
+        "--profile",
+        request.param,
+        *ENGINES[request.param][0],
         "--max-running",
         "2",
         "--max-queue",
@@ -42,8 +54,9 @@ def _chat(text: str, **extra: object) -> dict[str, object]:
 
 
 def _engine_running(served: Served) -> float:
+    gauge = ENGINES[served.profile][1]
     for line in httpx.get(served.url + "/v1/metrics", timeout=10).text.splitlines():
-        if line.startswith("vllm:num_requests_running{"):
+        if line.startswith(gauge + "{") or line.startswith(gauge + " "):
             return float(line.rsplit(" ", 1)[1])
     raise AssertionError("the engine's running gauge is missing")
 
@@ -105,7 +118,8 @@ def test_parameters_the_engine_would_ignore_are_refused(hard: Served) -> None:
 
 def test_engine_killed_mid_stream(hard: Served) -> None:
     body = _chat("Tell a long story.", max_tokens=1000, ignore_eos=True, stream=True)
-    engine = next(p for p in hard.descendants() if "api_server" in " ".join(p.cmdline()))
+    marker = ENGINES[hard.profile][2]
+    engine = next(p for p in hard.descendants() if marker in " ".join(p.cmdline()))
     with (
         httpx.Client(base_url=hard.url, timeout=60) as c,
         c.stream("POST", "/v1/chat/completions", json=body) as r,

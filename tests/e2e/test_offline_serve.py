@@ -1,7 +1,8 @@
 """A model moved to an offline machine as one file, then served from there.
 
 Export the default model from the test cache, import it into an empty cache, and serve it with
-`INFERD_OFFLINE=1` and a package index that does not exist: any fetch would fail the start.
+`INFERD_OFFLINE=1` and a package index that does not exist: any fetch would fail the start. The
+default profile (llama.cpp, a re-quantized GGUF) is the one pulled, moved and served.
 """
 
 from __future__ import annotations
@@ -41,7 +42,6 @@ def test_export_import_and_serve_offline(tmp_path: Path) -> None:
         "--offline",
         "--pypi-index-url",
         "http://index.invalid/simple",
-        "--engine-args=--enforce-eager",
         cache=offline_cache,
     )
     try:

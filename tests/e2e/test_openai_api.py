@@ -7,7 +7,7 @@ import json
 import httpx
 import openai
 import pytest
-from openai.types.chat import ChatCompletionMessageParam
+from openai.types.chat import ChatCompletionMessageParam, ChatCompletionStreamOptionsParam
 from pydantic import BaseModel
 
 from tests.e2e.conftest import MODEL, Served
@@ -75,6 +75,28 @@ def test_completions(client: openai.OpenAI) -> None:
     )
     assert r.choices[0].text
     assert r.usage is not None and r.usage.completion_tokens <= 8
+
+
+def test_completions_stream_usage_comes_last_and_only_when_asked(client: openai.OpenAI) -> None:
+    def stream(include_usage: bool) -> list[openai.types.Completion]:
+        options: ChatCompletionStreamOptionsParam = {"include_usage": include_usage}
+        return list(
+            client.completions.create(
+                model=MODEL,
+                prompt="Once upon a time",
+                max_tokens=6,
+                stream=True,
+                stream_options=options,
+            )
+        )
+
+    asked = stream(include_usage=True)
+    assert asked[-1].choices == [] and asked[-1].usage is not None
+    assert asked[-1].usage.completion_tokens == 6 or asked[-2].choices[0].finish_reason == "stop"
+    assert all(c.usage is None and c.choices for c in asked[:-1])
+    plain = stream(include_usage=False)
+    assert plain and all(c.usage is None and c.choices for c in plain)
+    assert plain[-1].choices[0].finish_reason in ("stop", "length")
 
 
 def test_n_returns_several_choices(client: openai.OpenAI) -> None:

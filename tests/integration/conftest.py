@@ -44,7 +44,8 @@ class RecordedEngine(Engine):
 
 def served_model(tmp_path: Path, *extra: str, backoff: tuple[float, ...] = (0.2,)) -> ServedModel:
     entry = Catalog.load().get(MODEL)
-    profile = entry.profiles[0]
+    profile = entry.profile("vllm-cpu-bf16")  # the recorded engine replays vLLM
+    assert profile is not None
     engine = RecordedEngine(MODEL, tmp_path, profile, list(extra), tmp_path)
     supervisor = Supervisor(engine, ready_timeout_s=20, backoff_s=backoff)
     return ServedModel(entry, profile, supervisor, "Apache License 2.0 (text)", {"source": {}})

@@ -102,3 +102,36 @@ def test_error_event_inside_a_stream_counts_as_a_failure() -> None:
     call.finish(200)
     assert _value(metrics, "request_failure_total", model="m", status="500") == 1
     assert _value(metrics, "request_success_total", model="m", finished_reason="unknown") == 0
+
+
+# llama-server's /v1/completions puts usage on the last token event; OpenAI sends it apart.
+LLAMA_LAST = (
+    b'data: {"choices":[{"text":"","index":0,"logprobs":null,"finish_reason":"length"}],'
+    b'"created":1,"model":"m","object":"text_completion",'
+    b'"usage":{"completion_tokens":3,"prompt_tokens":1,"total_tokens":4},"id":"cmpl-1"}\n\n'
+)
+
+
+def _events(out: bytes) -> list[dict[str, object]]:
+    import json
+
+    return [json.loads(e.removeprefix(b"data: ")) for e in out.split(b"\n\n") if e[6:7] == b"{"]
+
+
+def test_usage_on_a_token_event_is_split_off_as_openai_sends_it() -> None:
+    call, _ = _call()
+    events = _events(call.observe_events(LLAMA_LAST + DONE))
+    assert [("usage" in e, e["choices"] == []) for e in events] == [(False, False), (True, True)]
+    assert events[0]["choices"][0]["finish_reason"] == "length"  # type: ignore[index]
+    assert events[1]["usage"] == {"completion_tokens": 3, "prompt_tokens": 1, "total_tokens": 4}
+    assert events[1]["id"] == "cmpl-1" and events[1]["object"] == "text_completion"
+    assert (call.prompt_tokens, call.completion_tokens) == (1, 3)
+
+
+def test_usage_on_a_token_event_is_dropped_when_the_client_did_not_ask() -> None:
+    call, _ = _call()
+    call.strip_usage = True
+    events = _events(call.observe_events(LLAMA_LAST + DONE))
+    assert len(events) == 1 and "usage" not in events[0]
+    assert events[0]["choices"][0]["finish_reason"] == "length"  # type: ignore[index]
+    assert call.completion_tokens == 3  # still counted

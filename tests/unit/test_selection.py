@@ -66,8 +66,18 @@ def _table(model: str, hw: hardware.Hardware) -> dict[str, str]:
             "vllm-gpu-bf16-tp1",
             {"vllm-hopper-fp8-tp1": INCOMPATIBLE, "vllm-gpu-bf16-tp1": RUNNABLE},
         ),
-        # The CPU machine: CPU profiles only.
-        ("smollm2-135m-instruct", EPYC, "vllm-cpu-bf16", {"vllm-cpu-bf16": RUNNABLE}),
+        # The CPU machine: CPU profiles only; with no goal given, llama.cpp's (latency) wins,
+        # and of its two the measured priority picks the shipped Q4_1 file.
+        (
+            "smollm2-135m-instruct",
+            EPYC,
+            "llamacpp-cpu-q4_1",
+            {
+                "llamacpp-cpu-q8_0": RUNNABLE,
+                "llamacpp-cpu-q4_1": RUNNABLE,
+                "vllm-cpu-bf16": RUNNABLE,
+            },
+        ),
         ("all-minilm-l6-v2", EPYC, "vllm-cpu-fp32", {"vllm-cpu-fp32": RUNNABLE}),
     ],
 )
@@ -76,6 +86,36 @@ def test_selection_tables(
 ) -> None:
     assert _table(model, hw) == statuses
     assert profiles.select(CATALOG.get(model), hw).profile.id == selected
+
+
+def test_cpu_goal_picks_the_engine_and_explains_it() -> None:
+    entry = CATALOG.get("smollm2-135m-instruct")
+    found = profiles.candidates(entry, EPYC)
+    assert profiles.best_by_goal(found) == {
+        "latency": "llamacpp-cpu-q4_1",
+        "throughput": "vllm-cpu-bf16",
+    }
+    default = profiles.select(entry, EPYC)
+    why = profiles.explain(default, found, None)
+    assert "no --optimize given" in why and "--optimize throughput picks vllm-cpu-bf16" in why
+    chosen = profiles.select(entry, EPYC, optimize="throughput")
+    assert chosen.profile.id == "vllm-cpu-bf16"
+    why = profiles.explain(chosen, found, "throughput")
+    assert why.startswith("--optimize throughput: vllm-cpu-bf16")
+    assert "--optimize latency picks llamacpp-cpu-q4_1" in why
+
+
+def test_an_engine_missing_here_is_skipped_with_its_reason() -> None:
+    entry = CATALOG.get("smollm2-135m-instruct")
+    missing = {"llamacpp": "llama-server is not installed"}
+    chosen = profiles.select(entry, EPYC, unavailable=missing)
+    assert chosen.profile.id == "vllm-cpu-bf16"
+    q41 = entry.profile("llamacpp-cpu-q4_1")
+    assert q41 is not None
+    c = profiles.check(entry, q41, EPYC, unavailable=missing)
+    assert c.status == INCOMPATIBLE and "llama-server is not installed" in c.reason
+    with pytest.raises(NoProfileError, match="llama-server is not installed"):
+        profiles.select(entry, EPYC, "llamacpp-cpu-q8_0", unavailable=missing)
 
 
 def test_latency_prefers_more_gpus() -> None:

@@ -23,6 +23,7 @@ from typing import Any
 from inferd.cache.convert import converter_versions, run_conversion
 from inferd.cache.fetch import disk_errors, fetch_huggingface, fetch_pypi
 from inferd.cache.reporting import SILENT, Reporter
+from inferd.cache.requantize import run_requantize
 from inferd.cache.store import PROVENANCE, ModelStore, hash_tree
 from inferd.catalog.schema import ModelEntry, Profile, Source
 from inferd.errors import CacheError
@@ -104,11 +105,21 @@ def _build_from_blobs(
     """Fill `staged` with what the engine loads; returns the conversion part of the provenance."""
     weights = source.file("weights")
     assert weights is not None  # the schema requires a weights file for pypi sources
+    as_shipped = profile.format == source.format and profile.precision == source.precision
     for f in source.files:
-        if f.role == "license" or profile.format == source.format:
+        if f.role == "license" or as_shipped:
             _link(blobs[f.path], staged / f.path)
-    if profile.format == source.format:
+    if as_shipped:
         return {"tool": "none (files as shipped)"}
+    if (source.format, profile.format) == ("gguf", "gguf"):
+        name = _requantized_name(weights.path, profile.precision)
+        return run_requantize(
+            blobs[weights.path],
+            staged / name,
+            profile.precision,
+            reporter,
+            name=Path(weights.path).name,
+        )
     if (source.format, profile.format) != ("gguf", "safetensors"):
         raise CacheError(f"no converter from {source.format} to {profile.format}")
     # transformers reads the GGUF by name from a folder; give it one outside the output folder.
@@ -116,6 +127,13 @@ def _build_from_blobs(
     _link(blobs[weights.path], gguf)
     seconds = run_conversion(gguf, staged, profile.precision, reporter, chat=model.task == "chat")
     return {"tool": "transformers", "versions": converter_versions(), "seconds": round(seconds, 1)}
+
+
+def _requantized_name(shipped: str, precision: str) -> str:
+    """`SmolLM2-135M-Instruct.Q4_1.gguf` -> `SmolLM2-135M-Instruct.Q8_0.gguf`."""
+    stem = Path(shipped).name.removesuffix(".gguf")
+    base, dot, old = stem.rpartition(".")
+    return f"{base if dot and old.upper() == old else stem}.{precision.upper()}.gguf"
 
 
 def _license_file(staged: Path, model: ModelEntry, source: Source) -> str | None:

@@ -19,6 +19,7 @@ A profile named with `--profile` is honoured or refused with its reasons; `--for
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from inferd.catalog.estimate import Estimate, estimate
@@ -27,8 +28,10 @@ from inferd.catalog.schema import ModelEntry, Profile
 from inferd.errors import NoProfileError
 
 RUNNABLE, SMALLER, INCOMPATIBLE = "runnable", "smaller-context", "incompatible"
-# Engines by serving speed on each device, fastest first (a lower rank wins).
-ENGINE_RANK = {"gpu": {"vllm": 0}, "cpu": {"vllm": 0}}
+# Engines by serving speed on each device for one user, fastest first (a lower rank wins).
+# CPU: llama.cpp decodes a single stream faster and starts in about a second (measured,
+# benchmarks/RESULTS.md); vLLM wins on batch throughput, which `--optimize throughput` asks for.
+ENGINE_RANK = {"gpu": {"vllm": 0, "llamacpp": 1}, "cpu": {"llamacpp": 0, "vllm": 1}}
 # Lower precision first, as long as it keeps quality: fp8 is near-lossless on GPUs that have it;
 # integer quantisations cost quality and come after bf16.
 PRECISION_RANK = {
@@ -89,9 +92,16 @@ def _requirement_gaps(profile: Profile, hw: Hardware) -> list[str]:
 
 
 def check(
-    model: ModelEntry, profile: Profile, hw: Hardware, context: int | None = None
+    model: ModelEntry,
+    profile: Profile,
+    hw: Hardware,
+    context: int | None = None,
+    unavailable: Mapping[str, str] | None = None,
 ) -> Candidate:
+    """`unavailable`: engines that cannot be started here, with why (e.g. not installed)."""
     gaps = _requirement_gaps(profile, hw)
+    if unavailable and profile.engine in unavailable:
+        gaps.append(unavailable[profile.engine])
     if gaps:
         return Candidate(profile, INCOMPATIBLE, tuple(gaps), None)
     est = estimate(model, profile, hw, context)
@@ -110,8 +120,13 @@ def check(
     return Candidate(profile, INCOMPATIBLE, (f"does not fit: {est.describe()}",), est)
 
 
-def candidates(model: ModelEntry, hw: Hardware, context: int | None = None) -> list[Candidate]:
-    return [check(model, p, hw, context) for p in model.profiles]
+def candidates(
+    model: ModelEntry,
+    hw: Hardware,
+    context: int | None = None,
+    unavailable: Mapping[str, str] | None = None,
+) -> list[Candidate]:
+    return [check(model, p, hw, context, unavailable) for p in model.profiles]
 
 
 def rank_key(c: Candidate, optimize: str | None) -> tuple[int, ...]:
@@ -122,6 +137,7 @@ def rank_key(c: Candidate, optimize: str | None) -> tuple[int, ...]:
         int(optimize is not None and p.optimize != optimize),
         int(not (p.requires.gpu_families or p.requires.cpu_features)),
         ENGINE_RANK[device].get(p.engine, 9),
+        p.priority,
         PRECISION_RANK.get(p.precision, 9),
         p.gpus if goal == "throughput" else -p.gpus,
     )
@@ -135,9 +151,10 @@ def select(
     optimize: str | None = None,
     context: int | None = None,
     force: bool = False,
+    unavailable: Mapping[str, str] | None = None,
 ) -> Candidate:
     """The profile to run: `wanted` by id, or the best runnable one for `default`."""
-    found = candidates(model, hw, context)
+    found = candidates(model, hw, context, unavailable)
     if wanted != "default":
         match = next((c for c in found if c.profile.id == wanted), None)
         if match is None:
@@ -154,4 +171,33 @@ def select(
     detail = "; ".join(f"{c.profile.id}: {c.reason}" for c in found)
     raise NoProfileError(
         f"no profile of {model.id} runs on this machine ({hw.summary()}): {detail}"
+    )
+
+
+def best_by_goal(found: list[Candidate]) -> dict[str, str]:
+    """The profile each `--optimize` goal would pick among the runnable ones."""
+    runnable = [c for c in found if c.runnable]
+    picks: dict[str, str] = {}
+    for goal in ("latency", "throughput"):
+        fitting = [c for c in runnable if c.profile.optimize == goal]
+        if fitting:
+            picks[goal] = min(fitting, key=lambda c: rank_key(c, goal)).profile.id
+    return picks
+
+
+def explain(chosen: Candidate, found: list[Candidate], optimize: str | None) -> str:
+    """Why `select` picked `chosen`, in one sentence a user can act on."""
+    p = chosen.profile
+    picks = best_by_goal(found)
+    others = [f"--optimize {goal} picks {pid}" for goal, pid in picks.items() if pid != p.id]
+    tail = f"; {', '.join(others)}" if others else ""
+    what = f"{p.engine}, {p.precision}, made for {p.optimize}"
+    if optimize is not None:
+        if p.optimize != optimize:
+            return f"no {optimize} profile runs here; {p.id} ({what}) is the best that does{tail}"
+        return f"--optimize {optimize}: {p.id} ({what}) is the best runnable one{tail}"
+    device = p.requires.device
+    return (
+        f"no --optimize given: {p.id} ({what}) runs the engine measured fastest for a single "
+        f"user on this {device} (ranks: {', '.join(ENGINE_RANK[device])}){tail}"
     )

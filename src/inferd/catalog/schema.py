@@ -150,9 +150,12 @@ class Requirements(_Strict):
 class Profile(_Strict):
     id: str
     description: str
-    engine: Literal["vllm"]
+    engine: Literal["vllm", "llamacpp"]
     precision: Precision
     optimize: Literal["latency", "throughput"]
+    # Order among profiles of one model with the same goal and engine, lower first, when a
+    # measurement (in the notes) rather than the general rules decides between them.
+    priority: int = Field(default=0, ge=0)
     source: str
     # What the engine loads: files as the source ships them, or converted first.
     format: Literal["gguf", "safetensors"]

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
 from inferd.catalog import hardware, profiles
 from inferd.catalog.estimate import GiB
 from inferd.catalog.profiles import INCOMPATIBLE, RUNNABLE, SMALLER, Candidate
-from inferd.cli.plan import catalog
+from inferd.cli.plan import catalog, unavailable_engines
 from inferd.config import Settings
 from inferd.errors import NoProfileError
 
@@ -85,19 +86,25 @@ def list_profiles(settings: Settings, model_id: str | None, *, as_json: bool) ->
     entries = [models.get(model_id)] if model_id else list(models)
     hw = hardware.detect(settings.hardware)
     optimize = None if settings.optimize == "auto" else settings.optimize
+    missing = unavailable_engines(settings)
     report = []
     for entry in entries:
-        found = profiles.candidates(entry, hw, settings.max_model_len)
+        found = profiles.candidates(entry, hw, settings.max_model_len, missing)
+        selected: str | None = None
+        why: str | None = None
         try:
-            selected: str | None = profiles.select(
-                entry, hw, optimize=optimize, context=settings.max_model_len
-            ).profile.id
+            chosen = profiles.select(
+                entry, hw, optimize=optimize, context=settings.max_model_len, unavailable=missing
+            )
+            selected, why = chosen.profile.id, profiles.explain(chosen, found, optimize)
         except NoProfileError:
-            selected = None
+            pass
         report.append(
             {
                 "model": entry.id,
                 "selected": selected,
+                "why": why,
+                "by_goal": profiles.best_by_goal(found),
                 "profiles": [_row(c, selected) for c in found],
             }
         )
@@ -125,23 +132,25 @@ def _print_model(console: Console, item: dict[str, Any]) -> None:
         rows = [r for r in item["profiles"] if r["status"] == status]
         if not rows:
             continue
-        table = Table(title=title, title_justify="left")
+        table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
         table.add_column("profile", no_wrap=True)
         for name in ("engine", "precision", "tp", "optimize"):
-            table.add_column(name)
-        table.add_column("memory need/usable", no_wrap=True)
-        table.add_column("note")
+            table.add_column(name, no_wrap=True)
+        table.add_column("GiB need/usable", no_wrap=True)
         for r in rows:
             need, usable = r["memory_per_device_bytes"], r["usable_bytes"]
-            memory = f"{need / GiB:.1f} / {usable / GiB:.1f} GiB" if need else "-"
+            memory = f"{need / GiB:.1f} / {usable / GiB:.1f}" if need else "-"
             name = r["id"] + (" *" if r["selected"] else "")
-            table.add_row(
-                name, r["engine"], r["precision"], str(r["tp"]), r["optimize"], memory, _note(r)
-            )
+            table.add_row(name, r["engine"], r["precision"], str(r["tp"]), r["optimize"], memory)
         console.print(table)
+        # Reasons go under the table, not in a column: they are long and would squeeze it.
+        for r in rows:
+            if note := _note(r):
+                console.print(f"  {r['id']}: {note}", soft_wrap=True)
     smaller = [r for r in item["profiles"] if r["status"] == SMALLER]
     if item["selected"]:
         console.print(f"serve would pick: [bold]{item['selected']}[/bold] (marked *)")
+        console.print(f"why: {item['why']}", soft_wrap=True)
     elif smaller:
         r = smaller[0]
         console.print(

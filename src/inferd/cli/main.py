@@ -5,6 +5,7 @@
     inferd profiles [MODEL] [--hardware PATH]      each profile: runnable, smaller context, why not
     inferd cache pull|list|verify|rm|export|import the model cache
     inferd keys create|list|revoke                 API keys
+    inferd bench --url URL ... / bench report RUN.json ... --plot FILE.png
     inferd version
 
 Settings flags are generated from `config.Settings`, so each has the same help text as its
@@ -135,6 +136,41 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("name")
     _add_settings(revoke, {"api_keys_file"})
 
+    bench = sub.add_parser("bench", help="benchmark a served model (vLLM's serving benchmark)")
+    bench.add_argument("--url", default="http://127.0.0.1:8000", help="the service's base URL")
+    bench.add_argument("--model", default="smollm2-135m-instruct", help="model id to request")
+    bench.add_argument(
+        "--tokenizer",
+        default=None,
+        help="tokenizer folder or hub id (default: the model's cached folder)",
+    )
+    bench.add_argument("--concurrency", default="1,4,16", help="levels, comma-separated")
+    bench.add_argument(
+        "--request-rate",
+        default=None,
+        help="request-rate levels (req/s, comma-separated) instead of concurrency",
+    )
+    bench.add_argument("--input-len", type=int, default=128)
+    bench.add_argument("--output-len", type=int, default=128)
+    bench.add_argument(
+        "--prompts",
+        type=int,
+        default=None,
+        help="requests per level (default: 4 x concurrency, at least 8)",
+    )
+    bench.add_argument("--dataset", choices=("random", "sharegpt", "custom"), default="random")
+    bench.add_argument("--dataset-path", default=None, help="file for sharegpt/custom datasets")
+    bench.add_argument("--chat", action="store_true", help="use /v1/chat/completions")
+    bench.add_argument("--slo", default="", help="latency limits for goodput, e.g. ttft=500,itl=50")
+    bench.add_argument("--label", default="", help="name of this run in reports")
+    bench.add_argument("--out", type=Path, default=None, help="results path (.json and .csv)")
+    _json_flag(bench)
+    _add_settings(bench, {"cache_path"})
+    bench_report = sub.add_parser("bench-report", help=argparse.SUPPRESS)
+    bench_report.add_argument("runs", nargs="+", type=Path, help="RUN.json files")
+    bench_report.add_argument("--plot", type=Path, default=None, help="write a PNG figure here")
+    _json_flag(bench_report)
+
     sub.add_parser("version", help="print inferd's version")
     return parser
 
@@ -161,6 +197,50 @@ def _cache(args: argparse.Namespace, s: Settings) -> int:
     return commands[args.cache_command]()
 
 
+def _levels(text: str, kind: type[float] | type[int], flag: str) -> list[Any]:
+    try:
+        values = [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"{flag} {text!r}: expected comma-separated numbers") from None
+    if not values or any(v <= 0 for v in values):
+        raise UsageError(f"{flag} {text!r}: expected positive numbers")
+    return values
+
+
+def _bench(args: argparse.Namespace, settings: Settings) -> int:
+    import time
+
+    from inferd.bench.runner import BenchSpec, parse_slo
+    from inferd.cli.bench_cmd import default_tokenizer, run
+
+    if args.dataset != "random" and not args.dataset_path:
+        raise UsageError(f"--dataset {args.dataset} needs --dataset-path")
+    for name in ("input_len", "output_len"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+    # Cheap checks first: a typo must not wait for (or be hidden by) the tokenizer lookup.
+    concurrency = _levels(args.concurrency, int, "--concurrency")
+    rates = _levels(args.request_rate, float, "--request-rate") if args.request_rate else []
+    slo = parse_slo(args.slo)
+    spec = BenchSpec(
+        url=args.url,
+        model=args.model,
+        tokenizer=args.tokenizer or default_tokenizer(settings, args.model),
+        input_len=args.input_len,
+        output_len=args.output_len,
+        concurrency=concurrency,
+        request_rates=rates,
+        prompts_per_level=args.prompts,
+        dataset=args.dataset,
+        dataset_path=args.dataset_path,
+        chat=args.chat,
+        slo=slo,
+        label=args.label,
+    )
+    out = args.out or Path(f"bench-{time.strftime('%Y%m%d-%H%M%S')}")
+    return run(spec, out, as_json=args.json)
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "version":
         print(f"inferd {__version__}")
@@ -180,6 +260,12 @@ def _dispatch(args: argparse.Namespace) -> int:
                 "--json goes with --dry-run (a running service logs, it does not print a result)"
             )
         return serve(settings)
+    if args.command == "bench":
+        return _bench(args, settings)
+    if args.command == "bench-report":
+        from inferd.cli.bench_cmd import show_report
+
+        return show_report(args.runs, args.plot, as_json=args.json)
     if args.command == "keys":
         from inferd.cli import keys_cmd
 
@@ -199,7 +285,10 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
-    args = build_parser().parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    if words[:2] == ["bench", "report"]:  # `inferd bench report ...` reads as its own command
+        words = ["bench-report", *words[2:]]
+    args = build_parser().parse_args(words)
     try:
         code = _dispatch(args)
     except UsageError as exc:

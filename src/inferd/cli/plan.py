@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from inferd import engines
 from inferd.cache import ModelStore
 from inferd.cache.prepare import variant
 from inferd.catalog import Catalog, hardware, profiles
@@ -26,6 +27,7 @@ class Plan:
     hardware: Hardware
     chosen: Candidate
     store: ModelStore
+    why: str  # why this profile, in a sentence (shown by serve and --dry-run)
 
     @property
     def context(self) -> int:
@@ -37,6 +39,10 @@ class Plan:
 
     def engine(self, settings: Settings, model_dir: Path | None = None) -> Engine:
         profile = self.chosen.profile
+        if settings.max_running is not None:
+            # Engines with a fixed number of sequence slots (llama-server) get one per request
+            # admission control lets through: no slot idles, no admitted request waits inside.
+            profile = profile.model_copy(update={"max_running": settings.max_running})
         return engine_for(profile)(
             self.entry.id,
             model_dir or self.model_dir,
@@ -47,6 +53,11 @@ class Plan:
         )
 
 
+def unavailable_engines(settings: Settings) -> dict[str, str] | None:
+    """Engines missing on this machine; None for captured hardware (another machine's)."""
+    return engines.unavailable() if settings.hardware is None else None
+
+
 def catalog(settings: Settings) -> Catalog:
     return Catalog.load(extra=settings.catalog_path)
 
@@ -55,6 +66,7 @@ def resolve(settings: Settings, model_id: str | None = None) -> Plan:
     entry = catalog(settings).get(model_id or settings.model)
     hw = hardware.detect(settings.hardware)
     optimize = None if settings.optimize == "auto" else settings.optimize
+    missing = unavailable_engines(settings)
     chosen = profiles.select(
         entry,
         hw,
@@ -62,5 +74,11 @@ def resolve(settings: Settings, model_id: str | None = None) -> Plan:
         optimize=optimize,
         context=settings.max_model_len,
         force=settings.force,
+        unavailable=missing,
     )
-    return Plan(entry, hw, chosen, ModelStore(settings.cache_path))
+    if settings.profile != "default":
+        why = f"--profile {settings.profile} asked for it"
+    else:
+        found = profiles.candidates(entry, hw, settings.max_model_len, missing)
+        why = profiles.explain(chosen, found, optimize)
+    return Plan(entry, hw, chosen, ModelStore(settings.cache_path), why)

@@ -55,6 +55,7 @@ def serve(settings: Settings) -> int:
     console.print(f"[bold]inferd {__version__}[/bold] serving [bold]{entry.id}[/bold]")
     tags = " ".join(f"{k}={v}" for k, v in profile.tags.items())
     console.print(f"  profile  {profile.id} ({tags}), context {plan.context}")
+    console.print(f"  why      {plan.why}")
     console.print(f"  hardware {plan.hardware.summary()}")
     if not plan.chosen.runnable:
         console.print(f"[yellow]  forced: {plan.chosen.reason}[/yellow]")
@@ -120,6 +121,7 @@ def describe(plan: Plan, settings: Settings) -> dict[str, Any]:
             "tags": profile.tags,
             "status": plan.chosen.status,
             "reason": plan.chosen.reason or None,
+            "why": plan.why,
         },
         "context": plan.context,
         "hardware": plan.hardware.as_dict(),
@@ -160,6 +162,7 @@ def dry_run(settings: Settings, *, as_json: bool) -> int:
     console.print(
         f"profile  {p['id']} ({p['status']}) " + " ".join(f"{k}={v}" for k, v in p["tags"].items())
     )
+    console.print(f"why      {p['why']}")
     console.print(f"context  {info['context']} tokens")
     console.print(f"hardware {plan.hardware.summary()}")
     if info["estimate"]:

@@ -121,6 +121,11 @@ class Settings:
     drain_timeout_s: float = _setting(
         30.0, "On SIGTERM, seconds in-flight requests may take to finish before they are cut."
     )
+    keep_alive_s: float = _setting(
+        75.0,
+        "Seconds an idle client connection is kept open; longer than the clients' and load "
+        "balancers' own idle limits, so they never reuse one the server just closed.",
+    )
 
     def engine_argv(self) -> list[str]:
         try:

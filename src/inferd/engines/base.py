@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import sys
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from inferd.catalog.schema import Profile
 
@@ -42,6 +44,12 @@ class Engine(ABC):
     health_path = "/health"
     metrics_path = "/metrics"
     version_path = "/version"
+    # Most choices (`n`) one request may ask for.
+    max_n = 16
+    # Routes whose requests and answers differ from inferd's (vLLM-shaped) API: see `adapt`.
+    adapted_routes: frozenset[str] = frozenset()
+    # Request fields this engine knows under another name (inferd's name -> the engine's).
+    param_aliases: dict[str, str] = {}
 
     def __init__(
         self,
@@ -69,6 +77,28 @@ class Engine(ABC):
 
     def accepted_params(self, route: str) -> frozenset[str] | None:
         """Request fields the engine honours on `route` (None: the front does not check)."""
+        return None
+
+    def parse_version(self, answer: dict[str, Any]) -> str | None:
+        """The engine's version from the answer of its `version_path`."""
+        version = answer.get("version")
+        return str(version) if version else None
+
+    def adapt(self, route: str, payload: dict[str, Any]) -> dict[str, Any]:
+        """A request for one of `adapted_routes`, in the engine's own shape."""
+        return payload
+
+    def adapt_answer(self, route: str, answer: dict[str, Any]) -> dict[str, Any]:
+        """The engine's answer on one of `adapted_routes`, in inferd's shape."""
+        return answer
+
+    def event_adapter(self, route: str) -> Callable[[dict[str, Any]], dict[str, Any]] | None:
+        """What reshapes each streamed event on `route` into inferd's shape (None: nothing)."""
+        return None
+
+    def prompt_too_long(self, body: bytes) -> tuple[int, int] | None:
+        """(prompt tokens, context) when an error answer says the prompt did not fit and the
+        engine counted the whole prompt; None otherwise (the front then counts it itself)."""
         return None
 
     @staticmethod

@@ -8,11 +8,13 @@ is per-request state: nothing here is shared between requests.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -25,6 +27,9 @@ log = logging.getLogger("inferd.requests")
 
 # Markers looked for in raw event bytes, so that plain token events are never parsed.
 _USAGE = b'"usage"'
+_LOGPROBS = b'"logprobs":{'
+# Fields of a stream event that every event of one answer shares.
+_ENVELOPE = ("id", "object", "created", "model", "system_fingerprint")
 _ERROR = b'{"error"'
 _FINISH = re.compile(rb'"finish_reason"\s*:\s*"([^"]*)"')
 
@@ -59,6 +64,8 @@ class Call:
         self.completion_tokens = 0
         self.finish_reason = "unknown"
         self.strip_usage = False
+        # The engine's reshaping of streamed events into inferd's API, if it needs one.
+        self.adapt_event: Callable[[dict[str, Any]], dict[str, Any]] | None = None
         self.engine_error = False  # the engine reported an error inside a 200 stream
         self.upstream: aiohttp.ClientResponse | None = None
         self.abort_reason: str | None = None
@@ -81,6 +88,8 @@ class Call:
         reasons = _FINISH.findall(chunk)
         if reasons:
             self.finish_reason = reasons[-1].decode("ascii", "replace")
+        if self.adapt_event is not None and _LOGPROBS in chunk:
+            chunk = self._adapt(chunk, self.adapt_event)
         if _USAGE not in chunk and _ERROR not in chunk:
             return chunk  # the common case: plain token events, forwarded untouched
         kept: list[bytes] = []
@@ -97,10 +106,36 @@ class Call:
                     usage = data.get("usage")
                     if isinstance(usage, dict):
                         self.read_usage(usage)
+                        if data.get("choices"):
+                            # Usage riding on the last token event (llama-server's
+                            # /v1/completions): split off into its own event with no choices,
+                            # as OpenAI (and vLLM) send it, so every engine streams alike.
+                            kept.extend(self._split_usage(data, usage))
+                            continue
                         if self.strip_usage and data.get("choices") == []:
                             continue  # the usage chunk inferd asked for on the client's behalf
             kept.append(event + b"\n\n")
         return b"".join(kept)
+
+    @staticmethod
+    def _adapt(chunk: bytes, adapt: Callable[[dict[str, Any]], dict[str, Any]]) -> bytes:
+        out = []
+        for event in chunk.split(b"\n\n"):
+            if event.startswith(b"data: {") and _LOGPROBS in event:
+                with contextlib.suppress(ValueError):
+                    data = json.loads(event.removeprefix(b"data: "))
+                    event = b"data: " + json.dumps(adapt(data)).encode()
+            out.append(event)
+        return b"\n\n".join(out)
+
+    def _split_usage(self, data: dict[str, Any], usage: dict[str, Any]) -> list[bytes]:
+        del data["usage"]
+        events = [b"data: " + json.dumps(data).encode() + b"\n\n"]
+        if not self.strip_usage:
+            head = {k: data[k] for k in _ENVELOPE if k in data}
+            only = {**head, "choices": [], "usage": usage}
+            events.append(b"data: " + json.dumps(only).encode() + b"\n\n")
+        return events
 
     def read_answer(self, body: bytes) -> None:
         try:

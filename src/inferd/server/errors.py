@@ -84,7 +84,17 @@ def from_engine(status: int, body: bytes) -> dict[str, Any]:
 
 def install(app: FastAPI) -> None:
     @app.exception_handler(InferdError)
-    async def _inferd(_: Request, exc: InferdError) -> JSONResponse:
+    async def _inferd(request: Request, exc: InferdError) -> JSONResponse:
+        # One line per refused request, so an operator sees why clients fail (never the body).
+        log.info(
+            "%s %s refused: %d %s%s%s",
+            request.method,
+            request.url.path,
+            exc.status,
+            exc.code,
+            f" (param {exc.param})" if exc.param else "",
+            f": {exc}" if exc.status >= 500 else "",  # inferd's own words, never the request
+        )
         return error_response(exc)
 
     @app.exception_handler(HTTPException)

@@ -38,6 +38,7 @@ def check(
     context: int,
     accepted: frozenset[str] | None,
     engine: str,
+    max_n: int = MAX_N,
 ) -> None:
     """Raise `InvalidRequestError` for the first limit the request breaks."""
     if accepted is not None:
@@ -48,7 +49,7 @@ def check(
                 "so it is refused rather than silently dropped",
                 param=unknown[0],
             )
-    _int_in(payload, "n", 1, MAX_N)
+    _int_in(payload, "n", 1, max_n, f"the {engine} engine answers at most {max_n} per request")
     for name in ("max_tokens", "max_completion_tokens"):
         _int_in(payload, name, 1, context, f"the served context is {context} tokens")
     messages = payload.get("messages")

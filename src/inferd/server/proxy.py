@@ -42,6 +42,16 @@ from inferd.server.keys import KeyRecord, KeyRing
 from inferd.server.served import ModelTable, ServedModel
 
 log = logging.getLogger("inferd.requests")
+ENGINE_KEEPALIVE_S = 4.0
+
+
+def _too_long(tokens: int, context: int, engine_said: str) -> str:
+    return (
+        f"the prompt has {tokens} tokens and the model's context is {context}; shorten the "
+        f"prompt (nothing was truncated). Engine: {engine_said}"
+    )
+
+
 _DONE = b"data: [DONE]"
 
 
@@ -116,7 +126,9 @@ class Proxy:
     async def open(self) -> None:
         # No pool limit: admission control decides how many requests reach an engine, not the
         # connection pool. No total timeout: a long generation is not an error.
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
+        # Idle engine connections are dropped after 4 s, before the engines' own servers close
+        # them (llama-server and uvicorn both after 5 s): reusing one they just closed fails.
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=ENGINE_KEEPALIVE_S)
         self.session = aiohttp.ClientSession(
             connector=connector,
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
@@ -170,6 +182,7 @@ class Proxy:
             context=engine.context,
             accepted=engine.accepted_params(engine_path),
             engine=engine.name,
+            max_n=engine.max_n,
         )
         served.require_ready()
         rid = current_request_id()
@@ -178,6 +191,14 @@ class Proxy:
         slot = await served.admission.acquire() if counted else None
         call = Call(served.id, self.metrics, engine_path, rid, slot=slot, key=key, keys=self.keys)
         self.active.add(call)
+        if engine.param_aliases and not payload.keys().isdisjoint(engine.param_aliases):
+            for ours, theirs in engine.param_aliases.items():
+                if ours in payload:
+                    payload[theirs] = payload.pop(ours)
+            body = json.dumps(payload).encode()
+        if engine_path in engine.adapted_routes:
+            body = json.dumps(engine.adapt(engine_path, payload)).encode()
+        call.adapt_event = engine.event_adapter(engine_path)
         if stream and not (payload.get("stream_options") or {}).get("include_usage"):
             payload["stream_options"] = {
                 **(payload.get("stream_options") or {}),
@@ -210,7 +231,14 @@ class Proxy:
         url = served.supervisor.base_url + path
         headers = {"Content-Type": "application/json", "X-Request-Id": call.engine_rid}
         try:
-            resp = await self.session.post(url, data=body, headers=headers)
+            try:
+                resp = await self.session.post(url, data=body, headers=headers)
+            except aiohttp.ClientConnectionError as first:
+                # Most often a kept-alive connection the engine closed just as it was reused
+                # (llama-server also closes one after a number of requests): nothing was
+                # answered, so send once more, on a fresh connection.
+                log.info("engine connection failed before an answer (%s); retrying once", first)
+                resp = await self.session.post(url, data=body, headers=headers)
         except (TimeoutError, aiohttp.ClientError) as exc:
             served.supervisor.report_failure(f"a request could not reach the engine: {exc}")
             raise EngineUnavailableError(f"engine for {served.id} is unreachable: {exc}") from None
@@ -232,9 +260,16 @@ class Proxy:
                 status = 502 if resp.status >= 500 else resp.status
                 self._end(call, status)
                 error = from_engine(status, data)
-                if status == 400 and b"maximum context length" in data:
+                counts = served.supervisor.engine.prompt_too_long(data)
+                if counts is not None:  # the engine counted the whole prompt itself
+                    error["error"]["message"] = _too_long(*counts, error["error"]["message"])
+                elif status == 400 and b"maximum context length" in data:
                     await self._count_prompt(served, body, error)
                 return JSONResponse(error, status)
+            if path in served.supervisor.engine.adapted_routes:
+                with contextlib.suppress(ValueError):
+                    answer = served.supervisor.engine.adapt_answer(path, json.loads(data))
+                    data = json.dumps(answer).encode()
             call.read_answer(data)
             self._end(call, resp.status)
             return Response(data, resp.status, media_type=resp.content_type)
@@ -269,10 +304,8 @@ class Proxy:
                 timeout=aiohttp.ClientTimeout(total=10),
             ) as resp:
                 counted = await resp.json()
-                error["error"]["message"] = (
-                    f"the prompt has {counted['count']} tokens and the model's context is "
-                    f"{counted['max_model_len']}; shorten the prompt (nothing was truncated). "
-                    f"Engine: {error['error']['message']}"
+                error["error"]["message"] = _too_long(
+                    counted["count"], counted["max_model_len"], error["error"]["message"]
                 )
 
     async def _relay(

@@ -150,6 +150,10 @@ def make_server(app: FastAPI, settings: Settings) -> DrainingServer:
         access_log=False,  # the proxy logs each inference request itself, without prompts
         lifespan="on",
         timeout_graceful_shutdown=10,  # after the drain, only stragglers are left
+        # uvicorn's 5 s default is shorter than common client pools keep connections (aiohttp
+        # 15 s, load balancers 60 s): a request sent as the server closes the idle connection
+        # fails with "server disconnected". Seen in benchmarks; the server must outlast them.
+        timeout_keep_alive=int(settings.keep_alive_s),
         **ssl,
     )
     return DrainingServer(config, app.state.proxy, settings.drain_timeout_s)

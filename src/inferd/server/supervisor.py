@@ -154,7 +154,9 @@ class Supervisor:
                 self.base_url + self.engine.version_path, timeout=aiohttp.ClientTimeout(total=2)
             ) as resp:
                 if resp.status == 200:
-                    self.engine_version = str((await resp.json(content_type=None)).get("version"))
+                    self.engine_version = self.engine.parse_version(
+                        await resp.json(content_type=None)
+                    )
 
     async def _run(self, session: aiohttp.ClientSession) -> None:
         try:

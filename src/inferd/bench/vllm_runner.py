@@ -1,4 +1,5 @@
-"""Run vLLM's serving benchmark (`vllm bench serve`) from Python and print its result as JSON.
+"""Run vLLM's serving benchmark (`vllm bench serve`) and print its result as one JSON line:
+`python -m inferd.bench.vllm_runner ARGS` (ARGS are `vllm bench serve`'s own).
 
 The `vllm` console script of the CPU build is broken (it looks up the distribution name `vllm`),
 so the benchmark is driven through its Python entry points, in a process of its own. Arguments

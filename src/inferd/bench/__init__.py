@@ -1,0 +1,1 @@
+"""`inferd bench`: drive a maintained load generator against a URL, and compare runs."""

@@ -1,0 +1,240 @@
+"""llama.cpp's own `llama-server` as an inferd engine: GGUF files served directly.
+
+Why `llama-server` (MIT, like llama.cpp) and not the Python bindings' server: it batches many
+streams over parallel slots (continuous batching) in C++, while llama-cpp-python's server runs one
+sequence at a time (see benchmarks/RESULTS.md). The binary is built from llama.cpp's source by
+`make install` (`inferd.engines.llamacpp_build`), or taken from PATH.
+
+Flags derived from the profile: the GGUF in the model folder (`-m`), `--parallel` slots (the
+profile's `max_running`, so admission control never sends more requests than there are slots),
+and `--ctx-size` = context x slots (llama-server splits its KV cache evenly across slots).
+`--metrics` exposes Prometheus metrics (`llamacpp:*`), passed through by the front. llama-server
+speaks OpenAI on /v1/*, but its tokenize/detokenize routes differ from vLLM's; `adapt` and
+`adapt_answer` translate them so inferd's /v1/tokenize is the same whatever the engine.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from inferd.engines.base import Engine, EngineCommand, flags_from_mapping
+from inferd.errors import EngineStartError
+
+BINARY = "llama-server"
+
+# Request fields llama-server reads on its OpenAI routes: its own sampling schema
+# (tools/server/server-schema.cpp) plus the OpenAI fields its chat/completion parsers take
+# (server-common.cpp, server-chat.cpp), as of the vendored llama.cpp (commit 0c1e570). Others
+# are ignored by llama-server; inferd refuses them by name.
+_NATIVE = frozenset(
+    {
+        "adaptive_decay",
+        "adaptive_target",
+        "backend_sampling",
+        "cache_prompt",
+        "chat_format",
+        "chat_parser",
+        "dry_allowed_length",
+        "dry_base",
+        "dry_multiplier",
+        "dry_penalty_last_n",
+        "dry_sequence_breakers",
+        "dynatemp_exponent",
+        "dynatemp_range",
+        "frequency_penalty",
+        "grammar",
+        "grammar_lazy",
+        "grammar_triggers",
+        "ignore_eos",
+        "json_schema",
+        "logit_bias",
+        "lora",
+        "min_keep",
+        "min_p",
+        "mirostat",
+        "mirostat_eta",
+        "mirostat_tau",
+        "n_cache_reuse",
+        "n_discard",
+        "n_indent",
+        "n_keep",
+        "n_predict",
+        "n_probs",
+        "post_sampling_probs",
+        "presence_penalty",
+        "repeat_last_n",
+        "repeat_penalty",
+        "return_progress",
+        "return_tokens",
+        "samplers",
+        "seed",
+        "stop",
+        "stream",
+        "stream_options",
+        "t_max_predict_ms",
+        "t_max_prompt_ms",
+        "temperature",
+        "timings_per_token",
+        "top_k",
+        "top_n_sigma",
+        "top_p",
+        "typical_p",
+        "xtc_probability",
+        "xtc_threshold",
+    }
+)
+_OPENAI = frozenset({"model", "max_tokens", "n", "logprobs", "top_logprobs", "response_format"})
+ACCEPTED_PARAMS: dict[str, frozenset[str]] = {
+    "/v1/chat/completions": _NATIVE
+    | _OPENAI
+    | {
+        "messages",
+        "max_completion_tokens",
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+        "reasoning_effort",
+        "reasoning_format",
+        "chat_template_kwargs",
+        "add_generation_prompt",
+        "continue_final_message",
+    },
+    "/v1/completions": _NATIVE | _OPENAI | {"prompt", "echo"},
+    "/tokenize": frozenset({"model", "prompt", "add_special_tokens"}),
+    "/detokenize": frozenset({"model", "tokens"}),
+}
+
+
+# llama-server's answer when a prompt does not fit a slot; it has counted the whole prompt.
+_TOO_LONG = re.compile(
+    rb"request \((\d+) tokens\) exceeds the available context size \((\d+) tokens\)"
+)
+
+
+class _LegacyLogprobs:
+    """llama-server answers /v1/completions logprobs in the chat shape (`content: [{token,
+    logprob, top_logprobs}]`); OpenAI's completions API (and vLLM) use the legacy one (`tokens`,
+    `token_logprobs`, `top_logprobs`, `text_offset`). One instance per answer: a stream's
+    text offsets run on across its events."""
+
+    def __init__(self) -> None:
+        self.offset: dict[int, int] = {}
+
+    def event(self, data: dict[str, Any]) -> dict[str, Any]:
+        for choice in data.get("choices") or ():
+            logprobs = choice.get("logprobs") if isinstance(choice, dict) else None
+            if not isinstance(logprobs, dict) or "content" not in logprobs:
+                continue
+            index = int(choice.get("index") or 0)
+            items = logprobs["content"] or []
+            offsets = []
+            for item in items:
+                offsets.append(self.offset.get(index, 0))
+                self.offset[index] = offsets[-1] + len(item.get("token", ""))
+            choice["logprobs"] = {
+                "tokens": [item.get("token") for item in items],
+                "token_logprobs": [item.get("logprob") for item in items],
+                "top_logprobs": [
+                    {top.get("token"): top.get("logprob") for top in item.get("top_logprobs", [])}
+                    for item in items
+                ],
+                "text_offset": offsets,
+            }
+        return data
+
+
+def find_binary() -> str | None:
+    """llama-server next to this Python (where `make install` puts it), else on PATH."""
+    beside = Path(sys.executable).with_name(BINARY)
+    if beside.is_file():
+        return str(beside)
+    return shutil.which(BINARY)
+
+
+class LlamaCppEngine(Engine):
+    name = "llamacpp"
+    version_path = "/props"
+    adapted_routes = frozenset({"/tokenize", "/detokenize", "/v1/completions"})
+    # vLLM's (and inferd's) names for sampling fields llama.cpp calls otherwise.
+    param_aliases = {"repetition_penalty": "repeat_penalty", "max_completion_tokens": "max_tokens"}
+
+    @property
+    def slots(self) -> int:
+        return self.profile.max_running
+
+    def accepted_params(self, route: str) -> frozenset[str] | None:
+        accepted = ACCEPTED_PARAMS.get(route)
+        return None if accepted is None else accepted | self.param_aliases.keys()
+
+    def gguf(self) -> Path:
+        found = sorted(self.model_dir.glob("*.gguf"))
+        if found:
+            return found[0]
+        if not self.model_dir.exists():
+            # Not prepared yet (`serve --dry-run` on an empty cache): name the folder's GGUF.
+            return self.model_dir / "*.gguf"
+        raise EngineStartError(f"no GGUF file in {self.model_dir}")
+
+    def command(self, host: str, port: int) -> EngineCommand:
+        binary = find_binary()
+        if binary is None:
+            raise EngineStartError(
+                "llama-server is not installed: `make install` builds it from llama.cpp's source "
+                "(or put a llama-server on PATH)"
+            )
+        argv = [
+            binary,
+            "--model",
+            str(self.gguf()),
+            "--alias",
+            self.served_name,
+            "--host",
+            host,
+            "--port",
+            str(port),
+            "--parallel",
+            str(self.slots),
+            "--ctx-size",
+            str(self.context * self.slots),
+            "--metrics",
+            "--no-webui",
+            *flags_from_mapping(self.profile.engine_args),
+            *self.extra_args,
+        ]
+        return EngineCommand(argv=argv, env=dict(self.profile.engine_env))
+
+    def parse_version(self, props: dict[str, Any]) -> str | None:
+        info = props.get("build_info")
+        return str(info) if info else None
+
+    def adapt(self, route: str, payload: dict[str, Any]) -> dict[str, Any]:
+        """inferd's (vLLM-shaped) tokenize/detokenize requests in llama-server's shape."""
+        if route == "/tokenize":
+            prompt = payload.get("prompt")
+            return {
+                "content": prompt if isinstance(prompt, str) else "",
+                "add_special": bool(payload.get("add_special_tokens", True)),
+            }
+        return payload
+
+    def prompt_too_long(self, body: bytes) -> tuple[int, int] | None:
+        found = _TOO_LONG.search(body)
+        return (int(found.group(1)), int(found.group(2))) if found else None
+
+    def event_adapter(self, route: str) -> Callable[[dict[str, Any]], dict[str, Any]] | None:
+        return _LegacyLogprobs().event if route == "/v1/completions" else None
+
+    def adapt_answer(self, route: str, answer: dict[str, Any]) -> dict[str, Any]:
+        if route == "/v1/completions":
+            return _LegacyLogprobs().event(answer)
+        if route == "/tokenize":
+            tokens = answer.get("tokens", [])
+            return {"count": len(tokens), "max_model_len": self.context, "tokens": tokens}
+        if route == "/detokenize":
+            return {"prompt": answer.get("content", "")}
+        return answer

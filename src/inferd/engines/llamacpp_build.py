@@ -1,0 +1,148 @@
+"""Build llama.cpp's `llama-server` (and `llama-quantize`) from source.
+
+Run as `python -m inferd.engines.llamacpp_build`.
+
+No prebuilt llama-server can be fetched here (no GitHub; the PyPI packages that build one wrap
+MIT llama.cpp in AGPL packaging), so the install step compiles it. The source comes from the
+PyPI sdist of llama-cpp-python (MIT), which vendors llama.cpp whole, pinned by version and
+sha256. Only two targets are built, for this machine's CPU (`-march=native`): `llama-server`, the
+engine, and `llama-quantize`, which the cache uses to re-quantize a shipped GGUF into the type a
+profile serves (Q4_1 -> Q8_0). `-fno-tree-dse -fno-dse`: GCC 12 (Debian 12's compiler) drops the
+stores that fill ggml's AMX tile configuration, because its `_tile_loadconfig` does not tell the
+optimizer that it reads them; `ldtilecfg` then loads garbage and the server dies with SIGSEGV in
+ggml_backend_amx_mul_mat on the first prompt (seen on this project's AMX machine; the assembly
+shows the stores gone, and present with these flags). With them the AMX kernels work and double
+llama.cpp's single-stream speed there (benchmarks/RESULTS.md); elsewhere they only forgo that
+optimisation (not measured apart). The binaries land next to the Python interpreter
+(`.venv/bin/`), with a stamp recording what they were built from; a second run with the same pin
+does nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+SDIST = "llama_cpp_python-0.3.36.tar.gz"
+SDIST_PIN = "llama-cpp-python==0.3.36"
+SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
+# Keep the stores that fill AMX tile configurations (see above); harmless elsewhere.
+KEEP_STORES = "-fno-tree-dse -fno-dse"
+CMAKE_FLAGS = [
+    "-DLLAMA_BUILD_SERVER=ON",
+    "-DLLAMA_BUILD_TESTS=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=OFF",
+    "-DLLAMA_CURL=OFF",
+    "-DGGML_NATIVE=ON",
+    "-DBUILD_SHARED_LIBS=OFF",
+    "-DCMAKE_BUILD_TYPE=Release",
+    f"-DCMAKE_C_FLAGS={KEEP_STORES}",
+    f"-DCMAKE_CXX_FLAGS={KEEP_STORES}",
+]
+
+
+def _step(message: str) -> None:
+    print(f"[llama-server] {message}", flush=True)
+
+
+def _run(cmd: list[str], log: Path) -> None:
+    with log.open("ab") as out:
+        done = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, check=False)
+    if done.returncode != 0:
+        tail = log.read_text(errors="replace").splitlines()[-20:]
+        sys.exit(f"[llama-server] {' '.join(cmd[:3])} ... failed:\n" + "\n".join(tail))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+TARGETS = ("llama-server", "llama-quantize")
+STAMP = {
+    "source": SDIST,
+    "sha256": SDIST_SHA256,
+    "flags": " ".join(CMAKE_FLAGS),
+    "targets": list(TARGETS),
+}
+
+
+def build(prefix: Path, jobs: int) -> Path:
+    bindir = prefix / "bin"
+    target = bindir / "llama-server"
+    stamp = bindir / "llama-server.json"
+    built = all((bindir / name).is_file() for name in TARGETS)
+    if built and stamp.is_file() and json.loads(stamp.read_text()) == STAMP:
+        _step(f"up to date: {target}")
+        return target
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="llama-build-") as tmp:
+        work = Path(tmp)
+        log = work / "build.log"
+        _step(f"fetching the llama.cpp source ({SDIST_PIN} sdist)")
+        _run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--quiet",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                "--dest",
+                str(work),
+                SDIST_PIN,
+            ],
+            log,
+        )
+        sdist = work / SDIST
+        actual = _sha256(sdist)
+        if actual != SDIST_SHA256:
+            sys.exit(f"[llama-server] {SDIST}: sha256 {actual}, expected {SDIST_SHA256}")
+        with tarfile.open(sdist) as tar:
+            tar.extractall(work, filter="data")
+        source = work / SDIST.removesuffix(".tar.gz") / "vendor" / "llama.cpp"
+        _step(f"configuring ({source.name})")
+        _run(["cmake", "-S", str(source), "-B", str(work / "build"), *CMAKE_FLAGS], log)
+        _step(f"compiling {' and '.join(TARGETS)} with {jobs} jobs (a few minutes)")
+        _run(
+            ["cmake", "--build", str(work / "build"), "--target", *TARGETS, "-j", str(jobs)],
+            log,
+        )
+        bindir.mkdir(parents=True, exist_ok=True)
+        for name in TARGETS:
+            shutil.copy2(work / "build" / "bin" / name, bindir / name)
+        shutil.copy2(source / "LICENSE", bindir / "llama-server.LICENSE")
+    stamp.write_text(json.dumps(STAMP, indent=2) + "\n")
+    _step(f"built {target} in {time.monotonic() - started:.0f} s")
+    return target
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Build llama.cpp's llama-server from source.")
+    parser.add_argument(
+        "--prefix",
+        type=Path,
+        default=Path(sys.prefix),
+        help="install into PREFIX/bin (default: this Python's environment)",
+    )
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 2)
+    args = parser.parse_args()
+    build(args.prefix, args.jobs)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""The llama.cpp engine: its command line follows the profile, vLLM-shaped requests are
+translated where llama-server differs, and a shipped GGUF is re-quantized for a profile."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from inferd.cache.prepare import _requantized_name
+from inferd.cache.requantize import find_quantizer, run_requantize
+from inferd.catalog import Catalog
+from inferd.engines.llamacpp import LlamaCppEngine, find_binary
+from inferd.errors import CacheError, EngineStartError
+from tests.unit.test_engines import _flags
+
+
+def _engine(tmp: Path, profile: str = "llamacpp-cpu-q8_0") -> LlamaCppEngine:
+    entry = Catalog.load().get("smollm2-135m-instruct")
+    p = entry.profile(profile)
+    assert p is not None
+    return LlamaCppEngine(entry.id, tmp, p, ["--seed", "1"], tmp / "cache", None)
+
+
+def test_command_serves_the_gguf_with_one_slot_per_admitted_request(tmp_path: Path) -> None:
+    if find_binary() is None:
+        pytest.skip("llama-server is not built (make install builds it)")
+    (tmp_path / "m.Q8_0.gguf").write_bytes(b"GGUF")
+    cmd = _engine(tmp_path).command("127.0.0.1", 9000)
+    flags = _flags(cmd.argv)
+    assert flags["--model"] == str(tmp_path / "m.Q8_0.gguf")
+    assert flags["--alias"] == "smollm2-135m-instruct"
+    assert flags["--parallel"] == "4"
+    # llama-server splits its KV cache across slots: each slot gets the full context.
+    assert flags["--ctx-size"] == str(8192 * 4)
+    assert "--metrics" in cmd.argv
+    assert cmd.argv[-2:] == ["--seed", "1"]  # pass-through last: it wins
+
+
+def test_no_gguf_in_the_folder_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(EngineStartError, match="no GGUF file"):
+        _engine(tmp_path).gguf()
+
+
+def test_tokenize_and_detokenize_are_translated(tmp_path: Path) -> None:
+    e = _engine(tmp_path)
+    asked = e.adapt("/tokenize", {"model": "m", "prompt": "hi", "add_special_tokens": False})
+    assert asked == {"content": "hi", "add_special": False}
+    answer = e.adapt_answer("/tokenize", {"tokens": [1, 2, 3]})
+    assert answer == {"count": 3, "max_model_len": 8192, "tokens": [1, 2, 3]}
+    assert e.adapt_answer("/detokenize", {"content": "hi"}) == {"prompt": "hi"}
+
+
+def test_vllm_names_are_accepted_and_renamed(tmp_path: Path) -> None:
+    e = _engine(tmp_path)
+    accepted = e.accepted_params("/v1/chat/completions")
+    assert accepted is not None
+    assert {"repetition_penalty", "max_completion_tokens", "top_k", "min_p"} <= accepted
+    assert "best_of" not in accepted  # llama-server would ignore it: inferd refuses it
+    assert e.param_aliases["repetition_penalty"] == "repeat_penalty"
+
+
+@pytest.mark.parametrize(
+    ("shipped", "precision", "expected"),
+    [
+        ("SmolLM2-135M-Instruct.Q4_1.gguf", "q8_0", "SmolLM2-135M-Instruct.Q8_0.gguf"),
+        ("model.gguf", "q8_0", "model.Q8_0.gguf"),
+        ("sub/foo.v2.gguf", "q4_1", "foo.v2.Q4_1.gguf"),
+    ],
+)
+def test_requantized_file_names(shipped: str, precision: str, expected: str) -> None:
+    assert _requantized_name(shipped, precision) == expected
+
+
+def test_requantize_refuses_unknown_types_and_reports_tool_failures(tmp_path: Path) -> None:
+    with pytest.raises(CacheError, match="no GGUF quantization type"):
+        run_requantize(tmp_path / "in.gguf", tmp_path / "out.gguf", "awq")
+    if find_quantizer() is None:
+        pytest.skip("llama-quantize is not built (make install builds it)")
+    bad = tmp_path / "in.gguf"
+    bad.write_bytes(os.urandom(4096))  # not a GGUF: llama-quantize must fail, and we must say so
+    with pytest.raises(CacheError, match=r"re-quantizing in\.gguf to Q8_0 failed"):
+        run_requantize(bad, tmp_path / "out.gguf", "q8_0")
+
+
+def test_prompt_too_long_reads_llama_servers_own_count(tmp_path: Path) -> None:
+    e = _engine(tmp_path)
+    said = (
+        b'{"error":{"code":400,"message":"request (9000 tokens) exceeds the available context '
+        b'size (8192 tokens), try increasing it","type":"exceed_context_size_error"}}'
+    )
+    assert e.prompt_too_long(said) == (9000, 8192)
+    assert e.prompt_too_long(b'{"error":{"message":"bad"}}') is None
+
+
+def test_completion_logprobs_are_given_in_the_legacy_shape(tmp_path: Path) -> None:
+    def item(token: str, lp: float) -> dict[str, object]:
+        top = [{"token": token, "logprob": lp}, {"token": "x", "logprob": lp - 1}]
+        return {"id": 1, "token": token, "bytes": [], "logprob": lp, "top_logprobs": top}
+
+    adapt = _engine(tmp_path).event_adapter("/v1/completions")
+    assert adapt is not None
+    first = {
+        "choices": [
+            {
+                "index": 0,
+                "text": "-by",
+                "logprobs": {"content": [item("-", -1.0), item("by", -0.5)]},
+            }
+        ]
+    }
+    second = {
+        "choices": [{"index": 0, "text": "-day", "logprobs": {"content": [item("-day", -0.2)]}}]
+    }
+    assert adapt(first)["choices"][0]["logprobs"] == {
+        "tokens": ["-", "by"],
+        "token_logprobs": [-1.0, -0.5],
+        "top_logprobs": [{"-": -1.0, "x": -2.0}, {"by": -0.5, "x": -1.5}],
+        "text_offset": [0, 1],
+    }
+    # A stream's offsets run on from event to event.
+    assert adapt(second)["choices"][0]["logprobs"]["text_offset"] == [3]
+    assert _engine(tmp_path).event_adapter("/v1/chat/completions") is None
+
+
+def test_dry_run_names_the_gguf_folder_before_it_exists(tmp_path: Path) -> None:
+    e = _engine(tmp_path / "not-yet")
+    assert e.gguf() == tmp_path / "not-yet" / "*.gguf"
