@@ -152,9 +152,12 @@ def select(
     context: int | None = None,
     force: bool = False,
     unavailable: Mapping[str, str] | None = None,
+    found: list[Candidate] | None = None,
 ) -> Candidate:
-    """The profile to run: `wanted` by id, or the best runnable one for `default`."""
-    found = candidates(model, hw, context, unavailable)
+    """The profile to run: `wanted` by id, or the best runnable one for `default`.
+    `found`: this model's `candidates` on `hw`, when the caller has them already."""
+    if found is None:
+        found = candidates(model, hw, context, unavailable)
     if wanted != "default":
         match = next((c for c in found if c.profile.id == wanted), None)
         if match is None:

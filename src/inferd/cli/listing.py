@@ -93,9 +93,7 @@ def list_profiles(settings: Settings, model_id: str | None, *, as_json: bool) ->
         selected: str | None = None
         why: str | None = None
         try:
-            chosen = profiles.select(
-                entry, hw, optimize=optimize, context=settings.max_model_len, unavailable=missing
-            )
+            chosen = profiles.select(entry, hw, optimize=optimize, found=found)
             selected, why = chosen.profile.id, profiles.explain(chosen, found, optimize)
         except NoProfileError:
             pass

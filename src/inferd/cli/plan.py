@@ -66,19 +66,17 @@ def resolve(settings: Settings, model_id: str | None = None) -> Plan:
     entry = catalog(settings).get(model_id or settings.model)
     hw = hardware.detect(settings.hardware)
     optimize = None if settings.optimize == "auto" else settings.optimize
-    missing = unavailable_engines(settings)
+    found = profiles.candidates(entry, hw, settings.max_model_len, unavailable_engines(settings))
     chosen = profiles.select(
         entry,
         hw,
         settings.profile,
         optimize=optimize,
-        context=settings.max_model_len,
         force=settings.force,
-        unavailable=missing,
+        found=found,
     )
     if settings.profile != "default":
         why = f"--profile {settings.profile} asked for it"
     else:
-        found = profiles.candidates(entry, hw, settings.max_model_len, missing)
         why = profiles.explain(chosen, found, optimize)
     return Plan(entry, hw, chosen, ModelStore(settings.cache_path), why)

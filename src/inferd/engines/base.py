@@ -93,7 +93,8 @@ class Engine(ABC):
         return answer
 
     def event_adapter(self, route: str) -> Callable[[dict[str, Any]], dict[str, Any]] | None:
-        """What reshapes each streamed event on `route` into inferd's shape (None: nothing)."""
+        """What reshapes each streamed event on `route` into inferd's shape, and a whole
+        answer too (its choices have the events' shape); None: nothing to reshape."""
         return None
 
     def prompt_too_long(self, body: bytes) -> tuple[int, int] | None:

@@ -159,7 +159,7 @@ def find_binary() -> str | None:
 class LlamaCppEngine(Engine):
     name = "llamacpp"
     version_path = "/props"
-    adapted_routes = frozenset({"/tokenize", "/detokenize", "/v1/completions"})
+    adapted_routes = frozenset({"/tokenize", "/detokenize"})
     # vLLM's (and inferd's) names for sampling fields llama.cpp calls otherwise.
     param_aliases = {"repetition_penalty": "repeat_penalty", "max_completion_tokens": "max_tokens"}
 
@@ -230,8 +230,6 @@ class LlamaCppEngine(Engine):
         return _LegacyLogprobs().event if route == "/v1/completions" else None
 
     def adapt_answer(self, route: str, answer: dict[str, Any]) -> dict[str, Any]:
-        if route == "/v1/completions":
-            return _LegacyLogprobs().event(answer)
         if route == "/tokenize":
             tokens = answer.get("tokens", [])
             return {"count": len(tokens), "max_model_len": self.context, "tokens": tokens}

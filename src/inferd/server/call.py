@@ -89,7 +89,7 @@ class Call:
         if reasons:
             self.finish_reason = reasons[-1].decode("ascii", "replace")
         if self.adapt_event is not None and _LOGPROBS in chunk:
-            chunk = self._adapt(chunk, self.adapt_event)
+            chunk = self._adapt_events(chunk)
         if _USAGE not in chunk and _ERROR not in chunk:
             return chunk  # the common case: plain token events, forwarded untouched
         kept: list[bytes] = []
@@ -117,16 +117,22 @@ class Call:
             kept.append(event + b"\n\n")
         return b"".join(kept)
 
-    @staticmethod
-    def _adapt(chunk: bytes, adapt: Callable[[dict[str, Any]], dict[str, Any]]) -> bytes:
-        out = []
-        for event in chunk.split(b"\n\n"):
-            if event.startswith(b"data: {") and _LOGPROBS in event:
-                with contextlib.suppress(ValueError):
-                    data = json.loads(event.removeprefix(b"data: "))
-                    event = b"data: " + json.dumps(adapt(data)).encode()
-            out.append(event)
-        return b"\n\n".join(out)
+    def adapt_body(self, body: bytes) -> bytes:
+        """A whole (non-streamed) answer through the engine's event reshaping, if it has one:
+        an answer's choices take the same shape as a streamed event's."""
+        if self.adapt_event is None or _LOGPROBS not in body:
+            return body
+        with contextlib.suppress(ValueError):
+            return json.dumps(self.adapt_event(json.loads(body))).encode()
+        return body
+
+    def _adapt_events(self, chunk: bytes) -> bytes:
+        return b"\n\n".join(
+            b"data: " + self.adapt_body(event.removeprefix(b"data: "))
+            if event.startswith(b"data: {")
+            else event
+            for event in chunk.split(b"\n\n")
+        )
 
     def _split_usage(self, data: dict[str, Any], usage: dict[str, Any]) -> list[bytes]:
         del data["usage"]

@@ -191,21 +191,22 @@ class Proxy:
         slot = await served.admission.acquire() if counted else None
         call = Call(served.id, self.metrics, engine_path, rid, slot=slot, key=key, keys=self.keys)
         self.active.add(call)
-        if engine.param_aliases and not payload.keys().isdisjoint(engine.param_aliases):
-            for ours, theirs in engine.param_aliases.items():
-                if ours in payload:
-                    payload[theirs] = payload.pop(ours)
-            body = json.dumps(payload).encode()
-        if engine_path in engine.adapted_routes:
-            body = json.dumps(engine.adapt(engine_path, payload)).encode()
-        call.adapt_event = engine.event_adapter(engine_path)
+        # The body is re-encoded once, and only when something in it had to change.
+        renamed = [ours for ours in engine.param_aliases if ours in payload]
+        for ours in renamed:
+            payload[engine.param_aliases[ours]] = payload.pop(ours)
+        rewritten = bool(renamed)
         if stream and not (payload.get("stream_options") or {}).get("include_usage"):
             payload["stream_options"] = {
                 **(payload.get("stream_options") or {}),
                 "include_usage": True,
             }
+            call.strip_usage = rewritten = True
+        if engine_path in engine.adapted_routes:
+            body = json.dumps(engine.adapt(engine_path, payload)).encode()
+        elif rewritten:
             body = json.dumps(payload).encode()
-            call.strip_usage = True
+        call.adapt_event = engine.event_adapter(engine_path)
         try:
             return await self._send(served, engine_path, body, stream, call)
         except asyncio.CancelledError:
@@ -270,6 +271,8 @@ class Proxy:
                 with contextlib.suppress(ValueError):
                     answer = served.supervisor.engine.adapt_answer(path, json.loads(data))
                     data = json.dumps(answer).encode()
+            else:
+                data = call.adapt_body(data)
             call.read_answer(data)
             self._end(call, resp.status)
             return Response(data, resp.status, media_type=resp.content_type)
