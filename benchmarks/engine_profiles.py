@@ -176,7 +176,7 @@ def main() -> None:
                 ready_s = time.monotonic() - started
                 for c in levels:
                     url = f"http://127.0.0.1:{port}"
-                    r = bench(url, tokenizer, c, max(8, 4 * c), model=served)
+                    r = bench(url, tokenizer, c, max(16, 4 * c), model=served)
                     row = {
                         "setup": name,
                         "round": rnd,
