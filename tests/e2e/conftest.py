@@ -11,6 +11,7 @@ fixture records what the health routes answered, for the readiness tests.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -113,16 +114,23 @@ def start(tmp: Path, *args: str, cache: Path | None = None) -> Served:
     return Served(proc, port, log, profile)
 
 
-@pytest.fixture(scope="session", params=[LLAMACPP_PROFILE, VLLM_PROFILE], ids=["llamacpp", "vllm"])
-def server(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Served]:
-    served = start(tmp_path_factory.mktemp("serve"), "--profile", request.param)
+@contextlib.contextmanager
+def serving(tmp: Path, *args: str) -> Iterator[Served]:
+    """`inferd serve ARGS`, ready, stopped afterwards."""
+    served = start(tmp, *args)
     try:
         served.wait_ready()
         yield served
     finally:
         served.stop()
+
+
+@pytest.fixture(scope="session", params=[LLAMACPP_PROFILE, VLLM_PROFILE], ids=["llamacpp", "vllm"])
+def server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Served]:
+    with serving(tmp_path_factory.mktemp("serve"), "--profile", request.param) as served:
+        yield served
 
 
 @pytest.fixture(scope="session")

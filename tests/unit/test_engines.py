@@ -61,3 +61,7 @@ def test_accepted_fields_match_the_installed_vllm() -> None:
         fields(tokenize.TokenizeCompletionRequest) | fields(tokenize.TokenizeChatRequest)
     )
     assert ACCEPTED_PARAMS["/detokenize"] == fields(tokenize.DetokenizeRequest)
+    embed = pytest.importorskip("vllm.entrypoints.pooling.embed.protocol")
+    scoring = pytest.importorskip("vllm.entrypoints.pooling.scoring.protocol")
+    assert ACCEPTED_PARAMS["/v1/embeddings"] == fields(embed.EmbeddingCompletionRequest)
+    assert ACCEPTED_PARAMS["/rerank"] == fields(scoring.RerankRequest)

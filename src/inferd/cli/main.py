@@ -77,7 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="serve a model with an OpenAI-compatible API")
     serve.add_argument(
-        "model", nargs="?", default=None, help=f"catalog id of the model [env {env_name('model')}]"
+        "model",
+        nargs="*",
+        default=None,
+        help="catalog id of the model; several share one endpoint "
+        f"[env {env_name('model')}, comma-separated]",
     )
     serve.add_argument(
         "--dry-run",
@@ -178,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _settings(args: argparse.Namespace) -> Settings:
     flags: dict[str, Any] = {name: getattr(args, name, None) for name in ALL}
     if args.command == "serve":
-        flags["model"] = args.model
+        flags["model"] = ",".join(args.model) if args.model else None
     return load_settings(flags, config_file=getattr(args, "config", None))
 
 

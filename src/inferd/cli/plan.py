@@ -14,11 +14,13 @@ from inferd import engines
 from inferd.cache import ModelStore
 from inferd.cache.prepare import variant
 from inferd.catalog import Catalog, hardware, profiles
+from inferd.catalog.estimate import GiB
 from inferd.catalog.hardware import Hardware
 from inferd.catalog.profiles import Candidate
 from inferd.catalog.schema import ModelEntry
 from inferd.config import Settings
 from inferd.engines import Engine, engine_for
+from inferd.errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -62,21 +64,109 @@ def catalog(settings: Settings) -> Catalog:
     return Catalog.load(extra=settings.catalog_path)
 
 
-def resolve(settings: Settings, model_id: str | None = None) -> Plan:
-    entry = catalog(settings).get(model_id or settings.model)
-    hw = hardware.detect(settings.hardware)
+def resolve(
+    settings: Settings,
+    model_id: str | None = None,
+    *,
+    profile: str | None = None,
+    hw: Hardware | None = None,
+) -> Plan:
+    entry = catalog(settings).get(model_id or settings.models[0])
+    hw = hw or hardware.detect(settings.hardware)
+    wanted = profile or settings.profile
     optimize = None if settings.optimize == "auto" else settings.optimize
     found = profiles.candidates(entry, hw, settings.max_model_len, unavailable_engines(settings))
     chosen = profiles.select(
-        entry,
-        hw,
-        settings.profile,
-        optimize=optimize,
-        force=settings.force,
-        found=found,
+        entry, hw, wanted, optimize=optimize, force=settings.force, found=found
     )
-    if settings.profile != "default":
-        why = f"--profile {settings.profile} asked for it"
+    if wanted != "default":
+        why = f"--profile {wanted} asked for it"
     else:
         why = profiles.explain(chosen, found, optimize)
     return Plan(entry, hw, chosen, ModelStore(settings.cache_path), why)
+
+
+def resolve_all(settings: Settings) -> list[Plan]:
+    """One plan per model served, each with its own profile, checked to fit in memory together."""
+    ids = settings.models
+    if len(set(ids)) != len(ids):
+        raise UsageError(f"a model is named twice: {', '.join(ids)}")
+    if len(ids) > 1:
+        # Engines differ in their flags and models in their context: these name one model.
+        for flag, value in (
+            ("--engine-args", settings.engine_args),
+            ("--max-model-len", settings.max_model_len),
+        ):
+            if value:
+                raise UsageError(
+                    f"{flag} applies to one model and {len(ids)} are served; serve that model "
+                    "on its own, or give its profile the setting (a catalog file, --catalog-path)"
+                )
+    cat = catalog(settings)
+    entries = [cat.get(i) for i in ids]
+    wanted = profile_choices(settings.profile, entries)
+    hw = hardware.detect(settings.hardware)
+    plans = [resolve(settings, e.id, profile=wanted[e.id], hw=hw) for e in entries]
+    if len(plans) > 1 and not settings.force:
+        check_fit_together(plans)
+    return plans
+
+
+def profile_choices(text: str, entries: list[ModelEntry]) -> dict[str, str]:
+    """`--profile` for each model: `default`, a profile id (with one model, or naming a profile
+    only one of the models has), or `MODEL=PROFILE` pairs separated by commas."""
+    chosen = {e.id: "default" for e in entries}
+    if text == "default":
+        return chosen
+    if len(entries) == 1 and "=" not in text:
+        return {entries[0].id: text}
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        model, _, profile = item.rpartition("=")
+        if model:
+            if model not in chosen:
+                raise UsageError(
+                    f"--profile names {model!r}, which is not served here "
+                    f"(serving {', '.join(chosen)})"
+                )
+            chosen[model] = profile
+            continue
+        owners = [e.id for e in entries if any(p.id == profile for p in e.profiles)]
+        if len(owners) != 1:
+            raise UsageError(
+                f"--profile {profile!r} belongs to {'none' if not owners else 'more than one'} of "
+                f"the models served ({', '.join(chosen)}); write MODEL=PROFILE"
+            )
+        chosen[owners[0]] = profile
+    return chosen
+
+
+def check_fit_together(plans: list[Plan]) -> None:
+    """Refuse, with the estimate, models whose engines would not fit in memory side by side.
+
+    Each profile was checked alone; together, the models on the host (CPU profiles) share host
+    memory and those on GPUs share the smallest GPU's usable memory (engines here run one per
+    GPU set, so models on GPUs add up on every device they use).
+    """
+    by_device: dict[str, list[Plan]] = {}
+    for plan in plans:
+        if plan.chosen.estimate is not None:
+            by_device.setdefault(plan.chosen.profile.requires.device, []).append(plan)
+    for device, group in by_device.items():
+        if len(group) < 2:
+            continue
+        need = sum(p.chosen.estimate.total for p in group if p.chosen.estimate)
+        available = min(p.chosen.estimate.available for p in group if p.chosen.estimate)
+        if need > available:
+            parts = ", ".join(
+                f"{p.entry.id} ({p.chosen.profile.id}) {p.chosen.estimate.total / GiB:.1f}"
+                for p in group
+                if p.chosen.estimate
+            )
+            where = "host memory" if device == "cpu" else "memory on each GPU"
+            raise UsageError(
+                f"these models do not fit in {where} together: they need {need / GiB:.1f} GiB "
+                f"({parts} GiB), {available / GiB:.1f} GiB usable; serve fewer models, choose "
+                "smaller profiles (--profile MODEL=PROFILE), or --force"
+            )

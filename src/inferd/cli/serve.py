@@ -20,7 +20,7 @@ from rich.console import Console
 from inferd import __version__
 from inferd.cache import prepare
 from inferd.cache.prepare import intact
-from inferd.cli.plan import Plan, resolve
+from inferd.cli.plan import Plan, resolve_all
 from inferd.cli.progress import RichReporter
 from inferd.config import Settings
 from inferd.errors import UsageError
@@ -45,35 +45,19 @@ def serve(settings: Settings) -> int:
     console = Console(stderr=True, highlight=False, soft_wrap=True)
     logs.configure(settings.log_level, settings.json_logs)
 
-    plan = resolve(settings)
-    entry, profile = plan.entry, plan.chosen.profile
+    plans = resolve_all(settings)
     keys = KeyRing(settings.api_keys_file)
     _refuse_open_bind(settings, keys)
-    plan.store.ensure_writable()
+    plans[0].store.ensure_writable()
     sock = runtime.bind(settings.host, settings.port)
 
-    console.print(f"[bold]inferd {__version__}[/bold] serving [bold]{entry.id}[/bold]")
-    tags = " ".join(f"{k}={v}" for k, v in profile.tags.items())
-    console.print(f"  profile  {profile.id} ({tags}), context {plan.context}")
-    console.print(f"  why      {plan.why}")
-    console.print(f"  hardware {plan.hardware.summary()}")
-    if not plan.chosen.runnable:
-        console.print(f"[yellow]  forced: {plan.chosen.reason}[/yellow]")
-    prepared = prepare(
-        entry,
-        profile,
-        plan.store,
-        index_url=settings.pypi_index_url,
-        offline=settings.offline,
-        reporter=RichReporter(console),
-    )
-    console.print(f"  model    {prepared.path} ({'reused' if prepared.reused else 'built'})")
-
-    engine = plan.engine(settings, prepared.path)
-    engine.cache_dir.mkdir(parents=True, exist_ok=True)
-    supervisor = Supervisor(engine, ready_timeout_s=settings.engine_ready_timeout_s)
-    served = ServedModel(entry, profile, supervisor, prepared.license_text, prepared.provenance)
-    app = create_app([served], settings, keys)
+    names = ", ".join(p.entry.id for p in plans)
+    console.print(f"[bold]inferd {__version__}[/bold] serving [bold]{names}[/bold]")
+    console.print(f"  hardware {plans[0].hardware.summary()}")
+    served: list[ServedModel] = []
+    for plan in plans:
+        served.append(_prepare(plan, settings, console, several=len(plans) > 1))
+    app = create_app(served, settings, keys)
 
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     scheme = "http" if settings.ssl_mode == "disabled" else "https"
@@ -85,12 +69,37 @@ def serve(settings: Settings) -> int:
         else "off (no API keys configured)"
     )
     console.print(f"  keys     {auth}; TLS {settings.ssl_mode}")
-    console.print(f"  engine   {engine.name} starting (live now, ready when the engine answers)")
+    engines = ", ".join(m.supervisor.engine.name for m in served)
+    console.print(f"  engine   {engines} starting (live now, ready when every engine answers)")
 
     def on_ready(seconds: float) -> None:
-        console.print(f"[green]ready[/green] in {seconds:.1f} s: {url}/v1 serves {entry.id}")
+        console.print(f"[green]ready[/green] in {seconds:.1f} s: {url}/v1 serves {names}")
 
-    return runtime.run(app, sock, [served], settings, on_ready=on_ready, started=started)
+    return runtime.run(app, sock, served, settings, on_ready=on_ready, started=started)
+
+
+def _prepare(plan: Plan, settings: Settings, console: Console, *, several: bool) -> ServedModel:
+    """Fetch and verify one model into the cache and build its supervised engine."""
+    entry, profile = plan.entry, plan.chosen.profile
+    head = f"  {entry.id}\n  " if several else "  "
+    tags = " ".join(f"{k}={v}" for k, v in profile.tags.items())
+    console.print(f"{head}profile  {profile.id} ({tags}), context {plan.context}")
+    console.print(f"  why      {plan.why}")
+    if not plan.chosen.runnable:
+        console.print(f"[yellow]  forced: {plan.chosen.reason}[/yellow]")
+    prepared = prepare(
+        entry,
+        profile,
+        plan.store,
+        index_url=settings.pypi_index_url,
+        offline=settings.offline,
+        reporter=RichReporter(console),
+    )
+    console.print(f"  model    {prepared.path} ({'reused' if prepared.reused else 'built'})")
+    engine = plan.engine(settings, prepared.path)
+    engine.cache_dir.mkdir(parents=True, exist_ok=True)
+    supervisor = Supervisor(engine, ready_timeout_s=settings.engine_ready_timeout_s)
+    return ServedModel(entry, profile, supervisor, prepared.license_text, prepared.provenance)
 
 
 def _refuse_open_bind(settings: Settings, keys: KeyRing) -> None:
@@ -151,12 +160,23 @@ def describe(plan: Plan, settings: Settings) -> dict[str, Any]:
 
 
 def dry_run(settings: Settings, *, as_json: bool) -> int:
-    plan = resolve(settings)
-    info = describe(plan, settings)
+    plans = resolve_all(settings)
+    infos = [describe(plan, settings) for plan in plans]
     if as_json:
-        print(json.dumps(info, indent=2))
+        # One model: its description, as before; several: a list of them.
+        print(json.dumps(infos[0] if len(infos) == 1 else {"models": infos}, indent=2))
         return 0
     console = Console(highlight=False, soft_wrap=True)
+    for plan, info in zip(plans, infos, strict=True):
+        if len(plans) > 1:
+            console.print()
+        _print_plan(console, plan, info, settings)
+    console.print(f"listen   {settings.host}:{settings.port}")
+    console.print("         (--port 0: a free loopback port is chosen at start)")
+    return 0
+
+
+def _print_plan(console: Console, plan: Plan, info: dict[str, Any], settings: Settings) -> None:
     p = info["profile"]
     console.print(f"model    {info['model']}")
     console.print(
@@ -182,8 +202,5 @@ def dry_run(settings: Settings, *, as_json: bool) -> int:
     else:
         state = "not in the cache yet: serve will fetch it"
     console.print(f"cache    {c['model_dir']} ({state})")
-    console.print(f"listen   {settings.host}:{settings.port}")
     env = " ".join(f"{k}={shlex.quote(v)}" for k, v in info["engine"]["env"].items())
     console.print(f"engine   {env} {shlex.join(info['engine']['argv'])}")
-    console.print("         (--port 0: a free loopback port is chosen at start)")
-    return 0

@@ -51,7 +51,10 @@ def _default_cache_path(env: Mapping[str, str] = os.environ) -> Path:
 class Settings:
     """How `inferd serve` runs. Each field is also `INFERD_<NAME>` and `--<name>`."""
 
-    model: str = _setting("smollm2-135m-instruct", "Catalog id of the model to serve.")
+    model: str = _setting(
+        "smollm2-135m-instruct",
+        "Catalog id of the model to serve; several, separated by commas, share one endpoint.",
+    )
     host: str = _setting("127.0.0.1", "Address the API listens on (loopback unless told).")
     port: int = _setting(8000, "Port the API listens on.")
     cache_path: Path = _setting(
@@ -126,6 +129,11 @@ class Settings:
         "Seconds an idle client connection is kept open; longer than the clients' and load "
         "balancers' own idle limits, so they never reuse one the server just closed.",
     )
+
+    @property
+    def models(self) -> list[str]:
+        """The catalog ids to serve, in the order given."""
+        return [m.strip() for m in self.model.split(",") if m.strip()]
 
     def engine_argv(self) -> list[str]:
         try:
@@ -238,7 +246,7 @@ def _validate(s: Settings) -> None:
         raise ConfigError(f"port {s.port} is out of range (1-65535)")
     if s.engine_ready_timeout_s <= 0:
         raise ConfigError("engine_ready_timeout_s must be positive")
-    if not s.model:
+    if not s.models:
         raise ConfigError("no model given")
     if s.max_model_len is not None and s.max_model_len < 16:
         raise ConfigError(f"max_model_len {s.max_model_len} is too small")

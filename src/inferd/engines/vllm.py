@@ -119,12 +119,52 @@ ACCEPTED_PARAMS: dict[str, frozenset[str]] = {
         }
     ),
     "/detokenize": frozenset({"model", "tokens"}),
+    "/v1/embeddings": frozenset(
+        {
+            "model",
+            "input",
+            "user",
+            "encoding_format",
+            "dimensions",
+            "embed_dtype",
+            "endianness",
+            "add_special_tokens",
+            "truncate_prompt_tokens",
+            "truncation_side",
+            "padding",
+            "use_activation",
+            "mm_processor_kwargs",
+            "cache_salt",
+            "priority",
+            "request_id",
+        }
+    ),
+    "/rerank": frozenset(
+        {
+            "model",
+            "query",
+            "documents",
+            "top_n",
+            "instruction",
+            "user",
+            "max_tokens_per_doc",
+            "max_tokens_per_query",
+            "truncate_prompt_tokens",
+            "truncation_side",
+            "padding",
+            "use_activation",
+            "chat_template_kwargs",
+            "mm_processor_kwargs",
+            "cache_salt",
+            "priority",
+            "request_id",
+        }
+    ),
 }
 
 
 def vllm_accepted_params(route: str) -> frozenset[str] | None:
-    """vLLM's fields for `route`; None where inferd does not check yet (embeddings, whose
-    request models vLLM assembles from mixins)."""
+    """vLLM's fields for `route` (embeddings: the text-input form; None: not checked)."""
     return ACCEPTED_PARAMS.get(route)
 
 

@@ -23,11 +23,12 @@ from inferd import __version__
 from inferd.config import Settings
 from inferd.errors import EngineNotReadyError
 from inferd.observability.metrics import Metrics
-from inferd.server import errors
+from inferd.server import errors, retrieval
 from inferd.server.admission import Admission, Limits
 from inferd.server.context import RequestIdMiddleware
 from inferd.server.keys import KeyRing
 from inferd.server.proxy import Proxy
+from inferd.server.retrieval import SHAPES, Shape
 from inferd.server.served import ModelTable, ServedModel
 from inferd.server.supervisor import State
 
@@ -40,6 +41,9 @@ FORWARDED = {
     "/v1/chat/completions": ("/v1/chat/completions", True),
     "/v1/completions": ("/v1/completions", True),
     "/v1/embeddings": ("/v1/embeddings", True),
+    # Reranking: Cohere's and Jina's format (vLLM's /rerank), and NIM's (server.retrieval).
+    "/v1/rerank": ("/rerank", True),
+    "/v1/ranking": ("/rerank", True),
     "/v1/tokenize": ("/tokenize", False),
     "/v1/detokenize": ("/detokenize", False),
     "/tokenize": ("/tokenize", False),
@@ -79,6 +83,7 @@ def _model_info(m: ServedModel) -> dict[str, Any]:
             "state": sup.state.value,
         },
         "source": m.provenance.get("source"),
+        **retrieval.describe(m.entry),
     }
 
 
@@ -136,16 +141,16 @@ def create_app(
             expose_headers=["X-Request-Id", "Retry-After"],
         )
 
-    def forwarder(engine_path: str, counted: bool) -> Any:
+    def forwarder(engine_path: str, counted: bool, shape: Shape | None) -> Any:
         async def forward(request: Request) -> Response:
-            return await proxy.forward(request, engine_path, counted)
+            return await proxy.forward(request, engine_path, counted, shape)
 
         return forward
 
     for route, (engine_path, counted) in FORWARDED.items():
         app.add_api_route(
             route,
-            forwarder(engine_path, counted),
+            forwarder(engine_path, counted, SHAPES.get(route)),
             methods=["POST"],
             tags=["openai"],
             openapi_extra=_openapi_body([m.id for m in table]),

@@ -66,6 +66,8 @@ class Call:
         self.strip_usage = False
         # The engine's reshaping of streamed events into inferd's API, if it needs one.
         self.adapt_event: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+        # The front route's reshaping of a whole answer (NIM's ranking format), if any.
+        self.reshape_answer: Callable[[dict[str, Any]], dict[str, Any]] | None = None
         self.engine_error = False  # the engine reported an error inside a 200 stream
         self.upstream: aiohttp.ClientResponse | None = None
         self.abort_reason: str | None = None
@@ -142,6 +144,16 @@ class Call:
             only = {**head, "choices": [], "usage": usage}
             events.append(b"data: " + json.dumps(only).encode() + b"\n\n")
         return events
+
+    def reshape(self, body: bytes) -> bytes:
+        """A whole answer in the front route's format (after its usage was read)."""
+        if self.reshape_answer is None:
+            return body
+        with contextlib.suppress(ValueError):
+            answer = json.loads(body)
+            if isinstance(answer, dict):
+                return json.dumps(self.reshape_answer(answer)).encode()
+        return body
 
     def read_answer(self, body: bytes) -> None:
         try:

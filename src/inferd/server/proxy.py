@@ -34,11 +34,12 @@ from inferd.errors import (
     PayloadTooLargeError,
 )
 from inferd.observability.metrics import Metrics
-from inferd.server import limits
+from inferd.server import limits, retrieval
 from inferd.server.call import Call
 from inferd.server.context import current_request_id
 from inferd.server.errors import envelope, from_engine
 from inferd.server.keys import KeyRecord, KeyRing
+from inferd.server.retrieval import Shape
 from inferd.server.served import ModelTable, ServedModel
 
 log = logging.getLogger("inferd.requests")
@@ -167,15 +168,26 @@ class Proxy:
 
     # ------------------------------------------------------------------ forwarding
 
-    async def forward(self, request: Request, engine_path: str, counted: bool = True) -> Response:
+    async def forward(
+        self,
+        request: Request,
+        engine_path: str,
+        counted: bool = True,
+        shape: Shape | None = None,
+    ) -> Response:
         if self.draining:
             raise DrainingError("the service is shutting down; retry on another replica")
         key = self.authorize(request)
         body = await self._read_body(request)
         payload = parse_body(body)
         served = self.models.lookup(payload.get("model"))
+        retrieval.check_route(served.entry, engine_path, request.url.path)
         stream = _stream_flag(payload)
         engine = served.supervisor.engine
+        reshape_answer = None
+        if shape is not None:
+            # NIM's request format in the engine's terms (see server.retrieval).
+            payload, reshape_answer = shape(payload, served.entry)
         limits.check(
             engine_path,
             payload,
@@ -190,12 +202,13 @@ class Proxy:
             log.info("request body: %s", body.decode("utf-8", "replace"))
         slot = await served.admission.acquire() if counted else None
         call = Call(served.id, self.metrics, engine_path, rid, slot=slot, key=key, keys=self.keys)
+        call.reshape_answer = reshape_answer
         self.active.add(call)
         # The body is re-encoded once, and only when something in it had to change.
         renamed = [ours for ours in engine.param_aliases if ours in payload]
         for ours in renamed:
             payload[engine.param_aliases[ours]] = payload.pop(ours)
-        rewritten = bool(renamed)
+        rewritten = bool(renamed) or shape is not None
         if stream and not (payload.get("stream_options") or {}).get("include_usage"):
             payload["stream_options"] = {
                 **(payload.get("stream_options") or {}),
@@ -274,6 +287,7 @@ class Proxy:
             else:
                 data = call.adapt_body(data)
             call.read_answer(data)
+            data = call.reshape(data)
             self._end(call, resp.status)
             return Response(data, resp.status, media_type=resp.content_type)
 
@@ -294,10 +308,14 @@ class Proxy:
         assert self.session is not None
         payload = json.loads(body)
         query: dict[str, Any] = {"model": payload["model"]}
+        texts = payload.get("input")
         if isinstance(payload.get("prompt"), str):
             query["prompt"] = payload["prompt"]
         elif isinstance(payload.get("messages"), list):
             query.update(messages=payload["messages"], add_generation_prompt=True)
+        elif isinstance(texts, str | list) and texts:
+            await self._count_inputs(served, query, texts, error)
+            return
         else:
             return
         with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError, KeyError):
@@ -310,6 +328,36 @@ class Proxy:
                 error["error"]["message"] = _too_long(
                     counted["count"], counted["max_model_len"], error["error"]["message"]
                 )
+
+    async def _count_inputs(
+        self, served: ServedModel, query: dict[str, Any], texts: str | list[Any], error: Any
+    ) -> None:
+        """The same for embeddings: the longest text input, by index, with NIM's way out."""
+        assert self.session is not None
+        inputs = [texts] if isinstance(texts, str) else texts
+        longest: tuple[int, int, int] | None = None  # tokens, index, context
+        with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError, KeyError):
+            for index, text in enumerate(inputs[:256]):
+                if not isinstance(text, str):
+                    return
+                async with self.session.post(
+                    served.supervisor.base_url + "/tokenize",
+                    json={**query, "prompt": text},
+                    timeout=aiohttp.ClientTimeout(total=10),
+                ) as resp:
+                    counted = await resp.json()
+                if longest is None or counted["count"] > longest[0]:
+                    longest = (counted["count"], index, counted["max_model_len"])
+        if longest is None:
+            return
+        tokens, index, context = longest
+        which = "the input" if isinstance(texts, str) else f"input[{index}]"
+        error["error"]["message"] = (
+            f"{which} has {tokens} tokens and the model's context is {context}; shorten it, or "
+            "send truncate=END (or START) to cut it to fit (nothing was truncated). "
+            f"Engine: {error['error']['message']}"
+        )
+        error["error"]["param"] = "input"
 
     async def _relay(
         self, resp: aiohttp.ClientResponse, call: Call, served: ServedModel

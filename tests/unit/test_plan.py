@@ -1,0 +1,91 @@
+"""Several models in one service: each model's profile, and whether they fit together."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from inferd.catalog import Catalog
+from inferd.catalog.estimate import GiB
+from inferd.cli.plan import check_fit_together, profile_choices, resolve_all
+from inferd.config import load_settings
+from inferd.errors import UsageError
+from tests.conftest import FIXTURES
+
+CATALOG = Catalog.load()
+CHAT, EMBED = CATALOG.get("smollm2-135m-instruct"), CATALOG.get("all-minilm-l6-v2")
+EPYC = FIXTURES / "hardware" / "cpu-epyc-2core"
+
+
+def _plans(tmp_path: Path, model: str, **flags: str) -> list[str]:
+    settings = load_settings(
+        {"model": model, "hardware": str(EPYC), "cache_path": str(tmp_path), **flags},
+        env={},
+    )
+    return [f"{p.entry.id}:{p.chosen.profile.id}" for p in resolve_all(settings)]
+
+
+def test_profile_choices_by_id_or_pairs() -> None:
+    both = [CHAT, EMBED]
+    assert profile_choices("default", both) == {CHAT.id: "default", EMBED.id: "default"}
+    # A profile only one of the models has needs no model name.
+    assert profile_choices("vllm-cpu-fp32", both)[EMBED.id] == "vllm-cpu-fp32"
+    pairs = profile_choices(f"{CHAT.id}=llamacpp-cpu-q8_0,{EMBED.id}=vllm-cpu-fp32", both)
+    assert pairs == {CHAT.id: "llamacpp-cpu-q8_0", EMBED.id: "vllm-cpu-fp32"}
+    assert profile_choices("anything", [CHAT]) == {CHAT.id: "anything"}
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("nope", "belongs to none"),
+        ("other-model=vllm-cpu-fp32", "not served here"),
+    ],
+)
+def test_profile_choices_refuse_what_names_no_served_model(text: str, words: str) -> None:
+    with pytest.raises(UsageError, match=words):
+        profile_choices(text, [CHAT, EMBED])
+
+
+def test_two_models_each_get_their_own_profile(tmp_path: Path) -> None:
+    plans = _plans(tmp_path, f"{CHAT.id},{EMBED.id}", profile=f"{CHAT.id}=vllm-cpu-bf16")
+    assert plans == [f"{CHAT.id}:vllm-cpu-bf16", f"{EMBED.id}:vllm-cpu-fp32"]
+
+
+@pytest.mark.parametrize(
+    ("model", "flags", "words"),
+    [
+        (f"{CHAT.id},{CHAT.id}", {}, "named twice"),
+        (f"{CHAT.id},{EMBED.id}", {"engine_args": "--foo"}, "--engine-args applies to one"),
+        (f"{CHAT.id},{EMBED.id}", {"max_model_len": "1024"}, "--max-model-len applies to one"),
+    ],
+)
+def test_what_cannot_apply_to_several_models_is_refused(
+    tmp_path: Path, model: str, flags: dict[str, str], words: str
+) -> None:
+    with pytest.raises(UsageError, match=words):
+        _plans(tmp_path, model, **flags)
+
+
+def test_models_that_fit_alone_but_not_together_are_refused_with_the_estimate(
+    tmp_path: Path,
+) -> None:
+    settings = load_settings(
+        {"model": f"{CHAT.id},{EMBED.id}", "hardware": str(EPYC), "cache_path": str(tmp_path)},
+        env={},
+    )
+    plans = resolve_all(settings)  # 23.5 GiB: both fit
+    # The same two on a host with 5 GiB: each fits alone (2.8 and 2.3 GiB), not both.
+    small = [
+        replace(p, chosen=replace(p.chosen, estimate=replace(p.chosen.estimate, available=5 * GiB)))
+        for p in plans
+        if p.chosen.estimate
+    ]
+    assert all(p.chosen.estimate and p.chosen.estimate.total < 5 * GiB for p in small)
+    with pytest.raises(UsageError) as info:
+        check_fit_together(small)
+    message = info.value.message
+    assert "do not fit in host memory together: they need 5.1 GiB" in message
+    assert f"{CHAT.id} (llamacpp-cpu-q4_1)" in message and "5.0 GiB usable" in message
