@@ -139,6 +139,31 @@ def test_dry_run_prints_the_engine_command() -> None:
     assert json.loads(r.stdout)["profile"]["id"] == "vllm-cpu-bf16"
 
 
+def test_dry_run_of_several_models_plans_each_and_refuses_what_names_one() -> None:
+    import json
+
+    r = _run(
+        "serve",
+        *("smollm2-135m-instruct", "all-minilm-l6-v2", "--dry-run", "--json"),
+        *("--profile", "smollm2-135m-instruct=vllm-cpu-bf16"),
+    )
+    assert r.returncode == 0, r.stderr
+    plans = {p["model"]: p for p in json.loads(r.stdout)["models"]}
+    assert plans["smollm2-135m-instruct"]["profile"]["id"] == "vllm-cpu-bf16"
+    assert plans["all-minilm-l6-v2"]["engine"]["argv"][-4:-2] == ["--runner", "pooling"]
+    env = {**os.environ, "INFERD_MODEL": "smollm2-135m-instruct,all-minilm-l6-v2"}
+    r = _run("serve", "--dry-run", "--json", env=env)
+    assert len(json.loads(r.stdout)["models"]) == 2
+    for args, words in (
+        (("--engine-args=--foo",), "--engine-args applies to one model"),
+        (("--profile", "nope"), "belongs to none of the models served"),
+        (("smollm2-135m-instruct",), "a model is named twice"),
+    ):
+        r = _run("serve", "smollm2-135m-instruct", "all-minilm-l6-v2", *args)
+        assert r.returncode == 2
+        assert words in _one_line(r)
+
+
 def test_non_loopback_bind_without_keys_is_refused(tmp_path: Path) -> None:
     env = {**os.environ, "INFERD_API_KEYS_FILE": str(tmp_path / "none.json")}
     r = _run("serve", "--host", "0.0.0.0", "--cache-path", str(tmp_path), env=env)

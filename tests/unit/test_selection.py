@@ -105,6 +105,16 @@ def test_cpu_goal_picks_the_engine_and_explains_it() -> None:
     assert "--optimize latency picks llamacpp-cpu-q4_1" in why
 
 
+def test_a_single_runnable_profile_is_explained_as_such() -> None:
+    entry = CATALOG.get("all-minilm-l6-v2")
+    found = profiles.candidates(entry, EPYC)
+    why = profiles.explain(profiles.select(entry, EPYC), found, None)
+    assert why == (
+        "vllm-cpu-fp32 (vllm, fp32, made for throughput) is the only profile of this model "
+        "that runs here"
+    )
+
+
 def test_an_engine_missing_here_is_skipped_with_its_reason() -> None:
     entry = CATALOG.get("smollm2-135m-instruct")
     missing = {"llamacpp": "llama-server is not installed"}

@@ -199,6 +199,8 @@ def explain(chosen: Candidate, found: list[Candidate], optimize: str | None) -> 
         if p.optimize != optimize:
             return f"no {optimize} profile runs here; {p.id} ({what}) is the best that does{tail}"
         return f"--optimize {optimize}: {p.id} ({what}) is the best runnable one{tail}"
+    if sum(c.runnable for c in found) <= 1:
+        return f"{p.id} ({what}) is the only profile of this model that runs here{tail}"
     device = p.requires.device
     return (
         f"no --optimize given: {p.id} ({what}) runs the engine measured fastest for a single "
