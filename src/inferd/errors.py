@@ -23,7 +23,8 @@ one of these, so nothing else leaks out.
     │   ├── InvalidRequestError       400: malformed JSON or an invalid field (names the field)
     │   ├── ModelNotFoundError        404 model_not_found
     │   ├── RouteNotFoundError        404: no such route
-    │   └── PayloadTooLargeError      413: the body exceeds the limit
+    │   ├── PayloadTooLargeError      413: the body exceeds the limit
+    │   └── ContentFilterError        400 content_filter: a guardrail blocked it
     ├── AuthenticationError           401: no key, or a key that is not valid
     ├── RateLimitError                429 + Retry-After: a key's requests or tokens per minute
     └── UnavailableError              503 + Retry-After: try again later
@@ -139,6 +140,12 @@ class RouteNotFoundError(RequestError):
 class PayloadTooLargeError(RequestError):
     status = 413
     code = "request_too_large"
+
+
+class ContentFilterError(RequestError):
+    """A guardrail blocked the request (or, without a configured refusal, its answer)."""
+
+    code = "content_filter"
 
 
 class AuthenticationError(InferdError):

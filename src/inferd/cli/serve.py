@@ -24,6 +24,8 @@ from inferd.cli.plan import Plan, resolve_all
 from inferd.cli.progress import RichReporter
 from inferd.config import Settings
 from inferd.errors import UsageError
+from inferd.guardrails import config as guard_config
+from inferd.guardrails.config import GuardrailsConfig
 from inferd.observability import logs
 from inferd.server import runtime
 from inferd.server.app import create_app
@@ -46,6 +48,7 @@ def serve(settings: Settings) -> int:
     logs.configure(settings.log_level, settings.json_logs)
 
     plans = resolve_all(settings)
+    guards = _guardrails(settings)
     keys = KeyRing(settings.api_keys_file)
     _refuse_open_bind(settings, keys)
     plans[0].store.ensure_writable()
@@ -57,7 +60,7 @@ def serve(settings: Settings) -> int:
     served: list[ServedModel] = []
     for plan in plans:
         served.append(_prepare(plan, settings, console, several=len(plans) > 1))
-    app = create_app(served, settings, keys)
+    app = create_app(served, settings, keys, guards)
 
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     scheme = "http" if settings.ssl_mode == "disabled" else "https"
@@ -69,6 +72,8 @@ def serve(settings: Settings) -> int:
         else "off (no API keys configured)"
     )
     console.print(f"  keys     {auth}; TLS {settings.ssl_mode}")
+    if guards is not None:
+        console.print(f"  rails    {describe_rails(guards)} ({settings.guardrails_config})")
     engines = ", ".join(m.supervisor.engine.name for m in served)
     console.print(f"  engine   {engines} starting (live now, ready when every engine answers)")
 
@@ -100,6 +105,20 @@ def _prepare(plan: Plan, settings: Settings, console: Console, *, several: bool)
     engine.cache_dir.mkdir(parents=True, exist_ok=True)
     supervisor = Supervisor(engine, ready_timeout_s=settings.engine_ready_timeout_s)
     return ServedModel(entry, profile, supervisor, prepared.license_text, prepared.provenance)
+
+
+def _guardrails(settings: Settings) -> GuardrailsConfig | None:
+    """The guardrails file, read before anything slow starts (a mistake stops start-up)."""
+    return guard_config.load(settings.guardrails_config) if settings.guardrails_config else None
+
+
+def describe_rails(config: GuardrailsConfig) -> str:
+    parts = [
+        f"{stage} pii {rails.pii.action}"
+        for stage, rails in (("input", config.input), ("output", config.output))
+        if rails.pii is not None
+    ]
+    return ", ".join(parts) or "none on"
 
 
 def _refuse_open_bind(settings: Settings, keys: KeyRing) -> None:
@@ -161,6 +180,7 @@ def describe(plan: Plan, settings: Settings) -> dict[str, Any]:
 
 def dry_run(settings: Settings, *, as_json: bool) -> int:
     plans = resolve_all(settings)
+    _guardrails(settings)  # refused here too, with its line
     infos = [describe(plan, settings) for plan in plans]
     if as_json:
         # One model: its description, as before; several: a list of them.

@@ -119,6 +119,9 @@ class Settings:
         None, "CA certificates (PEM) that client certs need (mTLS)."
     )
     cors_origins: str = _setting("", "Origins allowed by CORS, comma-separated (empty: CORS off).")
+    guardrails_config: Path | None = _setting(
+        None, "Guardrails file (YAML): rails applied to every chat and completion request."
+    )
     # --- limits and shutdown ---
     max_body_bytes: int = _setting(4 * 2**20, "Largest request body accepted (bytes; else 413).")
     drain_timeout_s: float = _setting(

@@ -148,6 +148,24 @@ class Metrics:
             engine,
         )
 
+        rail = ["rail", "stage"]  # stage: input, output or check (the /v1/guardrails route)
+        self.guardrail_checks = Counter(
+            "inferd_guardrail_checks", "Texts a guardrail checked.", rail, registry=r
+        )
+        self.guardrail_blocks = Counter(
+            "inferd_guardrail_blocks", "Requests or answers a guardrail blocked.", rail, registry=r
+        )
+        self.guardrail_redactions = Counter(
+            "inferd_guardrail_redactions", "Spans a guardrail redacted.", rail, registry=r
+        )
+        self.guardrail_seconds = Histogram(
+            "inferd_guardrail_seconds",
+            "Time a guardrail took per check.",
+            rail,
+            buckets=(0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0),
+            registry=r,
+        )
+
     def add_model(self, model: str, engine: str) -> None:
         """Create the model's series at zero, so dashboards and alerts see them before traffic."""
         for family in (

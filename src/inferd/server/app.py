@@ -21,13 +21,15 @@ from fastapi.responses import JSONResponse
 
 from inferd import __version__
 from inferd.config import Settings
-from inferd.errors import EngineNotReadyError
+from inferd.errors import EngineNotReadyError, InvalidRequestError
+from inferd.guardrails.config import GuardrailsConfig
+from inferd.guardrails.rails import Guardrails, guardrail_texts
 from inferd.observability.metrics import Metrics
 from inferd.server import errors, retrieval
 from inferd.server.admission import Admission, Limits
 from inferd.server.context import RequestIdMiddleware
 from inferd.server.keys import KeyRing
-from inferd.server.proxy import Proxy
+from inferd.server.proxy import Proxy, parse_body
 from inferd.server.retrieval import SHAPES, Shape
 from inferd.server.served import ModelTable, ServedModel
 from inferd.server.supervisor import State
@@ -88,12 +90,17 @@ def _model_info(m: ServedModel) -> dict[str, Any]:
 
 
 def create_app(
-    models: list[ServedModel], settings: Settings | None = None, keys: KeyRing | None = None
+    models: list[ServedModel],
+    settings: Settings | None = None,
+    keys: KeyRing | None = None,
+    guards_config: GuardrailsConfig | None = None,
 ) -> FastAPI:
-    """The front for `models`. `keys`: when it holds active keys, inference routes need one."""
+    """The front for `models`. `keys`: when it holds active keys, inference routes need one.
+    `guards_config`: the rails applied inline (and the defaults of /v1/guardrails/check)."""
     settings = settings or Settings()
     table = ModelTable(models)
     metrics = Metrics()
+    guards = Guardrails(guards_config or GuardrailsConfig(), metrics)
     for m in table:
         metrics.add_model(m.id, m.supervisor.engine.name)
         running = settings.max_running or m.profile.max_running
@@ -106,6 +113,7 @@ def create_app(
         keys=keys,
         max_body_bytes=settings.max_body_bytes,
         log_requests=settings.log_requests,
+        guards=guards if guards.active else None,
     )
 
     @contextlib.asynccontextmanager
@@ -156,6 +164,21 @@ def create_app(
             openapi_extra=_openapi_body([m.id for m in table]),
             name=route,
         )
+
+    @app.post("/v1/guardrails/check", tags=["guardrails"])
+    async def guardrails_check(request: Request) -> dict[str, Any]:
+        """Each named rail over `text` (or the messages' text): one verdict per rail."""
+        proxy.authorize(request)
+        payload = parse_body(await request.body())
+        texts = guardrail_texts(payload)
+        rails = payload.get("rails")
+        if not isinstance(rails, list) or not all(isinstance(r, str) for r in rails):
+            raise InvalidRequestError("rails must be a list of rail names", param="rails")
+        verdicts = guards.check(texts, rails)
+        return {
+            "blocked": any(v.blocked for v in verdicts),
+            "rails": [v.as_dict() for v in verdicts],
+        }
 
     @app.get("/v1/models", tags=["openai"])
     async def list_models(request: Request) -> JSONResponse:

@@ -19,6 +19,7 @@ from typing import Any
 
 import aiohttp
 
+from inferd.guardrails.rails import StreamFilter
 from inferd.observability.metrics import Metrics
 from inferd.server.admission import Slot
 from inferd.server.keys import KeyRecord, KeyRing
@@ -68,6 +69,8 @@ class Call:
         self.adapt_event: Callable[[dict[str, Any]], dict[str, Any]] | None = None
         # The front route's reshaping of a whole answer (NIM's ranking format), if any.
         self.reshape_answer: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+        # Output rails over a streamed answer (per request), when a guardrails file has some.
+        self.stream_filter: StreamFilter | None = None
         self.engine_error = False  # the engine reported an error inside a 200 stream
         self.upstream: aiohttp.ClientResponse | None = None
         self.abort_reason: str | None = None

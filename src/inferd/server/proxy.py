@@ -28,11 +28,13 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from inferd.errors import (
+    ContentFilterError,
     DrainingError,
     EngineUnavailableError,
     InvalidRequestError,
     PayloadTooLargeError,
 )
+from inferd.guardrails.rails import Guardrails
 from inferd.observability.metrics import Metrics
 from inferd.server import limits, retrieval
 from inferd.server.call import Call
@@ -113,12 +115,14 @@ class Proxy:
         keys: KeyRing | None = None,
         max_body_bytes: int = 4 * 2**20,
         log_requests: bool = False,
+        guards: Guardrails | None = None,
     ) -> None:
         self.models = models
         self.metrics = metrics
         self.keys = keys
         self.max_body_bytes = max_body_bytes
         self.log_requests = log_requests
+        self.guards = guards  # inline rails, when a guardrails file turns some on
         self.session: aiohttp.ClientSession | None = None
         self.draining = False
         self.active: set[Call] = set()
@@ -196,6 +200,7 @@ class Proxy:
             engine=engine.name,
             max_n=engine.max_n,
         )
+        guarded = self.guards is not None and self.guards.guard_request(engine_path, payload)
         served.require_ready()
         rid = current_request_id()
         if self.log_requests:
@@ -208,7 +213,7 @@ class Proxy:
         renamed = [ours for ours in engine.param_aliases if ours in payload]
         for ours in renamed:
             payload[engine.param_aliases[ours]] = payload.pop(ours)
-        rewritten = bool(renamed) or shape is not None
+        rewritten = bool(renamed) or shape is not None or guarded
         if stream and not (payload.get("stream_options") or {}).get("include_usage"):
             payload["stream_options"] = {
                 **(payload.get("stream_options") or {}),
@@ -220,6 +225,8 @@ class Proxy:
         elif rewritten:
             body = json.dumps(payload).encode()
         call.adapt_event = engine.event_adapter(engine_path)
+        if self.guards is not None and stream:
+            call.stream_filter = self.guards.stream_filter(engine_path)
         try:
             return await self._send(served, engine_path, body, stream, call)
         except asyncio.CancelledError:
@@ -288,6 +295,8 @@ class Proxy:
                 data = call.adapt_body(data)
             call.read_answer(data)
             data = call.reshape(data)
+            if self.guards is not None:
+                data = self._guard_answer(path, data, call)
             self._end(call, resp.status)
             return Response(data, resp.status, media_type=resp.content_type)
 
@@ -301,6 +310,20 @@ class Proxy:
             headers={"Cache-Control": "no-cache"},
             on_close=release,
         )
+
+    def _guard_answer(self, path: str, data: bytes, call: Call) -> bytes:
+        assert self.guards is not None
+        try:
+            answer = json.loads(data)
+        except ValueError:
+            return data
+        if not isinstance(answer, dict):
+            return data
+        try:
+            return json.dumps(self.guards.guard_answer(path, answer)).encode()
+        except ContentFilterError:
+            self._end(call, 400)
+            raise
 
     async def _count_prompt(self, served: ServedModel, body: bytes, error: dict[str, Any]) -> None:
         """Add the prompt's real token count to a too-long error: engines stop counting at the
@@ -373,11 +396,16 @@ class Proxy:
                     continue
                 complete, pending = pending[: end + 2], pending[end + 2 :]
                 out = call.observe_events(complete)
+                stop = False
+                if call.stream_filter is not None:
+                    out, stop = call.stream_filter.process(out)
                 if _DONE in out:
                     # The answer is complete: a client that hangs up now has what it asked for.
                     status = 200
                 if out:
                     yield out
+                if stop:
+                    return  # an output rail ended the stream; `finally` closes the engine's
             if pending.strip():
                 yield pending
             status = 200

@@ -1,0 +1,216 @@
+"""PII detection and redaction, the guardrails file, and rails over requests and streams."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from inferd.errors import ConfigError, ContentFilterError, InvalidRequestError
+from inferd.guardrails import config, pii
+from inferd.guardrails.config import GuardrailsConfig, PiiRail, Rails
+from inferd.guardrails.rails import HOLD, Guardrails
+from inferd.observability.metrics import Metrics
+
+CHAT = "/v1/chat/completions"
+
+
+@pytest.mark.parametrize(
+    ("kind", "text"),
+    [
+        ("email", "jane.doe+news@example.co.uk"),
+        ("phone", "+1 415-555-2671"),
+        ("phone", "+44 20 7946 0958"),
+        ("payment_card", "4111 1111 1111 1111"),
+        ("payment_card", "5500-0000-0000-0004"),
+        ("iban", "GB82 WEST 1234 5698 7654 32"),
+        ("iban", "DE89370400440532013000"),
+        ("ip_address", "192.168.1.20"),
+        ("ip_address", "2001:db8::1"),
+        ("us_ssn", "123-45-6789"),
+    ],
+)
+def test_each_kind_is_found_and_redacted(kind: str, text: str) -> None:
+    sentence = f"Here it is: {text}. Thanks"
+    found = pii.find(sentence)
+    assert [(f.kind, sentence[f.start : f.end]) for f in found] == [(kind, text)]
+    assert pii.redact(sentence, found) == f"Here it is: [REDACTED:{kind.upper()}]. Thanks"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "card 4111 1111 1111 1112",  # fails Luhn
+        "IBAN GB82 WEST 1234 5698 7654 33",  # fails mod 97
+        "IBAN GB82 WEST 1234 5698 7654",  # wrong length for GB
+        "ssn 000-12-3456",  # area 000 is never issued
+        "ssn 666-12-3456",
+        "version 1.2.3.4.5 and 999.1.1.1",
+        "order 1234567890123",
+        "call 555-0100",  # not a dialable number anywhere
+        "no personal data here at all",
+    ],
+)
+def test_lookalikes_are_left_alone(text: str) -> None:
+    assert pii.find(text) == []
+
+
+def test_kinds_limit_what_is_looked_for() -> None:
+    text = "jane@example.com, 4111 1111 1111 1111"
+    assert [f.kind for f in pii.find(text, kinds=["payment_card"])] == ["payment_card"]
+
+
+def test_checksums() -> None:
+    assert pii.luhn_ok("79927398713") and not pii.luhn_ok("79927398710")
+    assert pii.iban_ok("NL91ABNA0417164300") and not pii.iban_ok("NL91ABNA0417164301")
+
+
+def _file(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "guardrails.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_config_file_loads(tmp_path: Path) -> None:
+    loaded = config.load(
+        _file(tmp_path, "input:\n  pii:\n    action: block\n    kinds: [email]\nrefusal: null\n")
+    )
+    assert loaded.input.pii == PiiRail(action="block", kinds=("email",))
+    assert loaded.output.pii is None and loaded.refusal is None and loaded.active
+    assert not config.load(_file(tmp_path, "")).active
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        ("input:\n  pii:\n    action: erase\n", ":3: input.pii.action"),
+        ("input:\n  pii:\n    kinds: [email, passport]\n", ":3: input.pii.kinds.1"),
+        ("output:\n  piii: {}\n", ":2: output.piii: Extra inputs"),
+        ("input: [\n", ":2: "),
+        ("- pii\n", ":1: expected a mapping"),
+    ],
+)
+def test_a_bad_file_is_refused_with_its_line(tmp_path: Path, text: str, where: str) -> None:
+    path = _file(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        config.load(path)
+    assert info.value.message.startswith(f"guardrails config {path}")
+    assert where in info.value.message, info.value.message
+
+
+def _guards(stage: str, action: str, refusal: str | None = "No.") -> Guardrails:
+    rails = Rails(pii=PiiRail(action=action))  # type: ignore[arg-type]
+    cfg = GuardrailsConfig(**{stage: rails}, refusal=refusal)
+    return Guardrails(cfg, Metrics())
+
+
+def test_input_rail_redacts_user_messages_only_and_blocks_by_name() -> None:
+    payload: dict[str, Any] = {
+        "messages": [
+            {"role": "system", "content": "Support desk: help@corp.example.com"},
+            {"role": "user", "content": "I am jane@example.com"},
+            {"role": "user", "content": [{"type": "text", "text": "card 4111 1111 1111 1111"}]},
+        ]
+    }
+    assert _guards("input", "redact").guard_request(CHAT, payload)
+    assert payload["messages"][0]["content"] == "Support desk: help@corp.example.com"
+    assert payload["messages"][1]["content"] == "I am [REDACTED:EMAIL]"
+    assert payload["messages"][2]["content"][0]["text"] == "card [REDACTED:PAYMENT_CARD]"
+    prompt = {"prompt": ["a", "mail jane@example.com"]}
+    assert _guards("input", "redact").guard_request("/v1/completions", prompt)
+    assert prompt["prompt"] == ["a", "mail [REDACTED:EMAIL]"]
+    with pytest.raises(ContentFilterError, match="pii input rail: the request contains email"):
+        _guards("input", "block").guard_request(
+            CHAT, {"messages": [{"role": "user", "content": "I am jane@example.com"}]}
+        )
+    assert not _guards("input", "block").guard_request("/v1/embeddings", {"input": "a@b.io"})
+
+
+def test_output_rail_on_whole_answers() -> None:
+    def answer() -> dict[str, Any]:
+        message = {"role": "assistant", "content": "Mail jane@example.com"}
+        return {"choices": [{"index": 0, "message": message, "finish_reason": "stop"}]}
+
+    redacted = _guards("output", "redact").guard_answer(CHAT, answer())
+    assert redacted["choices"][0]["message"]["content"] == "Mail [REDACTED:EMAIL]"
+    refused = _guards("output", "block").guard_answer(CHAT, answer())
+    assert refused["choices"][0]["message"]["content"] == "No."
+    assert refused["choices"][0]["finish_reason"] == "content_filter"
+    with pytest.raises(ContentFilterError):
+        _guards("output", "block", refusal=None).guard_answer(CHAT, answer())
+
+
+def _events(pieces: list[str], chat: bool = True) -> list[bytes]:
+    events = []
+    for i, piece in enumerate(pieces):
+        last = i == len(pieces) - 1
+        choice: dict[str, Any] = {"index": 0, "finish_reason": "stop" if last else None}
+        if chat:
+            choice["delta"] = {"content": piece}
+        else:
+            choice["text"] = piece
+        events.append(b"data: " + json.dumps({"id": "x", "choices": [choice]}).encode() + b"\n\n")
+    return [*events, b"data: [DONE]\n\n"]
+
+
+def _client_text(out: bytes, chat: bool = True) -> str:
+    text = ""
+    for event in out.split(b"\n\n"):
+        if event.startswith(b"data: {"):
+            for choice in json.loads(event[6:])["choices"]:
+                text += choice["delta"].get("content", "") if chat else choice.get("text", "")
+    return text
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_streamed_pii_split_across_events_never_reaches_the_client(chat: bool) -> None:
+    answer = (
+        "Sure. " + "x" * 80 + " write to jane.doe@example.com or 4111 1111 1111 1111. " + "y" * 80
+    )
+    # Token-sized pieces: the address and the card are cut across many events.
+    pieces = [answer[i : i + 3] for i in range(0, len(answer), 3)]
+    flt = _guards("output", "redact").stream_filter(CHAT if chat else "/v1/completions")
+    assert flt is not None
+    out, sent = b"", []
+    for event in _events(pieces, chat):
+        chunk, stop = flt.process(event)
+        assert not stop
+        out += chunk
+        sent.append(_client_text(out, chat))
+    text = _client_text(out, chat)
+    assert text == answer.replace("jane.doe@example.com", "[REDACTED:EMAIL]").replace(
+        "4111 1111 1111 1111", "[REDACTED:PAYMENT_CARD]"
+    )
+    assert all("jane" not in s and "4111" not in s for s in sent)
+    # Text flows with at most HOLD characters held back.
+    assert len(sent[len(pieces) // 2]) >= len(answer[: 3 * (len(pieces) // 2)]) - HOLD - 40
+    assert out.endswith(b"data: [DONE]\n\n")
+
+
+def test_a_blocked_stream_ends_with_content_filter() -> None:
+    flt = _guards("output", "block").stream_filter(CHAT)
+    assert flt is not None
+    out, stopped = b"", False
+    for event in _events(["Hello, ", "my mail is jane@", "example.com ok", "!"]):
+        chunk, stopped = flt.process(event)
+        out += chunk
+        if stopped:
+            break
+    assert stopped and out.endswith(b"data: [DONE]\n\n")
+    last = json.loads(out.split(b"\n\n")[-3][6:])["choices"][0]
+    assert (
+        last["finish_reason"] == "content_filter" and "pii output rail" in last["delta"]["content"]
+    )
+    assert "jane" not in _client_text(out)
+
+
+def test_check_endpoint_rails() -> None:
+    guards = Guardrails(GuardrailsConfig(), Metrics())
+    [verdict] = guards.check(["call +1 415-555-2671"], ["pii"])
+    assert verdict.blocked and verdict.categories == ["phone"] and verdict.ms >= 0
+    with pytest.raises(InvalidRequestError, match="not available in this service yet"):
+        guards.check(["x"], ["pii", "jailbreak"])
+    with pytest.raises(InvalidRequestError, match="rails must name"):
+        guards.check(["x"], ["spam"])
