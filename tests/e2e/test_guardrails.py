@@ -19,8 +19,14 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletio
 
 from tests.e2e.conftest import INFERD, LLAMACPP_PROFILE, MODEL, Served, serving
 
-SENTENCE = "Write to jane.doe@example.com or call +1 415-555-2671 today."
-REDACTED = "Write to [REDACTED:EMAIL] or call [REDACTED:PHONE] today."
+# Longer than the 64 characters the output rail holds back, so text flows before the end.
+SENTENCE = (
+    "Please write to jane.doe@example.com or call +1 415-555-2671 before Friday, and keep "
+    "the receipt for your records."
+)
+REDACTED = SENTENCE.replace("jane.doe@example.com", "[REDACTED:EMAIL]").replace(
+    "+1 415-555-2671", "[REDACTED:PHONE]"
+)
 GRAMMAR = {"grammar": f"root ::= {json.dumps(SENTENCE)}"}
 ASK: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Where do I send the form?"}]
 
@@ -54,13 +60,13 @@ def _client(served: Served) -> openai.OpenAI:
 def _forced(client: openai.OpenAI) -> ChatCompletion:
     """The model's answer, held by the grammar to SENTENCE."""
     return client.chat.completions.create(
-        model=MODEL, messages=ASK, max_tokens=60, extra_body=GRAMMAR
+        model=MODEL, messages=ASK, max_tokens=80, extra_body=GRAMMAR
     )
 
 
 def _forced_stream(client: openai.OpenAI) -> list[ChatCompletionChunk]:
     stream = client.chat.completions.create(
-        model=MODEL, messages=ASK, max_tokens=60, stream=True, extra_body=GRAMMAR
+        model=MODEL, messages=ASK, max_tokens=80, stream=True, extra_body=GRAMMAR
     )
     return list(stream)
 
@@ -84,7 +90,8 @@ def test_output_redaction_whole_and_streamed(redacting: Served) -> None:
     assert whole.choices[0].message.content == REDACTED
     chunks = _forced_stream(client)
     deltas = [c.choices[0].delta.content or "" for c in chunks if c.choices]
-    assert len(deltas) > 3  # still a stream, not one late block
+    # Still a stream, not one late block: text arrives while the model is generating.
+    assert len([d for d in deltas[:-1] if d]) > 3
     assert "".join(deltas) == REDACTED
     assert not any("jane" in d or "415" in d for d in deltas)
     assert chunks[-1].choices[0].finish_reason == "stop"

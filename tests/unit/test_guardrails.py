@@ -30,6 +30,8 @@ CHAT = "/v1/chat/completions"
         ("ip_address", "192.168.1.20"),
         ("ip_address", "2001:db8::1"),
         ("us_ssn", "123-45-6789"),
+        ("ip_address", "fe80::1"),
+        ("ip_address", "::ffff:10.0.0.1"),
     ],
 )
 def test_each_kind_is_found_and_redacted(kind: str, text: str) -> None:
@@ -55,6 +57,27 @@ def test_each_kind_is_found_and_redacted(kind: str, text: str) -> None:
 )
 def test_lookalikes_are_left_alone(text: str) -> None:
     assert pii.find(text) == []
+
+
+@pytest.mark.parametrize(
+    ("text", "kind", "span"),
+    [
+        ("card 4111 1111 1111 1111 123 (CVV)", "payment_card", "4111 1111 1111 1111"),
+        ("4111-1111-1111-1111 12/26", "payment_card", "4111-1111-1111-1111"),
+        ("card 4111.1111.1111.1111", "payment_card", "4111.1111.1111.1111"),
+        ("IBAN ES91 2100 0418 4502 0005 1332 BIC CAIX", "iban", "ES91 2100 0418 4502 0005 1332"),
+        ("BE68 5390 0754 7034 EUR", "iban", "BE68 5390 0754 7034"),
+        ("host 192.168.1.20:8080", "ip_address", "192.168.1.20"),
+    ],
+)
+def test_what_follows_a_number_does_not_hide_it(text: str, kind: str, span: str) -> None:
+    assert [(f.kind, text[f.start : f.end]) for f in pii.find(text)] == [(kind, span)]
+
+
+def test_a_phone_number_after_long_padding_is_still_found() -> None:
+    # libphonenumber gives up after 65,535 candidates unless told otherwise.
+    text = "item 12, " * 70_000 + "call +1 415-555-2671"
+    assert [f.kind for f in pii.find(text, kinds=["phone"])] == ["phone"]
 
 
 def test_kinds_limit_what_is_looked_for() -> None:
@@ -90,6 +113,8 @@ def test_config_file_loads(tmp_path: Path) -> None:
         ("output:\n  piii: {}\n", ":2: output.piii: Extra inputs"),
         ("input: [\n", ":2: "),
         ("- pii\n", ":1: expected a mapping"),
+        ("input:\n  pii:\n    kinds: []\n", ":3: input.pii.kinds"),
+        ("input:\n  pii:\n    roles: [boss]\n", ":3: input.pii.roles.0"),
     ],
 )
 def test_a_bad_file_is_refused_with_its_line(tmp_path: Path, text: str, where: str) -> None:
@@ -214,3 +239,82 @@ def test_check_endpoint_rails() -> None:
         guards.check(["x"], ["pii", "jailbreak"])
     with pytest.raises(InvalidRequestError, match="rails must name"):
         guards.check(["x"], ["spam"])
+
+
+def test_roles_choose_whose_messages_the_input_rail_reads() -> None:
+    rails = Rails(pii=PiiRail(action="block", roles=("user", "system")))
+    guards = Guardrails(GuardrailsConfig(input=rails), Metrics())
+    payload = {"messages": [{"role": "system", "content": "SSN 123-45-6789"}]}
+    with pytest.raises(ContentFilterError):
+        guards.guard_request(CHAT, payload)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{"logprobs": True}, {"top_logprobs": 2}, {"tools": [{"type": "function"}]}, {"logprobs": 0}],
+)
+def test_fields_the_output_rail_cannot_read_are_refused(extra: dict[str, Any]) -> None:
+    payload = {"messages": [{"role": "user", "content": "hi"}], **extra}
+    with pytest.raises(InvalidRequestError, match="while the pii output rail is on") as info:
+        _guards("output", "redact").guard_request(CHAT, payload)
+    assert info.value.param == next(iter(extra))
+    _guards("input", "redact").guard_request(CHAT, payload)  # input rails alone: fine
+
+
+def test_whole_answers_reasoning_is_redacted_and_a_refusal_keeps_nothing() -> None:
+    def answer() -> dict[str, Any]:
+        message = {"role": "assistant", "content": "ok", "reasoning_content": "jane@example.com"}
+        return {"choices": [{"index": 0, "message": message, "logprobs": {"content": []}}]}
+
+    redacted = _guards("output", "redact").guard_answer(CHAT, answer())
+    assert redacted["choices"][0]["message"]["reasoning_content"] == "[REDACTED:EMAIL]"
+    refused = _guards("output", "block").guard_answer(CHAT, answer())
+    assert refused["choices"][0] == {
+        "index": 0,
+        "message": {"role": "assistant", "content": "No."},
+        "finish_reason": "content_filter",
+    }
+
+
+def _event(choices: list[dict[str, Any]], **extra: Any) -> bytes:
+    return b"data: " + json.dumps({"id": "x", "choices": choices, **extra}).encode() + b"\n\n"
+
+
+def test_streams_with_several_choices_reasoning_usage_and_no_finish_reason() -> None:
+    flt = _guards("output", "redact").stream_filter(CHAT)
+    assert flt is not None
+    events = [
+        _event([{"index": 0, "delta": {"reasoning_content": "think jane@exa"}}]),
+        _event([{"index": 1, "delta": {"content": "call 4111 1111 "}}]),
+        _event([{"index": 0, "delta": {"reasoning_content": "mple.com done"}}]),
+        _event([{"index": 1, "delta": {"content": "1111 1111"}}]),
+        _event([], usage={"prompt_tokens": 1, "completion_tokens": 4}),
+        b"data: [DONE]\n\n",  # no finish_reason came: what is held is flushed, redacted
+    ]
+    out = b"".join(flt.process(e)[0] for e in events)
+    seen: dict[tuple[int, str], str] = {}
+    for event in out.split(b"\n\n"):
+        if event.startswith(b"data: {"):
+            for c in json.loads(event[6:])["choices"]:
+                for key, value in c.get("delta", {}).items():
+                    seen[(c["index"], key)] = seen.get((c["index"], key), "") + value
+    assert seen == {
+        (0, "reasoning_content"): "think [REDACTED:EMAIL] done",
+        (1, "content"): "call [REDACTED:PAYMENT_CARD]",
+    }
+    assert b'"usage"' in out and out.endswith(b"data: [DONE]\n\n")
+
+
+def test_check_texts_refuse_bad_parts_and_skip_tool_turns() -> None:
+    from inferd.guardrails.rails import guardrail_texts
+
+    messages = [
+        {"role": "assistant", "content": None, "tool_calls": []},
+        {"role": "user", "content": [{"type": "image_url"}, {"type": "text", "text": "hi"}]},
+    ]
+    assert guardrail_texts({"messages": messages}) == ["hi"]
+    bad = [{"role": "user", "content": [{"type": "text", "text": 5}]}]
+    with pytest.raises(InvalidRequestError, match="must be a string"):
+        guardrail_texts({"messages": bad})
+    with pytest.raises(InvalidRequestError, match="either text"):
+        guardrail_texts({"text": "a", "messages": messages})

@@ -89,3 +89,17 @@ def test_models_that_fit_alone_but_not_together_are_refused_with_the_estimate(
     message = info.value.message
     assert "do not fit in host memory together: they need 5.1 GiB" in message
     assert f"{CHAT.id} (llamacpp-cpu-q4_1)" in message and "5.0 GiB usable" in message
+
+
+def test_gpu_engines_must_share_each_gpu(tmp_path: Path) -> None:
+    settings = load_settings(
+        {
+            "model": "llama-3.1-8b-instruct,mistral-7b-instruct-v0.3",
+            "hardware": str(FIXTURES / "hardware" / "h100-sxm"),
+            "cache_path": str(tmp_path),
+        },
+        env={},
+    )
+    # Each fits the 80 GB card alone, but each vLLM engine claims 0.9 of it.
+    with pytest.raises(UsageError, match=r"would claim 1\.80 of each GPU together"):
+        resolve_all(settings)

@@ -142,6 +142,10 @@ def profile_choices(text: str, entries: list[ModelEntry]) -> dict[str, str]:
     return chosen
 
 
+# What several GPU engines may claim of one GPU together (the rest: CUDA contexts, fragmentation).
+MAX_GPU_SHARE = 0.95
+
+
 def check_fit_together(plans: list[Plan]) -> None:
     """Refuse, with the estimate, models whose engines would not fit in memory side by side.
 
@@ -156,6 +160,20 @@ def check_fit_together(plans: list[Plan]) -> None:
     for device, group in by_device.items():
         if len(group) < 2:
             continue
+        if device == "gpu":
+            # Each GPU engine claims its profile's share of the device up front (vLLM's
+            # gpu_memory_utilization), whatever its estimate: the shares must add up.
+            share = sum(p.chosen.profile.gpu_memory_utilization for p in group)
+            if share > MAX_GPU_SHARE:
+                parts = ", ".join(
+                    f"{p.entry.id} {p.chosen.profile.gpu_memory_utilization:g}" for p in group
+                )
+                raise UsageError(
+                    f"these models' engines would claim {share:.2f} of each GPU together "
+                    f"({parts}); at most {MAX_GPU_SHARE:g} can be shared: serve fewer models per "
+                    "GPU, choose "
+                    "profiles with smaller shares (a catalog file, --catalog-path), or --force"
+                )
         need = sum(p.chosen.estimate.total for p in group if p.chosen.estimate)
         available = min(p.chosen.estimate.available for p in group if p.chosen.estimate)
         if need > available:

@@ -5,6 +5,7 @@ input:                 # before the engine sees the request (user messages, prom
   pii:
     action: redact     # redact | block
     kinds: [email, phone, payment_card, iban, ip_address, us_ssn]   # default: all
+    roles: [user]      # whose messages (default: the user's)
 output:                # on the answer, streamed or not
   pii:
     action: redact
@@ -34,9 +35,15 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+Role = Literal["system", "developer", "user", "assistant", "tool"]
+
+
 class PiiRail(_Strict):
     action: Literal["redact", "block"] = "redact"
-    kinds: tuple[PiiKind, ...] = KINDS  # type: ignore[assignment]
+    kinds: tuple[PiiKind, ...] = Field(default=KINDS, min_length=1)  # type: ignore[arg-type]
+    # Input rails: whose messages are read. The user's by default: the system prompt is the
+    # operator's own text, earlier assistant turns were checked on the way out.
+    roles: tuple[Role, ...] = Field(default=("user",), min_length=1)
     # Where phone numbers without a country code are assumed to be (ISO 3166 code).
     region: str = Field(default="US", pattern=r"^[A-Z]{2}$")
 

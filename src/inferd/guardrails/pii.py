@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -75,36 +76,66 @@ def ip_ok(text: str) -> bool:
     return True
 
 
-def card_ok(text: str) -> bool:
-    digits = re.sub(r"[ -]", "", text)
-    return 13 <= len(digits) <= 19 and luhn_ok(digits)
+# A validator takes what the pattern matched and returns how much of it (from the start) is the
+# real thing, or None: a card followed by its security code, or an IBAN followed by "BIC", is
+# matched long and kept at the length its checksum accepts.
+Validator = Callable[[str], int | None]
 
 
-_PATTERNS: dict[str, tuple[re.Pattern[str], Callable[[str], bool]]] = {
+def _whole(check: Callable[[str], bool]) -> Validator:
+    return lambda text: len(text) if check(text) else None
+
+
+def _card(text: str) -> int | None:
+    ends = [i + 1 for i, ch in enumerate(text) if ch.isdigit()]  # end of the n-th digit
+    for n in range(min(19, len(ends)), 12, -1):
+        if luhn_ok("".join(ch for ch in text[: ends[n - 1]] if ch.isdigit())):
+            return ends[n - 1]
+    return None
+
+
+def _iban(text: str) -> int | None:
+    want = IBAN_LENGTHS.get(text[:2].upper())
+    if want is None:
+        return None
+    seen = 0
+    for i, ch in enumerate(text):
+        seen += ch.isalnum()
+        if seen == want:
+            return i + 1 if iban_ok(text[: i + 1]) else None
+    return None
+
+
+_PATTERNS: dict[str, tuple[re.Pattern[str], Validator]] = {
     "email": (
         re.compile(r"(?<![\w.+-])[\w.+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b"),
-        lambda _: True,
+        lambda text: len(text),
     ),
-    "payment_card": (re.compile(r"(?<!\d)(?:\d[ -]?){12,18}\d(?!\d)"), card_ok),
+    # Up to 24 digits: a card number (13-19) run together with what follows it.
+    "payment_card": (re.compile(r"(?<!\d)(?:\d[ .\-\u00a0]?){12,23}\d(?!\d)"), _card),
     "iban": (
         re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?\b"),
-        iban_ok,
+        _iban,
     ),
-    "us_ssn": (re.compile(r"(?<!\d)\d{3}[- ]\d{2}[- ]\d{4}(?!\d)"), ssn_ok),
+    "us_ssn": (re.compile(r"(?<!\d)\d{3}[- ]\d{2}[- ]\d{4}(?!\d)"), _whole(ssn_ok)),
+    # IPv4 may be followed by a port; IPv6 candidates are any colon-hex run, judged by ipaddress.
     "ip_address": (
         re.compile(
-            r"(?<![\w.:])(?:(?:\d{1,3}\.){3}\d{1,3}|(?:[0-9A-Fa-f]{1,4}:){2,7}[0-9A-Fa-f:]*"
-            r"[0-9A-Fa-f]{1,4}|::1)(?![\w:]|\.\d)"
+            r"(?<![\w.:])(?:(?:\d{1,3}\.){3}\d{1,3}(?![\w]|\.\d)"
+            r"|[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7}(?::\d{1,3}(?:\.\d{1,3}){3})?(?![\w:]|\.\d))"
         ),
-        ip_ok,
+        _whole(ip_ok),
     ),
 }
 
 
 def _phones(text: str, region: str) -> Iterable[Finding]:
-    for match in phonenumbers.PhoneNumberMatcher(
-        text, region, leniency=phonenumbers.Leniency.VALID
-    ):
+    # max_tries: libphonenumber stops after 65,535 candidates by default, which padding a long
+    # text with numbers would exhaust before the real one.
+    matcher = phonenumbers.PhoneNumberMatcher(
+        text, region, leniency=phonenumbers.Leniency.VALID, max_tries=sys.maxsize
+    )
+    for match in matcher:
         yield Finding("phone", match.start, match.end)
 
 
@@ -113,10 +144,12 @@ def find(text: str, kinds: Iterable[str] = KINDS, region: str = "US") -> list[Fi
     wanted = set(kinds)
     found: list[Finding] = []
     for kind, (pattern, valid) in _PATTERNS.items():
-        if kind in wanted:
-            found += [
-                Finding(kind, m.start(), m.end()) for m in pattern.finditer(text) if valid(m[0])
-            ]
+        if kind not in wanted:
+            continue
+        for m in pattern.finditer(text):
+            length = valid(m[0])
+            if length:
+                found.append(Finding(kind, m.start(), m.start() + length))
     if "phone" in wanted:
         found += _phones(text, region)
     found.sort(key=lambda f: (f.start, -(f.end - f.start)))

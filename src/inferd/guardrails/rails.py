@@ -117,11 +117,23 @@ class Guardrails:
 
     def guard_request(self, route: str, payload: dict[str, Any]) -> bool:
         """Input rails over a generation request; True when its text was rewritten."""
+        if route not in GENERATION:
+            return False
+        if self.config.output.pii is not None:
+            # Text the output rail does not read would carry what it redacts or blocks.
+            for name in ("logprobs", "top_logprobs", "tools", "functions"):
+                value = payload.get(name)
+                if value is not None and value is not False:  # `logprobs: 0` asks for some too
+                    raise InvalidRequestError(
+                        f"{name} is not available while the pii output rail is on: it checks "
+                        "the answer's text, not token logprobs or tool-call arguments",
+                        param=name,
+                    )
         rail = self.config.input.pii
-        if rail is None or route not in GENERATION:
+        if rail is None:
             return False
         changed = False
-        for holder, key in _request_texts(route, payload):
+        for holder, key in _request_texts(route, payload, rail.roles):
             verdict = self.pii(holder[key], rail, "input")
             if verdict.blocked:
                 raise ContentFilterError(
@@ -140,20 +152,18 @@ class Guardrails:
         if rail is None or route not in GENERATION:
             return answer
         for choice in answer.get("choices") or []:
-            holder, key = _answer_text(route, choice)
-            if holder is None:
-                continue
-            verdict = self.pii(holder[key], rail, "output")
-            if verdict.blocked:
-                if self.config.refusal is None:
-                    raise ContentFilterError(
-                        "the answer was blocked by the pii output rail "
-                        f"({', '.join(verdict.categories)})"
-                    )
-                holder[key] = self.config.refusal
-                choice["finish_reason"] = "content_filter"
-            elif verdict.redacted is not None:
-                holder[key] = verdict.redacted
+            for holder, key in _answer_texts(route, choice):
+                verdict = self.pii(holder[key], rail, "output")
+                if verdict.blocked:
+                    if self.config.refusal is None:
+                        raise ContentFilterError(
+                            "the answer was blocked by the pii output rail "
+                            f"({', '.join(verdict.categories)})"
+                        )
+                    _refuse(route, choice, self.config.refusal)
+                    break
+                if verdict.redacted is not None:
+                    holder[key] = verdict.redacted
         return answer
 
     def stream_filter(self, route: str) -> StreamFilter | None:
@@ -170,19 +180,34 @@ def guardrail_texts(payload: dict[str, Any]) -> list[str]:
         return [text]
     if isinstance(messages, list) and messages and text is None:
         texts: list[str] = []
-        for m in messages:
-            content = m.get("content") if isinstance(m, dict) else None
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict):
+                raise InvalidRequestError(f"messages[{i}] must be an object", param="messages")
+            content = m.get("content")
             if isinstance(content, str):
                 texts.append(content)
             elif isinstance(content, list):
-                texts += [p["text"] for p in content if isinstance(p, dict) and "text" in p]
-            else:
-                raise InvalidRequestError("each message needs a text content", param="messages")
+                for part in content:
+                    if not isinstance(part, dict) or "text" not in part:
+                        continue  # images and the like: no text to check
+                    if not isinstance(part["text"], str):
+                        raise InvalidRequestError(
+                            f"messages[{i}]: a text part's text must be a string",
+                            param="messages",
+                        )
+                    texts.append(part["text"])
+            elif content is not None:  # null: a tool-call turn, no text to check
+                raise InvalidRequestError(
+                    f"messages[{i}].content must be a string or a list of parts",
+                    param="messages",
+                )
         return texts
     raise InvalidRequestError("give either text (a string) or messages (a list)", param="text")
 
 
-def _request_texts(route: str, payload: dict[str, Any]) -> list[tuple[Any, Any]]:
+def _request_texts(
+    route: str, payload: dict[str, Any], roles: tuple[str, ...] = ("user",)
+) -> list[tuple[Any, Any]]:
     """(container, key) pairs of the request's user text, to read and rewrite in place."""
     if not route.endswith("chat/completions"):
         prompt = payload.get("prompt")
@@ -193,7 +218,7 @@ def _request_texts(route: str, payload: dict[str, Any]) -> list[tuple[Any, Any]]
         return []
     found: list[tuple[Any, Any]] = []
     for message in payload.get("messages") or []:
-        if not isinstance(message, dict) or message.get("role") != "user":
+        if not isinstance(message, dict) or message.get("role") not in roles:
             continue
         content = message.get("content")
         if isinstance(content, str):
@@ -207,15 +232,31 @@ def _request_texts(route: str, payload: dict[str, Any]) -> list[tuple[Any, Any]]
     return found
 
 
-def _answer_text(route: str, choice: Any) -> tuple[Any, str]:
+def _answer_texts(route: str, choice: Any) -> list[tuple[dict[str, Any], str]]:
+    """(container, key) pairs of one answer choice's text: content and any reasoning."""
     if not isinstance(choice, dict):
-        return None, ""
+        return []
+    if not route.endswith("chat/completions"):
+        return [(choice, "text")] if isinstance(choice.get("text"), str) else []
+    message = choice.get("message")
+    if not isinstance(message, dict):
+        return []
+    return [(message, k) for k in CHAT_FIELDS if isinstance(message.get(k), str)]
+
+
+def _refuse(route: str, choice: dict[str, Any], refusal: str) -> None:
+    """A blocked answer: the refusal alone, nothing of what the model said."""
+    choice["finish_reason"] = "content_filter"
+    choice.pop("logprobs", None)
     if route.endswith("chat/completions"):
-        message = choice.get("message") or choice.get("delta")
-        if isinstance(message, dict) and isinstance(message.get("content"), str):
-            return message, "content"
-        return None, ""
-    return (choice, "text") if isinstance(choice.get("text"), str) else (None, "")
+        choice["message"] = {"role": "assistant", "content": refusal}
+    else:
+        choice["text"] = refusal
+
+
+# Text fields of a streamed chat delta the output rail reads (reasoning models stream their
+# reasoning beside the content); a completions choice has `text`.
+CHAT_FIELDS = ("content", "reasoning_content", "reasoning")
 
 
 class StreamFilter:
@@ -223,21 +264,16 @@ class StreamFilter:
 
     def __init__(self, guards: Guardrails, rail: PiiRail, *, chat: bool) -> None:
         self.guards, self.rail, self.chat = guards, rail, chat
-        self.pending: dict[int, str] = {}  # per choice: text not yet sent
+        # Per (choice, field): text not yet sent.
+        self.pending: dict[tuple[int, str], str] = {}
         self.blocked = False
         self._head: dict[str, Any] = {}
-
-    def _text(self, choice: dict[str, Any]) -> tuple[Any, str]:
-        if self.chat:
-            delta = choice.get("delta")
-            return (delta, "content") if isinstance(delta, dict) else (None, "")
-        return choice, "text"
 
     def process(self, chunk: bytes) -> tuple[bytes, bool]:
         """Complete SSE events in, what the client gets out; True once the stream must end."""
         out: list[bytes] = []
         for event in chunk.split(b"\n\n"):
-            if not event:
+            if not event.strip():
                 continue
             if event.strip() == b"data: [DONE]":
                 out.append(self._flush_all())
@@ -253,58 +289,68 @@ class StreamFilter:
                 continue
             self._head = {k: data[k] for k in ("id", "object", "created", "model") if k in data}
             for choice in data["choices"]:
-                if self._choice(choice):
+                if isinstance(choice, dict) and self._choice(choice):
                     out.append(self._block_event(choice.get("index", 0)))
                     return b"".join(out), True
             out.append(b"data: " + json.dumps(data).encode() + b"\n\n")
         return b"".join(out), False
 
+    def _holder(self, choice: dict[str, Any]) -> dict[str, Any]:
+        if not self.chat:
+            return choice
+        delta = choice.get("delta")
+        if not isinstance(delta, dict):
+            delta = choice["delta"] = {}
+        return delta
+
     def _choice(self, choice: dict[str, Any]) -> bool:
         """Run the rail on one choice's new text; True if it blocks."""
-        holder, key = self._text(choice)
+        holder = self._holder(choice)
         index = int(choice.get("index", 0))
-        new = holder.get(key) if holder is not None else None
-        text = self.pending.get(index, "") + (new if isinstance(new, str) else "")
         final = choice.get("finish_reason") is not None
-        started = time.perf_counter()
-        findings = pii.find(text, self.rail.kinds, self.rail.region) if text else []
-        if findings and self.rail.action == "block":
-            self.guards.record("pii", "output", time.perf_counter() - started, True, 0)
-            self.blocked = True
-            return True
-        cut = len(text) if final else max(0, len(text) - HOLD)
-        for f in findings:  # never cut through a finding: send it whole or not yet
-            if f.start < cut < f.end:
-                cut = f.start
-        done = [f for f in findings if f.end <= cut]
-        send = pii.redact(text[:cut], done)
-        if text:
-            self.guards.record("pii", "output", time.perf_counter() - started, False, len(done))
-        self.pending[index] = text[cut:]
-        if holder is not None:
-            holder[key] = send
-        elif send:
-            choice["delta" if self.chat else "text"] = {"content": send} if self.chat else send
+        for key in CHAT_FIELDS if self.chat else ("text",):
+            new = holder.get(key)
+            text = self.pending.get((index, key), "") + (new if isinstance(new, str) else "")
+            if not text:
+                continue
+            started = time.perf_counter()
+            findings = pii.find(text, self.rail.kinds, self.rail.region)
+            seconds = time.perf_counter() - started
+            if findings and self.rail.action == "block":
+                self.guards.record("pii", "output", seconds, True, 0)
+                self.blocked = True
+                return True
+            cut = len(text) if final else max(0, len(text) - HOLD)
+            for f in findings:  # never cut through a finding: send it whole or not yet
+                if f.start < cut < f.end:
+                    cut = f.start
+            done = [f for f in findings if f.end <= cut]
+            self.guards.record("pii", "output", seconds, False, len(done))
+            self.pending[(index, key)] = text[cut:]
+            if key in holder or text[:cut]:
+                holder[key] = pii.redact(text[:cut], done)
         return False
 
     def _flush_all(self) -> bytes:
-        events = []
-        for index, text in self.pending.items():
+        """What is still held when the stream ends without a finish_reason for it."""
+        choices: dict[int, dict[str, Any]] = {}
+        for (index, key), text in self.pending.items():
             if not text:
                 continue
             started = time.perf_counter()
             found = pii.find(text, self.rail.kinds, self.rail.region)
+            if found and self.rail.action == "block":
+                self.guards.record("pii", "output", time.perf_counter() - started, True, 0)
+                continue  # never sent; the stream is ending anyway
             self.guards.record("pii", "output", time.perf_counter() - started, False, len(found))
-            choice: dict[str, Any] = {"index": index}
-            if self.chat:
-                choice["delta"] = {"content": pii.redact(text, found)}
-            else:
-                choice["text"] = pii.redact(text, found)
-            events.append(
-                b"data: " + json.dumps({**self._head, "choices": [choice]}).encode() + b"\n\n"
-            )
+            choice = choices.setdefault(index, {"index": index})
+            holder = choice.setdefault("delta", {}) if self.chat else choice
+            holder[key] = pii.redact(text, found)
         self.pending.clear()
-        return b"".join(events)
+        return b"".join(
+            b"data: " + json.dumps({**self._head, "choices": [c]}).encode() + b"\n\n"
+            for c in choices.values()
+        )
 
     def _block_event(self, index: int) -> bytes:
         notice = "\n[answer stopped by the pii output rail: it contained personal data]"

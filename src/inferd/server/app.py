@@ -169,7 +169,7 @@ def create_app(
     async def guardrails_check(request: Request) -> dict[str, Any]:
         """Each named rail over `text` (or the messages' text): one verdict per rail."""
         proxy.authorize(request)
-        payload = parse_body(await request.body())
+        payload = parse_body(await proxy.read_body(request))
         texts = guardrail_texts(payload)
         rails = payload.get("rails")
         if not isinstance(rails, list) or not all(isinstance(r, str) for r in rails):

@@ -147,9 +147,11 @@ def embeddings_request(payload: dict[str, Any], entry: ModelEntry) -> dict[str, 
                 f"dimensions out or ask for {spec.dimensions}",
                 param="dimensions",
             )
-        elif dims > spec.dimensions:
+        elif dims not in spec.matryoshka:
+            lengths = ", ".join(str(d) for d in (spec.dimensions, *spec.matryoshka))
             raise InvalidRequestError(
-                f"dimensions {dims} exceeds the model's {spec.dimensions}", param="dimensions"
+                f"model {entry.id} was trained to be cut to {lengths} dimensions, not {dims}",
+                param="dimensions",
             )
     return payload
 
