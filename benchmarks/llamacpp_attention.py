@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import socket
 import statistics
 import subprocess
 import time
@@ -30,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from inferd.engines.llamacpp import find_binary
+from serve_overhead import MODEL, free_port, wait_http
 
-MODEL = "smollm2-135m-instruct"
 DEFAULT_SETTINGS = ";".join(
     [
         "",
@@ -42,12 +41,6 @@ DEFAULT_SETTINGS = ";".join(
         "-fa off -ctk q8_0 -ctv bf16",
     ]
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def complete(port: int, prompt_tokens: int, seed: int) -> dict[str, Any]:
@@ -68,18 +61,6 @@ def complete(port: int, prompt_tokens: int, seed: int) -> dict[str, Any]:
     return timings
 
 
-def wait_ready(port: int, proc: subprocess.Popen[bytes]) -> None:
-    for _ in range(300):
-        if proc.poll() is not None:
-            raise SystemExit(f"llama-server exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit("llama-server did not become ready in 30 s")
-
-
 def measure(binary: str, gguf: Path, flags: list[str], rnd: int) -> dict[str, float]:
     port = free_port()
     proc = subprocess.Popen(
@@ -88,7 +69,7 @@ def measure(binary: str, gguf: Path, flags: list[str], rnd: int) -> dict[str, fl
         stderr=subprocess.DEVNULL,
     )
     try:
-        wait_ready(port, proc)
+        wait_http(f"http://127.0.0.1:{port}/health", proc, timeout=30)
         complete(port, 16, 0)  # warm-up
         short = [complete(port, 128, 10 * rnd + i) for i in range(4)]
         long = [complete(port, 1024, 10 * rnd + i) for i in range(2)]

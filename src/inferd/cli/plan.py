@@ -14,7 +14,7 @@ from inferd import engines
 from inferd.cache import ModelStore
 from inferd.cache.prepare import variant
 from inferd.catalog import Catalog, hardware, profiles
-from inferd.catalog.estimate import GiB
+from inferd.catalog.estimate import Estimate, GiB
 from inferd.catalog.hardware import Hardware
 from inferd.catalog.profiles import Candidate
 from inferd.catalog.schema import ModelEntry
@@ -70,8 +70,9 @@ def resolve(
     *,
     profile: str | None = None,
     hw: Hardware | None = None,
+    entry: ModelEntry | None = None,
 ) -> Plan:
-    entry = catalog(settings).get(model_id or settings.models[0])
+    entry = entry or catalog(settings).get(model_id or settings.models[0])
     hw = hw or hardware.detect(settings.hardware)
     wanted = profile or settings.profile
     optimize = None if settings.optimize == "auto" else settings.optimize
@@ -106,7 +107,7 @@ def resolve_all(settings: Settings) -> list[Plan]:
     entries = [cat.get(i) for i in ids]
     wanted = profile_choices(settings.profile, entries)
     hw = hardware.detect(settings.hardware)
-    plans = [resolve(settings, e.id, profile=wanted[e.id], hw=hw) for e in entries]
+    plans = [resolve(settings, profile=wanted[e.id], hw=hw, entry=e) for e in entries]
     if len(plans) > 1 and not settings.force:
         check_fit_together(plans)
     return plans
@@ -153,34 +154,33 @@ def check_fit_together(plans: list[Plan]) -> None:
     memory and those on GPUs share the smallest GPU's usable memory (engines here run one per
     GPU set, so models on GPUs add up on every device they use).
     """
-    by_device: dict[str, list[Plan]] = {}
+    by_device: dict[str, list[tuple[Plan, Estimate]]] = {}
     for plan in plans:
         if plan.chosen.estimate is not None:
-            by_device.setdefault(plan.chosen.profile.requires.device, []).append(plan)
+            on = plan.chosen.profile.requires.device
+            by_device.setdefault(on, []).append((plan, plan.chosen.estimate))
     for device, group in by_device.items():
         if len(group) < 2:
             continue
         if device == "gpu":
             # Each GPU engine claims its profile's share of the device up front (vLLM's
             # gpu_memory_utilization), whatever its estimate: the shares must add up.
-            share = sum(p.chosen.profile.gpu_memory_utilization for p in group)
+            share = sum(p.chosen.profile.gpu_memory_utilization for p, _ in group)
             if share > MAX_GPU_SHARE:
                 parts = ", ".join(
-                    f"{p.entry.id} {p.chosen.profile.gpu_memory_utilization:g}" for p in group
+                    f"{p.entry.id} {p.chosen.profile.gpu_memory_utilization:g}" for p, _ in group
                 )
                 raise UsageError(
                     f"these models' engines would claim {share:.2f} of each GPU together "
                     f"({parts}); at most {MAX_GPU_SHARE:g} can be shared: serve fewer models per "
-                    "GPU, choose "
-                    "profiles with smaller shares (a catalog file, --catalog-path), or --force"
+                    "GPU, choose profiles with smaller shares (a catalog file, --catalog-path), "
+                    "or --force"
                 )
-        need = sum(p.chosen.estimate.total for p in group if p.chosen.estimate)
-        available = min(p.chosen.estimate.available for p in group if p.chosen.estimate)
+        need = sum(e.total for _, e in group)
+        available = min(e.available for _, e in group)
         if need > available:
             parts = ", ".join(
-                f"{p.entry.id} ({p.chosen.profile.id}) {p.chosen.estimate.total / GiB:.1f}"
-                for p in group
-                if p.chosen.estimate
+                f"{p.entry.id} ({p.chosen.profile.id}) {e.total / GiB:.1f}" for p, e in group
             )
             where = "host memory" if device == "cpu" else "memory on each GPU"
             raise UsageError(

@@ -146,6 +146,10 @@ class Guardrails:
                 changed = True
         return changed
 
+    def reads_answers(self, route: str) -> bool:
+        """Whether output rails read this route's answers (else they pass untouched)."""
+        return self.config.output.pii is not None and route in GENERATION
+
     def guard_answer(self, route: str, answer: dict[str, Any]) -> dict[str, Any]:
         """Output rails over a whole (not streamed) answer."""
         rail = self.config.output.pii
@@ -289,7 +293,8 @@ class StreamFilter:
                 continue
             self._head = {k: data[k] for k in ("id", "object", "created", "model") if k in data}
             for choice in data["choices"]:
-                if isinstance(choice, dict) and self._choice(choice):
+                final = isinstance(choice, dict) and choice.get("finish_reason") is not None
+                if isinstance(choice, dict) and self._choice(choice, final):
                     out.append(self._block_event(choice.get("index", 0)))
                     return b"".join(out), True
             out.append(b"data: " + json.dumps(data).encode() + b"\n\n")
@@ -303,11 +308,11 @@ class StreamFilter:
             delta = choice["delta"] = {}
         return delta
 
-    def _choice(self, choice: dict[str, Any]) -> bool:
-        """Run the rail on one choice's new text; True if it blocks."""
+    def _choice(self, choice: dict[str, Any], final: bool) -> bool:
+        """Run the rail on one choice's new text (`final`: send all it holds); True if it
+        blocks."""
         holder = self._holder(choice)
         index = int(choice.get("index", 0))
-        final = choice.get("finish_reason") is not None
         for key in CHAT_FIELDS if self.chat else ("text",):
             new = holder.get(key)
             text = self.pending.get((index, key), "") + (new if isinstance(new, str) else "")
@@ -333,24 +338,15 @@ class StreamFilter:
 
     def _flush_all(self) -> bytes:
         """What is still held when the stream ends without a finish_reason for it."""
-        choices: dict[int, dict[str, Any]] = {}
-        for (index, key), text in self.pending.items():
-            if not text:
-                continue
-            started = time.perf_counter()
-            found = pii.find(text, self.rail.kinds, self.rail.region)
-            if found and self.rail.action == "block":
-                self.guards.record("pii", "output", time.perf_counter() - started, True, 0)
-                continue  # never sent; the stream is ending anyway
-            self.guards.record("pii", "output", time.perf_counter() - started, False, len(found))
-            choice = choices.setdefault(index, {"index": index})
-            holder = choice.setdefault("delta", {}) if self.chat else choice
-            holder[key] = pii.redact(text, found)
+        events = []
+        for index in sorted({i for (i, _), text in self.pending.items() if text}):
+            choice: dict[str, Any] = {"index": index}
+            if not self._choice(choice, final=True):  # blocked: never sent, the stream ends
+                events.append(
+                    b"data: " + json.dumps({**self._head, "choices": [choice]}).encode() + b"\n\n"
+                )
         self.pending.clear()
-        return b"".join(
-            b"data: " + json.dumps({**self._head, "choices": [c]}).encode() + b"\n\n"
-            for c in choices.values()
-        )
+        return b"".join(events)
 
     def _block_event(self, index: int) -> bytes:
         notice = "\n[answer stopped by the pii output rail: it contained personal data]"

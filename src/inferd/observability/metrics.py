@@ -103,8 +103,10 @@ class Metrics:
         def counter(name: str, doc: str, labels: list[str] = model) -> Counter:
             return Counter(name, doc, labels, registry=r)
 
-        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
-            return Histogram(name, doc, model, buckets=buckets, registry=r)
+        def histogram(
+            name: str, doc: str, buckets: tuple[float, ...], labels: list[str] = model
+        ) -> Histogram:
+            return Histogram(name, doc, labels, buckets=buckets, registry=r)
 
         self.requests_running = gauge(
             "num_requests_running", "Requests being processed by the engine."
@@ -149,21 +151,20 @@ class Metrics:
         )
 
         rail = ["rail", "stage"]  # stage: input, output or check (the /v1/guardrails route)
-        self.guardrail_checks = Counter(
-            "inferd_guardrail_checks", "Texts a guardrail checked.", rail, registry=r
+        self.guardrail_checks = counter(
+            "inferd_guardrail_checks", "Texts a guardrail checked.", rail
         )
-        self.guardrail_blocks = Counter(
-            "inferd_guardrail_blocks", "Requests or answers a guardrail blocked.", rail, registry=r
+        self.guardrail_blocks = counter(
+            "inferd_guardrail_blocks", "Requests or answers a guardrail blocked.", rail
         )
-        self.guardrail_redactions = Counter(
-            "inferd_guardrail_redactions", "Spans a guardrail redacted.", rail, registry=r
+        self.guardrail_redactions = counter(
+            "inferd_guardrail_redactions", "Spans a guardrail redacted.", rail
         )
-        self.guardrail_seconds = Histogram(
+        self.guardrail_seconds = histogram(
             "inferd_guardrail_seconds",
             "Time a guardrail took per check.",
+            (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0),
             rail,
-            buckets=(0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0),
-            registry=r,
         )
 
     def add_model(self, model: str, engine: str) -> None:

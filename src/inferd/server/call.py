@@ -67,7 +67,8 @@ class Call:
         self.strip_usage = False
         # The engine's reshaping of streamed events into inferd's API, if it needs one.
         self.adapt_event: Callable[[dict[str, Any]], dict[str, Any]] | None = None
-        # The front route's reshaping of a whole answer (NIM's ranking format), if any.
+        # The front route's reshaping of a whole answer (NIM's ranking format), if any; applied
+        # by the proxy to the answer `read_answer` parsed.
         self.reshape_answer: Callable[[dict[str, Any]], dict[str, Any]] | None = None
         # Output rails over a streamed answer (per request), when a guardrails file has some.
         self.stream_filter: StreamFilter | None = None
@@ -148,25 +149,18 @@ class Call:
             events.append(b"data: " + json.dumps(only).encode() + b"\n\n")
         return events
 
-    def reshape(self, body: bytes) -> bytes:
-        """A whole answer in the front route's format (after its usage was read)."""
-        if self.reshape_answer is None:
-            return body
-        with contextlib.suppress(ValueError):
-            answer = json.loads(body)
-            if isinstance(answer, dict):
-                return json.dumps(self.reshape_answer(answer)).encode()
-        return body
-
-    def read_answer(self, body: bytes) -> None:
+    def read_answer(self, body: bytes) -> dict[str, Any] | None:
+        """Usage and finish reason from a whole answer; the answer, parsed, if it is an object."""
         try:
             data = json.loads(body)
         except ValueError:
-            return
-        if isinstance(data, dict):
-            self.read_usage(data.get("usage") or {})
-            choices = data.get("choices") or [{}]
-            self.finish_reason = str(choices[-1].get("finish_reason") or "unknown")
+            return None
+        if not isinstance(data, dict):
+            return None
+        self.read_usage(data.get("usage") or {})
+        choices = data.get("choices") or [{}]
+        self.finish_reason = str(choices[-1].get("finish_reason") or "unknown")
+        return data
 
     def finish(self, status: int = 200) -> None:
         """Record the outcome once (success or failure) and release the running slot."""

@@ -298,14 +298,19 @@ class Proxy:
                 return JSONResponse(error, status)
             if path in served.supervisor.engine.adapted_routes:
                 with contextlib.suppress(ValueError):
-                    answer = served.supervisor.engine.adapt_answer(path, json.loads(data))
-                    data = json.dumps(answer).encode()
+                    adapted = served.supervisor.engine.adapt_answer(path, json.loads(data))
+                    data = json.dumps(adapted).encode()
             else:
                 data = call.adapt_body(data)
-            call.read_answer(data)
-            data = call.reshape(data)
-            if self.guards is not None:
-                data = self._guard_answer(path, data, call)
+            answer = call.read_answer(data)
+            guard = self.guards is not None and self.guards.reads_answers(path)
+            if answer is not None and (call.reshape_answer is not None or guard):
+                # Parsed once above; re-encoded once for both.
+                if call.reshape_answer is not None:
+                    answer = call.reshape_answer(answer)
+                if guard:
+                    answer = self._guard_answer(path, answer, call)
+                data = json.dumps(answer).encode()
             self._end(call, resp.status)
             return Response(data, resp.status, media_type=resp.content_type)
 
@@ -320,26 +325,18 @@ class Proxy:
             on_close=release,
         )
 
-    def _guard_answer(self, path: str, data: bytes, call: Call) -> bytes:
+    def _guard_answer(self, path: str, answer: dict[str, Any], call: Call) -> dict[str, Any]:
         assert self.guards is not None
-        try:
-            answer = json.loads(data)
-        except ValueError:
-            return data
-        if not isinstance(answer, dict):
-            return data
         try:
             guarded = self.guards.guard_answer(path, answer)
         except ContentFilterError:
             call.finish_reason = "content_filter"
             self._end(call, 400)
             raise
-        reasons = [
-            c.get("finish_reason") for c in guarded.get("choices") or [] if isinstance(c, dict)
-        ]
-        if "content_filter" in reasons:
+        choices = guarded.get("choices") or []
+        if any(isinstance(c, dict) and c.get("finish_reason") == "content_filter" for c in choices):
             call.finish_reason = "content_filter"
-        return json.dumps(guarded).encode()
+        return guarded
 
     async def _count_prompt(self, served: ServedModel, body: bytes, error: dict[str, Any]) -> None:
         """Add the prompt's real token count to a too-long error: engines stop counting at the
@@ -357,6 +354,15 @@ class Proxy:
             return
         else:
             return
+        counted = await self._token_count(served, query)
+        if counted is not None:
+            error["error"]["message"] = _too_long(*counted, error["error"]["message"])
+
+    async def _token_count(
+        self, served: ServedModel, query: dict[str, Any]
+    ) -> tuple[int, int] | None:
+        """(tokens, the model's context) from the engine's tokenizer; None if it cannot say."""
+        assert self.session is not None
         with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError, KeyError):
             async with self.session.post(
                 served.supervisor.base_url + "/tokenize",
@@ -364,29 +370,23 @@ class Proxy:
                 timeout=aiohttp.ClientTimeout(total=10),
             ) as resp:
                 counted = await resp.json()
-                error["error"]["message"] = _too_long(
-                    counted["count"], counted["max_model_len"], error["error"]["message"]
-                )
+                return int(counted["count"]), int(counted["max_model_len"])
+        return None
 
     async def _count_inputs(
         self, served: ServedModel, query: dict[str, Any], texts: str | list[Any], error: Any
     ) -> None:
         """The same for embeddings: the longest text input, by index, with NIM's way out."""
-        assert self.session is not None
         inputs = [texts] if isinstance(texts, str) else texts
         longest: tuple[int, int, int] | None = None  # tokens, index, context
-        with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError, KeyError):
-            for index, text in enumerate(inputs[:256]):
-                if not isinstance(text, str):
-                    return
-                async with self.session.post(
-                    served.supervisor.base_url + "/tokenize",
-                    json={**query, "prompt": text},
-                    timeout=aiohttp.ClientTimeout(total=10),
-                ) as resp:
-                    counted = await resp.json()
-                if longest is None or counted["count"] > longest[0]:
-                    longest = (counted["count"], index, counted["max_model_len"])
+        for index, text in enumerate(inputs[:256]):
+            if not isinstance(text, str):
+                return
+            counted = await self._token_count(served, {**query, "prompt": text})
+            if counted is None:
+                return
+            if longest is None or counted[0] > longest[0]:
+                longest = (counted[0], index, counted[1])
         if longest is None:
             return
         tokens, index, context = longest
