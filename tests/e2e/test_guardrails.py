@@ -147,6 +147,11 @@ def test_check_endpoint(redacting: Served, blocking: Served) -> None:
     assert blocked["rails"][0]["ms"] >= 0
     bad = httpx.post(blocking.url + "/v1/guardrails/check", json={**body, "rails": ["nope"]})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "rails"
+    # Rails the file does not configure are refused by name, here and at /v1/classify.
+    jb = httpx.post(blocking.url + "/v1/guardrails/check", json={**body, "rails": ["jailbreak"]})
+    assert jb.status_code == 400 and "jailbreak is not configured" in jb.json()["error"]["message"]
+    cl = httpx.post(blocking.url + "/v1/classify", json={"input": "hi"})
+    assert cl.status_code == 400 and "jailbreak is not configured" in cl.json()["error"]["message"]
 
 
 def test_a_malformed_file_stops_start_up_with_its_line(tmp_path: Path) -> None:

@@ -10,8 +10,10 @@ import pytest
 
 from inferd.errors import ConfigError, ContentFilterError, InvalidRequestError
 from inferd.guardrails import config, pii
-from inferd.guardrails.config import GuardrailsConfig, PiiRail, Rails
-from inferd.guardrails.rails import HOLD, Guardrails
+from inferd.guardrails.config import GuardrailsConfig, InputRails, OutputRails, PiiRail
+from inferd.guardrails.rails import Guardrails
+from inferd.guardrails.stream import HOLD
+from inferd.guardrails.texts import guardrail_texts
 from inferd.observability.metrics import Metrics
 
 CHAT = "/v1/chat/completions"
@@ -126,12 +128,15 @@ def test_a_bad_file_is_refused_with_its_line(tmp_path: Path, text: str, where: s
 
 
 def _guards(stage: str, action: str, refusal: str | None = "No.") -> Guardrails:
-    rails = Rails(pii=PiiRail(action=action))  # type: ignore[arg-type]
-    cfg = GuardrailsConfig(**{stage: rails}, refusal=refusal)
+    rail = PiiRail(action=action)  # type: ignore[arg-type]
+    if stage == "input":
+        cfg = GuardrailsConfig(input=InputRails(pii=rail), refusal=refusal)
+    else:
+        cfg = GuardrailsConfig(output=OutputRails(pii=rail), refusal=refusal)
     return Guardrails(cfg, Metrics())
 
 
-def test_input_rail_redacts_user_messages_only_and_blocks_by_name() -> None:
+async def test_input_rail_redacts_user_messages_only_and_blocks_by_name() -> None:
     payload: dict[str, Any] = {
         "messages": [
             {"role": "system", "content": "Support desk: help@corp.example.com"},
@@ -139,32 +144,34 @@ def test_input_rail_redacts_user_messages_only_and_blocks_by_name() -> None:
             {"role": "user", "content": [{"type": "text", "text": "card 4111 1111 1111 1111"}]},
         ]
     }
-    assert _guards("input", "redact").guard_request(CHAT, payload)
+    assert await _guards("input", "redact").guard_request(CHAT, payload, False)
     assert payload["messages"][0]["content"] == "Support desk: help@corp.example.com"
     assert payload["messages"][1]["content"] == "I am [REDACTED:EMAIL]"
     assert payload["messages"][2]["content"][0]["text"] == "card [REDACTED:PAYMENT_CARD]"
     prompt = {"prompt": ["a", "mail jane@example.com"]}
-    assert _guards("input", "redact").guard_request("/v1/completions", prompt)
+    assert await _guards("input", "redact").guard_request("/v1/completions", prompt, False)
     assert prompt["prompt"] == ["a", "mail [REDACTED:EMAIL]"]
     with pytest.raises(ContentFilterError, match="pii input rail: the request contains email"):
-        _guards("input", "block").guard_request(
-            CHAT, {"messages": [{"role": "user", "content": "I am jane@example.com"}]}
+        await _guards("input", "block").guard_request(
+            CHAT, {"messages": [{"role": "user", "content": "I am jane@example.com"}]}, False
         )
-    assert not _guards("input", "block").guard_request("/v1/embeddings", {"input": "a@b.io"})
+    assert not await _guards("input", "block").guard_request(
+        "/v1/embeddings", {"input": "a@b.io"}, False
+    )
 
 
-def test_output_rail_on_whole_answers() -> None:
+async def test_output_rail_on_whole_answers() -> None:
     def answer() -> dict[str, Any]:
         message = {"role": "assistant", "content": "Mail jane@example.com"}
         return {"choices": [{"index": 0, "message": message, "finish_reason": "stop"}]}
 
-    redacted = _guards("output", "redact").guard_answer(CHAT, answer())
+    redacted = await _guards("output", "redact").guard_answer(CHAT, {}, answer())
     assert redacted["choices"][0]["message"]["content"] == "Mail [REDACTED:EMAIL]"
-    refused = _guards("output", "block").guard_answer(CHAT, answer())
+    refused = await _guards("output", "block").guard_answer(CHAT, {}, answer())
     assert refused["choices"][0]["message"]["content"] == "No."
     assert refused["choices"][0]["finish_reason"] == "content_filter"
     with pytest.raises(ContentFilterError):
-        _guards("output", "block", refusal=None).guard_answer(CHAT, answer())
+        await _guards("output", "block", refusal=None).guard_answer(CHAT, {}, answer())
 
 
 def _events(pieces: list[str], chat: bool = True) -> list[bytes]:
@@ -190,17 +197,17 @@ def _client_text(out: bytes, chat: bool = True) -> str:
 
 
 @pytest.mark.parametrize("chat", [True, False])
-def test_streamed_pii_split_across_events_never_reaches_the_client(chat: bool) -> None:
+async def test_streamed_pii_split_across_events_never_reaches_the_client(chat: bool) -> None:
     answer = (
         "Sure. " + "x" * 80 + " write to jane.doe@example.com or 4111 1111 1111 1111. " + "y" * 80
     )
     # Token-sized pieces: the address and the card are cut across many events.
     pieces = [answer[i : i + 3] for i in range(0, len(answer), 3)]
-    flt = _guards("output", "redact").stream_filter(CHAT if chat else "/v1/completions")
+    flt = _guards("output", "redact").stream_filter(CHAT if chat else "/v1/completions", {})
     assert flt is not None
     out, sent = b"", []
     for event in _events(pieces, chat):
-        chunk, stop = flt.process(event)
+        chunk, stop = await flt.process(event)
         assert not stop
         out += chunk
         sent.append(_client_text(out, chat))
@@ -214,12 +221,12 @@ def test_streamed_pii_split_across_events_never_reaches_the_client(chat: bool) -
     assert out.endswith(b"data: [DONE]\n\n")
 
 
-def test_a_blocked_stream_ends_with_content_filter() -> None:
-    flt = _guards("output", "block").stream_filter(CHAT)
+async def test_a_blocked_stream_ends_with_content_filter() -> None:
+    flt = _guards("output", "block").stream_filter(CHAT, {})
     assert flt is not None
     out, stopped = b"", False
     for event in _events(["Hello, ", "my mail is jane@", "example.com ok", "!"]):
-        chunk, stopped = flt.process(event)
+        chunk, stopped = await flt.process(event)
         out += chunk
         if stopped:
             break
@@ -231,44 +238,47 @@ def test_a_blocked_stream_ends_with_content_filter() -> None:
     assert "jane" not in _client_text(out)
 
 
-def test_check_endpoint_rails() -> None:
+async def test_check_endpoint_rails() -> None:
     guards = Guardrails(GuardrailsConfig(), Metrics())
-    [verdict] = guards.check(["call +1 415-555-2671"], ["pii"])
+    [verdict] = await guards.check(guardrail_texts({"text": "call +1 415-555-2671"}), ["pii"])
     assert verdict.blocked and verdict.categories == ["phone"] and verdict.ms >= 0
-    with pytest.raises(InvalidRequestError, match="not available in this service yet"):
-        guards.check(["x"], ["pii", "jailbreak"])
+    x = guardrail_texts({"text": "x"})
+    with pytest.raises(InvalidRequestError, match="rail jailbreak is not configured"):
+        await guards.check(x, ["pii", "jailbreak"])
     with pytest.raises(InvalidRequestError, match="rails must name"):
-        guards.check(["x"], ["spam"])
+        await guards.check(x, ["spam"])
+    with pytest.raises(InvalidRequestError, match="each once"):
+        await guards.check(x, ["pii", "pii"])
 
 
-def test_roles_choose_whose_messages_the_input_rail_reads() -> None:
-    rails = Rails(pii=PiiRail(action="block", roles=("user", "system")))
+async def test_roles_choose_whose_messages_the_input_rail_reads() -> None:
+    rails = InputRails(pii=PiiRail(action="block", roles=("user", "system")))
     guards = Guardrails(GuardrailsConfig(input=rails), Metrics())
     payload = {"messages": [{"role": "system", "content": "SSN 123-45-6789"}]}
     with pytest.raises(ContentFilterError):
-        guards.guard_request(CHAT, payload)
+        await guards.guard_request(CHAT, payload, False)
 
 
 @pytest.mark.parametrize(
     "extra",
     [{"logprobs": True}, {"top_logprobs": 2}, {"tools": [{"type": "function"}]}, {"logprobs": 0}],
 )
-def test_fields_the_output_rail_cannot_read_are_refused(extra: dict[str, Any]) -> None:
+async def test_fields_the_output_rail_cannot_read_are_refused(extra: dict[str, Any]) -> None:
     payload = {"messages": [{"role": "user", "content": "hi"}], **extra}
-    with pytest.raises(InvalidRequestError, match="while the pii output rail is on") as info:
-        _guards("output", "redact").guard_request(CHAT, payload)
+    with pytest.raises(InvalidRequestError, match="while output rails are on") as info:
+        await _guards("output", "redact").guard_request(CHAT, payload, False)
     assert info.value.param == next(iter(extra))
-    _guards("input", "redact").guard_request(CHAT, payload)  # input rails alone: fine
+    await _guards("input", "redact").guard_request(CHAT, payload, False)  # input rails alone: fine
 
 
-def test_whole_answers_reasoning_is_redacted_and_a_refusal_keeps_nothing() -> None:
+async def test_whole_answers_reasoning_is_redacted_and_a_refusal_keeps_nothing() -> None:
     def answer() -> dict[str, Any]:
         message = {"role": "assistant", "content": "ok", "reasoning_content": "jane@example.com"}
         return {"choices": [{"index": 0, "message": message, "logprobs": {"content": []}}]}
 
-    redacted = _guards("output", "redact").guard_answer(CHAT, answer())
+    redacted = await _guards("output", "redact").guard_answer(CHAT, {}, answer())
     assert redacted["choices"][0]["message"]["reasoning_content"] == "[REDACTED:EMAIL]"
-    refused = _guards("output", "block").guard_answer(CHAT, answer())
+    refused = await _guards("output", "block").guard_answer(CHAT, {}, answer())
     assert refused["choices"][0] == {
         "index": 0,
         "message": {"role": "assistant", "content": "No."},
@@ -280,8 +290,8 @@ def _event(choices: list[dict[str, Any]], **extra: Any) -> bytes:
     return b"data: " + json.dumps({"id": "x", "choices": choices, **extra}).encode() + b"\n\n"
 
 
-def test_streams_with_several_choices_reasoning_usage_and_no_finish_reason() -> None:
-    flt = _guards("output", "redact").stream_filter(CHAT)
+async def test_streams_with_several_choices_reasoning_usage_and_no_finish_reason() -> None:
+    flt = _guards("output", "redact").stream_filter(CHAT, {})
     assert flt is not None
     events = [
         _event([{"index": 0, "delta": {"reasoning_content": "think jane@exa"}}]),
@@ -291,7 +301,7 @@ def test_streams_with_several_choices_reasoning_usage_and_no_finish_reason() -> 
         _event([], usage={"prompt_tokens": 1, "completion_tokens": 4}),
         b"data: [DONE]\n\n",  # no finish_reason came: what is held is flushed, redacted
     ]
-    out = b"".join(flt.process(e)[0] for e in events)
+    out = b"".join([(await flt.process(e))[0] for e in events])
     seen: dict[tuple[int, str], str] = {}
     for event in out.split(b"\n\n"):
         if event.startswith(b"data: {"):
@@ -306,13 +316,11 @@ def test_streams_with_several_choices_reasoning_usage_and_no_finish_reason() -> 
 
 
 def test_check_texts_refuse_bad_parts_and_skip_tool_turns() -> None:
-    from inferd.guardrails.rails import guardrail_texts
-
     messages = [
         {"role": "assistant", "content": None, "tool_calls": []},
         {"role": "user", "content": [{"type": "image_url"}, {"type": "text", "text": "hi"}]},
     ]
-    assert guardrail_texts({"messages": messages}) == ["hi"]
+    assert guardrail_texts({"messages": messages}).all == ["hi"]
     bad = [{"role": "user", "content": [{"type": "text", "text": 5}]}]
     with pytest.raises(InvalidRequestError, match="must be a string"):
         guardrail_texts({"messages": bad})

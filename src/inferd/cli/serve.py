@@ -25,7 +25,10 @@ from inferd.cli.progress import RichReporter
 from inferd.config import Settings
 from inferd.errors import UsageError
 from inferd.guardrails import config as guard_config
+from inferd.guardrails import jailbreak
 from inferd.guardrails.config import GuardrailsConfig
+from inferd.guardrails.jailbreak import Training
+from inferd.guardrails.rails import Guardrails
 from inferd.observability import logs
 from inferd.server import runtime
 from inferd.server.app import create_app
@@ -48,7 +51,7 @@ def serve(settings: Settings) -> int:
     logs.configure(settings.log_level, settings.json_logs)
 
     plans = resolve_all(settings)
-    guards = _guardrails(settings)
+    guards = _guardrails(settings, plans)
     keys = KeyRing(settings.api_keys_file)
     _refuse_open_bind(settings, keys)
     plans[0].store.ensure_writable()
@@ -60,7 +63,8 @@ def serve(settings: Settings) -> int:
     served: list[ServedModel] = []
     for plan in plans:
         served.append(_prepare(plan, settings, console, several=len(plans) > 1))
-    app = create_app(served, settings, keys, guards)
+    training = _jailbreak_training(guards, served, plans[0], settings, console)
+    app = create_app(served, settings, keys, guards, training)
 
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     scheme = "http" if settings.ssl_mode == "disabled" else "https"
@@ -107,17 +111,55 @@ def _prepare(plan: Plan, settings: Settings, console: Console, *, several: bool)
     return ServedModel(entry, profile, supervisor, prepared.license_text, prepared.provenance)
 
 
-def _guardrails(settings: Settings) -> GuardrailsConfig | None:
-    """The guardrails file, read before anything slow starts (a mistake stops start-up)."""
-    return guard_config.load(settings.guardrails_config) if settings.guardrails_config else None
+def _guardrails(settings: Settings, plans: list[Plan]) -> GuardrailsConfig | None:
+    """The guardrails file, read and checked against the models served before anything slow
+    starts (a mistake stops start-up)."""
+    if not settings.guardrails_config:
+        return None
+    config = guard_config.load(settings.guardrails_config)
+    Guardrails(config, served={p.entry.id: p.entry.task for p in plans})  # names resolve
+    return config
+
+
+def _jailbreak_training(
+    config: GuardrailsConfig | None,
+    served: list[ServedModel],
+    plan: Plan,
+    settings: Settings,
+    console: Console,
+) -> Training | None:
+    """Where the jailbreak classifier is; its training data fetched now if it must be trained
+    (with a progress bar, before the engines start, so a fetch failure stops start-up)."""
+    if config is None or config.rail("jailbreak") is None:
+        return None
+    guards = Guardrails(config, served={m.id: m.entry.task for m in served})
+    embedder = next(m for m in served if m.id == guards.names["jailbreak"])
+    identity = json.dumps(embedder.provenance.get("source"), sort_keys=True)
+    training = Training(jailbreak.probe_path(plan.store, embedder.id, identity))
+    if training.probe_file.is_file():
+        console.print(f"  rails    jailbreak classifier {training.probe_file}")
+        return training
+    training.data = jailbreak.fetch_data(
+        plan.store,
+        index_url=settings.pypi_index_url,
+        offline=settings.offline,
+        reporter=RichReporter(console),
+    )
+    console.print(
+        f"  rails    jailbreak classifier: trained on {embedder.id} once its engine is ready "
+        f"({jailbreak.DATA_SOURCE})"
+    )
+    return training
 
 
 def describe_rails(config: GuardrailsConfig) -> str:
-    parts = [
-        f"{stage} pii {rails.pii.action}"
-        for stage, rails in (("input", config.input), ("output", config.output))
-        if rails.pii is not None
-    ]
+    parts = []
+    for stage, rails in (("input", config.input), ("output", config.output)):
+        for name, rail in dict(rails).items():
+            if rail is not None:
+                action = f" {rail.action}" if name == "pii" else ""
+                where = "" if rail.inline else " (checks only)"
+                parts.append(f"{stage} {name}{action}{where}")
     return ", ".join(parts) or "none on"
 
 
@@ -180,7 +222,7 @@ def describe(plan: Plan, settings: Settings) -> dict[str, Any]:
 
 def dry_run(settings: Settings, *, as_json: bool) -> int:
     plans = resolve_all(settings)
-    _guardrails(settings)  # refused here too, with its line
+    _guardrails(settings, plans)  # refused here too, with its line
     infos = [describe(plan, settings) for plan in plans]
     if as_json:
         # One model: its description, as before; several: a list of them.

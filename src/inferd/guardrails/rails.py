@@ -3,69 +3,294 @@
 `Guardrails` is built once from the config file and shared; what one request needs (the texts,
 a streamed answer's held-back tail) lives in per-request objects (`StreamFilter`).
 
-- Input rails read the user's messages (chat) or the prompt (completions); `redact` rewrites them
-  before the engine sees them, `block` refuses the request (400 `content_filter`).
+- Input rails read the user's messages (chat) or the prompt (completions). PII first: `redact`
+  rewrites them before anything else sees them (an external guard model included), `block`
+  refuses the request (400 `content_filter`). Then the model-backed rails (jailbreak, content
+  safety, topic control) run concurrently, so they cost the slowest one, not their sum.
 - Output rails read each choice's text. Not streamed: redact in place, or replace a blocked answer
   with the configured refusal (`finish_reason: "content_filter"`), or a 400 without one.
   Streamed: text is checked as it arrives; the last `HOLD` characters wait for the next event
   (a card number or an email can be cut across events) unless the stream ends; a redacted
-  span never reaches the client. A blocked stream ends at once with a notice and
-  `finish_reason: "content_filter"`, and the engine connection is closed.
+  span never reaches the client. With the content-safety output rail, text is released a window
+  at a time once the guard model has judged the answer so far. A blocked stream ends at once with
+  a notice and `finish_reason: "content_filter"`, and the engine connection is closed.
+
+Models are reached through `GuardModels`, which the server implements (engines served here, or an
+OpenAI-compatible URL), so this package never imports the server.
 """
 
 from __future__ import annotations
 
-import json
+import asyncio
+import logging
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
-from inferd.errors import ContentFilterError, InvalidRequestError
-from inferd.guardrails import pii
-from inferd.guardrails.config import GuardrailsConfig, PiiRail
+import numpy as np
+
+from inferd.errors import (
+    ConfigError,
+    ContentFilterError,
+    EngineNotReadyError,
+    InferdError,
+    InvalidRequestError,
+)
+from inferd.guardrails import jailbreak, judges, pii
+from inferd.guardrails.config import (
+    ContentSafetyRail,
+    GuardModel,
+    GuardrailsConfig,
+    JailbreakRail,
+    PiiRail,
+    TopicControlRail,
+)
+from inferd.guardrails.jailbreak import Probe
+from inferd.guardrails.judges import Judgement, UnusableVerdict
+from inferd.guardrails.stream import StreamFilter
+from inferd.guardrails.texts import (
+    Texts,
+    answer_texts,
+    conversation,
+    request_texts,
+    user_text,
+)
+from inferd.guardrails.verdict import Verdict
 from inferd.observability.metrics import Metrics
 
-# Characters of streamed text held back until more arrives: longer than any PII kind found
-# here except unusual e-mail addresses (an IBAN with spaces is at most 42).
-HOLD = 64
+log = logging.getLogger("inferd.guardrails")
+
 KNOWN_RAILS = ("pii", "jailbreak", "content_safety", "topic_control")
 GENERATION = ("/v1/chat/completions", "/v1/completions")
 
 
-@dataclass
-class Verdict:
-    rail: str
-    blocked: bool
-    action: str
-    categories: list[str] = field(default_factory=list)
-    score: float = 0.0
-    ms: float = 0.0
-    redacted: str | None = None
+class GuardModels(Protocol):
+    """How rails reach models; the server implements it."""
 
-    def as_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "rail": self.rail,
-            "blocked": self.blocked,
-            "action": self.action,
-            "categories": self.categories,
-            "score": self.score,
-            "ms": round(self.ms, 3),
-        }
-        if self.redacted is not None:
-            out["redacted"] = self.redacted
-        return out
+    async def embed(self, model: str, texts: list[str]) -> np.ndarray:
+        """One vector per text (texts longer than the model reads are cut at the end)."""
+        ...
+
+    async def chat(
+        self,
+        guard: GuardModel,
+        model: str,
+        messages: list[dict[str, str]],
+        *,
+        schema: dict[str, Any] | None,
+        max_tokens: int,
+    ) -> str:
+        """The guard model's answer text (greedy)."""
+        ...
 
 
 class Guardrails:
-    def __init__(self, config: GuardrailsConfig, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        config: GuardrailsConfig,
+        metrics: Metrics | None = None,
+        models: GuardModels | None = None,
+        served: dict[str, str] | None = None,
+    ) -> None:
+        """`served`: model id -> task of each model in this service, to resolve and check the
+        models the rails name (a mistake stops start-up)."""
         self.config = config
         self.metrics = metrics
+        self.models = models
+        self.served = served or {}
+        self.inline_input, self.inline_output = config.inline()
+        self.probe: Probe | None = None
+        self.state = "ready"
+        # Set once every rail can run (the jailbreak classifier loaded or trained), or failed.
+        self.prepared = asyncio.Event()
+        self.failed = asyncio.Event()
+        self.names: dict[str, str] = {}  # rail name -> the model it uses
+        for name in ("jailbreak", "content_safety", "topic_control"):
+            rail = config.rail(name)
+            if rail is not None:
+                self.names[name] = self._model_for(name, rail)
+        if "jailbreak" in self.names:
+            self.state = "waiting for the jailbreak classifier"
+        else:
+            self.prepared.set()
 
     @property
     def active(self) -> bool:
         return self.config.active
 
-    # ------------------------------------------------------------------ one text
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready"
+
+    def _model_for(self, name: str, rail: Any) -> str:
+        tasks = ("embedding",) if name == "jailbreak" else ("guard", "chat")
+        where = f"guardrails config: {name}"
+        if rail.model is not None:
+            if getattr(rail, "url", None) is not None:
+                return str(rail.model)  # served elsewhere
+            task = self.served.get(rail.model)
+            if task is None:
+                names = ", ".join(sorted(self.served)) or "none"
+                raise ConfigError(
+                    f"{where}: model {rail.model} is not served by this service (it serves: "
+                    f"{names}); add it to the models served, or give the guard's url"
+                )
+            if task not in tasks:
+                raise ConfigError(f"{where}: model {rail.model} is a {task} model, not {tasks[0]}")
+            return str(rail.model)
+        for task in tasks:  # a dedicated guard model before the chat model
+            fitting = [m for m, t in self.served.items() if t == task]
+            if len(fitting) == 1:
+                return fitting[0]
+            if len(fitting) > 1:
+                raise ConfigError(
+                    f"{where}: several {task} models are served ({', '.join(fitting)}); "
+                    "name one in model:"
+                )
+        raise ConfigError(
+            f"{where}: no {tasks[0]} model is served; serve one (e.g. "
+            f"{'all-minilm-l6-v2' if name == 'jailbreak' else 'a guard model'}) and name it in "
+            "model:"
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """For /v1/health/ready and /v1/metadata: which rails run and with what."""
+        out: dict[str, Any] = {"state": self.state, "models": self.names}
+        if self.probe is not None:
+            out["jailbreak_classifier"] = self.probe.describe()
+        return out
+
+    # ------------------------------------------------------------------ the jailbreak classifier
+
+    async def prepare_jailbreak(self, data: dict[str, Path], probe_file: Path) -> None:
+        """Load the classifier, or train it through the embedding engine (once per cache)."""
+        assert self.models is not None
+        model = self.names["jailbreak"]
+        probe = Probe.load(probe_file)
+        if probe is None or probe.model != model:
+
+            def progress(step: str) -> None:
+                self.state = f"training the jailbreak classifier: {step}"
+                log.info("%s", self.state)
+
+            async def embed(texts: list[str]) -> np.ndarray:
+                assert self.models is not None
+                return await self.models.embed(model, texts)
+
+            probe = await jailbreak.train(model, data, embed, progress)
+            probe.save(probe_file)
+            log.info(
+                "jailbreak classifier trained in %.0f s; held-out test: %s",
+                probe.trained_s,
+                probe.test,
+            )
+        self.probe = probe
+        self.state = "ready"
+        self.prepared.set()
+
+    async def jailbreak(
+        self, texts: list[str], rail: JailbreakRail, stage: str, via: GuardModels | None = None
+    ) -> Verdict:
+        models = via or self.models
+        if self.probe is None or models is None:
+            raise EngineNotReadyError(
+                f"the jailbreak rail is not ready yet ({self.state}); retry shortly"
+            )
+        started = time.perf_counter()
+        flat, _ = jailbreak.windows_of([t for t in texts if t.strip()])
+        score = 0.0
+        if flat:
+            vectors = await models.embed(self.names["jailbreak"], flat)
+            score = float(self.probe.scores(vectors).max())
+        seconds = time.perf_counter() - started
+        blocked = score >= rail.threshold
+        self.record("jailbreak", stage, seconds, blocked, 0)
+        categories = ["jailbreak"] if blocked else []
+        return Verdict("jailbreak", blocked, "block", categories, round(score, 4), seconds * 1000)
+
+    # ------------------------------------------------------------------ guard-model rails
+
+    async def _judge(
+        self,
+        name: str,
+        rail: GuardModel,
+        stage: str,
+        messages: list[dict[str, str]],
+        schema: dict[str, Any],
+        parse: Any,
+        max_tokens: int,
+        via: GuardModels | None,
+    ) -> Verdict:
+        models = via or self.models
+        assert models is not None
+        started = time.perf_counter()
+        structured = rail.structured if rail.structured is not None else rail.url is None
+        error = None
+        try:
+            answer = await asyncio.wait_for(
+                models.chat(
+                    rail,
+                    self.names[name],
+                    messages,
+                    schema=schema if structured else None,
+                    max_tokens=max_tokens,
+                ),
+                rail.timeout_s,
+            )
+            judgement: Judgement = parse(answer)
+        except (UnusableVerdict, InferdError) as exc:
+            error = str(exc)
+        except TimeoutError:
+            error = f"the guard model did not answer within {rail.timeout_s:g} s"
+        seconds = time.perf_counter() - started
+        if error is not None:
+            log.warning("%s rail: no usable verdict (%s); on_error=%s", name, error, rail.on_error)
+            blocked = rail.on_error == "block"
+            self.record(name, stage, seconds, blocked, 0)
+            return Verdict(name, blocked, "block", [], 1.0, seconds * 1000, error=error)
+        self.record(name, stage, seconds, judgement.unsafe, 0)
+        score = 1.0 if judgement.unsafe else 0.0
+        return Verdict(name, judgement.unsafe, "block", judgement.categories, score, seconds * 1000)
+
+    async def content_safety(
+        self,
+        user: str,
+        response: str | None,
+        rail: ContentSafetyRail,
+        stage: str,
+        via: GuardModels | None = None,
+    ) -> Verdict:
+        with_response = response is not None
+        return await self._judge(
+            "content_safety",
+            rail,
+            stage,
+            judges.safety_messages(user, response),
+            judges.safety_schema(with_response),
+            lambda answer: judges.parse_safety(answer, response=with_response),
+            200,
+            via,
+        )
+
+    async def topic_control(
+        self,
+        conversation: list[dict[str, str]],
+        rail: TopicControlRail,
+        stage: str,
+        via: GuardModels | None = None,
+    ) -> Verdict:
+        return await self._judge(
+            "topic_control",
+            rail,
+            stage,
+            judges.topic_messages(rail.topics, conversation),
+            judges.TOPIC_SCHEMA,
+            judges.parse_topic,
+            12,
+            via,
+        )
+
+    # ------------------------------------------------------------------ PII
 
     def pii(self, text: str, rail: PiiRail, stage: str) -> Verdict:
         started = time.perf_counter()
@@ -96,49 +321,102 @@ class Guardrails:
         if redacted:
             m.guardrail_redactions.labels(rail, stage).inc(redacted)
 
-    def check(self, texts: list[str], rails: list[str]) -> list[Verdict]:
-        """`/v1/guardrails/check`: each named rail over the texts, one verdict per rail."""
-        unknown = [r for r in rails if r not in KNOWN_RAILS]
-        if unknown or not rails:
+    # ------------------------------------------------------------------ /v1/guardrails/check
+
+    def _rail_or_default(self, name: str) -> Any:
+        rail = self.config.rail(name)
+        if rail is None and name == "pii":
+            return PiiRail(action="block")
+        if rail is None:
             raise InvalidRequestError(
-                f"rails must name some of {', '.join(KNOWN_RAILS)}; got {rails!r}", param="rails"
-            )
-        missing = [r for r in rails if r != "pii"]
-        if missing:
-            raise InvalidRequestError(
-                f"rail {missing[0]} is not available in this service yet (available: pii)",
+                f"rail {name} is not configured in this service's guardrails file (configured: "
+                f"{', '.join(self.configured()) or 'none'})",
                 param="rails",
             )
-        rail = self.config.input.pii or PiiRail(action="block")
-        text = "\n".join(texts)
-        return [self.pii(text, rail, "check")]
+        return rail
+
+    def configured(self) -> list[str]:
+        return [n for n in KNOWN_RAILS if self.config.rail(n) is not None]
+
+    async def check(
+        self, texts: Texts, rails: list[str], via: GuardModels | None = None
+    ) -> list[Verdict]:
+        """`/v1/guardrails/check`: each named rail over the texts, one verdict per rail; the
+        rails run concurrently. `via`: how to reach the models, if not as inline rails do."""
+        unknown = [r for r in rails if r not in KNOWN_RAILS]
+        if unknown or not rails or len(set(rails)) != len(rails):
+            raise InvalidRequestError(
+                f"rails must name some of {', '.join(KNOWN_RAILS)}, each once; got {rails!r}",
+                param="rails",
+            )
+        settings = {name: self._rail_or_default(name) for name in rails}
+        jobs = []
+        for name, rail in settings.items():
+            if name == "pii":
+                jobs.append(_done(self.pii("\n".join(texts.all), rail, "check")))
+            elif name == "jailbreak":
+                jobs.append(self.jailbreak(texts.all, rail, "check", via))
+            elif name == "content_safety":
+                user = "\n\n".join(texts.user)
+                jobs.append(self.content_safety(user, texts.response, rail, "check", via))
+            else:
+                jobs.append(self.topic_control(texts.conversation, rail, "check", via))
+        return list(await asyncio.gather(*jobs))
+
+    async def classify(self, text: str, via: GuardModels | None = None) -> Verdict:
+        """NemoGuard JailbreakDetect's `/v1/classify`."""
+        rail = self._rail_or_default("jailbreak")
+        return await self.jailbreak([text], rail, "check", via)
 
     # ------------------------------------------------------------------ requests
 
-    def guard_request(self, route: str, payload: dict[str, Any]) -> bool:
-        """Input rails over a generation request; True when its text was rewritten."""
+    async def guard_request(self, route: str, payload: dict[str, Any], offload: bool) -> bool:
+        """Input rails over a generation request; True when its text was rewritten.
+        `offload`: run the PII rail in a worker thread (long bodies)."""
         if route not in GENERATION:
             return False
-        if self.config.output.pii is not None:
-            # Text the output rail does not read would carry what it redacts or blocks.
+        if self.reads_answers(route):
+            # Text the output rails do not read would carry what they redact or block.
             for name in ("logprobs", "top_logprobs", "tools", "functions"):
                 value = payload.get(name)
                 if value is not None and value is not False:  # `logprobs: 0` asks for some too
                     raise InvalidRequestError(
-                        f"{name} is not available while the pii output rail is on: it checks "
+                        f"{name} is not available while output rails are on: they check "
                         "the answer's text, not token logprobs or tool-call arguments",
                         param=name,
                     )
-        rail = self.config.input.pii
-        if rail is None:
-            return False
+        rails = self.inline_input
+        param = "messages" if route.endswith("chat/completions") else "prompt"
         changed = False
-        for holder, key in _request_texts(route, payload, rail.roles):
+        if rails.pii is not None:
+            if offload:
+                changed = await asyncio.to_thread(self._pii_request, route, payload, rails.pii)
+            else:
+                changed = self._pii_request(route, payload, rails.pii)
+        jobs = []
+        if rails.jailbreak is not None:
+            texts = [h[k] for h, k in request_texts(route, payload, rails.jailbreak.roles)]
+            jobs.append(self.jailbreak(texts, rails.jailbreak, "input"))
+        if rails.content_safety is not None:
+            texts = [h[k] for h, k in request_texts(route, payload, rails.content_safety.roles)]
+            jobs.append(
+                self.content_safety("\n\n".join(texts), None, rails.content_safety, "input")
+            )
+        if rails.topic_control is not None:
+            turns = conversation(route, payload, rails.topic_control.roles)
+            jobs.append(self.topic_control(turns, rails.topic_control, "input"))
+        for verdict in await asyncio.gather(*jobs):
+            if verdict.blocked:
+                raise ContentFilterError(_blocked_message(verdict, "request"), param=param)
+        return changed
+
+    def _pii_request(self, route: str, payload: dict[str, Any], rail: PiiRail) -> bool:
+        changed = False
+        for holder, key in request_texts(route, payload, rail.roles):
             verdict = self.pii(holder[key], rail, "input")
             if verdict.blocked:
                 raise ContentFilterError(
-                    f"blocked by the pii input rail: the request contains "
-                    f"{', '.join(verdict.categories)}",
+                    _blocked_message(verdict, "request"),
                     param="messages" if route.endswith("chat/completions") else "prompt",
                 )
             if verdict.redacted is not None:
@@ -148,104 +426,72 @@ class Guardrails:
 
     def reads_answers(self, route: str) -> bool:
         """Whether output rails read this route's answers (else they pass untouched)."""
-        return self.config.output.pii is not None and route in GENERATION
+        out = self.inline_output
+        return (out.pii is not None or out.content_safety is not None) and route in GENERATION
 
-    def guard_answer(self, route: str, answer: dict[str, Any]) -> dict[str, Any]:
-        """Output rails over a whole (not streamed) answer."""
-        rail = self.config.output.pii
-        if rail is None or route not in GENERATION:
+    async def guard_answer(
+        self, route: str, request: dict[str, Any], answer: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Output rails over a whole (not streamed) answer; `request` as the engine got it."""
+        if not self.reads_answers(route):
             return answer
+        rails = self.inline_output
         for choice in answer.get("choices") or []:
-            for holder, key in _answer_texts(route, choice):
-                verdict = self.pii(holder[key], rail, "output")
-                if verdict.blocked:
+            for holder, key in answer_texts(route, choice):
+                verdicts = []
+                if rails.pii is not None:
+                    verdicts.append(self.pii(holder[key], rails.pii, "output"))
+                if rails.content_safety is not None:
+                    user = user_text(route, request, rails.content_safety.roles)
+                    verdicts.append(
+                        await self.content_safety(user, holder[key], rails.content_safety, "output")
+                    )
+                blocked = next((v for v in verdicts if v.blocked), None)
+                if blocked is not None:
                     if self.config.refusal is None:
                         raise ContentFilterError(
-                            "the answer was blocked by the pii output rail "
-                            f"({', '.join(verdict.categories)})"
+                            _blocked_message(blocked, "answer").replace("request", "answer")
                         )
                     _refuse(route, choice, self.config.refusal)
                     break
-                if verdict.redacted is not None:
-                    holder[key] = verdict.redacted
+                redacted = verdicts[0].redacted if rails.pii is not None else None
+                if redacted is not None:
+                    holder[key] = redacted
         return answer
 
-    def stream_filter(self, route: str) -> StreamFilter | None:
-        rail = self.config.output.pii
-        if rail is None or route not in GENERATION:
+    def stream_filter(self, route: str, request: dict[str, Any]) -> StreamFilter | None:
+        if not self.reads_answers(route):
             return None
-        return StreamFilter(self, rail, chat=route.endswith("chat/completions"))
+        rails = self.inline_output
+        user = (
+            user_text(route, request, rails.content_safety.roles)
+            if rails.content_safety is not None
+            else ""
+        )
+        return StreamFilter(self, chat=route.endswith("chat/completions"), user=user)
 
 
-def guardrail_texts(payload: dict[str, Any]) -> list[str]:
-    """The texts a `/v1/guardrails/check` request asks about: `text`, or every message's."""
-    text, messages = payload.get("text"), payload.get("messages")
-    if isinstance(text, str) and messages is None:
-        return [text]
-    if isinstance(messages, list) and messages and text is None:
-        texts: list[str] = []
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict):
-                raise InvalidRequestError(f"messages[{i}] must be an object", param="messages")
-            content = m.get("content")
-            if isinstance(content, str):
-                texts.append(content)
-            elif isinstance(content, list):
-                for part in content:
-                    if not isinstance(part, dict) or "text" not in part:
-                        continue  # images and the like: no text to check
-                    if not isinstance(part["text"], str):
-                        raise InvalidRequestError(
-                            f"messages[{i}]: a text part's text must be a string",
-                            param="messages",
-                        )
-                    texts.append(part["text"])
-            elif content is not None:  # null: a tool-call turn, no text to check
-                raise InvalidRequestError(
-                    f"messages[{i}].content must be a string or a list of parts",
-                    param="messages",
-                )
-        return texts
-    raise InvalidRequestError("give either text (a string) or messages (a list)", param="text")
+async def _done(verdict: Verdict) -> Verdict:
+    return verdict
 
 
-def _request_texts(
-    route: str, payload: dict[str, Any], roles: tuple[str, ...] = ("user",)
-) -> list[tuple[Any, Any]]:
-    """(container, key) pairs of the request's user text, to read and rewrite in place."""
-    if not route.endswith("chat/completions"):
-        prompt = payload.get("prompt")
-        if isinstance(prompt, str):
-            return [(payload, "prompt")]
-        if isinstance(prompt, list):
-            return [(prompt, i) for i, p in enumerate(prompt) if isinstance(p, str)]
-        return []
-    found: list[tuple[Any, Any]] = []
-    for message in payload.get("messages") or []:
-        if not isinstance(message, dict) or message.get("role") not in roles:
-            continue
-        content = message.get("content")
-        if isinstance(content, str):
-            found.append((message, "content"))
-        elif isinstance(content, list):
-            found += [
-                (part, "text")
-                for part in content
-                if isinstance(part, dict) and isinstance(part.get("text"), str)
-            ]
-    return found
-
-
-def _answer_texts(route: str, choice: Any) -> list[tuple[dict[str, Any], str]]:
-    """(container, key) pairs of one answer choice's text: content and any reasoning."""
-    if not isinstance(choice, dict):
-        return []
-    if not route.endswith("chat/completions"):
-        return [(choice, "text")] if isinstance(choice.get("text"), str) else []
-    message = choice.get("message")
-    if not isinstance(message, dict):
-        return []
-    return [(message, k) for k in CHAT_FIELDS if isinstance(message.get(k), str)]
+def _blocked_message(verdict: Verdict, what: str) -> str:
+    if verdict.error is not None:
+        return (
+            f"blocked by the {verdict.rail} rail: its guard model gave no usable verdict "
+            f"({verdict.error}) and the rail fails closed (on_error: block)"
+        )
+    if verdict.rail == "pii":
+        return f"blocked by the pii input rail: the {what} contains {', '.join(verdict.categories)}"
+    if verdict.rail == "jailbreak":
+        return (
+            f"blocked by the jailbreak rail: the {what} reads as a jailbreak or prompt injection "
+            f"(score {verdict.score:.2f})"
+        )
+    if verdict.rail == "topic_control":
+        return f"blocked by the topic_control rail: the {what} is off-topic for this service"
+    cats = f" ({', '.join(verdict.categories)})" if verdict.categories else ""
+    return f"blocked by the content_safety rail: the guard model judged the {what} unsafe{cats}"
 
 
 def _refuse(route: str, choice: dict[str, Any], refusal: str) -> None:
@@ -256,104 +502,3 @@ def _refuse(route: str, choice: dict[str, Any], refusal: str) -> None:
         choice["message"] = {"role": "assistant", "content": refusal}
     else:
         choice["text"] = refusal
-
-
-# Text fields of a streamed chat delta the output rail reads (reasoning models stream their
-# reasoning beside the content); a completions choice has `text`.
-CHAT_FIELDS = ("content", "reasoning_content", "reasoning")
-
-
-class StreamFilter:
-    """One streamed answer through the output rails (per request)."""
-
-    def __init__(self, guards: Guardrails, rail: PiiRail, *, chat: bool) -> None:
-        self.guards, self.rail, self.chat = guards, rail, chat
-        # Per (choice, field): text not yet sent.
-        self.pending: dict[tuple[int, str], str] = {}
-        self.blocked = False
-        self._head: dict[str, Any] = {}
-
-    def process(self, chunk: bytes) -> tuple[bytes, bool]:
-        """Complete SSE events in, what the client gets out; True once the stream must end."""
-        out: list[bytes] = []
-        for event in chunk.split(b"\n\n"):
-            if not event.strip():
-                continue
-            if event.strip() == b"data: [DONE]":
-                out.append(self._flush_all())
-                out.append(event + b"\n\n")
-                continue
-            try:
-                data = json.loads(event.removeprefix(b"data:"))
-            except ValueError:
-                out.append(event + b"\n\n")
-                continue
-            if not isinstance(data, dict) or not data.get("choices"):
-                out.append(event + b"\n\n")  # usage, errors: not text
-                continue
-            self._head = {k: data[k] for k in ("id", "object", "created", "model") if k in data}
-            for choice in data["choices"]:
-                final = isinstance(choice, dict) and choice.get("finish_reason") is not None
-                if isinstance(choice, dict) and self._choice(choice, final):
-                    out.append(self._block_event(choice.get("index", 0)))
-                    return b"".join(out), True
-            out.append(b"data: " + json.dumps(data).encode() + b"\n\n")
-        return b"".join(out), False
-
-    def _holder(self, choice: dict[str, Any]) -> dict[str, Any]:
-        if not self.chat:
-            return choice
-        delta = choice.get("delta")
-        if not isinstance(delta, dict):
-            delta = choice["delta"] = {}
-        return delta
-
-    def _choice(self, choice: dict[str, Any], final: bool) -> bool:
-        """Run the rail on one choice's new text (`final`: send all it holds); True if it
-        blocks."""
-        holder = self._holder(choice)
-        index = int(choice.get("index", 0))
-        for key in CHAT_FIELDS if self.chat else ("text",):
-            new = holder.get(key)
-            text = self.pending.get((index, key), "") + (new if isinstance(new, str) else "")
-            if not text:
-                continue
-            started = time.perf_counter()
-            findings = pii.find(text, self.rail.kinds, self.rail.region)
-            seconds = time.perf_counter() - started
-            if findings and self.rail.action == "block":
-                self.guards.record("pii", "output", seconds, True, 0)
-                self.blocked = True
-                return True
-            cut = len(text) if final else max(0, len(text) - HOLD)
-            for f in findings:  # never cut through a finding: send it whole or not yet
-                if f.start < cut < f.end:
-                    cut = f.start
-            done = [f for f in findings if f.end <= cut]
-            self.guards.record("pii", "output", seconds, False, len(done))
-            self.pending[(index, key)] = text[cut:]
-            if key in holder or text[:cut]:
-                holder[key] = pii.redact(text[:cut], done)
-        return False
-
-    def _flush_all(self) -> bytes:
-        """What is still held when the stream ends without a finish_reason for it."""
-        events = []
-        for index in sorted({i for (i, _), text in self.pending.items() if text}):
-            choice: dict[str, Any] = {"index": index}
-            if not self._choice(choice, final=True):  # blocked: never sent, the stream ends
-                events.append(
-                    b"data: " + json.dumps({**self._head, "choices": [choice]}).encode() + b"\n\n"
-                )
-        self.pending.clear()
-        return b"".join(events)
-
-    def _block_event(self, index: int) -> bytes:
-        notice = "\n[answer stopped by the pii output rail: it contained personal data]"
-        choice: dict[str, Any] = {"index": index, "finish_reason": "content_filter"}
-        if self.chat:
-            choice["delta"] = {"content": notice}
-        else:
-            choice["text"] = notice
-        event = {**self._head, "choices": [choice]}
-        return b"data: " + json.dumps(event).encode() + b"\n\ndata: [DONE]\n\n"

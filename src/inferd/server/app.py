@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -23,17 +24,21 @@ from inferd import __version__
 from inferd.config import Settings
 from inferd.errors import EngineNotReadyError, InvalidRequestError
 from inferd.guardrails.config import GuardrailsConfig
-from inferd.guardrails.rails import Guardrails, guardrail_texts
+from inferd.guardrails.jailbreak import Training
+from inferd.guardrails.rails import Guardrails
+from inferd.guardrails.texts import guardrail_texts
 from inferd.observability.metrics import Metrics
 from inferd.server import errors, retrieval
 from inferd.server.admission import Admission, Limits
 from inferd.server.context import RequestIdMiddleware
+from inferd.server.guard_models import ServiceGuardModels
 from inferd.server.keys import KeyRing
 from inferd.server.proxy import Proxy, parse_body
 from inferd.server.retrieval import SHAPES, Shape
 from inferd.server.served import ModelTable, ServedModel
 from inferd.server.supervisor import State
 
+log = logging.getLogger("inferd.guardrails")
 API_VERSION = "1.0.0"
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -94,13 +99,19 @@ def create_app(
     settings: Settings | None = None,
     keys: KeyRing | None = None,
     guards_config: GuardrailsConfig | None = None,
+    jailbreak_training: Training | None = None,
 ) -> FastAPI:
     """The front for `models`. `keys`: when it holds active keys, inference routes need one.
-    `guards_config`: the rails applied inline (and the defaults of /v1/guardrails/check)."""
+    `guards_config`: the rails applied inline (and the defaults of /v1/guardrails/check);
+    `jailbreak_training`: where the jailbreak rail's classifier is (or is trained into)."""
     settings = settings or Settings()
     table = ModelTable(models)
     metrics = Metrics()
-    guards = Guardrails(guards_config or GuardrailsConfig(), metrics)
+    guards = Guardrails(
+        guards_config or GuardrailsConfig(), metrics, served={m.id: m.entry.task for m in table}
+    )
+    if "jailbreak" in guards.names and jailbreak_training is None:
+        raise ValueError("the jailbreak rail needs jailbreak_training")
     for m in table:
         metrics.add_model(m.id, m.supervisor.engine.name)
         running = settings.max_running or m.profile.max_running
@@ -115,6 +126,8 @@ def create_app(
         log_requests=settings.log_requests,
         guards=guards if guards.active else None,
     )
+    guards.models = ServiceGuardModels(proxy, table, admit=False)
+    checks = ServiceGuardModels(proxy, table, admit=True)  # the check routes' own calls
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -122,11 +135,28 @@ def create_app(
         assert proxy.session is not None
         for m in table:
             m.supervisor.start(proxy.session)
+        training = None
+        if jailbreak_training is not None and "jailbreak" in guards.names:
+            training = asyncio.create_task(_prepare_jailbreak(jailbreak_training))
         try:
             yield
         finally:
+            if training is not None:
+                training.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await training
             await asyncio.gather(*(m.supervisor.stop() for m in table))
             await proxy.close()
+
+    async def _prepare_jailbreak(training: Training) -> None:
+        """Once the embedding engine answers: load the classifier, or train it (once)."""
+        embedder = table.lookup(guards.names["jailbreak"])
+        await embedder.supervisor.ready.wait()
+        try:
+            await guards.prepare_jailbreak(training.data, training.probe_file)
+        except Exception as exc:  # a service that cannot run its rails must not look ready
+            guards.state = f"failed: the jailbreak classifier could not be prepared: {exc}"
+            guards.failed.set()
 
     app = FastAPI(
         title="inferd",
@@ -137,6 +167,7 @@ def create_app(
     app.state.models = table
     app.state.metrics = metrics
     app.state.proxy = proxy
+    app.state.guards = guards
     errors.install(app)
     app.add_middleware(RequestIdMiddleware)
     origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
@@ -174,11 +205,28 @@ def create_app(
         rails = payload.get("rails")
         if not isinstance(rails, list) or not all(isinstance(r, str) for r in rails):
             raise InvalidRequestError("rails must be a list of rail names", param="rails")
-        verdicts = guards.check(texts, rails)
+        unknown = sorted(set(payload) - {"text", "messages", "rails"})
+        if unknown:
+            raise InvalidRequestError(f"unknown field {unknown[0]}", param=unknown[0])
+        verdicts = await guards.check(texts, rails, via=checks)
         return {
             "blocked": any(v.blocked for v in verdicts),
             "rails": [v.as_dict() for v in verdicts],
         }
+
+    @app.post("/v1/classify", tags=["guardrails"])
+    async def classify(request: Request) -> dict[str, Any]:
+        """NemoGuard JailbreakDetect: `{input}` -> `{jailbreak, score}`."""
+        proxy.authorize(request)
+        payload = parse_body(await proxy.read_body(request))
+        text = payload.get("input")
+        if not isinstance(text, str):
+            raise InvalidRequestError("input must be a string", param="input")
+        unknown = sorted(set(payload) - {"input", "model"})
+        if unknown:
+            raise InvalidRequestError(f"unknown field {unknown[0]}", param=unknown[0])
+        verdict = await guards.classify(text, via=checks)
+        return {"jailbreak": verdict.blocked, "score": verdict.score}
 
     @app.get("/v1/models", tags=["openai"])
     async def list_models(request: Request) -> JSONResponse:
@@ -211,9 +259,15 @@ def create_app(
             }
             for m in table
         }
-        ok = not proxy.draining and all(m.supervisor.state is State.READY for m in table)
+        ok = (
+            not proxy.draining
+            and all(m.supervisor.state is State.READY for m in table)
+            and guards.ready
+        )
         status = "draining" if proxy.draining else "ready" if ok else "not_ready"
-        body = {"status": status, "models": states}
+        body: dict[str, Any] = {"status": status, "models": states}
+        if guards.config.configured:
+            body["guardrails"] = guards.describe()
         return JSONResponse(body, 200 if ok else 503, None if ok else {"Retry-After": "5"})
 
     @app.get("/v1/metadata", tags=["management"])
@@ -225,6 +279,7 @@ def create_app(
             # NIM's field names, so NIM tooling finds the selected profile where it looks.
             "selectedModelProfileId": infos[0]["profile"]["id"] if infos else None,
             "modelInfo": [{"shortName": i["id"], "modelUrl": None} for i in infos],
+            "guardrails": guards.describe() if guards.config.configured else None,
         }
 
     @app.get("/v1/version", tags=["management"])

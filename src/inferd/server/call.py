@@ -19,7 +19,7 @@ from typing import Any
 
 import aiohttp
 
-from inferd.guardrails.rails import StreamFilter
+from inferd.guardrails.stream import StreamFilter
 from inferd.observability.metrics import Metrics
 from inferd.server.admission import Slot
 from inferd.server.keys import KeyRecord, KeyRing

@@ -203,13 +203,12 @@ class Proxy:
             engine=engine.name,
             max_n=engine.max_n,
         )
+        served.require_ready()
         guarded = False
         if self.guards is not None:
-            if len(body) > GUARD_INLINE_BYTES:  # long texts: off the event loop
-                guarded = await asyncio.to_thread(self.guards.guard_request, engine_path, payload)
-            else:
-                guarded = self.guards.guard_request(engine_path, payload)
-        served.require_ready()
+            # Long texts: the PII rail off the event loop.
+            offload = len(body) > GUARD_INLINE_BYTES
+            guarded = await self.guards.guard_request(engine_path, payload, offload)
         rid = current_request_id()
         if self.log_requests:  # what the engine gets: after the input rails
             shown = json.dumps(payload) if guarded else body.decode("utf-8", "replace")
@@ -235,9 +234,9 @@ class Proxy:
             body = json.dumps(payload).encode()
         call.adapt_event = engine.event_adapter(engine_path)
         if self.guards is not None and stream:
-            call.stream_filter = self.guards.stream_filter(engine_path)
+            call.stream_filter = self.guards.stream_filter(engine_path, payload)
         try:
-            return await self._send(served, engine_path, body, stream, call)
+            return await self._send(served, engine_path, body, stream, call, payload)
         except asyncio.CancelledError:
             self._end(call, 499)  # the client went away while the engine was answering
             raise
@@ -255,7 +254,13 @@ class Proxy:
             self._idle.set()
 
     async def _send(
-        self, served: ServedModel, path: str, body: bytes, stream: bool, call: Call
+        self,
+        served: ServedModel,
+        path: str,
+        body: bytes,
+        stream: bool,
+        call: Call,
+        payload: dict[str, Any],
     ) -> Response:
         assert self.session is not None
         url = served.supervisor.base_url + path
@@ -309,7 +314,7 @@ class Proxy:
                 if call.reshape_answer is not None:
                     answer = call.reshape_answer(answer)
                 if guard:
-                    answer = self._guard_answer(path, answer, call)
+                    answer = await self._guard_answer(path, payload, answer, call)
                 data = json.dumps(answer).encode()
             self._end(call, resp.status)
             return Response(data, resp.status, media_type=resp.content_type)
@@ -325,10 +330,12 @@ class Proxy:
             on_close=release,
         )
 
-    def _guard_answer(self, path: str, answer: dict[str, Any], call: Call) -> dict[str, Any]:
+    async def _guard_answer(
+        self, path: str, request: dict[str, Any], answer: dict[str, Any], call: Call
+    ) -> dict[str, Any]:
         assert self.guards is not None
         try:
-            guarded = self.guards.guard_answer(path, answer)
+            guarded = await self.guards.guard_answer(path, request, answer)
         except ContentFilterError:
             call.finish_reason = "content_filter"
             self._end(call, 400)
@@ -414,7 +421,7 @@ class Proxy:
                 out = call.observe_events(complete)
                 stop = False
                 if call.stream_filter is not None:
-                    out, stop = call.stream_filter.process(out)
+                    out, stop = await call.stream_filter.process(out)
                     if stop:
                         call.finish_reason = "content_filter"
                 if _DONE in out:
@@ -426,7 +433,7 @@ class Proxy:
                     return  # an output rail ended the stream; `finally` closes the engine's
             if pending.strip():
                 if call.stream_filter is not None:  # a last event without its blank line
-                    pending, _ = call.stream_filter.process(pending + b"\n\n")
+                    pending, _ = await call.stream_filter.process(pending + b"\n\n")
                 yield pending
             status = 200
         except (TimeoutError, aiohttp.ClientError) as exc:

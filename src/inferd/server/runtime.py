@@ -26,6 +26,7 @@ from fastapi import FastAPI
 
 from inferd.config import Settings
 from inferd.errors import ConfigError, PortInUseError
+from inferd.guardrails.rails import Guardrails
 from inferd.server.proxy import Proxy
 from inferd.server.served import ServedModel
 
@@ -58,21 +59,27 @@ class Outcome:
     exit_code: int = 0
 
 
-async def _all_ready(models: list[ServedModel]) -> None:
+async def _all_ready(models: list[ServedModel], guards: Guardrails) -> None:
     for m in models:
         await m.supervisor.ready.wait()
+    await guards.prepared.wait()
 
 
 async def _watch(
     models: list[ServedModel],
+    guards: Guardrails,
     server: uvicorn.Server,
     outcome: Outcome,
     on_ready: Callable[[float], None],
     started: float,
 ) -> None:
-    """Announce readiness once; stop the service if an engine fails for good."""
-    ready = asyncio.create_task(_all_ready(models))
-    failures = {asyncio.create_task(m.supervisor.failed.wait()): m for m in models}
+    """Announce readiness once; stop the service if an engine, or the preparation of its
+    rails, fails for good."""
+    ready = asyncio.create_task(_all_ready(models, guards))
+    failures: dict[asyncio.Task[Any], ServedModel | None] = {
+        asyncio.create_task(m.supervisor.failed.wait()): m for m in models
+    }
+    failures[asyncio.create_task(guards.failed.wait())] = None
     pending: set[asyncio.Task[Any]] = {ready, *failures}
     try:
         while pending:
@@ -82,6 +89,9 @@ async def _watch(
             failed = [m for t, m in failures.items() if t in done]
             if failed:
                 for m in failed:
+                    if m is None:
+                        log.error("guardrails %s", guards.state)
+                        continue
                     tail = "\n".join(list(m.supervisor.tail)[-25:])
                     log.error("engine for %s failed: %s\n%s", m.id, m.supervisor.last_error, tail)
                 outcome.exit_code = 1
@@ -172,7 +182,9 @@ def run(
     outcome = Outcome()
 
     async def main() -> None:
-        watcher = asyncio.create_task(_watch(models, server, outcome, on_ready, started))
+        watcher = asyncio.create_task(
+            _watch(models, app.state.guards, server, outcome, on_ready, started)
+        )
         try:
             await server.serve(sockets=[sock])
         finally:

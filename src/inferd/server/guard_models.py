@@ -1,0 +1,121 @@
+"""How the rails reach models (`guardrails.rails.GuardModels`): engines of this service, or a
+guard model behind any OpenAI-compatible URL (a NemoGuard NIM, another inferd).
+
+Calls made for `/v1/guardrails/check` and `/v1/classify` wait for a slot like any request
+(`admit=True`). Calls of inline rails do not: they belong to a request already admitted, which
+may hold a slot of the very engine it asks (a chat model judging itself), and waiting for a slot
+while holding one deadlocks under load; each admitted request makes a bounded number of them, and
+the engines queue them. Neither is counted as a client request in the request metrics; the
+rails' own metrics count them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from typing import Any
+
+import aiohttp
+import numpy as np
+
+from inferd.errors import EngineUnavailableError, GuardModelError
+from inferd.guardrails.config import GuardModel
+from inferd.server import retrieval
+from inferd.server.proxy import Proxy
+from inferd.server.served import ModelTable, ServedModel
+
+EMBED_BATCH = 64  # texts per embedding request: large enough to batch, small enough to share
+
+
+class ServiceGuardModels:
+    def __init__(self, proxy: Proxy, table: ModelTable, *, admit: bool) -> None:
+        self.proxy = proxy
+        self.table = table
+        self.admit = admit
+
+    async def _post(self, url: str, payload: dict[str, Any], headers: dict[str, str]) -> Any:
+        session = self.proxy.session
+        assert session is not None
+        try:
+            async with session.post(url, json=payload, headers=headers) as resp:
+                data = await resp.read()
+                if resp.status != 200:
+                    raise GuardModelError(
+                        f"{url} answered {resp.status}: {data[:300].decode('utf-8', 'replace')}"
+                    )
+                return json.loads(data)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise GuardModelError(f"{url} could not be reached: {exc}") from None
+        except ValueError:
+            raise GuardModelError(f"{url} answered something that is not JSON") from None
+
+    async def _engine(self, served: ServedModel, path: str, payload: dict[str, Any]) -> Any:
+        served.require_ready()
+        engine = served.supervisor.engine
+        for ours, theirs in engine.param_aliases.items():
+            if ours in payload:
+                payload[theirs] = payload.pop(ours)
+        if path in engine.adapted_routes:
+            payload = engine.adapt(path, payload)
+        slot = await served.admission.acquire() if self.admit else None
+        try:
+            return await self._post(served.supervisor.base_url + path, payload, {})
+        except GuardModelError as exc:
+            raise EngineUnavailableError(f"guard call to {served.id}: {exc}") from None
+        finally:
+            if slot is not None:
+                slot.release()
+
+    async def embed(self, model: str, texts: list[str]) -> np.ndarray:
+        served = self.table.lookup(model)
+        batches = [texts[i : i + EMBED_BATCH] for i in range(0, len(texts), EMBED_BATCH)]
+        vectors: list[list[float]] = []
+        for batch in batches:
+            payload = retrieval.embeddings_request(
+                {"model": model, "input": batch, "truncate": "END"}, served.entry
+            )
+            answer = await self._engine(served, "/v1/embeddings", payload)
+            data = sorted(answer["data"], key=lambda d: d["index"])
+            vectors += [d["embedding"] for d in data]
+        return np.asarray(vectors, dtype=np.float64)
+
+    async def chat(
+        self,
+        guard: GuardModel,
+        model: str,
+        messages: list[dict[str, str]],
+        *,
+        schema: dict[str, Any] | None,
+        max_tokens: int,
+    ) -> str:
+        payload: dict[str, Any] = {
+            "model": model,
+            "messages": messages,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "stream": False,
+        }
+        if schema is not None:
+            payload["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {"name": "verdict", "schema": schema, "strict": True},
+            }
+        if guard.url is None:
+            answer = await self._engine(self.table.lookup(model), "/v1/chat/completions", payload)
+        else:
+            headers = {}
+            if guard.api_key_env:
+                key = os.environ.get(guard.api_key_env)
+                if not key:
+                    raise GuardModelError(f"{guard.api_key_env} is not set (the guard's API key)")
+                headers["Authorization"] = f"Bearer {key}"
+            url = guard.url.rstrip("/") + "/chat/completions"
+            answer = await asyncio.wait_for(self._post(url, payload, headers), guard.timeout_s)
+        try:
+            content = answer["choices"][0]["message"]["content"]
+        except (KeyError, IndexError, TypeError):
+            raise GuardModelError("the guard model's answer has no message content") from None
+        if not isinstance(content, str):
+            raise GuardModelError("the guard model's answer has no text")
+        return content
