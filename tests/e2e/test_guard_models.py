@@ -96,9 +96,8 @@ def test_classifier_is_trained_by_the_service_and_its_figures_published(guarded:
     assert probe["prompts"] == {"train": 11089, "validation": 2101, "test": 2101}
     assert probe["test"]["precision"] >= 0.9 and probe["test"]["recall"] >= 0.85
     assert meta["models"] == {
-        "jailbreak": EMBEDDER,
-        "content_safety": MODEL,
-        "topic_control": MODEL,
+        "input": {"jailbreak": EMBEDDER, "content_safety": MODEL, "topic_control": MODEL},
+        "output": {"content_safety": MODEL},
     }
     # Readiness waited for it: while training, the service said so and was not ready.
     starting = [json.loads(t) for p, c, t in guarded.seen if p.endswith("ready") and c == 503]

@@ -152,8 +152,10 @@ SERVED = {"chat": "chat", "emb": "embedding"}
 
 def test_rails_resolve_their_models_or_stop_start_up() -> None:
     cfg = GuardrailsConfig(input=InputRails(content_safety=ContentSafetyRail()))
-    assert Guardrails(cfg, served=SERVED).names == {"content_safety": "chat"}
-    assert Guardrails(cfg, served={**SERVED, "guard": "guard"}).names["content_safety"] == "guard"
+    used = Guardrails(cfg, served=SERVED).models_used()
+    assert used == {"input": {"content_safety": "chat"}}
+    with_guard = Guardrails(cfg, served={**SERVED, "guard": "guard"}).models_used()
+    assert with_guard["input"]["content_safety"] == "guard"
     with pytest.raises(ConfigError, match="several chat models"):
         Guardrails(cfg, served={"a": "chat", "b": "chat"})
     bad = GuardrailsConfig(input=InputRails(content_safety=ContentSafetyRail(model="emb")))
@@ -163,8 +165,10 @@ def test_rails_resolve_their_models_or_stop_start_up() -> None:
     with pytest.raises(ConfigError, match="not served by this service"):
         Guardrails(missing, served=SERVED)
     remote = ContentSafetyRail(model="x", url="http://guard:8000/v1")
-    assert Guardrails(GuardrailsConfig(output=OutputRails(content_safety=remote)),
-                      served=SERVED).names == {"content_safety": "x"}  # fmt: skip
+    remote_cfg = GuardrailsConfig(output=OutputRails(content_safety=remote))
+    assert Guardrails(remote_cfg, served=SERVED).models_used() == {
+        "output": {"content_safety": "x"}
+    }
     with pytest.raises(ValueError, match="needs its `model`"):
         GuardModel(url="http://guard:8000/v1")
 
@@ -369,3 +373,51 @@ def test_guard_rail_mistakes_name_their_line(tmp_path: Path, text: str, where: s
     with pytest.raises(ConfigError) as info:
         config.load(path)
     assert where in info.value.message, info.value.message
+
+
+def test_each_stage_asks_its_own_guard_model() -> None:
+    cfg = GuardrailsConfig(
+        input=InputRails(content_safety=ContentSafetyRail()),
+        output=OutputRails(content_safety=ContentSafetyRail(model="ng", url="https://g/v1")),
+    )
+    guards = Guardrails(cfg, served=SERVED)
+    assert guards.models_used() == {
+        "input": {"content_safety": "chat"},
+        "output": {"content_safety": "ng"},
+    }
+    bad = GuardrailsConfig(output=OutputRails(content_safety=ContentSafetyRail(model="typo")))
+    with pytest.raises(ConfigError, match=r"output\.content_safety: model typo is not served"):
+        Guardrails(bad, served=SERVED)
+
+
+async def test_whole_answers_are_redacted_before_the_guard_model_reads_them() -> None:
+    from inferd.guardrails.config import PiiRail
+
+    models = Scripted(_unsafe_if("heist"))
+    out = OutputRails(pii=PiiRail(action="redact"), content_safety=ContentSafetyRail())
+    guards = _guards(models, output=out)
+    message = {"role": "assistant", "content": "Write to jane@example.com"}
+    answer = {"choices": [{"index": 0, "message": message}]}
+    kept = await guards.guard_answer(CHAT, {"messages": []}, answer)
+    assert kept["choices"][0]["message"]["content"] == "Write to [REDACTED:EMAIL]"
+    assert "jane" not in models.calls[0][1][0]["content"]
+
+
+async def test_a_stream_ending_without_done_still_gets_its_held_text_judged() -> None:
+    from inferd.guardrails.config import PiiRail
+
+    models = Scripted(_unsafe_if("heist"))
+    out = OutputRails(pii=PiiRail(action="redact"), content_safety=ContentSafetyRail())
+    guards = _guards(models, output=out)
+    flt = guards.stream_filter(CHAT, {"messages": [{"role": "user", "content": "hi"}]})
+    assert flt is not None
+    event = {
+        "choices": [{"index": 0, "delta": {"content": "A calm answer, mail jane@example.com"}}]
+    }
+    sent, _ = await flt.process(b"data: " + json.dumps(event).encode() + b"\n\n")
+    assert _text(sent) == ""  # held: not yet judged, and the PII tail held back
+    tail = await flt.finish()
+    assert _text(tail) == "A calm answer, mail [REDACTED:EMAIL]"
+    assert not flt.blocked
+    garbled, _ = await flt.process(b"data: {not json\n\n: keep-alive\n\n")
+    assert garbled == b": keep-alive\n\n"  # unreadable data is dropped, comments pass

@@ -133,10 +133,10 @@ def _jailbreak_training(
     if config is None or config.rail("jailbreak") is None:
         return None
     guards = Guardrails(config, served={m.id: m.entry.task for m in served})
-    embedder = next(m for m in served if m.id == guards.names["jailbreak"])
+    embedder = next(m for m in served if m.id == guards.jailbreak_model)
     identity = json.dumps(embedder.provenance.get("source"), sort_keys=True)
     training = Training(jailbreak.probe_path(plan.store, embedder.id, identity))
-    if training.probe_file.is_file():
+    if jailbreak.Probe.load(training.probe_file) is not None:
         console.print(f"  rails    jailbreak classifier {training.probe_file}")
         return training
     training.data = jailbreak.fetch_data(

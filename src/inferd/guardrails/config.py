@@ -75,6 +75,8 @@ class JailbreakRail(_Rail):
     # Score (probability of an attack) from which a prompt is blocked.
     threshold: float = Field(default=0.5, gt=0, lt=1)
     roles: tuple[Role, ...] = Field(default=("user",), min_length=1)
+    # How long the embedding may take; a request past it fails (502) rather than wait.
+    timeout_s: float = Field(default=10, gt=0)
 
 
 class GuardModel(_Rail):

@@ -21,11 +21,14 @@ highest window's score is the prompt's: an attack hidden in the middle of a long
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import hashlib
 import io
 import json
+import os
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -153,10 +156,11 @@ class Probe:
         return np.asarray(1.0 / (1.0 + np.exp(-logits)))
 
     def save(self, path: Path) -> None:
+        """Written whole or not at all; services sharing a cache may save it at the same time."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".partial")
+        partial = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial")
         partial.write_text(json.dumps(asdict(self)))
-        partial.rename(path)
+        os.replace(partial, path)
 
     @classmethod
     def load(cls, path: Path) -> Probe | None:
@@ -195,22 +199,15 @@ def probe_path(store: ModelStore, model: str, model_identity: str) -> Path:
 async def train(model: str, data: dict[str, Path], embed: Embed, progress: Progress) -> Probe:
     """Embed every split through the served model, fit, choose C on validation, score test."""
     started = time.perf_counter()
-    splits = {name: read_split(path) for name, path in data.items()}
+    # Reading and fitting run in a worker thread: the event loop keeps serving meanwhile.
+    splits = await asyncio.to_thread(lambda: {n: read_split(p) for n, p in data.items()})
     vectors: dict[str, np.ndarray] = {}
     for name, (texts, _) in splits.items():
         progress(f"embedding the {name} split ({len(texts):,} prompts)")
         vectors[name] = await embed(texts)
     progress("fitting")
     (_, y_train), (_, y_val), (_, y_test) = splits["train"], splits["validation"], splits["test"]
-    best: tuple[float, float, np.ndarray] | None = None
-    for c in C_GRID:
-        w = fit_logistic(vectors["train"], y_train, c)
-        p = _predict(vectors["validation"], w)
-        f1 = figures(y_val, p)["f1"]
-        if best is None or f1 > best[0]:
-            best = (f1, c, w)
-    assert best is not None
-    _, c, w = best
+    c, w = await asyncio.to_thread(_choose, vectors, y_train, y_val)
     return Probe(
         model=model,
         weights=[float(v) for v in w[:-1]],
@@ -221,6 +218,20 @@ async def train(model: str, data: dict[str, Path], embed: Embed, progress: Progr
         test=figures(y_test, _predict(vectors["test"], w)),
         trained_s=round(time.perf_counter() - started, 1),
     )
+
+
+def _choose(
+    vectors: dict[str, np.ndarray], y_train: np.ndarray, y_val: np.ndarray
+) -> tuple[float, np.ndarray]:
+    """(C, weights) of the fit with the best F1 on the validation split."""
+    best: tuple[float, float, np.ndarray] | None = None
+    for c in C_GRID:
+        w = fit_logistic(vectors["train"], y_train, c)
+        f1 = figures(y_val, _predict(vectors["validation"], w))["f1"]
+        if best is None or f1 > best[0]:
+            best = (f1, c, w)
+    assert best is not None
+    return best[1], best[2]
 
 
 def _predict(x: np.ndarray, w: np.ndarray) -> np.ndarray:

@@ -118,20 +118,20 @@ def _json_object(answer: str) -> dict[str, Any]:
     text = answer.strip()
     start, end = text.find("{"), text.rfind("}")
     if start < 0 or end < start:
-        raise UnusableVerdict(f"no JSON object in the guard model's answer: {answer[:200]!r}")
+        raise UnusableVerdict(f"no JSON object in the guard model's answer: {answer[:80]!r}")
     try:
         value = json.loads(text[start : end + 1])
     except ValueError:
-        raise UnusableVerdict(f"the guard model's answer is not JSON: {answer[:200]!r}") from None
+        raise UnusableVerdict(f"the guard model's answer is not JSON: {answer[:80]!r}") from None
     if not isinstance(value, dict):
-        raise UnusableVerdict(f"the guard model's answer is not an object: {answer[:200]!r}")
+        raise UnusableVerdict(f"the guard model's answer is not an object: {answer[:80]!r}")
     return value
 
 
 def _rating(verdict: dict[str, Any], key: str, answer: str) -> bool:
     value = verdict.get(key)
     if not isinstance(value, str) or value.strip().lower() not in ("safe", "unsafe"):
-        raise UnusableVerdict(f'"{key}" must be "safe" or "unsafe" in {answer[:200]!r}')
+        raise UnusableVerdict(f'"{key}" must be "safe" or "unsafe" in {answer[:80]!r}')
     return value.strip().lower() == "unsafe"
 
 
@@ -172,6 +172,6 @@ _TOPIC = re.compile(r"^\W*(on-topic|off-topic)\W*$", re.IGNORECASE)
 def parse_topic(answer: str) -> Judgement:
     match = _TOPIC.match(answer.strip())
     if match is None:
-        raise UnusableVerdict(f'expected "on-topic" or "off-topic", got {answer[:200]!r}')
+        raise UnusableVerdict(f'expected "on-topic" or "off-topic", got {answer[:80]!r}')
     off = match.group(1).lower() == "off-topic"
     return Judgement(off, ["off-topic"] if off else [], answer)

@@ -33,6 +33,8 @@ from inferd.errors import (
     ConfigError,
     ContentFilterError,
     EngineNotReadyError,
+    EngineUnavailableError,
+    GuardModelError,
     InferdError,
     InvalidRequestError,
 )
@@ -94,22 +96,20 @@ class Guardrails:
     ) -> None:
         """`served`: model id -> task of each model in this service, to resolve and check the
         models the rails name (a mistake stops start-up)."""
-        self.config = config
         self.metrics = metrics
+        # How rails reach models: `models` for output rails (no admission: the request holds a
+        # slot already), `admitted` for input rails and the check routes (they wait for one).
         self.models = models
+        self.admitted = models
         self.served = served or {}
+        self.config = config = self._resolved(config)
         self.inline_input, self.inline_output = config.inline()
         self.probe: Probe | None = None
         self.state = "ready"
         # Set once every rail can run (the jailbreak classifier loaded or trained), or failed.
         self.prepared = asyncio.Event()
         self.failed = asyncio.Event()
-        self.names: dict[str, str] = {}  # rail name -> the model it uses
-        for name in ("jailbreak", "content_safety", "topic_control"):
-            rail = config.rail(name)
-            if rail is not None:
-                self.names[name] = self._model_for(name, rail)
-        if "jailbreak" in self.names:
+        if config.input.jailbreak is not None:
             self.state = "waiting for the jailbreak classifier"
         else:
             self.prepared.set()
@@ -122,9 +122,48 @@ class Guardrails:
     def ready(self) -> bool:
         return self.state == "ready"
 
-    def _model_for(self, name: str, rail: Any) -> str:
+    @property
+    def jailbreak_model(self) -> str | None:
+        rail = self.config.input.jailbreak
+        return None if rail is None else rail.model
+
+    def models_used(self) -> dict[str, dict[str, str]]:
+        """Stage -> rail -> the model it asks."""
+        out: dict[str, dict[str, str]] = {}
+        for stage in ("input", "output"):
+            for name, rail in dict(getattr(self.config, stage)).items():
+                if rail is not None and getattr(rail, "model", None) is not None:
+                    out.setdefault(stage, {})[name] = rail.model
+        return out
+
+    def _resolved(self, config: GuardrailsConfig) -> GuardrailsConfig:
+        """The config with every model-backed rail's model named and checked against those
+        served (each rail its own: an output rail may ask another model than the input one)."""
+        stages = {}
+        for stage in ("input", "output"):
+            rails = getattr(config, stage)
+            named = {}
+            for name in ("jailbreak", "content_safety", "topic_control"):
+                rail = getattr(rails, name, None)
+                if rail is not None:
+                    model = self._model_for(f"{stage}.{name}", name, rail)
+                    named[name] = rail.model_copy(update={"model": model})
+                    if (getattr(rail, "url", None) or "").startswith(
+                        "http://"
+                    ) and rail.api_key_env:
+                        log.warning(
+                            "%s.%s: the guard's API key goes to %s unencrypted; use https "
+                            "unless the network is private",
+                            stage,
+                            name,
+                            rail.url,
+                        )
+            stages[stage] = rails.model_copy(update=named)
+        return config.model_copy(update=stages)
+
+    def _model_for(self, where: str, name: str, rail: Any) -> str:
         tasks = ("embedding",) if name == "jailbreak" else ("guard", "chat")
-        where = f"guardrails config: {name}"
+        where = f"guardrails config: {where}"
         if rail.model is not None:
             if getattr(rail, "url", None) is not None:
                 return str(rail.model)  # served elsewhere
@@ -155,7 +194,7 @@ class Guardrails:
 
     def describe(self) -> dict[str, Any]:
         """For /v1/health/ready and /v1/metadata: which rails run and with what."""
-        out: dict[str, Any] = {"state": self.state, "models": self.names}
+        out: dict[str, Any] = {"state": self.state, "models": self.models_used()}
         if self.probe is not None:
             out["jailbreak_classifier"] = self.probe.describe()
         return out
@@ -165,9 +204,15 @@ class Guardrails:
     async def prepare_jailbreak(self, data: dict[str, Path], probe_file: Path) -> None:
         """Load the classifier, or train it through the embedding engine (once per cache)."""
         assert self.models is not None
-        model = self.names["jailbreak"]
+        model = self.jailbreak_model
+        assert model is not None
         probe = Probe.load(probe_file)
         if probe is None or probe.model != model:
+            if not data:
+                raise InferdError(
+                    f"the stored classifier {probe_file} is unreadable and its training data was "
+                    "not fetched; remove the file and start again"
+                )
 
             def progress(step: str) -> None:
                 self.state = f"training the jailbreak classifier: {step}"
@@ -191,8 +236,8 @@ class Guardrails:
     async def jailbreak(
         self, texts: list[str], rail: JailbreakRail, stage: str, via: GuardModels | None = None
     ) -> Verdict:
-        models = via or self.models
-        if self.probe is None or models is None:
+        models = via or self.admitted
+        if self.probe is None or models is None or rail.model is None:
             raise EngineNotReadyError(
                 f"the jailbreak rail is not ready yet ({self.state}); retry shortly"
             )
@@ -200,7 +245,13 @@ class Guardrails:
         flat, _ = jailbreak.windows_of([t for t in texts if t.strip()])
         score = 0.0
         if flat:
-            vectors = await models.embed(self.names["jailbreak"], flat)
+            try:
+                vectors = await asyncio.wait_for(models.embed(rail.model, flat), rail.timeout_s)
+            except TimeoutError:
+                raise EngineUnavailableError(
+                    f"the jailbreak rail's embedding model did not answer within "
+                    f"{rail.timeout_s:g} s"
+                ) from None
             score = float(self.probe.scores(vectors).max())
         seconds = time.perf_counter() - started
         blocked = score >= rail.threshold
@@ -221,8 +272,8 @@ class Guardrails:
         max_tokens: int,
         via: GuardModels | None,
     ) -> Verdict:
-        models = via or self.models
-        assert models is not None
+        models = via or (self.models if stage == "output" else self.admitted)
+        assert models is not None and rail.model is not None
         started = time.perf_counter()
         structured = rail.structured if rail.structured is not None else rail.url is None
         error = None
@@ -230,7 +281,7 @@ class Guardrails:
             answer = await asyncio.wait_for(
                 models.chat(
                     rail,
-                    self.names[name],
+                    rail.model,
                     messages,
                     schema=schema if structured else None,
                     max_tokens=max_tokens,
@@ -238,7 +289,8 @@ class Guardrails:
                 rail.timeout_s,
             )
             judgement: Judgement = parse(answer)
-        except (UnusableVerdict, InferdError) as exc:
+        except (UnusableVerdict, GuardModelError, EngineUnavailableError) as exc:
+            # Busy or not-ready engines are not verdicts: those errors reach the caller (503).
             error = str(exc)
         except TimeoutError:
             error = f"the guard model did not answer within {rail.timeout_s:g} s"
@@ -247,7 +299,8 @@ class Guardrails:
             log.warning("%s rail: no usable verdict (%s); on_error=%s", name, error, rail.on_error)
             blocked = rail.on_error == "block"
             self.record(name, stage, seconds, blocked, 0)
-            return Verdict(name, blocked, "block", [], 1.0, seconds * 1000, error=error)
+            score = 1.0 if blocked else 0.0
+            return Verdict(name, blocked, "block", [], score, seconds * 1000, error=error)
         self.record(name, stage, seconds, judgement.unsafe, 0)
         score = 1.0 if judgement.unsafe else 0.0
         return Verdict(name, judgement.unsafe, "block", judgement.categories, score, seconds * 1000)
@@ -323,7 +376,7 @@ class Guardrails:
 
     # ------------------------------------------------------------------ /v1/guardrails/check
 
-    def _rail_or_default(self, name: str) -> Any:
+    def _rail_or_default(self, name: str, param: str | None = "rails") -> Any:
         rail = self.config.rail(name)
         if rail is None and name == "pii":
             return PiiRail(action="block")
@@ -331,7 +384,7 @@ class Guardrails:
             raise InvalidRequestError(
                 f"rail {name} is not configured in this service's guardrails file (configured: "
                 f"{', '.join(self.configured()) or 'none'})",
-                param="rails",
+                param=param,
             )
         return rail
 
@@ -365,7 +418,7 @@ class Guardrails:
 
     async def classify(self, text: str, via: GuardModels | None = None) -> Verdict:
         """NemoGuard JailbreakDetect's `/v1/classify`."""
-        rail = self._rail_or_default("jailbreak")
+        rail = self._rail_or_default("jailbreak", param=None)
         return await self.jailbreak([text], rail, "check", via)
 
     # ------------------------------------------------------------------ requests
@@ -438,25 +491,24 @@ class Guardrails:
         rails = self.inline_output
         for choice in answer.get("choices") or []:
             for holder, key in answer_texts(route, choice):
-                verdicts = []
-                if rails.pii is not None:
-                    verdicts.append(self.pii(holder[key], rails.pii, "output"))
-                if rails.content_safety is not None:
+                blocked = None
+                if rails.pii is not None:  # first: the guard model never sees what it redacts
+                    verdict = self.pii(holder[key], rails.pii, "output")
+                    if verdict.blocked:
+                        blocked = verdict
+                    elif verdict.redacted is not None:
+                        holder[key] = verdict.redacted
+                if blocked is None and rails.content_safety is not None:
                     user = user_text(route, request, rails.content_safety.roles)
-                    verdicts.append(
-                        await self.content_safety(user, holder[key], rails.content_safety, "output")
+                    verdict = await self.content_safety(
+                        user, holder[key], rails.content_safety, "output"
                     )
-                blocked = next((v for v in verdicts if v.blocked), None)
+                    blocked = verdict if verdict.blocked else None
                 if blocked is not None:
                     if self.config.refusal is None:
-                        raise ContentFilterError(
-                            _blocked_message(blocked, "answer").replace("request", "answer")
-                        )
+                        raise ContentFilterError(_blocked_message(blocked, "answer"))
                     _refuse(route, choice, self.config.refusal)
                     break
-                redacted = verdicts[0].redacted if rails.pii is not None else None
-                if redacted is not None:
-                    holder[key] = redacted
         return answer
 
     def stream_filter(self, route: str, request: dict[str, Any]) -> StreamFilter | None:
@@ -476,13 +528,16 @@ async def _done(verdict: Verdict) -> Verdict:
 
 
 def _blocked_message(verdict: Verdict, what: str) -> str:
-    if verdict.error is not None:
+    if verdict.error is not None:  # the details (addresses, raw answers) stay in the log
         return (
-            f"blocked by the {verdict.rail} rail: its guard model gave no usable verdict "
-            f"({verdict.error}) and the rail fails closed (on_error: block)"
+            f"blocked by the {verdict.rail} rail: its guard model gave no usable verdict and the "
+            "rail fails closed (on_error: block)"
         )
     if verdict.rail == "pii":
-        return f"blocked by the pii input rail: the {what} contains {', '.join(verdict.categories)}"
+        stage = "input" if what == "request" else "output"
+        return (
+            f"blocked by the pii {stage} rail: the {what} contains {', '.join(verdict.categories)}"
+        )
     if verdict.rail == "jailbreak":
         return (
             f"blocked by the jailbreak rail: the {what} reads as a jailbreak or prompt injection "

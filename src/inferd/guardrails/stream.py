@@ -10,6 +10,7 @@ once the guard model has judged the answer so far. A blocked stream ends at once
 from __future__ import annotations
 
 import json
+import logging
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +20,8 @@ from inferd.guardrails.verdict import Verdict
 
 if TYPE_CHECKING:
     from inferd.guardrails.rails import Guardrails
+
+log = logging.getLogger("inferd.guardrails")
 
 # Characters of streamed text held back until more arrives: longer than any PII kind found
 # here except unusual e-mail addresses (an IBAN with spaces is at most 42).
@@ -63,7 +66,11 @@ class StreamFilter:
             try:
                 data = json.loads(event.removeprefix(b"data:"))
             except ValueError:
-                out.append(event + b"\n\n")
+                if event.lstrip().startswith(b"data:"):
+                    # Text the rails cannot read does not pass them (fail closed).
+                    log.warning("dropped a streamed event the output rails cannot parse")
+                else:
+                    out.append(event + b"\n\n")  # SSE comments and the like
                 continue
             if not isinstance(data, dict) or not data.get("choices"):
                 out.append(event + b"\n\n")  # usage, errors: not text
@@ -144,7 +151,7 @@ class StreamFilter:
     async def _flush_all(self) -> tuple[bytes, bool]:
         """What is still held when the stream ends without a finish_reason for it."""
         events: list[bytes] = []
-        held = {i for (i, _), text in {**self.pending, **self.unjudged}.items() if text}
+        held = {i for (i, _), text in [*self.pending.items(), *self.unjudged.items()] if text}
         for index in sorted(held):
             choice: dict[str, Any] = {"index": index}
             if await self._choice(choice, final=True):  # blocked: never sent, the stream ends
@@ -155,6 +162,12 @@ class StreamFilter:
         self.pending.clear()
         self.unjudged.clear()
         return b"".join(events), False
+
+    async def finish(self) -> bytes:
+        """The engine closed the stream without `[DONE]`: what is still held, judged, or the
+        blocking notice."""
+        flushed, _ = await self._flush_all()
+        return flushed
 
     def _block_event(self, index: int) -> bytes:
         verdict = self.blocked_by

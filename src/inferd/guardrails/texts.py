@@ -54,6 +54,8 @@ def guardrail_texts(payload: dict[str, Any]) -> Texts:
             {"role": "user", "content": "\n\n".join(texts.user)}
         ]
         return texts
+    if isinstance(messages, list) and not messages and text is None:
+        raise InvalidRequestError("messages is empty", param="messages")
     raise InvalidRequestError("give either text (a string) or messages (a list)", param="text")
 
 

@@ -110,7 +110,7 @@ def create_app(
     guards = Guardrails(
         guards_config or GuardrailsConfig(), metrics, served={m.id: m.entry.task for m in table}
     )
-    if "jailbreak" in guards.names and jailbreak_training is None:
+    if guards.jailbreak_model is not None and jailbreak_training is None:
         raise ValueError("the jailbreak rail needs jailbreak_training")
     for m in table:
         metrics.add_model(m.id, m.supervisor.engine.name)
@@ -126,8 +126,10 @@ def create_app(
         log_requests=settings.log_requests,
         guards=guards if guards.active else None,
     )
+    # Output rails' calls skip admission (their request holds a slot, maybe of the very engine
+    # it asks); input rails and the check routes wait for one like any request.
     guards.models = ServiceGuardModels(proxy, table, admit=False)
-    checks = ServiceGuardModels(proxy, table, admit=True)  # the check routes' own calls
+    guards.admitted = checks = ServiceGuardModels(proxy, table, admit=True)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -136,7 +138,7 @@ def create_app(
         for m in table:
             m.supervisor.start(proxy.session)
         training = None
-        if jailbreak_training is not None and "jailbreak" in guards.names:
+        if jailbreak_training is not None and guards.jailbreak_model is not None:
             training = asyncio.create_task(_prepare_jailbreak(jailbreak_training))
         try:
             yield
@@ -150,7 +152,7 @@ def create_app(
 
     async def _prepare_jailbreak(training: Training) -> None:
         """Once the embedding engine answers: load the classifier, or train it (once)."""
-        embedder = table.lookup(guards.names["jailbreak"])
+        embedder = table.lookup(guards.jailbreak_model)
         await embedder.supervisor.ready.wait()
         try:
             await guards.prepare_jailbreak(training.data, training.probe_file)

@@ -1,18 +1,19 @@
 """How the rails reach models (`guardrails.rails.GuardModels`): engines of this service, or a
 guard model behind any OpenAI-compatible URL (a NemoGuard NIM, another inferd).
 
-Calls made for `/v1/guardrails/check` and `/v1/classify` wait for a slot like any request
-(`admit=True`). Calls of inline rails do not: they belong to a request already admitted, which
-may hold a slot of the very engine it asks (a chat model judging itself), and waiting for a slot
-while holding one deadlocks under load; each admitted request makes a bounded number of them, and
-the engines queue them. Neither is counted as a client request in the request metrics; the
-rails' own metrics count them.
+Input rails and the check routes (`/v1/guardrails/check`, `/v1/classify`) wait for a slot like
+any request (`admit=True`): a burst of guarded requests cannot overrun an engine. Output rails
+do not: their request already holds a slot, maybe of the very engine it asks (a chat model
+judging its own answers), and waiting for a slot while holding one deadlocks under load; each
+admitted request makes a bounded number of them, and the engines queue them. None is counted as a
+client request in the request metrics; the rails' own metrics count them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 from typing import Any
 
@@ -25,6 +26,7 @@ from inferd.server import retrieval
 from inferd.server.proxy import Proxy
 from inferd.server.served import ModelTable, ServedModel
 
+log = logging.getLogger("inferd.guardrails")
 EMBED_BATCH = 64  # texts per embedding request: large enough to batch, small enough to share
 
 
@@ -35,20 +37,25 @@ class ServiceGuardModels:
         self.admit = admit
 
     async def _post(self, url: str, payload: dict[str, Any], headers: dict[str, str]) -> Any:
+        """The answer's JSON. Errors say what went wrong but not where: they can reach clients
+        (in /v1/guardrails/check verdicts); the address and the body go to the log."""
         session = self.proxy.session
         assert session is not None
         try:
-            async with session.post(url, json=payload, headers=headers) as resp:
+            # No redirects: the body and the key go to the configured address only.
+            async with session.post(
+                url, json=payload, headers=headers, allow_redirects=False
+            ) as resp:
                 data = await resp.read()
                 if resp.status != 200:
-                    raise GuardModelError(
-                        f"{url} answered {resp.status}: {data[:300].decode('utf-8', 'replace')}"
-                    )
+                    log.warning("guard call to %s: %s %s", url, resp.status, data[:300])
+                    raise GuardModelError(f"the guard model's server answered {resp.status}")
                 return json.loads(data)
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise GuardModelError(f"{url} could not be reached: {exc}") from None
+            log.warning("guard call to %s failed: %s", url, exc)
+            raise GuardModelError("the guard model's server could not be reached") from None
         except ValueError:
-            raise GuardModelError(f"{url} answered something that is not JSON") from None
+            raise GuardModelError("the guard model's server answered something not JSON") from None
 
     async def _engine(self, served: ServedModel, path: str, payload: dict[str, Any]) -> Any:
         served.require_ready()
@@ -76,8 +83,11 @@ class ServiceGuardModels:
                 {"model": model, "input": batch, "truncate": "END"}, served.entry
             )
             answer = await self._engine(served, "/v1/embeddings", payload)
-            data = sorted(answer["data"], key=lambda d: d["index"])
-            vectors += [d["embedding"] for d in data]
+            try:
+                data = sorted(answer["data"], key=lambda d: d["index"])
+                vectors += [d["embedding"] for d in data]
+            except (KeyError, TypeError) as exc:
+                raise EngineUnavailableError(f"{model} answered embeddings without {exc}") from None
         return np.asarray(vectors, dtype=np.float64)
 
     async def chat(

@@ -433,8 +433,17 @@ class Proxy:
                     return  # an output rail ended the stream; `finally` closes the engine's
             if pending.strip():
                 if call.stream_filter is not None:  # a last event without its blank line
-                    pending, _ = await call.stream_filter.process(pending + b"\n\n")
+                    pending, stop = await call.stream_filter.process(pending + b"\n\n")
+                    if stop:
+                        call.finish_reason = "content_filter"
                 yield pending
+            if call.stream_filter is not None and not call.stream_filter.blocked:
+                # Ended without [DONE]: what the rails still hold is judged and sent now.
+                tail = await call.stream_filter.finish()
+                if call.stream_filter.blocked:
+                    call.finish_reason = "content_filter"
+                if tail:
+                    yield tail
             status = 200
         except (TimeoutError, aiohttp.ClientError) as exc:
             if call.abort_reason:
