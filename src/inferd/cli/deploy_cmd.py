@@ -1,0 +1,120 @@
+"""`inferd deploy k8s|kserve MODEL --output DIR`: write the service's Kubernetes objects.
+
+Everything is checked before anything is written: the model (and a named profile) must be in
+the catalog, names must be valid Kubernetes names, quantities valid quantities. Each object goes
+into its own YAML file, numbered in the order `kubectl apply -f DIR` should create them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from inferd.catalog import Catalog
+from inferd.config import Settings
+from inferd.deploy import kserve
+from inferd.deploy.k8s import DeploySpec, objects
+from inferd.errors import UsageError
+
+_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,51}[a-z0-9])?$")
+_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|Ki|Mi|Gi|Ti)?$")
+
+
+def spec_from(settings: Settings, args: Any) -> DeploySpec:
+    """A checked `DeploySpec` from the command's arguments (UsageError naming the flag)."""
+    catalog = Catalog.load(extra=settings.catalog_path)
+    entry = catalog.get(args.model)  # UnknownModelError names the known ones
+    profile = args.profile or "default"
+    if profile != "default" and entry.profile(profile) is None:
+        known = ", ".join(p.id for p in entry.profiles)
+        raise UsageError(f"--profile {profile}: {entry.id} has no such profile (it has: {known})")
+    gpus = args.gpus
+    if gpus is None:
+        chosen = entry.profile(profile) if profile != "default" else None
+        gpus = chosen.gpus if chosen is not None else 0
+    name = args.name or entry.id.replace(".", "-")
+    if not _NAME.match(name):
+        raise UsageError(
+            f"--name {name!r}: a Kubernetes name is lower-case letters, digits and '-', at most "
+            "53 characters, starting and ending with a letter or digit"
+        )
+    for flag in ("cpu", "memory", "cache_size"):
+        value = getattr(args, flag)
+        if not _QUANTITY.match(value):
+            raise UsageError(f"--{flag.replace('_', '-')} {value!r}: not a Kubernetes quantity")
+    if not 1 <= args.min_replicas <= args.max_replicas:
+        raise UsageError("--min-replicas must be at least 1 and at most --max-replicas")
+    if gpus < 0:
+        raise UsageError("--gpus must be 0 or more")
+    for flag in ("api_keys_secret", "tls_secret", "namespace"):
+        value = getattr(args, flag)
+        if value is not None and not _NAME.match(value):
+            raise UsageError(f"--{flag.replace('_', '-')} {value!r}: not a Kubernetes name")
+    return DeploySpec(
+        name=name,
+        model=entry.id,
+        image=args.image,
+        profile=profile,
+        namespace=args.namespace,
+        gpus=gpus,
+        cpu=args.cpu,
+        memory=args.memory,
+        cache=args.cache,
+        cache_size=args.cache_size,
+        cache_access=args.cache_access,
+        storage_class=args.storage_class,
+        host_path=args.host_path,
+        min_replicas=args.min_replicas,
+        max_replicas=args.max_replicas,
+        drain_timeout_s=int(settings.drain_timeout_s),
+        api_keys_secret=args.api_keys_secret,
+        tls_secret=args.tls_secret,
+    )
+
+
+def write(docs: list[dict[str, Any]], out: Path) -> list[Path]:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--output {out}: {exc.strerror or exc}") from None
+    paths = []
+    for i, doc in enumerate(docs, 1):
+        path = out / f"{i:02d}-{doc['kind'].lower()}.yaml"
+        path.write_text(yaml.safe_dump(doc, sort_keys=False))
+        paths.append(path)
+    return paths
+
+
+def deploy(settings: Settings, args: Any) -> int:
+    spec = spec_from(settings, args)
+    if args.target == "k8s":
+        docs = objects(spec)
+    else:
+        docs = [
+            kserve.cluster_serving_runtime(spec),
+            kserve.inference_service(spec),
+            kserve.network_policy(spec),
+        ]
+        if spec.cache == "pvc":
+            docs.insert(1, next(d for d in objects(spec) if d["kind"] == "PersistentVolumeClaim"))
+    paths = write(docs, args.output)
+    rows = [
+        {"file": str(p), "kind": d["kind"], "name": d["metadata"]["name"]}
+        for p, d in zip(paths, docs, strict=True)
+    ]
+    if args.json:
+        print(json.dumps({"output": str(args.output), "objects": rows}, indent=2))
+        return 0
+    table = Table(title=f"{spec.model}: {args.target} objects in {args.output}")
+    for column in ("file", "kind", "name"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row["file"], row["kind"], row["name"])
+    Console(highlight=False).print(table)
+    return 0

@@ -1,0 +1,1 @@
+"""Deployment artifacts: Kubernetes objects, KServe resources (and, later, images and SBOMs)."""

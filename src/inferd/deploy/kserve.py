@@ -1,0 +1,134 @@
+"""KServe: a ClusterServingRuntime that runs inferd, and an InferenceService using it.
+
+KServe starts the runtime's container for each InferenceService whose model format is `inferd`
+and routes to its port 8080. The InferenceService names the model and profile in inferd's own
+variables (`INFERD_MODEL`, `INFERD_PROFILE`) rather than a `storageUri`: inferd fetches and
+verifies the model into its cache (a PVC here) itself, as it does anywhere else. Probes, drain
+time and the restricted security context are the plain manifests' (`deploy.k8s`).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from inferd.deploy.k8s import (
+    CACHE_MOUNT,
+    CONTAINER_SECURITY,
+    POD_SECURITY,
+    PRESTOP_S,
+    SHUTDOWN_MARGIN_S,
+    WAIVERS,
+    DeploySpec,
+    waivers,
+)
+
+KSERVE_PORT = 8080
+
+
+def _container(spec: DeploySpec, *, runtime: bool) -> dict[str, Any]:
+    probe = {"httpGet": {"path": "/v1/health/ready", "port": KSERVE_PORT}, "periodSeconds": 5}
+    container: dict[str, Any] = {
+        "name": "kserve-container",
+        "image": spec.image,
+        "imagePullPolicy": "Always",
+        "args": ["serve"],
+        "env": [
+            {"name": "INFERD_HOST", "value": "0.0.0.0"},  # noqa: S104 - the pod's address
+            {"name": "INFERD_PORT", "value": str(KSERVE_PORT)},
+            {"name": "INFERD_CACHE_PATH", "value": CACHE_MOUNT},
+            {"name": "INFERD_JSON_LOGS", "value": "true"},
+            {"name": "INFERD_ALLOW_UNAUTHENTICATED", "value": "true"},
+            {"name": "INFERD_DRAIN_TIMEOUT_S", "value": str(spec.drain_timeout_s)},
+        ],
+        "ports": [{"containerPort": KSERVE_PORT, "protocol": "TCP"}],
+        "readinessProbe": probe,
+        "livenessProbe": {**probe, "httpGet": {"path": "/v1/health/live", "port": KSERVE_PORT}},
+        "resources": {
+            "requests": {"cpu": spec.cpu, "memory": spec.memory},
+            "limits": {"cpu": spec.cpu, "memory": spec.memory},
+        },
+        "securityContext": copy.deepcopy(CONTAINER_SECURITY),
+        "volumeMounts": [
+            {"name": "cache", "mountPath": CACHE_MOUNT},
+            {"name": "tmp", "mountPath": "/tmp"},  # noqa: S108 - an emptyDir
+        ],
+    }
+    if not runtime:
+        # The InferenceService names the model and profile; the runtime is generic.
+        container["env"] += [
+            {"name": "INFERD_MODEL", "value": spec.model},
+            {"name": "INFERD_PROFILE", "value": spec.profile},
+        ]
+        if spec.gpus:
+            container["resources"]["limits"]["nvidia.com/gpu"] = str(spec.gpus)
+    return container
+
+
+def cluster_serving_runtime(spec: DeploySpec) -> dict[str, Any]:
+    container = _container(spec, runtime=True)
+    return {
+        "apiVersion": "serving.kserve.io/v1alpha1",
+        "kind": "ClusterServingRuntime",
+        "metadata": {"name": "inferd", "labels": {"app.kubernetes.io/name": "inferd"}},
+        "spec": {
+            "annotations": {
+                "prometheus.kserve.io/port": str(KSERVE_PORT),
+                "prometheus.kserve.io/path": "/v1/metrics",
+            },
+            "supportedModelFormats": [{"name": "inferd", "version": "1", "autoSelect": True}],
+            "protocolVersions": ["v1"],
+            "containers": [container],
+        },
+    }
+
+
+def inference_service(spec: DeploySpec) -> dict[str, Any]:
+    container = _container(spec, runtime=False)
+    predictor: dict[str, Any] = {
+        "minReplicas": spec.min_replicas,
+        "maxReplicas": spec.max_replicas,
+        # KServe's own autoscaler (Knative) scales on requests in flight per pod.
+        "scaleMetric": "concurrency",
+        "scaleTarget": spec.waiting_per_pod + 1,
+        "terminationGracePeriodSeconds": PRESTOP_S + spec.drain_timeout_s + SHUTDOWN_MARGIN_S,
+        "automountServiceAccountToken": False,
+        "securityContext": copy.deepcopy(POD_SECURITY),
+        "model": {
+            "modelFormat": {"name": "inferd"},
+            "runtime": "inferd",
+            "env": container["env"][-2:],
+            "resources": container["resources"],
+        },
+        "volumes": [
+            {"name": "tmp", "emptyDir": {}},
+            {"name": "cache", "persistentVolumeClaim": {"claimName": f"{spec.name}-cache"}},
+        ],
+    }
+    metadata: dict[str, Any] = {
+        "name": spec.name,
+        "namespace": spec.namespace,
+        "labels": dict(spec.labels),
+        # KServe copies these onto the predictor's pods, where policy tools look.
+        "annotations": waivers(tuple(WAIVERS)),
+    }
+    return {
+        "apiVersion": "serving.kserve.io/v1beta1",
+        "kind": "InferenceService",
+        "metadata": metadata,
+        "spec": {"predictor": predictor},
+    }
+
+
+def network_policy(spec: DeploySpec) -> dict[str, Any]:
+    """Only the predictor's port is reachable (KServe labels its pods with the service's name)."""
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": spec.name, "namespace": spec.namespace, "labels": dict(spec.labels)},
+        "spec": {
+            "podSelector": {"matchLabels": {"serving.kserve.io/inferenceservice": spec.name}},
+            "policyTypes": ["Ingress"],
+            "ingress": [{"ports": [{"port": KSERVE_PORT, "protocol": "TCP"}]}],
+        },
+    }
