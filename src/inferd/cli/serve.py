@@ -18,12 +18,12 @@ from typing import Any
 from rich.console import Console
 
 from inferd import __version__
-from inferd.cache import prepare
+from inferd.cache import prepare, signing
 from inferd.cache.prepare import intact
 from inferd.cli.plan import Plan, resolve_all
 from inferd.cli.progress import RichReporter
 from inferd.config import Settings
-from inferd.errors import UsageError
+from inferd.errors import ConfigError, UsageError
 from inferd.guardrails import config as guard_config
 from inferd.guardrails import jailbreak
 from inferd.guardrails.config import GuardrailsConfig
@@ -52,6 +52,11 @@ def serve(settings: Settings) -> int:
 
     plans = resolve_all(settings)
     guards = _guardrails(settings, plans)
+    if settings.require_signed and settings.signing_public_key is None:
+        raise ConfigError(
+            "INFERD_REQUIRE_SIGNED needs the public key to check signatures with: "
+            "INFERD_SIGNING_PUBLIC_KEY (--signing-public-key)"
+        )
     keys = KeyRing(settings.api_keys_file)
     _refuse_open_bind(settings, keys)
     plans[0].store.ensure_writable()
@@ -105,6 +110,11 @@ def _prepare(plan: Plan, settings: Settings, console: Console, *, several: bool)
         reporter=RichReporter(console),
     )
     console.print(f"  model    {prepared.path} ({'reused' if prepared.reused else 'built'})")
+    if settings.require_signed:
+        assert settings.signing_public_key is not None
+        # Checked after the cache's own hash check: that trusts provenance.json, this does not.
+        checked = signing.verify(prepared.path, settings.signing_public_key)
+        console.print(f"  signed   {checked} verified with {settings.signing_public_key}")
     engine = plan.engine(settings, prepared.path)
     engine.cache_dir.mkdir(parents=True, exist_ok=True)
     supervisor = Supervisor(engine, ready_timeout_s=settings.engine_ready_timeout_s)

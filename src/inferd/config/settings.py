@@ -122,6 +122,14 @@ class Settings:
     guardrails_config: Path | None = _setting(
         None, "Guardrails file (YAML): rails applied to every chat and completion request."
     )
+    require_signed: bool = _setting(
+        False,
+        "Refuse to serve a model whose cached files lack a valid signature "
+        "(`inferd cache sign`) by the key INFERD_SIGNING_PUBLIC_KEY names.",
+    )
+    signing_public_key: Path | None = _setting(
+        None, "Public key (PEM) model signatures are checked with."
+    )
     # --- limits and shutdown ---
     max_body_bytes: int = _setting(4 * 2**20, "Largest request body accepted (bytes; else 413).")
     drain_timeout_s: float = _setting(
