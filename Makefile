@@ -9,7 +9,7 @@ TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install serve test lint unit integration e2e bench clean
+.PHONY: install serve test lint unit integration e2e image-test bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -56,7 +56,12 @@ e2e: install
 	$(VENV)/bin/pytest tests/e2e $(PYTEST_ARGS)
 
 test: lint
-	$(VENV)/bin/pytest tests $(PYTEST_ARGS)
+	$(VENV)/bin/pytest tests --ignore=tests/image $(PYTEST_ARGS)
+
+# Builds the container image with buildah and serves a request inside it (15-25 minutes; needs
+# root, buildah and debootstrap). Not part of `make test`: CI checks the Containerfile instead.
+image-test: install
+	$(VENV)/bin/pytest tests/image $(PYTEST_ARGS)
 
 bench: install
 	$(PY) benchmarks/engine_profiles.py

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +27,7 @@ HELM = str(BIN / "helm")
 CHECKOV = str(BIN.parent / "tools" / "bin" / "checkov")
 CHART = Path(__file__).resolve().parents[2] / "deploy" / "helm" / "inferd"
 MODEL = "smollm2-135m-instruct"
+CACHE = Path(os.environ.get("INFERD_TEST_CACHE_PATH", Path.home() / ".cache" / "inferd-tests"))
 # Kinds Kubernetes itself does not define (CRDs of the Prometheus operator and KServe): no
 # schema offline, so checkov's policies are their check.
 CRDS = {"ServiceMonitor", "ClusterServingRuntime", "InferenceService"}
@@ -247,3 +249,30 @@ def test_sbom_lists_the_environment_as_installed(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert missing.returncode == 2 and "--python /nope/python" in missing.stderr
+
+
+@pytest.mark.parametrize("bake", [False, True], ids=["cache-volume", "baked"])
+def test_containerfile_context_passes_policies(tmp_path: Path, bake: bool) -> None:
+    args = ["deploy", "containerfile", MODEL, "--profile", "llamacpp-cpu-q8_0",
+            "--output", str(tmp_path / "ctx"), "--json"]  # fmt: skip
+    if bake:
+        args.append("--bake-model")
+    env = {**os.environ, "INFERD_CACHE_PATH": str(CACHE)}
+    done = subprocess.run([INFERD, *args], capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    text = (tmp_path / "ctx" / "Containerfile").read_text()
+    assert summary["engine"] == "llamacpp" and "--portable" in text and "vllm" not in text
+    assert "USER 1000:1000" in text and "/v1/health/ready" in text.split("HEALTHCHECK")[1]
+    assert 'dev.inferd.model="smollm2-135m-instruct"' in text
+    assert ('VOLUME ["/cache"]' in text) != bake and ("INFERD_OFFLINE=true" in text) == bake
+    assert list((tmp_path / "ctx" / "wheels").glob("inferd-*.whl"))
+    if bake:
+        baked = tmp_path / "ctx" / "cache" / "models" / MODEL / "gguf-q8_0"
+        assert (baked / "provenance.json").is_file()
+    # checkov reads Dockerfiles by name.
+    (tmp_path / "check").mkdir()
+    shutil.copy(tmp_path / "ctx" / "Containerfile", tmp_path / "check" / "Dockerfile")
+    report = _checkov(tmp_path / "check", "dockerfile")
+    assert _failed(report) == []
+    assert {c["check_id"] for c in report["results"]["skipped_checks"]} <= {"CKV_DOCKER_7"}

@@ -17,9 +17,12 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from inferd.cache import prepare
 from inferd.catalog import Catalog
+from inferd.cli.plan import resolve
+from inferd.cli.progress import RichReporter
 from inferd.config import Settings
-from inferd.deploy import kserve, sbom
+from inferd.deploy import image, kserve, sbom
 from inferd.deploy.k8s import DeploySpec, objects
 from inferd.errors import UsageError
 
@@ -107,9 +110,43 @@ def _sbom(args: Any) -> int:
     return 0
 
 
+def _containerfile(settings: Settings, args: Any) -> int:
+    plan = resolve(settings, args.model)
+    spec = image.ImageSpec(plan.entry, plan.chosen.profile, args.bake_model)
+    model_dir = None
+    if spec.bake:
+        plan.store.ensure_writable()
+        model_dir = prepare(
+            plan.entry,
+            spec.profile,
+            plan.store,
+            index_url=settings.pypi_index_url,
+            offline=settings.offline,
+            reporter=RichReporter(Console(stderr=True)),
+        ).path
+    written = image.write_context(spec, args.output, model_dir)
+    summary = {
+        "output": str(args.output),
+        "model": spec.entry.id,
+        "profile": spec.profile.id,
+        "engine": spec.profile.engine,
+        "baked": spec.bake,
+        "files": [str(p) for p in written],
+        "build": f"inferd image build {args.output}",
+    }
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(f"wrote {args.output}/Containerfile for {spec.entry.id} ({spec.profile.id})")
+        print(f"build it with: {summary['build']}")
+    return 0
+
+
 def deploy(settings: Settings, args: Any) -> int:
     if args.target == "sbom":
         return _sbom(args)
+    if args.target == "containerfile":
+        return _containerfile(settings, args)
     spec = spec_from(settings, args)
     if args.target == "k8s":
         docs = objects(spec)

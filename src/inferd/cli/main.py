@@ -7,6 +7,8 @@
     inferd keys create|list|revoke                 API keys
     inferd bench --url URL ... / bench report RUN.json ... --plot FILE.png
     inferd deploy k8s|kserve MODEL --output DIR   Kubernetes / KServe files for a service
+    inferd deploy containerfile|sbom ...           an image build context; an SBOM
+    inferd image build DIR                         build the image (buildah, no daemon)
     inferd version
 
 Settings flags are generated from `config.Settings`, so each has the same help text as its
@@ -222,12 +224,33 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument("--tls-secret", default=None, help="kubernetes.io/tls Secret for HTTPS")
         _json_flag(t)
         _add_settings(t, {"catalog_path", "drain_timeout_s"})
+    cf = targets.add_parser("containerfile", help="an image build context for a model")
+    cf.add_argument("model", help="catalog model id")
+    cf.add_argument("--output", type=Path, required=True, help="folder to write into")
+    cf.add_argument(
+        "--bake-model", action="store_true", help="put the model in the image (else a volume)"
+    )
+    _json_flag(cf)
+    _add_settings(cf, CACHE | SELECTION)
     sbom = targets.add_parser("sbom", help="a CycloneDX SBOM of the Python environment")
     sbom.add_argument("--output", type=Path, required=True, help="folder to write into")
     sbom.add_argument(
         "--python", default=None, help="interpreter of the environment (default: inferd's own)"
     )
     _json_flag(sbom)
+
+    image = sub.add_parser("image", help="build container images (buildah)").add_subparsers(
+        dest="image_command", required=True, parser_class=_Parser
+    )
+    ib = image.add_parser("build", help="build the image of a context from `deploy containerfile`")
+    ib.add_argument("context", type=Path)
+    ib.add_argument("--tag", default=f"localhost/inferd:{__version__}")
+    ib.add_argument(
+        "--base",
+        default=None,
+        help="base image (default: Debian made here with debootstrap, for machines without a "
+        "registry)",
+    )
 
     sub.add_parser("version", help="print inferd's version")
     return parser
@@ -338,6 +361,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.keys_command == "list":
             return keys_cmd.list_keys(settings, as_json=args.json)
         return keys_cmd.revoke(settings, args.name)
+    if args.command == "image":
+        from inferd.deploy import image as image_build
+
+        tag = image_build.build(args.context, args.tag, args.base)
+        print(f"built {tag}")
+        return 0
     if args.command == "deploy":
         from inferd.cli.deploy_cmd import deploy
 

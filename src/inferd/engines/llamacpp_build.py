@@ -48,6 +48,16 @@ CMAKE_FLAGS = [
     f"-DCMAKE_C_FLAGS={KEEP_STORES}",
     f"-DCMAKE_CXX_FLAGS={KEEP_STORES}",
 ]
+# For images that run on other machines: no -march=native, x86-64-v3's vector extensions
+# (AVX2, FMA, F16C; every x86 server CPU since 2015) instead. Slower where AMX or AVX-512 exist.
+PORTABLE = [
+    "-DGGML_NATIVE=OFF",
+    "-DGGML_AVX=ON",
+    "-DGGML_AVX2=ON",
+    "-DGGML_FMA=ON",
+    "-DGGML_F16C=ON",
+    "-DGGML_BMI2=ON",
+]
 
 
 def _step(message: str) -> None:
@@ -71,20 +81,27 @@ def _sha256(path: Path) -> str:
 
 
 TARGETS = ("llama-server", "llama-quantize")
-STAMP = {
-    "source": SDIST,
-    "sha256": SDIST_SHA256,
-    "flags": " ".join(CMAKE_FLAGS),
-    "targets": list(TARGETS),
-}
 
 
-def build(prefix: Path, jobs: int) -> Path:
+def flags(portable: bool) -> list[str]:
+    if not portable:
+        return CMAKE_FLAGS
+    return [f for f in CMAKE_FLAGS if not f.startswith("-DGGML_NATIVE")] + PORTABLE
+
+
+def build(prefix: Path, jobs: int, portable: bool = False) -> Path:
     bindir = prefix / "bin"
     target = bindir / "llama-server"
     stamp = bindir / "llama-server.json"
+    cmake_flags = flags(portable)
+    record = {
+        "source": SDIST,
+        "sha256": SDIST_SHA256,
+        "flags": " ".join(cmake_flags),
+        "targets": list(TARGETS),
+    }
     built = all((bindir / name).is_file() for name in TARGETS)
-    if built and stamp.is_file() and json.loads(stamp.read_text()) == STAMP:
+    if built and stamp.is_file() and json.loads(stamp.read_text()) == record:
         _step(f"up to date: {target}")
         return target
     started = time.monotonic()
@@ -116,7 +133,7 @@ def build(prefix: Path, jobs: int) -> Path:
             tar.extractall(work, filter="data")
         source = work / SDIST.removesuffix(".tar.gz") / "vendor" / "llama.cpp"
         _step(f"configuring ({source.name})")
-        _run(["cmake", "-S", str(source), "-B", str(work / "build"), *CMAKE_FLAGS], log)
+        _run(["cmake", "-S", str(source), "-B", str(work / "build"), *cmake_flags], log)
         _step(f"compiling {' and '.join(TARGETS)} with {jobs} jobs (a few minutes)")
         _run(
             ["cmake", "--build", str(work / "build"), "--target", *TARGETS, "-j", str(jobs)],
@@ -126,7 +143,7 @@ def build(prefix: Path, jobs: int) -> Path:
         for name in TARGETS:
             shutil.copy2(work / "build" / "bin" / name, bindir / name)
         shutil.copy2(source / "LICENSE", bindir / "llama-server.LICENSE")
-    stamp.write_text(json.dumps(STAMP, indent=2) + "\n")
+    stamp.write_text(json.dumps(record, indent=2) + "\n")
     _step(f"built {target} in {time.monotonic() - started:.0f} s")
     return target
 
@@ -140,8 +157,11 @@ def main() -> None:
         help="install into PREFIX/bin (default: this Python's environment)",
     )
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 2)
+    parser.add_argument(
+        "--portable", action="store_true", help="for other machines (x86-64-v3, not native)"
+    )
     args = parser.parse_args()
-    build(args.prefix, args.jobs)
+    build(args.prefix, args.jobs, args.portable)
 
 
 if __name__ == "__main__":

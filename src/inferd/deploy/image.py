@@ -1,0 +1,223 @@
+"""The container image: a build context (`inferd deploy containerfile`) and a daemonless build
+with buildah (`inferd image build`).
+
+The Containerfile is ordinary (buildah, podman and docker build it) and has two stages. The first
+installs inferd from its wheel into a venv at /opt/inferd and, for llama.cpp profiles, compiles
+`llama-server` there for x86-64-v3 (AVX2; not `-march=native`: the image runs elsewhere). The
+second is the base again with only Python, the venv and what the engine needs at run time, a user
+of uid/gid 1000, the cache at `INFERD_CACHE_PATH=/cache` (a volume, or the model baked in with
+`--bake-model`, then `INFERD_OFFLINE=1`), a HEALTHCHECK on `/v1/health/ready` (kept with buildah's
+docker format), and OCI labels naming the model, profile, engine and versions.
+
+Where no registry is reachable (as here), `inferd image build` first makes the Debian base
+itself: `debootstrap --variant=minbase` into a folder, imported with `buildah from scratch`, then
+builds with `--build-arg BASE=` that image. Elsewhere pass `--base debian:bookworm-slim`.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from inferd import __version__
+from inferd.catalog.schema import ModelEntry, Profile
+from inferd.errors import InferdError, UsageError
+
+DEBIAN = "bookworm"
+DEBIAN_MIRROR = "http://deb.debian.org/debian"
+LOCAL_BASE = f"localhost/inferd-base:{DEBIAN}"
+UID = 1000
+HEALTH_PROBE = (
+    "import urllib.request; "
+    "urllib.request.urlopen('http://127.0.0.1:8000/v1/health/ready', timeout=4)"
+)
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    entry: ModelEntry
+    profile: Profile
+    bake: bool
+
+    @property
+    def llamacpp(self) -> bool:
+        return self.profile.engine == "llamacpp"
+
+    @property
+    def extra(self) -> str:
+        """inferd's extra for the profile's engine ("" for llama.cpp: a binary, built here)."""
+        if self.llamacpp:
+            return ""
+        return "[gpu]" if self.profile.requires.device == "gpu" else "[cpu]"
+
+
+def containerfile(spec: ImageSpec) -> str:
+    build_packages = "python3 python3-venv ca-certificates"
+    if spec.llamacpp:
+        build_packages += " gcc g++ cmake make"
+    runtime_packages = "python3 ca-certificates" + (" libgomp1" if spec.llamacpp else "")
+    engine_build = (
+        " \\\n && /opt/inferd/bin/python -m inferd.engines.llamacpp_build --prefix /opt/inferd"
+        " --portable"
+        if spec.llamacpp
+        else ""
+    )
+    labels = {
+        "org.opencontainers.image.title": "inferd",
+        "org.opencontainers.image.description": (
+            f"inferd serving {spec.entry.id} with profile {spec.profile.id}"
+        ),
+        "org.opencontainers.image.version": __version__,
+        "org.opencontainers.image.licenses": "Apache-2.0",
+        "dev.inferd.model": spec.entry.id,
+        "dev.inferd.model.license": spec.entry.license,
+        "dev.inferd.profile": spec.profile.id,
+        "dev.inferd.engine": spec.profile.engine,
+        "dev.inferd.model.baked": "true" if spec.bake else "false",
+    }
+    label_lines = " \\\n      ".join(f'{k}="{v}"' for k, v in labels.items())
+    env = {
+        "PATH": "/opt/inferd/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "INFERD_CACHE_PATH": "/cache",
+        "INFERD_HOST": "0.0.0.0",  # noqa: S104 - the container's address
+        "INFERD_PORT": "8000",
+        "INFERD_MODEL": spec.entry.id,
+        "INFERD_PROFILE": spec.profile.id,
+        "INFERD_JSON_LOGS": "true",
+    }
+    if spec.bake:
+        env["INFERD_OFFLINE"] = "true"  # the model is inside; never reach for the network
+    env_lines = " \\\n    ".join(f"{k}={v}" for k, v in env.items())
+    cache = f"COPY --chown={UID}:{UID} cache/ /cache/\n" if spec.bake else 'VOLUME ["/cache"]\n'
+    return f"""\
+# inferd {__version__}: {spec.entry.id}, profile {spec.profile.id} ({spec.profile.engine}).
+# Written by `inferd deploy containerfile`; build with `inferd image build DIR` (buildah) or
+# `docker build --build-arg BASE=debian:{DEBIAN}-slim DIR`.
+ARG BASE=docker.io/library/debian:{DEBIAN}-slim
+# checkov:skip=CKV_DOCKER_7:the base is a build argument whose default names a release tag
+
+FROM ${{BASE}} AS build
+RUN apt-get update \\
+ && apt-get install -y --no-install-recommends {build_packages} \\
+ && rm -rf /var/lib/apt/lists/*
+COPY wheels/ /tmp/wheels/
+RUN python3 -m venv /opt/inferd \\
+ && /opt/inferd/bin/pip install --no-cache-dir "$(ls /tmp/wheels/inferd-*.whl){spec.extra}"\
+{engine_build}
+
+FROM ${{BASE}}
+RUN apt-get update \\
+ && apt-get install -y --no-install-recommends {runtime_packages} \\
+ && rm -rf /var/lib/apt/lists/* \\
+ && groupadd --gid {UID} inferd \\
+ && useradd --uid {UID} --gid {UID} --no-create-home --home-dir /nonexistent \\
+      --shell /usr/sbin/nologin inferd \\
+ && mkdir -p /cache && chown {UID}:{UID} /cache
+COPY --from=build /opt/inferd /opt/inferd
+{cache}ENV {env_lines}
+LABEL {label_lines}
+USER {UID}:{UID}
+EXPOSE 8000
+# The first start may download the model and start an engine: a long start period.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=30m --retries=3 \\
+  CMD ["/opt/inferd/bin/python", "-c", "{HEALTH_PROBE}"]
+ENTRYPOINT ["/opt/inferd/bin/inferd"]
+CMD ["serve"]
+"""
+
+
+def project_root() -> Path:
+    """The checkout inferd runs from (its wheel is built from it)."""
+    root = Path(__file__).resolve().parents[3]
+    if not (root / "pyproject.toml").is_file():
+        raise UsageError(
+            "inferd is not running from its source checkout, so its wheel cannot be built; "
+            "run `inferd deploy containerfile` from a clone of the repository"
+        )
+    return root
+
+
+def write_context(spec: ImageSpec, out: Path, model_dir: Path | None) -> list[Path]:
+    """The build context: Containerfile, inferd's wheel, and (baked) the model's cache folder."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--output {out}: {exc.strerror or exc}") from None
+    wheels = out / "wheels"
+    shutil.rmtree(wheels, ignore_errors=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+         "-w", str(wheels), str(project_root())],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise InferdError(f"building inferd's wheel failed: {done.stderr.strip()[-500:]}")
+    written = [out / "Containerfile", *sorted(wheels.glob("*.whl"))]
+    (out / "Containerfile").write_text(containerfile(spec))
+    shutil.rmtree(out / "cache", ignore_errors=True)
+    if spec.bake:
+        assert model_dir is not None
+        target = out / "cache" / "models" / spec.entry.id / model_dir.name
+        shutil.copytree(model_dir, target)
+        written.append(target)
+    return written
+
+
+def _run(cmd: list[str], what: str, timeout: float) -> None:
+    """A build step, its output streaming to the terminal (builds take minutes)."""
+    try:
+        done = subprocess.run(cmd, timeout=timeout, check=False)
+    except FileNotFoundError:
+        raise UsageError(
+            f"{cmd[0]} is not installed (`apt-get install buildah debootstrap`)"
+        ) from None
+    if done.returncode != 0:
+        raise InferdError(f"{what} failed (exit {done.returncode}); its output is above")
+
+
+def _exists(image: str) -> bool:
+    done = subprocess.run(
+        ["buildah", "--storage-driver", "vfs", "inspect", "--type", "image", image],
+        capture_output=True, check=False,
+    )  # fmt: skip
+    return done.returncode == 0
+
+
+def ensure_local_base() -> str:
+    """Debian minbase from its mirror, as a local image (made once)."""
+    if _exists(LOCAL_BASE):
+        return LOCAL_BASE
+    with tempfile.TemporaryDirectory(prefix="inferd-rootfs-") as tmp:
+        root = Path(tmp) / "rootfs"
+        _run(["debootstrap", "--variant=minbase", DEBIAN, str(root), DEBIAN_MIRROR],
+             "debootstrap", 1800)  # fmt: skip
+        container = subprocess.run(
+            ["buildah", "--storage-driver", "vfs", "from", "scratch"],
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+        try:
+            _run(["buildah", "--storage-driver", "vfs", "copy", container, f"{root}/", "/"],
+                 "copying the root file system", 1800)  # fmt: skip
+            _run(["buildah", "--storage-driver", "vfs", "commit", container, LOCAL_BASE],
+                 "committing the base image", 1800)  # fmt: skip
+        finally:
+            subprocess.run(["buildah", "--storage-driver", "vfs", "rm", container],
+                           capture_output=True, check=False)  # fmt: skip
+    return LOCAL_BASE
+
+
+def build(context: Path, tag: str, base: str | None) -> str:
+    if not (context / "Containerfile").is_file():
+        raise UsageError(f"{context} has no Containerfile; write one with `inferd deploy "
+                         "containerfile MODEL --output DIR`")  # fmt: skip
+    base = base or ensure_local_base()
+    # docker format: OCI images have no HEALTHCHECK. chroot isolation and vfs storage: no
+    # daemon, no privileges beyond root in this container, no overlay mounts needed.
+    _run(["buildah", "--storage-driver", "vfs", "bud", "--isolation", "chroot",
+          "--format", "docker", "--layers", "--build-arg", f"BASE={base}", "-t", tag,
+          "-f", str(context / "Containerfile"), str(context)], "buildah bud", 7200)  # fmt: skip
+    return tag
