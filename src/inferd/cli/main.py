@@ -251,6 +251,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="base image (default: Debian made here with debootstrap, for machines without a "
         "registry)",
     )
+    ib.add_argument(
+        "--ca-bundle",
+        type=Path,
+        default=None,
+        help="CA bundle for pip inside the build, as a build secret (default: this machine's "
+        "PIP_CERT / REQUESTS_CA_BUNDLE / SSL_CERT_FILE, if set)",
+    )
 
     sub.add_parser("version", help="print inferd's version")
     return parser
@@ -364,7 +371,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "image":
         from inferd.deploy import image as image_build
 
-        tag = image_build.build(args.context, args.tag, args.base)
+        tag = image_build.build(args.context, args.tag, args.base, args.ca_bundle)
         print(f"built {tag}")
         return 0
     if args.command == "deploy":

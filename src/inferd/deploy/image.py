@@ -16,6 +16,7 @@ builds with `--build-arg BASE=` that image. Elsewhere pass `--base debian:bookwo
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -105,7 +106,11 @@ RUN apt-get update \\
  && apt-get install -y --no-install-recommends {build_packages} \\
  && rm -rf /var/lib/apt/lists/*
 COPY wheels/ /tmp/wheels/
-RUN python3 -m venv /opt/inferd \\
+# A CA bundle for networks whose TLS is intercepted, as a build secret: used by pip here, never
+# stored in the image (`inferd image build --ca-bundle`, or docker's `--secret id=ca-bundle`).
+RUN --mount=type=secret,id=ca-bundle \\
+    if [ -f /run/secrets/ca-bundle ]; then export PIP_CERT=/run/secrets/ca-bundle; fi \\
+ && python3 -m venv /opt/inferd \\
  && /opt/inferd/bin/pip install --no-cache-dir "$(ls /tmp/wheels/inferd-*.whl){spec.extra}"\
 {engine_build}
 
@@ -210,14 +215,28 @@ def ensure_local_base() -> str:
     return LOCAL_BASE
 
 
-def build(context: Path, tag: str, base: str | None) -> str:
+def default_ca_bundle() -> Path | None:
+    """The CA bundle this machine's pip trusts, if one is configured (a TLS-intercepting
+    network's CA is often only there)."""
+    for name in ("PIP_CERT", "REQUESTS_CA_BUNDLE", "SSL_CERT_FILE"):
+        value = os.environ.get(name)
+        if value and Path(value).is_file():
+            return Path(value)
+    return None
+
+
+def build(context: Path, tag: str, base: str | None, ca_bundle: Path | None = None) -> str:
     if not (context / "Containerfile").is_file():
         raise UsageError(f"{context} has no Containerfile; write one with `inferd deploy "
                          "containerfile MODEL --output DIR`")  # fmt: skip
+    if ca_bundle is not None and not ca_bundle.is_file():
+        raise UsageError(f"--ca-bundle {ca_bundle}: no such file")
+    ca_bundle = ca_bundle or default_ca_bundle()
     base = base or ensure_local_base()
+    secret = ["--secret", f"id=ca-bundle,src={ca_bundle}"] if ca_bundle else []
     # docker format: OCI images have no HEALTHCHECK. chroot isolation and vfs storage: no
     # daemon, no privileges beyond root in this container, no overlay mounts needed.
     _run(["buildah", "--storage-driver", "vfs", "bud", "--isolation", "chroot",
-          "--format", "docker", "--layers", "--build-arg", f"BASE={base}", "-t", tag,
+          "--format", "docker", "--layers", "--build-arg", f"BASE={base}", *secret, "-t", tag,
           "-f", str(context / "Containerfile"), str(context)], "buildah bud", 7200)  # fmt: skip
     return tag
