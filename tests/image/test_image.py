@@ -27,8 +27,12 @@ CACHE = Path(os.environ.get("INFERD_TEST_CACHE_PATH", Path.home() / ".cache" / "
 # Inside the image: start the service, wait for readiness, ask for a completion, print it.
 PROBE = r"""
 import json, subprocess, time, urllib.request
-proc = subprocess.Popen(["/opt/inferd/bin/inferd", "serve", "--port", "18931"])
+# The image listens on all addresses and so needs API keys or an explicit opt-out.
+proc = subprocess.Popen(["/opt/inferd/bin/inferd", "serve", "--port", "18931",
+                         "--allow-unauthenticated"])
 for _ in range(600):
+    if proc.poll() is not None:
+        raise SystemExit(f"inferd serve exited with {proc.returncode} before it was ready")
     try:
         urllib.request.urlopen("http://127.0.0.1:18931/v1/health/ready", timeout=2)
         break
@@ -40,7 +44,9 @@ req = urllib.request.Request("http://127.0.0.1:18931/v1/chat/completions", body,
                              {"Content-Type": "application/json"})
 answer = json.load(urllib.request.urlopen(req, timeout=60))
 import os
-print("ANSWER", json.dumps({"uid": os.getuid(), "answer": answer}))
+sbom = json.load(open("/opt/inferd/share/sbom/sbom.cdx.json"))
+print("ANSWER", json.dumps({"uid": os.getuid(), "answer": answer,
+                            "sbom_components": len(sbom["components"])}))
 proc.terminate()
 proc.wait(60)
 """
@@ -76,6 +82,7 @@ def test_image_metadata(image: str) -> None:
     assert labels["org.opencontainers.image.version"] == __version__
     env = dict(e.split("=", 1) for e in config["Env"])
     assert env["INFERD_CACHE_PATH"] == "/cache" and env["INFERD_OFFLINE"] == "true"
+    assert labels["dev.inferd.sbom"] == "/opt/inferd/share/sbom/sbom.cdx.json"
 
 
 def test_the_image_serves_a_request_as_uid_1000(image: str) -> None:
@@ -92,6 +99,7 @@ def test_the_image_serves_a_request_as_uid_1000(image: str) -> None:
     line = next((x for x in done.stdout.splitlines() if x.startswith("ANSWER ")), None)
     assert line is not None, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads(line.removeprefix("ANSWER "))
+    assert result["sbom_components"] > 10  # the SBOM made in the build, of this environment
     assert result["uid"] == 1000
     choice = result["answer"]["choices"][0]
     assert choice["message"]["content"] and result["answer"]["usage"]["completion_tokens"] > 0

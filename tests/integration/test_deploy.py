@@ -112,7 +112,7 @@ def test_the_pod_follows_inferds_own_behaviour(tmp_path: Path) -> None:
 def _values(spec: DeploySpec) -> list[str]:
     sets = {
         "model": spec.model,
-        "profile": spec.profile,
+        "profile": "" if spec.profile == "default" else spec.profile,
         "gpus": str(spec.gpus),
         "cache.type": "pvc" if spec.cache == "pvc" else "hostPath",
         "cache.hostPath": spec.host_path,
@@ -151,7 +151,8 @@ def _without_helms_own(o: Any) -> Any:
 )  # fmt: skip
 def test_the_chart_renders_the_same_objects(spec: DeploySpec) -> None:
     done = subprocess.run(
-        [HELM, "template", spec.name, str(CHART), "--namespace", spec.namespace, *_values(spec)],
+        [HELM, "template", spec.name, str(CHART), "--namespace", spec.namespace,
+         "--api-versions", "monitoring.coreos.com/v1", *_values(spec)],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
@@ -276,3 +277,47 @@ def test_containerfile_context_passes_policies(tmp_path: Path, bake: bool) -> No
     report = _checkov(tmp_path / "check", "dockerfile")
     assert _failed(report) == []
     assert {c["check_id"] for c in report["results"]["skipped_checks"]} <= {"CKV_DOCKER_7"}
+
+
+def test_rewriting_a_folder_leaves_no_stale_objects(tmp_path: Path) -> None:
+    kinds = {d["kind"] for d in _deploy(tmp_path, "k8s")}
+    assert "PersistentVolumeClaim" in kinds
+    again = _deploy(tmp_path, "k8s", "--cache", "hostpath")
+    assert "PersistentVolumeClaim" not in {d["kind"] for d in again}
+    assert len(list((tmp_path / "k8s").glob("*.yaml"))) == len(again)
+    (tmp_path / "k8s" / "notes.txt").write_text("mine")
+    done = subprocess.run(
+        [INFERD, "deploy", "k8s", MODEL, "--output", str(tmp_path / "k8s")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2 and "holds other files (notes.txt)" in done.stderr
+    assert (tmp_path / "k8s" / "notes.txt").read_text() == "mine"
+
+
+def test_kserve_refuses_what_it_cannot_wire(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [INFERD, "deploy", "kserve", MODEL, "--output", str(tmp_path / "o"), "--tls-secret", "t"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2 and "--tls-secret is not supported for KServe" in done.stderr
+    hostpath = {d["kind"]: d for d in _deploy(tmp_path, "kserve", "--cache", "hostpath")}
+    assert "PersistentVolumeClaim" not in hostpath
+    volumes = hostpath["InferenceService"]["spec"]["predictor"]["volumes"]
+    assert {"name": "cache", "hostPath": {"path": "/var/lib/inferd/cache",
+                                          "type": "DirectoryOrCreate"}} in volumes  # fmt: skip
+
+
+def test_containerfile_refuses_what_it_cannot_build(tmp_path: Path) -> None:
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [INFERD, "deploy", "containerfile", MODEL, *args], capture_output=True, text=True,
+            timeout=120, env={**os.environ, "INFERD_CACHE_PATH": str(CACHE)},
+        )  # fmt: skip
+
+    vllm = run("--profile", "vllm-cpu-bf16", "--output", str(tmp_path / "a"))
+    assert vllm.returncode == 2 and "built for llama.cpp profiles so far" in vllm.stderr
+    assert not (tmp_path / "a").exists()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "mine.txt").write_text("x")
+    busy = run("--profile", "llamacpp-cpu-q8_0", "--output", str(tmp_path / "b"))
+    assert busy.returncode == 2 and "is not empty" in busy.stderr

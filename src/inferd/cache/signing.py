@@ -38,8 +38,10 @@ def sign(model_dir: Path, private_key: Path, signature: Path | None = None) -> P
     try:
         config = signing.Config()  # type: ignore[no-untyped-call]
         config.use_elliptic_key_signer(private_key=private_key).sign(model_dir, target)
-    except ValueError as exc:  # a key that is not an EC private key in PEM
+    except (ValueError, TypeError) as exc:  # not an EC key in PEM, or one that is encrypted
         raise ConfigError(f"cannot sign with {private_key}: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot write the signature {target}: {exc.strerror or exc}") from None
     return target
 
 
@@ -56,8 +58,9 @@ def verify(model_dir: Path, public_key: Path, signature: Path | None = None) -> 
     try:
         config = verifying.Config()  # type: ignore[no-untyped-call]
         config.use_elliptic_key_verifier(public_key=public_key).verify(model_dir, source)
-    except ValueError as exc:
-        # The library's messages say which file differs, or that the key does not match.
+    except Exception as exc:
+        # Its messages say which file differs, or that the key does not match; a tampered
+        # signature raises cryptography's InvalidSignature, with no message.
         reason = _reason(str(exc)) or type(exc).__name__
         raise IntegrityError(
             f"{model_dir}: signature {source} does not verify with {public_key}: {reason}"

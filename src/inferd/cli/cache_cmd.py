@@ -101,25 +101,28 @@ def sign(settings: Settings, model_id: str, key: Path, signature: Path | None) -
     return 0
 
 
-def _verify_signature(settings: Settings, model_id: str | None, signature: str) -> Path:
+def _verify_signature(settings: Settings, model_id: str | None, signature: Path | None) -> Path:
     if not model_id:
         raise UsageError("--signature needs a MODEL")
     if settings.signing_public_key is None:
         raise UsageError("--signature needs --signing-public-key (INFERD_SIGNING_PUBLIC_KEY)")
     folder = resolve(settings, model_id).model_dir
-    return signing.verify(
-        folder, settings.signing_public_key, Path(signature) if signature else None
-    )
+    return signing.verify(folder, settings.signing_public_key, signature)
 
 
 def verify(
-    settings: Settings, model_id: str | None, *, as_json: bool, signature: str | None = None
+    settings: Settings,
+    model_id: str | None,
+    *,
+    as_json: bool,
+    signature: bool = False,
+    signature_file: Path | None = None,
 ) -> int:
     """Re-hash every file; exit 1 naming each file that differs from its provenance. With
     `signature`, the model's signature is checked too (first: it trusts nothing cached)."""
     checked = None
-    if signature is not None:
-        checked = _verify_signature(settings, model_id, signature)
+    if signature:
+        checked = _verify_signature(settings, model_id, signature_file)
         if not as_json:
             print(f"{model_id}: signature {checked} verified")
     store = ModelStore(settings.cache_path)

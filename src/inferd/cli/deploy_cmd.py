@@ -56,6 +56,17 @@ def spec_from(settings: Settings, args: Any) -> DeploySpec:
         raise UsageError("--min-replicas must be at least 1 and at most --max-replicas")
     if gpus < 0:
         raise UsageError("--gpus must be 0 or more")
+    if args.startup_minutes < 1:
+        raise UsageError("--startup-minutes must be at least 1")
+    if args.target == "kserve":
+        for flag in ("api_keys_secret", "tls_secret"):
+            if getattr(args, flag):
+                # KServe fronts the pod with its own routing; inferd's keys and TLS inside it
+                # are not wired to that yet: refused rather than silently dropped.
+                raise UsageError(
+                    f"--{flag.replace('_', '-')} is not supported for KServe yet (use KServe's "
+                    "own authentication and TLS)"
+                )
     for flag in ("api_keys_secret", "tls_secret", "namespace"):
         value = getattr(args, flag)
         if value is not None and not _NAME.match(value):
@@ -79,12 +90,20 @@ def spec_from(settings: Settings, args: Any) -> DeploySpec:
         drain_timeout_s=int(settings.drain_timeout_s),
         api_keys_secret=args.api_keys_secret,
         tls_secret=args.tls_secret,
+        startup_minutes=args.startup_minutes,
     )
 
 
 def write(docs: list[dict[str, Any]], out: Path) -> list[Path]:
+    """One file per object; files an earlier run wrote there are replaced, never mixed in."""
+    earlier = sorted(out.glob("[0-9][0-9]-*.yaml")) if out.is_dir() else []
+    others = [p for p in out.iterdir() if p not in earlier] if out.is_dir() else []
+    if others:
+        raise UsageError(f"--output {out} holds other files ({others[0].name}); use a new folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
+        for stale in earlier:
+            stale.unlink()
     except OSError as exc:
         raise UsageError(f"--output {out}: {exc.strerror or exc}") from None
     paths = []

@@ -117,12 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("model", nargs="?", default=None)
     verify.add_argument(
         "--signature",
-        nargs="?",
-        const="",
-        default=None,
-        type=str,
-        help="also check the model's signature (default file: beside its folder) with "
-        "--signing-public-key",
+        action="store_true",
+        help="also check the model's signature with --signing-public-key",
+    )
+    verify.add_argument(
+        "--signature-file", type=Path, default=None, help="the signature (default: beside it)"
     )
     _json_flag(verify)
     _add_settings(verify, CACHE | SELECTION | {"signing_public_key"})
@@ -212,14 +211,18 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument("--cache-size", default="20Gi", help="the cache PVC's size")
         t.add_argument(
             "--cache-access",
-            choices=("ReadWriteMany", "ReadWriteOnce"),
-            default="ReadWriteMany",
-            help="PVC access mode (ReadWriteMany lets pods on several nodes share it)",
+            choices=("ReadWriteOnce", "ReadWriteMany"),
+            default="ReadWriteOnce",
+            help="PVC access mode (ReadWriteMany, where the storage offers it, lets pods on "
+            "several nodes share one download)",
         )
         t.add_argument("--storage-class", default=None)
         t.add_argument("--host-path", default="/var/lib/inferd/cache")
         t.add_argument("--min-replicas", type=int, default=1)
         t.add_argument("--max-replicas", type=int, default=4)
+        t.add_argument(
+            "--startup-minutes", type=int, default=30, help="start-up budget (download included)"
+        )
         t.add_argument("--api-keys-secret", default=None, help="Secret holding keys.json")
         t.add_argument("--tls-secret", default=None, help="kubernetes.io/tls Secret for HTTPS")
         _json_flag(t)
@@ -278,7 +281,11 @@ def _cache(args: argparse.Namespace, s: Settings) -> int:
         "pull": lambda: cache_cmd.pull(s, args.model, as_json=args.json),
         "list": lambda: cache_cmd.list_cached(s, as_json=args.json),
         "verify": lambda: cache_cmd.verify(
-            s, args.model, as_json=args.json, signature=args.signature
+            s,
+            args.model,
+            as_json=args.json,
+            signature=args.signature or args.signature_file is not None,
+            signature_file=args.signature_file,
         ),
         "sign": lambda: cache_cmd.sign(s, args.model, args.key, args.signature),
         "rm": lambda: cache_cmd.remove(s, args.model),

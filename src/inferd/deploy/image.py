@@ -32,9 +32,10 @@ DEBIAN = "bookworm"
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
 LOCAL_BASE = f"localhost/inferd-base:{DEBIAN}"
 UID = 1000
+# The port from the container's own setting, so `-e INFERD_PORT=...` keeps the check right.
 HEALTH_PROBE = (
-    "import urllib.request; "
-    "urllib.request.urlopen('http://127.0.0.1:8000/v1/health/ready', timeout=4)"
+    "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/v1/health/ready' "
+    "% os.environ.get('INFERD_PORT', '8000'), timeout=4)"
 )
 
 
@@ -48,24 +49,23 @@ class ImageSpec:
     def llamacpp(self) -> bool:
         return self.profile.engine == "llamacpp"
 
-    @property
-    def extra(self) -> str:
-        """inferd's extra for the profile's engine ("" for llama.cpp: a binary, built here)."""
-        if self.llamacpp:
-            return ""
-        return "[gpu]" if self.profile.requires.device == "gpu" else "[cpu]"
+    def __post_init__(self) -> None:
+        if not self.llamacpp:
+            # vLLM's CPU build pins a PyTorch that only PyTorch's own index carries, and its
+            # run-time needs (libnuma, compilers, writable caches) are not in this image yet.
+            raise UsageError(
+                f"images are built for llama.cpp profiles so far; {self.profile.id} runs on "
+                f"{self.profile.engine}. Pick one with --profile (`inferd profiles "
+                f"{self.entry.id}` lists them)"
+            )
 
 
 def containerfile(spec: ImageSpec) -> str:
-    build_packages = "python3 python3-venv ca-certificates"
-    if spec.llamacpp:
-        build_packages += " gcc g++ cmake make"
-    runtime_packages = "python3 ca-certificates" + (" libgomp1" if spec.llamacpp else "")
+    build_packages = "python3 python3-venv ca-certificates gcc g++ cmake make"
+    runtime_packages = "python3 ca-certificates libgomp1"
     engine_build = (
         " \\\n && /opt/inferd/bin/python -m inferd.engines.llamacpp_build --prefix /opt/inferd"
         " --portable"
-        if spec.llamacpp
-        else ""
     )
     labels = {
         "org.opencontainers.image.title": "inferd",
@@ -79,6 +79,7 @@ def containerfile(spec: ImageSpec) -> str:
         "dev.inferd.profile": spec.profile.id,
         "dev.inferd.engine": spec.profile.engine,
         "dev.inferd.model.baked": "true" if spec.bake else "false",
+        "dev.inferd.sbom": "/opt/inferd/share/sbom/sbom.cdx.json",
     }
     label_lines = " \\\n      ".join(f'{k}="{v}"' for k, v in labels.items())
     env = {
@@ -89,6 +90,8 @@ def containerfile(spec: ImageSpec) -> str:
         "INFERD_MODEL": spec.entry.id,
         "INFERD_PROFILE": spec.profile.id,
         "INFERD_JSON_LOGS": "true",
+        # The user has no home; tools that cache under HOME (and the root is read-only in pods).
+        "HOME": "/tmp",  # noqa: S108 - an emptyDir in pods; per-container otherwise
     }
     if spec.bake:
         env["INFERD_OFFLINE"] = "true"  # the model is inside; never reach for the network
@@ -109,10 +112,12 @@ COPY wheels/ /tmp/wheels/
 # A CA bundle for networks whose TLS is intercepted, as a build secret: used by pip here, never
 # stored in the image (`inferd image build --ca-bundle`, or docker's `--secret id=ca-bundle`).
 RUN --mount=type=secret,id=ca-bundle \\
-    if [ -f /run/secrets/ca-bundle ]; then export PIP_CERT=/run/secrets/ca-bundle; fi \\
+    if [ -f /run/secrets/ca-bundle ]; then \\
+      export PIP_CERT=/run/secrets/ca-bundle SSL_CERT_FILE=/run/secrets/ca-bundle; fi \\
  && python3 -m venv /opt/inferd \\
- && /opt/inferd/bin/pip install --no-cache-dir "$(ls /tmp/wheels/inferd-*.whl){spec.extra}"\
-{engine_build}
+ && /opt/inferd/bin/pip install --no-cache-dir "$(ls /tmp/wheels/inferd-*.whl)"\
+{engine_build} \\
+ && /opt/inferd/bin/inferd deploy sbom --output /opt/inferd/share/sbom
 
 FROM ${{BASE}}
 RUN apt-get update \\
@@ -148,6 +153,8 @@ def project_root() -> Path:
 
 def write_context(spec: ImageSpec, out: Path, model_dir: Path | None) -> list[Path]:
     """The build context: Containerfile, inferd's wheel, and (baked) the model's cache folder."""
+    if out.is_dir() and any(out.iterdir()) and not (out / "Containerfile").is_file():
+        raise UsageError(f"--output {out} is not empty (and not a build context written before)")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -169,6 +176,10 @@ def write_context(spec: ImageSpec, out: Path, model_dir: Path | None) -> list[Pa
         target = out / "cache" / "models" / spec.entry.id / model_dir.name
         shutil.copytree(model_dir, target)
         written.append(target)
+        signature = model_dir.parent / f"{model_dir.name}.sig"
+        if signature.is_file():  # so INFERD_REQUIRE_SIGNED=1 works with the baked model
+            shutil.copy2(signature, target.parent / signature.name)
+            written.append(target.parent / signature.name)
     return written
 
 
@@ -185,6 +196,8 @@ def _run(cmd: list[str], what: str, timeout: float) -> None:
 
 
 def _exists(image: str) -> bool:
+    if shutil.which("buildah") is None or shutil.which("debootstrap") is None:
+        raise UsageError("buildah and debootstrap are needed: apt-get install buildah debootstrap")
     done = subprocess.run(
         ["buildah", "--storage-driver", "vfs", "inspect", "--type", "image", image],
         capture_output=True, check=False,
@@ -200,10 +213,13 @@ def ensure_local_base() -> str:
         root = Path(tmp) / "rootfs"
         _run(["debootstrap", "--variant=minbase", DEBIAN, str(root), DEBIAN_MIRROR],
              "debootstrap", 1800)  # fmt: skip
-        container = subprocess.run(
+        made = subprocess.run(
             ["buildah", "--storage-driver", "vfs", "from", "scratch"],
-            capture_output=True, text=True, check=True,
-        ).stdout.strip()  # fmt: skip
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        if made.returncode != 0:
+            raise InferdError(f"buildah from scratch failed: {made.stderr.strip()[-300:]}")
+        container = made.stdout.strip()
         try:
             _run(["buildah", "--storage-driver", "vfs", "copy", container, f"{root}/", "/"],
                  "copying the root file system", 1800)  # fmt: skip
@@ -231,6 +247,8 @@ def build(context: Path, tag: str, base: str | None, ca_bundle: Path | None = No
                          "containerfile MODEL --output DIR`")  # fmt: skip
     if ca_bundle is not None and not ca_bundle.is_file():
         raise UsageError(f"--ca-bundle {ca_bundle}: no such file")
+    if shutil.which("buildah") is None:
+        raise UsageError("buildah is needed: apt-get install buildah debootstrap")
     ca_bundle = ca_bundle or default_ca_bundle()
     base = base or ensure_local_base()
     secret = ["--secret", f"id=ca-bundle,src={ca_bundle}"] if ca_bundle else []

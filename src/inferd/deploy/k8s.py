@@ -32,7 +32,7 @@ KEYS_MOUNT = "/etc/inferd/keys"
 TLS_MOUNT = "/etc/inferd/tls"
 PRESTOP_S = 5
 # What a pod needs beyond the drain: the pause before it and the engine's own shutdown.
-SHUTDOWN_MARGIN_S = 15
+SHUTDOWN_MARGIN_S = 25
 UID = 1000
 
 
@@ -68,7 +68,7 @@ class DeploySpec:
     memory: str = "8Gi"
     cache: str = "pvc"  # pvc | hostpath
     cache_size: str = "20Gi"
-    cache_access: str = "ReadWriteMany"
+    cache_access: str = "ReadWriteOnce"
     storage_class: str | None = None
     host_path: str = "/var/lib/inferd/cache"
     min_replicas: int = 1
@@ -123,13 +123,16 @@ def waivers(kinds: tuple[str, ...]) -> dict[str, str]:
 def _env(spec: DeploySpec) -> list[dict[str, Any]]:
     env = {
         "INFERD_MODEL": spec.model,
-        "INFERD_PROFILE": spec.profile,
         "INFERD_HOST": "0.0.0.0",  # noqa: S104 - the pod's address; the Service fronts it
         "INFERD_PORT": str(PORT),
         "INFERD_CACHE_PATH": CACHE_MOUNT,
         "INFERD_JSON_LOGS": "true",
         "INFERD_DRAIN_TIMEOUT_S": str(spec.drain_timeout_s),
+        # The root file system is read-only: tools that cache under HOME write to the emptyDir.
+        "HOME": "/tmp",  # noqa: S108 - an emptyDir
     }
+    if spec.profile != "default":  # else the image's own choice (or inferd's, per node)
+        env["INFERD_PROFILE"] = spec.profile
     if spec.api_keys_secret:
         env["INFERD_API_KEYS_FILE"] = f"{KEYS_MOUNT}/keys.json"
     else:
@@ -171,7 +174,7 @@ def deployment(spec: DeploySpec) -> dict[str, Any]:
     ]
     volumes: list[dict[str, Any]] = [
         {"name": "tmp", "emptyDir": {}},
-        {"name": "cache", **_cache_volume(spec)},
+        {"name": "cache", **cache_volume(spec)},
     ]
     if spec.api_keys_secret:
         mounts.append({"name": "api-keys", "mountPath": KEYS_MOUNT, "readOnly": True})
@@ -209,15 +212,15 @@ def deployment(spec: DeploySpec) -> dict[str, Any]:
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": _meta(spec, annotations=waivers(tuple(WAIVERS))),
+        # No `replicas`: the HPA owns the count (a fixed one would reset it on every apply).
         "spec": {
-            "replicas": spec.min_replicas,
             "selector": {"matchLabels": spec.selector},
             "template": pod,
         },
     }
 
 
-def _cache_volume(spec: DeploySpec) -> dict[str, Any]:
+def cache_volume(spec: DeploySpec) -> dict[str, Any]:
     if spec.cache == "hostpath":
         return {"hostPath": {"path": spec.host_path, "type": "DirectoryOrCreate"}}
     return {"persistentVolumeClaim": {"claimName": f"{spec.name}-cache"}}
@@ -311,15 +314,18 @@ def objects(spec: DeploySpec) -> list[dict[str, Any]]:
             "metadata": _meta(spec),
             "spec": {
                 "selector": {"matchLabels": spec.selector},
-                "endpoints": [
-                    {
-                        "port": "http",
-                        "path": "/v1/metrics",
-                        "interval": "15s",
-                        "scheme": "https" if spec.tls_secret else "http",
-                    }
-                ],
+                "endpoints": [_scrape(spec)],
             },
         },
     ]
     return out
+
+
+def _scrape(spec: DeploySpec) -> dict[str, Any]:
+    endpoint: dict[str, Any] = {"port": "http", "path": "/v1/metrics", "interval": "15s"}
+    if spec.tls_secret:
+        # The pod's certificate names the Service, not the pod address Prometheus scrapes.
+        endpoint.update(scheme="https", tlsConfig={"insecureSkipVerify": True})
+    else:
+        endpoint["scheme"] = "http"
+    return endpoint

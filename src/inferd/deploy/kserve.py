@@ -20,6 +20,7 @@ from inferd.deploy.k8s import (
     SHUTDOWN_MARGIN_S,
     WAIVERS,
     DeploySpec,
+    cache_volume,
     waivers,
 )
 
@@ -27,7 +28,14 @@ KSERVE_PORT = 8080
 
 
 def _container(spec: DeploySpec, *, runtime: bool) -> dict[str, Any]:
-    probe = {"httpGet": {"path": "/v1/health/ready", "port": KSERVE_PORT}, "periodSeconds": 5}
+    def probe(path: str, period: int, failures: int) -> dict[str, Any]:
+        return {
+            "httpGet": {"path": path, "port": KSERVE_PORT},
+            "periodSeconds": period,
+            "timeoutSeconds": 5,
+            "failureThreshold": failures,
+        }
+
     container: dict[str, Any] = {
         "name": "kserve-container",
         "image": spec.image,
@@ -40,10 +48,15 @@ def _container(spec: DeploySpec, *, runtime: bool) -> dict[str, Any]:
             {"name": "INFERD_JSON_LOGS", "value": "true"},
             {"name": "INFERD_ALLOW_UNAUTHENTICATED", "value": "true"},
             {"name": "INFERD_DRAIN_TIMEOUT_S", "value": str(spec.drain_timeout_s)},
+            {"name": "HOME", "value": "/tmp"},  # noqa: S108 - an emptyDir; the root is read-only
         ],
         "ports": [{"containerPort": KSERVE_PORT, "protocol": "TCP"}],
-        "readinessProbe": probe,
-        "livenessProbe": {**probe, "httpGet": {"path": "/v1/health/live", "port": KSERVE_PORT}},
+        # As in the Deployment: HTTP is served once the model is cached and the engine starting,
+        # so the startup probe allows the first download.
+        "startupProbe": probe("/v1/health/live", 10, spec.startup_minutes * 6),
+        "livenessProbe": probe("/v1/health/live", 10, 3),
+        "readinessProbe": probe("/v1/health/ready", 5, 2),
+        "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_S}}},
         "resources": {
             "requests": {"cpu": spec.cpu, "memory": spec.memory},
             "limits": {"cpu": spec.cpu, "memory": spec.memory},
@@ -55,11 +68,10 @@ def _container(spec: DeploySpec, *, runtime: bool) -> dict[str, Any]:
         ],
     }
     if not runtime:
-        # The InferenceService names the model and profile; the runtime is generic.
-        container["env"] += [
-            {"name": "INFERD_MODEL", "value": spec.model},
-            {"name": "INFERD_PROFILE", "value": spec.profile},
-        ]
+        # The InferenceService names the model (and a profile); the runtime is generic.
+        container["env"] += [{"name": "INFERD_MODEL", "value": spec.model}]
+        if spec.profile != "default":
+            container["env"] += [{"name": "INFERD_PROFILE", "value": spec.profile}]
         if spec.gpus:
             container["resources"]["limits"]["nvidia.com/gpu"] = str(spec.gpus)
     return container
@@ -97,12 +109,12 @@ def inference_service(spec: DeploySpec) -> dict[str, Any]:
         "model": {
             "modelFormat": {"name": "inferd"},
             "runtime": "inferd",
-            "env": container["env"][-2:],
+            "env": [e for e in container["env"] if e["name"] in ("INFERD_MODEL", "INFERD_PROFILE")],
             "resources": container["resources"],
         },
         "volumes": [
             {"name": "tmp", "emptyDir": {}},
-            {"name": "cache", "persistentVolumeClaim": {"claimName": f"{spec.name}-cache"}},
+            {"name": "cache", **cache_volume(spec)},
         ],
     }
     metadata: dict[str, Any] = {

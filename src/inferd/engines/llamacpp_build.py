@@ -30,6 +30,8 @@ import sys
 import tarfile
 import tempfile
 import time
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 SDIST = "llama_cpp_python-0.3.36.tar.gz"
@@ -72,6 +74,43 @@ def _run(cmd: list[str], log: Path) -> None:
         sys.exit(f"[llama-server] {' '.join(cmd[:3])} ... failed:\n" + "\n".join(tail))
 
 
+def _fetch_sdist(dest: Path) -> None:
+    """The sdist file itself, found through the index's JSON simple API (PEP 691). Not `pip
+    download`: for an sdist pip prepares its metadata, building the build backend and its
+    dependencies from source first (`--no-binary :all:`), minutes where no wheel cache exists."""
+    from inferd.cache.fetch import SIMPLE_JSON
+
+    index = os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple").rstrip("/")
+    page = f"{index}/{SDIST_PIN.split('==')[0]}/"
+    try:
+        request = urllib.request.Request(page, headers={"Accept": SIMPLE_JSON})  # noqa: S310
+        with urllib.request.urlopen(request, timeout=60) as resp:  # noqa: S310
+            listing = json.load(resp)
+        url = next(
+            urllib.parse.urljoin(page, f["url"])
+            for f in listing.get("files", [])
+            if f.get("filename") == SDIST
+        )
+        with urllib.request.urlopen(url, timeout=300) as resp, dest.open("wb") as out:  # noqa: S310
+            shutil.copyfileobj(resp, out)
+    except (OSError, ValueError, StopIteration) as exc:
+        sys.exit(f"[llama-server] cannot fetch {SDIST} from {page}: {exc}")
+
+
+def _extract(tar: tarfile.TarFile, dest: Path) -> None:
+    """Extract with the "data" filter where Python has it (3.11.4+); on older Pythons (Debian
+    12's 3.11.2, inside images) refuse links and paths leaving `dest` ourselves."""
+    if hasattr(tarfile, "data_filter"):
+        tar.extractall(dest, filter="data")
+        return
+    root = dest.resolve()
+    for member in tar.getmembers():
+        target = (dest / member.name).resolve()
+        if member.issym() or member.islnk() or not target.is_relative_to(root):
+            sys.exit(f"[llama-server] unsafe member in the sdist: {member.name}")
+    tar.extractall(dest)  # noqa: S202 - every member checked above
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as fh:
@@ -109,28 +148,13 @@ def build(prefix: Path, jobs: int, portable: bool = False) -> Path:
         work = Path(tmp)
         log = work / "build.log"
         _step(f"fetching the llama.cpp source ({SDIST_PIN} sdist)")
-        _run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "download",
-                "--quiet",
-                "--no-deps",
-                "--no-binary",
-                ":all:",
-                "--dest",
-                str(work),
-                SDIST_PIN,
-            ],
-            log,
-        )
         sdist = work / SDIST
+        _fetch_sdist(sdist)
         actual = _sha256(sdist)
         if actual != SDIST_SHA256:
             sys.exit(f"[llama-server] {SDIST}: sha256 {actual}, expected {SDIST_SHA256}")
         with tarfile.open(sdist) as tar:
-            tar.extractall(work, filter="data")
+            _extract(tar, work)
         source = work / SDIST.removesuffix(".tar.gz") / "vendor" / "llama.cpp"
         _step(f"configuring ({source.name})")
         _run(["cmake", "-S", str(source), "-B", str(work / "build"), *cmake_flags], log)
