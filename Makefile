@@ -9,7 +9,7 @@ TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install serve test lint unit integration e2e image-test bench clean
+.PHONY: install serve test lint unit integration e2e image image-test bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -58,7 +58,15 @@ e2e: install
 test: lint
 	$(VENV)/bin/pytest tests --ignore=tests/image $(PYTEST_ARGS)
 
-# Builds the container image with buildah and serves a request inside it (15-25 minutes; needs
+# The default model's image, model baked in (needs root, buildah and debootstrap; about 10
+# minutes): build/image is the context, localhost/inferd:VERSION the image.
+IMAGE_MODEL ?= smollm2-135m-instruct
+image: install
+	rm -rf build/image
+	$(VENV)/bin/inferd deploy containerfile $(IMAGE_MODEL) --bake-model --output build/image
+	$(VENV)/bin/inferd image build build/image
+
+# Builds the container image with buildah and serves a request inside it (about 10 minutes; needs
 # root, buildah and debootstrap). Not part of `make test`: CI checks the Containerfile instead.
 image-test: install
 	$(VENV)/bin/pytest tests/image $(PYTEST_ARGS)
