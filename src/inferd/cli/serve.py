@@ -123,12 +123,11 @@ def _prepare(plan: Plan, settings: Settings, console: Console, *, several: bool)
 
 def _guardrails(settings: Settings, plans: list[Plan]) -> GuardrailsConfig | None:
     """The guardrails file, read and checked against the models served before anything slow
-    starts (a mistake stops start-up)."""
+    starts (a mistake stops start-up); every model-backed rail's model named."""
     if not settings.guardrails_config:
         return None
     config = guard_config.load(settings.guardrails_config)
-    Guardrails(config, served={p.entry.id: p.entry.task for p in plans})  # names resolve
-    return config
+    return Guardrails(config, served={p.entry.id: p.entry.task for p in plans}).config
 
 
 def _jailbreak_training(
@@ -140,10 +139,10 @@ def _jailbreak_training(
 ) -> Training | None:
     """Where the jailbreak classifier is; its training data fetched now if it must be trained
     (with a progress bar, before the engines start, so a fetch failure stops start-up)."""
-    if config is None or config.rail("jailbreak") is None:
+    rail = config.input.jailbreak if config is not None else None
+    if rail is None:
         return None
-    guards = Guardrails(config, served={m.id: m.entry.task for m in served})
-    embedder = next(m for m in served if m.id == guards.jailbreak_model)
+    embedder = next(m for m in served if m.id == rail.model)  # named by `_guardrails`
     identity = json.dumps(embedder.provenance.get("source"), sort_keys=True)
     training = Training(jailbreak.probe_path(plan.store, embedder.id, identity))
     if jailbreak.Probe.load(training.probe_file) is not None:

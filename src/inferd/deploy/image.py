@@ -26,6 +26,7 @@ from pathlib import Path
 
 from inferd import __version__
 from inferd.catalog.schema import ModelEntry, Profile
+from inferd.deploy import checkout
 from inferd.errors import InferdError, UsageError
 
 DEBIAN = "bookworm"
@@ -142,8 +143,8 @@ CMD ["serve"]
 
 def project_root() -> Path:
     """The checkout inferd runs from (its wheel is built from it)."""
-    root = Path(__file__).resolve().parents[3]
-    if not (root / "pyproject.toml").is_file():
+    root = checkout()
+    if root is None:
         raise UsageError(
             "inferd is not running from its source checkout, so its wheel cannot be built; "
             "run `inferd deploy containerfile` from a clone of the repository"

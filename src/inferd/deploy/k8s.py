@@ -147,27 +147,34 @@ def _env(spec: DeploySpec) -> list[dict[str, Any]]:
     return [{"name": k, "value": v} for k, v in env.items()]
 
 
-def _probe(spec: DeploySpec, path: str, period: int, failures: int) -> dict[str, Any]:
+def probes(spec: DeploySpec, port: int | str, https: bool) -> dict[str, Any]:
+    """Startup, liveness and readiness on inferd's health routes. HTTP is served only once the
+    model is cached and the engine starting: the startup probe's budget covers a download."""
+
+    def probe(path: str, period: int, failures: int) -> dict[str, Any]:
+        return {
+            "httpGet": {"path": path, "port": port, "scheme": "HTTPS" if https else "HTTP"},
+            "periodSeconds": period,
+            "timeoutSeconds": 5,
+            "failureThreshold": failures,
+        }
+
     return {
-        "httpGet": {
-            "path": path,
-            "port": "http",
-            "scheme": "HTTPS" if spec.tls_secret else "HTTP",
-        },
-        "periodSeconds": period,
-        "timeoutSeconds": 5,
-        "failureThreshold": failures,
+        "startupProbe": probe("/v1/health/live", 10, spec.startup_minutes * 6),
+        "livenessProbe": probe("/v1/health/live", 10, 3),
+        "readinessProbe": probe("/v1/health/ready", 5, 2),
     }
+
+
+def resources(spec: DeploySpec) -> dict[str, Any]:
+    """Requests equal to limits (a Guaranteed pod: engines size their threads and memory to it)."""
+    amounts: dict[str, str] = {"cpu": spec.cpu, "memory": spec.memory}
+    if spec.gpus:
+        amounts["nvidia.com/gpu"] = str(spec.gpus)
+    return {"requests": dict(amounts), "limits": dict(amounts)}
 
 
 def deployment(spec: DeploySpec) -> dict[str, Any]:
-    resources: dict[str, Any] = {
-        "requests": {"cpu": spec.cpu, "memory": spec.memory},
-        "limits": {"cpu": spec.cpu, "memory": spec.memory},
-    }
-    if spec.gpus:
-        resources["limits"]["nvidia.com/gpu"] = str(spec.gpus)
-        resources["requests"]["nvidia.com/gpu"] = str(spec.gpus)
     mounts: list[dict[str, Any]] = [
         {"name": "cache", "mountPath": CACHE_MOUNT},
         {"name": "tmp", "mountPath": "/tmp"},  # noqa: S108 - an emptyDir, the root is read-only
@@ -189,10 +196,8 @@ def deployment(spec: DeploySpec) -> dict[str, Any]:
         "args": ["serve"],
         "env": _env(spec),
         "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
-        "resources": resources,
-        "startupProbe": _probe(spec, "/v1/health/live", 10, spec.startup_minutes * 6),
-        "livenessProbe": _probe(spec, "/v1/health/live", 10, 3),
-        "readinessProbe": _probe(spec, "/v1/health/ready", 5, 2),
+        "resources": resources(spec),
+        **probes(spec, "http", https=bool(spec.tls_secret)),
         "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_S}}},
         "securityContext": copy.deepcopy(CONTAINER_SECURITY),
         "volumeMounts": mounts,

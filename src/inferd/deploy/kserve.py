@@ -10,6 +10,7 @@ time and the restricted security context are the plain manifests' (`deploy.k8s`)
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Any
 
 from inferd.deploy.k8s import (
@@ -21,22 +22,17 @@ from inferd.deploy.k8s import (
     WAIVERS,
     DeploySpec,
     cache_volume,
+    probes,
+    resources,
     waivers,
 )
 
 KSERVE_PORT = 8080
 
 
-def _container(spec: DeploySpec, *, runtime: bool) -> dict[str, Any]:
-    def probe(path: str, period: int, failures: int) -> dict[str, Any]:
-        return {
-            "httpGet": {"path": path, "port": KSERVE_PORT},
-            "periodSeconds": period,
-            "timeoutSeconds": 5,
-            "failureThreshold": failures,
-        }
-
-    container: dict[str, Any] = {
+def _container(spec: DeploySpec) -> dict[str, Any]:
+    """The runtime's container: generic, the InferenceService names the model (`_model_env`)."""
+    return {
         "name": "kserve-container",
         "image": spec.image,
         "imagePullPolicy": "Always",
@@ -51,34 +47,26 @@ def _container(spec: DeploySpec, *, runtime: bool) -> dict[str, Any]:
             {"name": "HOME", "value": "/tmp"},  # noqa: S108 - an emptyDir; the root is read-only
         ],
         "ports": [{"containerPort": KSERVE_PORT, "protocol": "TCP"}],
-        # As in the Deployment: HTTP is served once the model is cached and the engine starting,
-        # so the startup probe allows the first download.
-        "startupProbe": probe("/v1/health/live", 10, spec.startup_minutes * 6),
-        "livenessProbe": probe("/v1/health/live", 10, 3),
-        "readinessProbe": probe("/v1/health/ready", 5, 2),
+        **probes(spec, KSERVE_PORT, https=False),
         "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_S}}},
-        "resources": {
-            "requests": {"cpu": spec.cpu, "memory": spec.memory},
-            "limits": {"cpu": spec.cpu, "memory": spec.memory},
-        },
+        "resources": resources(dataclasses.replace(spec, gpus=0)),  # GPUs: per InferenceService
         "securityContext": copy.deepcopy(CONTAINER_SECURITY),
         "volumeMounts": [
             {"name": "cache", "mountPath": CACHE_MOUNT},
             {"name": "tmp", "mountPath": "/tmp"},  # noqa: S108 - an emptyDir
         ],
     }
-    if not runtime:
-        # The InferenceService names the model (and a profile); the runtime is generic.
-        container["env"] += [{"name": "INFERD_MODEL", "value": spec.model}]
-        if spec.profile != "default":
-            container["env"] += [{"name": "INFERD_PROFILE", "value": spec.profile}]
-        if spec.gpus:
-            container["resources"]["limits"]["nvidia.com/gpu"] = str(spec.gpus)
-    return container
+
+
+def _model_env(spec: DeploySpec) -> list[dict[str, str]]:
+    env = [{"name": "INFERD_MODEL", "value": spec.model}]
+    if spec.profile != "default":
+        env.append({"name": "INFERD_PROFILE", "value": spec.profile})
+    return env
 
 
 def cluster_serving_runtime(spec: DeploySpec) -> dict[str, Any]:
-    container = _container(spec, runtime=True)
+    container = _container(spec)
     return {
         "apiVersion": "serving.kserve.io/v1alpha1",
         "kind": "ClusterServingRuntime",
@@ -96,7 +84,6 @@ def cluster_serving_runtime(spec: DeploySpec) -> dict[str, Any]:
 
 
 def inference_service(spec: DeploySpec) -> dict[str, Any]:
-    container = _container(spec, runtime=False)
     predictor: dict[str, Any] = {
         "minReplicas": spec.min_replicas,
         "maxReplicas": spec.max_replicas,
@@ -109,8 +96,8 @@ def inference_service(spec: DeploySpec) -> dict[str, Any]:
         "model": {
             "modelFormat": {"name": "inferd"},
             "runtime": "inferd",
-            "env": [e for e in container["env"] if e["name"] in ("INFERD_MODEL", "INFERD_PROFILE")],
-            "resources": container["resources"],
+            "env": _model_env(spec),
+            "resources": resources(spec),
         },
         "volumes": [
             {"name": "tmp", "emptyDir": {}},

@@ -21,7 +21,6 @@ does nothing.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -30,8 +29,6 @@ import sys
 import tarfile
 import tempfile
 import time
-import urllib.parse
-import urllib.request
 from pathlib import Path
 
 SDIST = "llama_cpp_python-0.3.36.tar.gz"
@@ -75,26 +72,20 @@ def _run(cmd: list[str], log: Path) -> None:
 
 
 def _fetch_sdist(dest: Path) -> None:
-    """The sdist file itself, found through the index's JSON simple API (PEP 691). Not `pip
+    """The sdist file itself, through the package index (verified against its sha256). Not `pip
     download`: for an sdist pip prepares its metadata, building the build backend and its
     dependencies from source first (`--no-binary :all:`), minutes where no wheel cache exists."""
-    from inferd.cache.fetch import SIMPLE_JSON
+    from inferd.cache.fetch import download, file_url
+    from inferd.catalog.schema import Wheel
+    from inferd.config import load_settings
+    from inferd.errors import InferdError
 
-    index = os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple").rstrip("/")
-    page = f"{index}/{SDIST_PIN.split('==')[0]}/"
+    package, version = SDIST_PIN.split("==")
+    sdist = Wheel(package=package, version=version, filename=SDIST, sha256=SDIST_SHA256)
     try:
-        request = urllib.request.Request(page, headers={"Accept": SIMPLE_JSON})  # noqa: S310
-        with urllib.request.urlopen(request, timeout=60) as resp:  # noqa: S310
-            listing = json.load(resp)
-        url = next(
-            urllib.parse.urljoin(page, f["url"])
-            for f in listing.get("files", [])
-            if f.get("filename") == SDIST
-        )
-        with urllib.request.urlopen(url, timeout=300) as resp, dest.open("wb") as out:  # noqa: S310
-            shutil.copyfileobj(resp, out)
-    except (OSError, ValueError, StopIteration) as exc:
-        sys.exit(f"[llama-server] cannot fetch {SDIST} from {page}: {exc}")
+        download(file_url(load_settings().pypi_index_url, sdist), dest, SDIST_SHA256)
+    except InferdError as exc:
+        sys.exit(f"[llama-server] {exc.message}")
 
 
 def _extract(tar: tarfile.TarFile, dest: Path) -> None:
@@ -109,14 +100,6 @@ def _extract(tar: tarfile.TarFile, dest: Path) -> None:
         if member.issym() or member.islnk() or not target.is_relative_to(root):
             sys.exit(f"[llama-server] unsafe member in the sdist: {member.name}")
     tar.extractall(dest)  # noqa: S202 - every member checked above
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 TARGETS = ("llama-server", "llama-quantize")
@@ -150,9 +133,6 @@ def build(prefix: Path, jobs: int, portable: bool = False) -> Path:
         _step(f"fetching the llama.cpp source ({SDIST_PIN} sdist)")
         sdist = work / SDIST
         _fetch_sdist(sdist)
-        actual = _sha256(sdist)
-        if actual != SDIST_SHA256:
-            sys.exit(f"[llama-server] {SDIST}: sha256 {actual}, expected {SDIST_SHA256}")
         with tarfile.open(sdist) as tar:
             _extract(tar, work)
         source = work / SDIST.removesuffix(".tar.gz") / "vendor" / "llama.cpp"
