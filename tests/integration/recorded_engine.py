@@ -12,6 +12,9 @@ a real engine will not produce on demand. What the user message says picks the b
 `GET /debug/open-streams` says how many streams are in progress (to check that a client that
 hangs up makes the front close the engine connection). `--ready-after S` delays listening, like
 vLLM, which only opens its port once the model is loaded; `--exit-at-start` fails at once.
+`--drop-reused` closes, unanswered, every completion request that arrives on a connection that
+has carried one before (llama-server's extra HTTP threads close theirs after one request, and the
+front's pool then reuses them).
 """
 
 from __future__ import annotations
@@ -34,11 +37,21 @@ def _events() -> list[bytes]:
 
 
 class Recorded:
-    def __init__(self) -> None:
+    def __init__(self, drop_reused: bool = False) -> None:
         self.open_streams = 0
         self.events = _events()
+        self.drop_reused = drop_reused
+        self.served_on: set[object] = set()  # client addresses of connections answered once
+        self.dropped = 0
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
+        if self.drop_reused and request.transport is not None:
+            peer = request.transport.get_extra_info("peername")
+            if peer in self.served_on:
+                self.dropped += 1
+                request.transport.close()
+                return web.Response(status=500)  # never sent: the connection is gone
+            self.served_on.add(peer)
         if request.content_type != "application/json":
             return web.json_response(
                 {
@@ -114,7 +127,7 @@ class Recorded:
         return web.Response()
 
     async def open_count(self, _: web.Request) -> web.Response:
-        return web.json_response({"open": self.open_streams})
+        return web.json_response({"open": self.open_streams, "dropped": self.dropped})
 
 
 def main() -> None:
@@ -123,12 +136,13 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--ready-after", type=float, default=0.0)
     parser.add_argument("--exit-at-start", action="store_true")
+    parser.add_argument("--drop-reused", action="store_true")
     args = parser.parse_args()
     print(json.dumps({"recorded engine": "starting", "port": args.port}), flush=True)
     if args.exit_at_start:
         print("ERROR recorded engine told to fail at start", file=sys.stderr, flush=True)
         sys.exit(4)
-    rec = Recorded()
+    rec = Recorded(args.drop_reused)
     app = web.Application()
     app.router.add_post("/v1/chat/completions", rec.chat)
     app.router.add_post("/v1/completions", rec.chat)

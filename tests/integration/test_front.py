@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 
-from tests.integration.conftest import MODEL, Front
+from tests.integration.conftest import (
+    MODEL,
+    Front,
+    served_model,
+    settings,
+    start_front,
+    stop_front,
+)
 
 
 def _chat(text: str, **extra: object) -> dict[str, object]:
@@ -136,3 +145,26 @@ def test_client_disconnect_closes_the_engine_stream(front: Front) -> None:
             engine = httpx.get(front.served.supervisor.base_url + "/debug/open-streams").json()
     assert engine["open"] == 0
     assert _metric(front, "num_requests_running") == 0
+
+
+def test_a_connection_the_engine_closed_is_retried_on_a_fresh_one(tmp_path: Path) -> None:
+    """The engine drops every request that arrives on a reused connection. Each burst finds the
+    front's pool full of such connections; each retry must go out on a new one, or it meets
+    another dropped connection and the client gets a 502 (seen at 16 streams on a GPU)."""
+    front = start_front(served_model(tmp_path, "--drop-reused"), settings(tmp_path))
+    try:
+        front.wait_ready()
+        statuses: list[int] = []
+
+        def ask(_: int) -> None:
+            with front.client() as c:
+                statuses.append(c.post("/v1/chat/completions", json=_chat("hi")).status_code)
+
+        with ThreadPoolExecutor(8) as pool:
+            for _ in range(3):
+                list(pool.map(ask, range(8)))
+        engine = httpx.get(front.served.supervisor.base_url + "/debug/open-streams").json()
+    finally:
+        stop_front(front)
+    assert statuses == [200] * 24
+    assert engine["dropped"] >= 8  # the later bursts met closed connections and were retried

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from tests.conftest import FIXTURES
 
 H100 = FIXTURES / "hardware" / "h100-sxm"
 EPYC = FIXTURES / "hardware" / "cpu-epyc-2core"
+H200 = FIXTURES / "hardware" / "h200"
 
 
 def test_h100_from_captures() -> None:
@@ -37,6 +39,23 @@ def test_every_gpu_capture_format_agrees() -> None:
         assert [(g.name, g.compute_capability) for g in gpus] == [("NVIDIA H100 80GB HBM3", (9, 0))]
         # nvidia-smi reports MiB of usable framebuffer: within 1% of NVML's byte count.
         assert gpus[0].memory_bytes == pytest.approx(from_probe[0].memory_bytes, rel=0.01)
+
+
+def test_h200_captures_agree_with_what_inferd_read_live_there() -> None:
+    """capture.sh ran on a live H200: NVML, nvidia-smi alone and the captured files gave inferd
+    the same GPU; the files still do."""
+    live = json.loads((H200 / "inferd-detect.json").read_text())
+    assert live["nvml"] == live["nvidia_smi"]
+    assert live["live"]["gpus"] == live["captures"]["gpus"]
+    hw = hardware.from_captures(H200)
+    assert hw.as_dict()["gpus"] == live["live"]["gpus"]
+    gpu = hw.gpus[0]
+    assert (gpu.name, gpu.family, gpu.compute_capability) == ("NVIDIA H200", "hopper", (9, 0))
+    assert gpu.memory_bytes == live["nvml"][0]["memory_bytes"] == 143771 * 2**20
+    assert hw.driver == "580.159.04" and hw.cpu.usable_cores == 16
+    from_xml, driver = hardware.parse_smi_xml((H200 / "nvidia-smi-q.xml").read_text())
+    assert [(g.name, g.memory_bytes) for g in from_xml] == [("NVIDIA H200", gpu.memory_bytes)]
+    assert driver == hw.driver
 
 
 def test_cpu_machine_from_captures() -> None:

@@ -11,7 +11,8 @@ import pytest
 from inferd.cache.prepare import _requantized_name
 from inferd.cache.requantize import find_quantizer, run_requantize
 from inferd.catalog import Catalog
-from inferd.engines.llamacpp import LlamaCppEngine, find_binary
+from inferd.engines import llamacpp_build
+from inferd.engines.llamacpp import LlamaCppEngine, find_binary, gpu_support
 from inferd.errors import CacheError, EngineStartError
 from tests.unit.test_engines import _flags
 
@@ -127,3 +128,52 @@ def test_completion_logprobs_are_given_in_the_legacy_shape(tmp_path: Path) -> No
 def test_dry_run_names_the_gguf_folder_before_it_exists(tmp_path: Path) -> None:
     e = _engine(tmp_path / "not-yet")
     assert e.gguf() == tmp_path / "not-yet" / "*.gguf"
+
+
+def test_cpu_profiles_stay_off_gpus_and_gpu_profiles_offload_everything(tmp_path: Path) -> None:
+    if find_binary() is None:
+        pytest.skip("llama-server is not built (make install builds it)")
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    cpu = _flags(_engine(tmp_path).command("127.0.0.1", 9000).argv)
+    # A CUDA build would otherwise offload a CPU profile's layers to whatever GPU it sees.
+    assert cpu["--device"] == "none" and "--n-gpu-layers" not in cpu
+    gpu = _engine(tmp_path, "llamacpp-gpu-q4_1")
+    flags = _flags(gpu.command("127.0.0.1", 9000).argv)
+    assert flags["--device"] == "CUDA0" and flags["--n-gpu-layers"] == "all"
+    assert flags["--parallel"] == "16"
+
+
+def test_gpu_support_reads_the_build_stamp_or_asks_the_binary(tmp_path: Path) -> None:
+    binary = tmp_path / "llama-server"
+    stamp = tmp_path / "llama-server.json"
+    stamp.write_text('{"source": "x", "flags": ""}')
+    assert "built without CUDA" in (gpu_support(str(binary)) or "")
+    stamp.write_text('{"source": "x", "flags": "-DGGML_CUDA=ON", "cuda": "90"}')
+    assert gpu_support(str(binary)) is None
+    # No stamp (a llama-server from elsewhere): its own device list decides.
+    stamp.unlink()
+    binary.write_text(
+        "#!/bin/sh\necho 'Available devices:'\necho '  CUDA0: NVIDIA H200 (143156 MiB, 142000 "
+        "MiB free)'\n"
+    )
+    binary.chmod(0o755)
+    assert gpu_support(str(binary)) is None
+    binary.write_text("#!/bin/sh\necho 'Available devices:'\necho '  (none)'\n")
+    assert "lists no CUDA device" in (gpu_support(str(binary)) or "")
+    # The real CPU build here lists none.
+    real = find_binary()
+    if real is not None and not Path(real).with_name("llama-server.json").is_file():
+        assert gpu_support(real) is not None
+
+
+def test_cuda_builds_add_ggmls_cuda_backend_for_the_gpus_found() -> None:
+    assert "-DGGML_CUDA=ON" not in llamacpp_build.flags(False)
+    cuda = llamacpp_build.flags(False, "90")
+    assert "-DGGML_CUDA=ON" in cuda and "-DCMAKE_CUDA_ARCHITECTURES=90" in cuda
+    assert "-DGGML_NATIVE=ON" in cuda  # the CPU side stays native
+    assert llamacpp_build.cuda_choice("off", "90") is None
+    # auto: nothing without nvcc (this machine has none) or without a GPU.
+    if llamacpp_build.find_nvcc() is None:
+        assert llamacpp_build.cuda_choice("auto", "90") is None
+        with pytest.raises(SystemExit, match="nvcc"):
+            llamacpp_build.cuda_choice("on", "90")

@@ -16,6 +16,7 @@ from tests.conftest import FIXTURES
 CATALOG = Catalog.load()
 H100 = hardware.from_captures(FIXTURES / "hardware" / "h100-sxm")
 EPYC = hardware.from_captures(FIXTURES / "hardware" / "cpu-epyc-2core")
+H200 = hardware.from_captures(FIXTURES / "hardware" / "h200")
 H100X8 = replace(H100, gpus=tuple(replace(H100.gpus[0], index=i) for i in range(8)))
 A100X2 = replace(
     H100, gpus=tuple(GPU(i, "NVIDIA A100-SXM4-80GB", 85_899_345_920, (8, 0)) for i in range(2))
@@ -75,6 +76,19 @@ def _table(model: str, hw: hardware.Hardware) -> dict[str, str]:
             {
                 "llamacpp-cpu-q8_0": RUNNABLE,
                 "llamacpp-cpu-q4_1": RUNNABLE,
+                "llamacpp-gpu-q4_1": INCOMPATIBLE,
+                "vllm-cpu-bf16": RUNNABLE,
+            },
+        ),
+        # The H200 machine: the GPU profile before the CPU ones (which run there too).
+        (
+            "smollm2-135m-instruct",
+            H200,
+            "llamacpp-gpu-q4_1",
+            {
+                "llamacpp-cpu-q8_0": RUNNABLE,
+                "llamacpp-cpu-q4_1": RUNNABLE,
+                "llamacpp-gpu-q4_1": RUNNABLE,
                 "vllm-cpu-bf16": RUNNABLE,
             },
         ),
@@ -126,6 +140,44 @@ def test_an_engine_missing_here_is_skipped_with_its_reason() -> None:
     assert c.status == INCOMPATIBLE and "llama-server is not installed" in c.reason
     with pytest.raises(NoProfileError, match="llama-server is not installed"):
         profiles.select(entry, EPYC, "llamacpp-cpu-q8_0", unavailable=missing)
+
+
+def test_a_missing_engine_still_shows_whether_the_hardware_fits() -> None:
+    """Read off a live H200 without vLLM (tests/fixtures/hardware/h200): the memory estimate
+    stays, so the user sees that installing the engine is all it takes."""
+    entry = CATALOG.get("llama-3.1-8b-instruct")
+    missing = {"vllm": "vLLM is not installed"}
+    by_id = {c.profile.id: c for c in profiles.candidates(entry, H200, unavailable=missing)}
+    fp8 = by_id["vllm-hopper-fp8-tp1"]
+    assert fp8.status == INCOMPATIBLE and fp8.reason == "vLLM is not installed"
+    assert fp8.estimate is not None and fp8.estimate.fits
+    two = by_id["vllm-gpu-bf16-tp2"]  # a hardware gap: no estimate, both reasons
+    assert two.estimate is None and two.reason == "needs 2 GPUs, 1 here; vLLM is not installed"
+
+
+def test_one_h200_holds_the_70b_model_in_fp8() -> None:
+    """141 GB of HBM3e: the fp8 70B profile that an H100 (80 GB) can only run with a shorter
+    context runs whole on one H200."""
+    table = _table("llama-3.3-70b-instruct", H200)
+    assert table["vllm-hopper-fp8-tp1"] == RUNNABLE
+    assert _table("llama-3.3-70b-instruct", H100)["vllm-hopper-fp8-tp1"] != RUNNABLE
+    assert profiles.select(CATALOG.get("llama-3.3-70b-instruct"), H200).profile.id == (
+        "vllm-hopper-fp8-tp1"
+    )
+
+
+def test_gpu_profiles_need_an_engine_built_for_gpus() -> None:
+    """A llama-server without CUDA, or vLLM's CPU build, leave the GPU profiles out with the
+    reason, and the CPU profiles run."""
+    entry = CATALOG.get("smollm2-135m-instruct")
+    missing = {"llamacpp:gpu": "llama-server was built without CUDA", "vllm:gpu": "CPU build"}
+    by_id = {c.profile.id: c for c in profiles.candidates(entry, H200, unavailable=missing)}
+    assert by_id["llamacpp-gpu-q4_1"].reason == "llama-server was built without CUDA"
+    assert by_id["llamacpp-cpu-q4_1"].runnable and by_id["vllm-cpu-bf16"].runnable
+    assert profiles.select(entry, H200, unavailable=missing).profile.id == "llamacpp-cpu-q4_1"
+    llama = CATALOG.get("llama-3.1-8b-instruct")
+    with pytest.raises(NoProfileError, match="CPU build"):
+        profiles.select(llama, H200, unavailable=missing)
 
 
 def test_latency_prefers_more_gpus() -> None:
@@ -184,3 +236,24 @@ def test_rules_order_specific_then_engine_then_precision() -> None:
         "vllm-gpu-bf16-tp1",
         "generic-int4",
     ]
+
+
+def test_on_a_gpu_machine_the_gpu_profile_wins_every_goal() -> None:
+    """The default model on the H200 capture: its GPU profile (made for latency) beat the CPU
+    ones at 1 and 16 streams there, so `--optimize throughput` keeps it and says how to get the
+    CPU's throughput profile."""
+    entry = CATALOG.get("smollm2-135m-instruct")
+    found = profiles.candidates(entry, H200)
+    for goal in (None, "latency", "throughput"):
+        assert profiles.select(entry, H200, optimize=goal).profile.id == "llamacpp-gpu-q4_1"
+    assert profiles.best_by_goal(found) == {
+        "latency": "llamacpp-gpu-q4_1",
+        "throughput": "llamacpp-gpu-q4_1",
+    }
+    why = profiles.explain(profiles.select(entry, H200, optimize="throughput"), found, "throughput")
+    assert "GPU profiles come first" in why and "--profile vllm-cpu-bf16" in why
+    # Without a GPU nothing changes: the CPU goals pick as before.
+    assert profiles.best_by_goal(profiles.candidates(entry, EPYC)) == {
+        "latency": "llamacpp-cpu-q4_1",
+        "throughput": "vllm-cpu-bf16",
+    }

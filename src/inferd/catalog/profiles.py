@@ -9,11 +9,12 @@ Every profile gets a status:
 
 The selection rules, in order (documented in docs/profiles.md and tested):
 1. keep the runnable profiles (a `smaller-context` one only when the user lowered the context);
-2. if the user asked to optimize for latency or throughput, prefer profiles made for that;
-3. prefer hardware-specific profiles (made for this GPU family) over generic ones;
-4. prefer the faster engine;
-5. prefer the lower precision that keeps quality (fp8 before bf16 before int8/int4);
-6. then fewer GPUs for throughput, more GPUs for latency.
+2. prefer GPU profiles over CPU ones (a model with both, on a machine with a GPU);
+3. if the user asked to optimize for latency or throughput, prefer profiles made for that;
+4. prefer hardware-specific profiles (made for this GPU family or CPU feature) over generic ones;
+5. prefer the faster engine;
+6. prefer the lower precision that keeps quality (fp8 before bf16 before int8/int4);
+7. then fewer GPUs for throughput, more GPUs for latency.
 A profile named with `--profile` is honoured or refused with its reasons; `--force` runs it anyway.
 """
 
@@ -98,13 +99,24 @@ def check(
     context: int | None = None,
     unavailable: Mapping[str, str] | None = None,
 ) -> Candidate:
-    """`unavailable`: engines that cannot be started here, with why (e.g. not installed)."""
+    """`unavailable`: engines that cannot be started here, with why (e.g. not installed), by
+    engine name or by `engine:device` (e.g. `llamacpp:gpu`: a llama-server without CUDA)."""
+    missing = None
+    if unavailable:
+        missing = unavailable.get(profile.engine) or unavailable.get(
+            f"{profile.engine}:{profile.requires.device}"
+        )
     gaps = _requirement_gaps(profile, hw)
-    if unavailable and profile.engine in unavailable:
-        gaps.append(unavailable[profile.engine])
     if gaps:
+        if missing:
+            gaps.append(missing)
         return Candidate(profile, INCOMPATIBLE, tuple(gaps), None)
     est = estimate(model, profile, hw, context)
+    if missing:
+        # The hardware fits: say so with the estimate (seen on a GPU machine without vLLM, where
+        # "-" under memory left the user guessing whether installing the engine would help).
+        fit = [] if est.fits else [f"does not fit: {est.describe()}"]
+        return Candidate(profile, INCOMPATIBLE, (missing, *fit), est)
     if est.fits:
         return Candidate(profile, RUNNABLE, (), est)
     if est.fits_context is not None:
@@ -134,6 +146,9 @@ def rank_key(c: Candidate, optimize: str | None) -> tuple[int, ...]:
     device = p.requires.device
     goal = optimize or "throughput"
     return (
+        # A GPU profile before any CPU one, whatever the goal: on the H200 the default model's
+        # GPU profile beat its CPU profiles at one stream and at sixteen (benchmarks/RESULTS.md).
+        int(device != "gpu"),
         int(optimize is not None and p.optimize != optimize),
         int(not (p.requires.gpu_families or p.requires.cpu_features)),
         ENGINE_RANK[device].get(p.engine, 9),
@@ -182,9 +197,10 @@ def best_by_goal(found: list[Candidate]) -> dict[str, str]:
     runnable = [c for c in found if c.runnable]
     picks: dict[str, str] = {}
     for goal in ("latency", "throughput"):
-        fitting = [c for c in runnable if c.profile.optimize == goal]
-        if fitting:
-            picks[goal] = min(fitting, key=lambda c: rank_key(c, goal)).profile.id
+        # What `select` would do with the goal (a GPU profile still comes first), as long as
+        # some runnable profile is made for the goal at all.
+        if any(c.profile.optimize == goal for c in runnable):
+            picks[goal] = min(runnable, key=lambda c: rank_key(c, goal)).profile.id
     return picks
 
 
@@ -197,6 +213,12 @@ def explain(chosen: Candidate, found: list[Candidate], optimize: str | None) -> 
     what = f"{p.engine}, {p.precision}, made for {p.optimize}"
     if optimize is not None:
         if p.optimize != optimize:
+            cpu = [c for c in found if c.runnable and c.profile.optimize == optimize]
+            if p.requires.device == "gpu" and cpu:
+                return (
+                    f"--optimize {optimize}: GPU profiles come first; {p.id} ({what}) is the "
+                    f"best on the GPU (for the CPU, --profile {cpu[0].profile.id})"
+                )
             return f"no {optimize} profile runs here; {p.id} ({what}) is the best that does{tail}"
         return f"--optimize {optimize}: {p.id} ({what}) is the best runnable one{tail}"
     if sum(c.runnable for c in found) <= 1:

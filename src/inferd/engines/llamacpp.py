@@ -7,7 +7,9 @@ sequence at a time (see benchmarks/RESULTS.md). The binary is built from llama.c
 
 Flags derived from the profile: the GGUF in the model folder (`-m`), `--parallel` slots (the
 profile's `max_running`, so admission control never sends more requests than there are slots),
-and `--ctx-size` = context x slots (llama-server splits its KV cache evenly across slots).
+`--ctx-size` = context x slots (llama-server splits its KV cache evenly across slots), and the
+device: `--device none` for CPU profiles, the profile's GPUs with every layer offloaded for GPU
+profiles (which need a llama-server built with CUDA: `gpu_support`).
 `--metrics` exposes Prometheus metrics (`llamacpp:*`), passed through by the front. llama-server
 speaks OpenAI on /v1/*, but its tokenize/detokenize routes differ from vLLM's; `adapt` and
 `adapt_answer` translate them so inferd's /v1/tokenize is the same whatever the engine.
@@ -15,8 +17,10 @@ speaks OpenAI on /v1/*, but its tokenize/detokenize routes differ from vLLM's; `
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -148,6 +152,33 @@ class _LegacyLogprobs:
         return data
 
 
+def gpu_support(binary: str) -> str | None:
+    """Why this llama-server cannot serve the GPU profiles, or None when it can (it was built
+    with ggml's CUDA backend). The stamp `make install` writes beside it says so; a llama-server
+    from elsewhere is asked for its devices."""
+    stamp = Path(binary).with_name(f"{BINARY}.json")
+    if stamp.is_file():
+        try:
+            cuda = json.loads(stamp.read_text()).get("cuda")
+        except (OSError, ValueError):
+            cuda = None
+        if cuda:
+            return None
+        return (
+            "llama-server was built without CUDA (`make install` adds it where nvcc and a GPU "
+            "are both present)"
+        )
+    try:
+        done = subprocess.run(
+            [binary, "--list-devices"], capture_output=True, text=True, timeout=60, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"cannot ask {binary} for its devices: {exc}"
+    if re.search(r"^\s*CUDA\d+:", done.stdout + done.stderr, re.MULTILINE):
+        return None
+    return f"{binary} lists no CUDA device (built without CUDA, or no driver)"
+
+
 def find_binary() -> str | None:
     """llama-server next to this Python (where `make install` puts it), else on PATH."""
     beside = Path(sys.executable).with_name(BINARY)
@@ -203,10 +234,27 @@ class LlamaCppEngine(Engine):
             str(self.context * self.slots),
             "--metrics",
             "--no-webui",
+            # HTTP threads: llama-server keeps `--parallel + 4` (or cores - 1) and serves further
+            # connections on threads that close them after one request, which the front's pool
+            # then reuses and finds closed. The front holds up to about two per slot while
+            # answers end and the next requests begin (seen as dropped connections at 16
+            # streams on a GPU); idle threads cost nothing.
+            "--threads-http",
+            str(2 * self.slots + 8),
+            *self._device_flags(),
             *flags_from_mapping(self.profile.engine_args),
             *self.extra_args,
         ]
         return EngineCommand(argv=argv, env=dict(self.profile.engine_env))
+
+    def _device_flags(self) -> list[str]:
+        """Where the model runs. A CUDA build offloads to every GPU it sees by default: CPU
+        profiles say `--device none`; GPU profiles name their GPUs (the profile's count, from
+        the first; CUDA_VISIBLE_DEVICES chooses which) and put every layer there."""
+        if self.profile.requires.device != "gpu":
+            return ["--device", "none"]
+        names = ",".join(f"CUDA{i}" for i in range(max(1, self.profile.gpus)))
+        return ["--device", names, "--n-gpu-layers", "all"]
 
     def parse_version(self, props: dict[str, Any]) -> str | None:
         info = props.get("build_info")

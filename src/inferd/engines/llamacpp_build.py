@@ -16,6 +16,12 @@ llama.cpp's single-stream speed there (benchmarks/RESULTS.md); elsewhere they on
 optimisation (not measured apart). The binaries land next to the Python interpreter
 (`.venv/bin/`), with a stamp recording what they were built from; a second run with the same pin
 does nothing.
+
+NVIDIA GPUs: where CUDA's compiler (`nvcc`) and a GPU are both present, the build adds ggml's CUDA
+backend for the GPUs found (`--cuda auto`, the default; `on` insists, `off` never), so the GPU
+profiles (`llamacpp-gpu-*`) can offload every layer; the stamp records it (`"cuda"`), which is how
+inferd knows this llama-server can serve them. `--source DIR` builds from a llama.cpp tree on disk
+instead of the pinned sdist (machines that reach no package index).
 """
 
 from __future__ import annotations
@@ -105,23 +111,77 @@ def _extract(tar: tarfile.TarFile, dest: Path) -> None:
 TARGETS = ("llama-server", "llama-quantize")
 
 
-def flags(portable: bool) -> list[str]:
-    if not portable:
-        return CMAKE_FLAGS
-    return [f for f in CMAKE_FLAGS if not f.startswith("-DGGML_NATIVE")] + PORTABLE
+def flags(portable: bool, cuda_archs: str | None = None) -> list[str]:
+    chosen = CMAKE_FLAGS
+    if portable:
+        chosen = [f for f in CMAKE_FLAGS if not f.startswith("-DGGML_NATIVE")] + PORTABLE
+    if cuda_archs:
+        # Only the GPUs' own architectures: each one more compiles every CUDA kernel again.
+        chosen = [*chosen, "-DGGML_CUDA=ON", f"-DCMAKE_CUDA_ARCHITECTURES={cuda_archs}"]
+    return chosen
 
 
-def build(prefix: Path, jobs: int, portable: bool = False) -> Path:
+def find_nvcc() -> str | None:
+    """CUDA's compiler on PATH, or in the toolkit's usual place."""
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    default = Path("/usr/local/cuda/bin/nvcc")
+    return str(default) if default.is_file() else None
+
+
+def gpu_architectures() -> str | None:
+    """The visible NVIDIA GPUs' compute capabilities as CMake wants them ("90", "80;90"), from
+    nvidia-smi; None without a GPU."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return None
+    try:
+        done = subprocess.run(
+            [exe, "--query-gpu=compute_cap", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    caps = {line.strip().replace(".", "") for line in done.stdout.splitlines() if line.strip()}
+    caps = {c for c in caps if c.isdigit()}
+    return ";".join(sorted(caps, key=int)) if done.returncode == 0 and caps else None
+
+
+def cuda_choice(mode: str, archs: str | None) -> str | None:
+    """The CUDA architectures to build for, or None for a CPU-only build."""
+    if mode == "off":
+        return None
+    nvcc = find_nvcc()
+    archs = archs or gpu_architectures()
+    if mode == "auto":
+        return archs if nvcc and archs else None
+    if nvcc is None:
+        sys.exit("[llama-server] --cuda on: CUDA's compiler (nvcc) is not installed")
+    if archs is None:
+        sys.exit("[llama-server] --cuda on: no GPU found; name the targets with --cuda-arch 90")
+    return archs
+
+
+def build(
+    prefix: Path,
+    jobs: int,
+    portable: bool = False,
+    cuda_archs: str | None = None,
+    source_dir: Path | None = None,
+) -> Path:
     bindir = prefix / "bin"
     target = bindir / "llama-server"
     stamp = bindir / "llama-server.json"
-    cmake_flags = flags(portable)
-    record = {
-        "source": SDIST,
-        "sha256": SDIST_SHA256,
+    cmake_flags = flags(portable, cuda_archs)
+    record: dict[str, object] = {
+        "source": str(source_dir) if source_dir else SDIST,
+        "sha256": None if source_dir else SDIST_SHA256,
         "flags": " ".join(cmake_flags),
         "targets": list(TARGETS),
     }
+    if cuda_archs:  # (absent from CPU builds' stamps, so those written before stay valid)
+        record["cuda"] = cuda_archs
     built = all((bindir / name).is_file() for name in TARGETS)
     if built and stamp.is_file() and json.loads(stamp.read_text()) == record:
         _step(f"up to date: {target}")
@@ -130,14 +190,21 @@ def build(prefix: Path, jobs: int, portable: bool = False) -> Path:
     with tempfile.TemporaryDirectory(prefix="llama-build-") as tmp:
         work = Path(tmp)
         log = work / "build.log"
-        _step(f"fetching the llama.cpp source ({SDIST_PIN} sdist)")
-        sdist = work / SDIST
-        _fetch_sdist(sdist)
-        with tarfile.open(sdist) as tar:
-            _extract(tar, work)
-        source = work / SDIST.removesuffix(".tar.gz") / "vendor" / "llama.cpp"
-        _step(f"configuring ({source.name})")
-        _run(["cmake", "-S", str(source), "-B", str(work / "build"), *cmake_flags], log)
+        if source_dir is not None:
+            source = source_dir
+        else:
+            _step(f"fetching the llama.cpp source ({SDIST_PIN} sdist)")
+            sdist = work / SDIST
+            _fetch_sdist(sdist)
+            with tarfile.open(sdist) as tar:
+                _extract(tar, work)
+            source = work / SDIST.removesuffix(".tar.gz") / "vendor" / "llama.cpp"
+        _step(f"configuring ({source.name}{', CUDA ' + cuda_archs if cuda_archs else ''})")
+        env_flags = []
+        if cuda_archs and shutil.which("nvcc") is None:
+            env_flags = [f"-DCMAKE_CUDA_COMPILER={find_nvcc()}"]
+        _run(["cmake", "-S", str(source), "-B", str(work / "build"), *cmake_flags, *env_flags],
+             log)  # fmt: skip
         _step(f"compiling {' and '.join(TARGETS)} with {jobs} jobs (a few minutes)")
         _run(
             ["cmake", "--build", str(work / "build"), "--target", *TARGETS, "-j", str(jobs)],
@@ -164,8 +231,29 @@ def main() -> None:
     parser.add_argument(
         "--portable", action="store_true", help="for other machines (x86-64-v3, not native)"
     )
+    parser.add_argument(
+        "--cuda",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="ggml's CUDA backend: auto = when nvcc and an NVIDIA GPU are both here",
+    )
+    parser.add_argument(
+        "--cuda-arch",
+        default=None,
+        help="CUDA architectures, e.g. 90 or '80;90' (default: the GPUs')",
+    )
+    parser.add_argument(
+        "--source",
+        type=Path,
+        default=None,
+        help="a llama.cpp source tree (default: the pinned sdist)",
+    )
     args = parser.parse_args()
-    build(args.prefix, args.jobs, args.portable)
+    if args.source is not None and not (args.source / "CMakeLists.txt").is_file():
+        sys.exit(f"[llama-server] --source {args.source}: not a llama.cpp source tree")
+    cuda_archs = cuda_choice(args.cuda, args.cuda_arch)
+    source = args.source.resolve() if args.source else None
+    build(args.prefix, args.jobs, args.portable, cuda_archs, source)
 
 
 if __name__ == "__main__":

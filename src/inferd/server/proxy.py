@@ -127,6 +127,7 @@ class Proxy:
         self.log_requests = log_requests
         self.guards = guards  # inline rails, when a guardrails file turns some on
         self.session: aiohttp.ClientSession | None = None
+        self.fresh: aiohttp.ClientSession | None = None
         self.draining = False
         self.active: set[Call] = set()
         self._idle: asyncio.Event | None = None  # set when draining and nothing is in flight
@@ -137,15 +138,23 @@ class Proxy:
         # Idle engine connections are dropped after 4 s, before the engines' own servers close
         # them (llama-server and uvicorn both after 5 s): reusing one they just closed fails.
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=ENGINE_KEEPALIVE_S)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=5)
         self.session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
+            connector=connector, timeout=timeout, auto_decompress=False
+        )
+        # Retries go out on a connection of their own, never a pooled one: when an engine has
+        # closed one pooled connection it has often closed others (seen on a GPU, where a
+        # retry on the pool failed again and turned a harmless race into a 502).
+        self.fresh = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, force_close=True),
+            timeout=timeout,
             auto_decompress=False,
         )
 
     async def close(self) -> None:
-        if self.session is not None:
-            await self.session.close()
+        for session in (self.session, self.fresh):
+            if session is not None:
+                await session.close()
 
     # ------------------------------------------------------------------ guards
 
@@ -262,7 +271,7 @@ class Proxy:
         call: Call,
         payload: dict[str, Any],
     ) -> Response:
-        assert self.session is not None
+        assert self.session is not None and self.fresh is not None
         url = served.supervisor.base_url + path
         headers = {"Content-Type": "application/json", "X-Request-Id": call.engine_rid}
         try:
@@ -270,10 +279,10 @@ class Proxy:
                 resp = await self.session.post(url, data=body, headers=headers)
             except aiohttp.ClientConnectionError as first:
                 # Most often a kept-alive connection the engine closed just as it was reused
-                # (llama-server also closes one after a number of requests): nothing was
-                # answered, so send once more, on a fresh connection.
+                # (llama-server also closes the connections its extra threads served): nothing
+                # was answered, so send once more, on a fresh connection.
                 log.info("engine connection failed before an answer (%s); retrying once", first)
-                resp = await self.session.post(url, data=body, headers=headers)
+                resp = await self.fresh.post(url, data=body, headers=headers)
         except (TimeoutError, aiohttp.ClientError) as exc:
             served.supervisor.report_failure(f"a request could not reach the engine: {exc}")
             raise EngineUnavailableError(f"engine for {served.id} is unreachable: {exc}") from None
