@@ -59,15 +59,18 @@ test: lint
 	$(VENV)/bin/pytest tests --ignore=tests/image $(PYTEST_ARGS)
 
 # The default model's image, model baked in (needs root, buildah and debootstrap; about 10
-# minutes): build/image is the context, localhost/inferd:VERSION the image.
+# minutes): build/image is the context, localhost/inferd:VERSION the image. IMAGE_PROFILE picks
+# another profile, e.g. vllm-cpu-bf16 (vLLM's CPU build: a 4.6 GB image, about 15 minutes).
 IMAGE_MODEL ?= smollm2-135m-instruct
+IMAGE_PROFILE ?=
 image: install
 	rm -rf build/image
-	$(VENV)/bin/inferd deploy containerfile $(IMAGE_MODEL) --bake-model --output build/image
+	$(VENV)/bin/inferd deploy containerfile $(IMAGE_MODEL) $(if $(IMAGE_PROFILE),--profile $(IMAGE_PROFILE)) --bake-model --output build/image
 	$(VENV)/bin/inferd image build build/image
 
-# Builds the container image with buildah and serves a request inside it (about 10 minutes; needs
-# root, buildah and debootstrap). Not part of `make test`: CI checks the Containerfile instead.
+# Builds the container images of a llama.cpp and a vLLM profile with buildah and serves a request
+# inside each (about 40 minutes; needs root, buildah and debootstrap). Not part of `make test`:
+# CI checks the Containerfiles instead.
 image-test: install
 	$(VENV)/bin/pytest tests/image $(PYTEST_ARGS)
 

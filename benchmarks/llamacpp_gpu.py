@@ -376,7 +376,7 @@ def run(args: argparse.Namespace) -> None:
         json.loads(chosen.stdout)["profile"] if chosen.returncode == 0 else (chosen.stderr[-800:])
     )
     report["profiles"] = []
-    for profile in ("llamacpp-gpu-q4_1", "llamacpp-cpu-q4_1"):
+    for profile in args.profiles.split(","):
         report["profiles"].append(measure(profile, env, out, args.rounds))
         (out / "report.json").write_text(json.dumps(report, indent=1))  # partial results too
         print(f"{time.strftime('%H:%M:%S')} measured {profile}", flush=True)
@@ -398,6 +398,7 @@ def main() -> None:
     go.add_argument("--out", type=Path, required=True)
     go.add_argument("--work", default="/tmp/llamacpp-gpu")
     go.add_argument("--rounds", type=int, default=2)
+    go.add_argument("--profiles", default="llamacpp-gpu-q4_1,llamacpp-cpu-q4_1")
     args = parser.parse_args()
     if args.step == "prepare":
         prepare(args.out, args.cache)

@@ -19,8 +19,11 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from inferd.catalog import Catalog
 from inferd.config import load_settings
+from inferd.deploy import image
 from inferd.deploy.k8s import DeploySpec, objects
+from inferd.errors import UsageError
 
 BIN = Path(sys.executable).parent
 INFERD = str(BIN / "inferd")
@@ -29,6 +32,7 @@ CHECKOV = str(BIN.parent / "tools" / "bin" / "checkov")
 CHART = Path(__file__).resolve().parents[2] / "deploy" / "helm" / "inferd"
 MODEL = "smollm2-135m-instruct"
 CACHE = Path(os.environ.get("INFERD_TEST_CACHE_PATH", Path.home() / ".cache" / "inferd-tests"))
+H200 = Path(__file__).parents[1] / "fixtures" / "hardware" / "h200"
 # Kinds Kubernetes itself does not define (CRDs of the Prometheus operator and KServe): no
 # schema offline, so checkov's policies are their check.
 CRDS = {"ServiceMonitor", "ClusterServingRuntime", "InferenceService"}
@@ -258,18 +262,35 @@ def test_sbom_lists_the_environment_as_installed(tmp_path: Path) -> None:
     assert missing.returncode == 2 and "--python /nope/python" in missing.stderr
 
 
-@pytest.mark.parametrize("bake", [False, True], ids=["cache-volume", "baked"])
-def test_containerfile_context_passes_policies(tmp_path: Path, bake: bool) -> None:
-    args = ["deploy", "containerfile", MODEL, "--profile", "llamacpp-cpu-q8_0",
+@pytest.mark.parametrize(
+    ("profile", "bake"),
+    [("llamacpp-cpu-q8_0", False), ("llamacpp-cpu-q8_0", True), ("vllm-cpu-bf16", False)],
+    ids=["llamacpp-cache-volume", "llamacpp-baked", "vllm-cache-volume"],
+)
+def test_containerfile_context_passes_policies(tmp_path: Path, profile: str, bake: bool) -> None:
+    args = ["deploy", "containerfile", MODEL, "--profile", profile,
             "--output", str(tmp_path / "ctx"), "--json"]  # fmt: skip
     if bake:
         args.append("--bake-model")
     env = {**os.environ, "INFERD_CACHE_PATH": str(CACHE)}
-    done = subprocess.run([INFERD, *args], capture_output=True, text=True, timeout=600, env=env)
+    done = subprocess.run([INFERD, *args], capture_output=True, text=True, timeout=1200, env=env)
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
     text = (tmp_path / "ctx" / "Containerfile").read_text()
-    assert summary["engine"] == "llamacpp" and "--portable" in text and "vllm" not in text
+    wheels = tmp_path / "ctx" / "wheels"
+    if profile.startswith("llamacpp"):
+        assert summary["engine"] == "llamacpp" and "--portable" in text and "vllm" not in text
+        assert not list(wheels.glob("torch-*.whl"))
+    else:
+        # vLLM's CPU build with the PyTorch it pins, fetched here for the image's Python.
+        assert summary["engine"] == "vllm" and "--portable" not in text
+        torch = image.torch_requirement().split("==")[1]
+        assert [w.name for w in wheels.glob("torch-*.whl")] == [
+            f"torch-{torch}-cp311-cp311-manylinux_2_28_x86_64.whl"
+        ]
+        assert '--find-links /tmp/wheels "$(ls /tmp/wheels/inferd-*.whl)[cpu]"' in text
+        runtime = text.split("FROM ${BASE}\n")[1].split("\n")[1:3]
+        assert all(pkg in " ".join(runtime) for pkg in ("libnuma1", "g++", "python3-dev"))
     assert "USER 1000:1000" in text and "/v1/health/ready" in text.split("HEALTHCHECK")[1]
     assert 'dev.inferd.model="smollm2-135m-instruct"' in text
     assert ('VOLUME ["/cache"]' in text) != bake and ("INFERD_OFFLINE=true" in text) == bake
@@ -320,9 +341,21 @@ def test_containerfile_refuses_what_it_cannot_build(tmp_path: Path) -> None:
             timeout=120, env={**os.environ, "INFERD_CACHE_PATH": str(CACHE)},
         )  # fmt: skip
 
-    vllm = run("--profile", "vllm-cpu-bf16", "--output", str(tmp_path / "a"))
-    assert vllm.returncode == 2 and "built for llama.cpp profiles so far" in vllm.stderr
+    entry = Catalog.load().get(MODEL)
+    gpu = entry.profile("llamacpp-gpu-q4_1")
+    assert gpu is not None
+    with pytest.raises(UsageError, match="built for CPU profiles so far"):
+        image.ImageSpec(entry, gpu, bake=False)
+    # Named on a GPU machine (the H200's captures): refused, one line, nothing written.
+    named = run("--profile", "llamacpp-gpu-q4_1", "--hardware", str(H200), "--output",
+                str(tmp_path / "a"))  # fmt: skip
+    assert named.returncode == 2 and "built for CPU profiles so far" in named.stderr
+    assert len(named.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "a").exists()
+    # Not named: the CPU profile that machine would run without its GPU.
+    chosen = run("--hardware", str(H200), "--output", str(tmp_path / "c"), "--json")
+    assert chosen.returncode == 0, chosen.stderr
+    assert json.loads(chosen.stdout)["profile"] == "llamacpp-cpu-q4_1"
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "mine.txt").write_text("x")
     busy = run("--profile", "llamacpp-cpu-q8_0", "--output", str(tmp_path / "b"))

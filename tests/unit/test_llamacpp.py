@@ -130,17 +130,26 @@ def test_dry_run_names_the_gguf_folder_before_it_exists(tmp_path: Path) -> None:
     assert e.gguf() == tmp_path / "not-yet" / "*.gguf"
 
 
-def test_cpu_profiles_stay_off_gpus_and_gpu_profiles_offload_everything(tmp_path: Path) -> None:
-    if find_binary() is None:
-        pytest.skip("llama-server is not built (make install builds it)")
+def test_cpu_profiles_stay_off_gpus_and_gpu_profiles_offload_everything(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     (tmp_path / "m.gguf").write_bytes(b"GGUF")
-    cpu = _flags(_engine(tmp_path).command("127.0.0.1", 9000).argv)
+    binary = tmp_path / "bin" / "llama-server"
+    binary.parent.mkdir()
+    binary.write_text("")
+    stamp = binary.with_name("llama-server.json")
+    monkeypatch.setattr("inferd.engines.llamacpp.find_binary", lambda: str(binary))
     # A CUDA build would otherwise offload a CPU profile's layers to whatever GPU it sees.
+    stamp.write_text('{"flags": "-DGGML_CUDA=ON", "cuda": "90"}')
+    cpu = _flags(_engine(tmp_path).command("127.0.0.1", 9000).argv)
     assert cpu["--device"] == "none" and "--n-gpu-layers" not in cpu
     gpu = _engine(tmp_path, "llamacpp-gpu-q4_1")
     flags = _flags(gpu.command("127.0.0.1", 9000).argv)
     assert flags["--device"] == "CUDA0" and flags["--n-gpu-layers"] == "all"
     assert flags["--parallel"] == "16"
+    # A CPU build gets no --device: llama-servers older than the flag would refuse it.
+    stamp.write_text('{"flags": ""}')
+    assert "--device" not in _engine(tmp_path).command("127.0.0.1", 9000).argv
 
 
 def test_gpu_support_reads_the_build_stamp_or_asks_the_binary(tmp_path: Path) -> None:
@@ -150,6 +159,11 @@ def test_gpu_support_reads_the_build_stamp_or_asks_the_binary(tmp_path: Path) ->
     assert "built without CUDA" in (gpu_support(str(binary)) or "")
     stamp.write_text('{"source": "x", "flags": "-DGGML_CUDA=ON", "cuda": "90"}')
     assert gpu_support(str(binary)) is None
+    assert gpu_support(str(binary), ((9, 0),)) is None
+    # Built for Hopper only: an A100 (8.0) cannot run it.
+    assert "not for compute capability 8.0" in (gpu_support(str(binary), ((8, 0),)) or "")
+    stamp.write_text("[1, 2]")  # not a stamp inferd wrote
+    assert "built without CUDA" in (gpu_support(str(binary)) or "")
     # No stamp (a llama-server from elsewhere): its own device list decides.
     stamp.unlink()
     binary.write_text(
@@ -172,6 +186,8 @@ def test_cuda_builds_add_ggmls_cuda_backend_for_the_gpus_found() -> None:
     assert "-DGGML_CUDA=ON" in cuda and "-DCMAKE_CUDA_ARCHITECTURES=90" in cuda
     assert "-DGGML_NATIVE=ON" in cuda  # the CPU side stays native
     assert llamacpp_build.cuda_choice("off", "90") is None
+    with pytest.raises(SystemExit, match="CMake's form"):
+        llamacpp_build.cuda_choice("on", "sm_90")
     # auto: nothing without nvcc (this machine has none) or without a GPU.
     if llamacpp_build.find_nvcc() is None:
         assert llamacpp_build.cuda_choice("auto", "90") is None

@@ -257,3 +257,16 @@ def test_on_a_gpu_machine_the_gpu_profile_wins_every_goal() -> None:
         "latency": "llamacpp-cpu-q4_1",
         "throughput": "vllm-cpu-bf16",
     }
+
+
+def test_an_engine_built_for_the_other_device_is_named_only_where_the_device_exists() -> None:
+    llama = CATALOG.get("llama-3.1-8b-instruct")
+    missing = {"vllm:gpu": "the installed vLLM is its CPU build"}
+    on_cpu = {c.profile.id: c.reason for c in profiles.candidates(llama, EPYC, unavailable=missing)}
+    assert on_cpu["vllm-gpu-bf16-tp1"] == "needs an NVIDIA GPU; none detected"
+    on_h100 = profiles.candidates(
+        CATALOG.get("llama-3.3-70b-instruct"), H100, unavailable={"vllm": "vLLM is not installed"}
+    )
+    fp8 = next(c for c in on_h100 if c.profile.id == "vllm-hopper-fp8-tp1")
+    # Missing engine and a shorter context that fits: both said.
+    assert fp8.reason == "vLLM is not installed; fits with --max-model-len 16384"

@@ -101,21 +101,26 @@ def check(
 ) -> Candidate:
     """`unavailable`: engines that cannot be started here, with why (e.g. not installed), by
     engine name or by `engine:device` (e.g. `llamacpp:gpu`: a llama-server without CUDA)."""
-    missing = None
-    if unavailable:
-        missing = unavailable.get(profile.engine) or unavailable.get(
-            f"{profile.engine}:{profile.requires.device}"
-        )
+    unavailable = unavailable or {}
     gaps = _requirement_gaps(profile, hw)
     if gaps:
-        if missing:
-            gaps.append(missing)
+        # A device-specific engine reason ("built without CUDA") says nothing where the device
+        # itself is missing; a missing engine still does.
+        if profile.engine in unavailable:
+            gaps.append(unavailable[profile.engine])
         return Candidate(profile, INCOMPATIBLE, tuple(gaps), None)
+    missing = unavailable.get(profile.engine) or unavailable.get(
+        f"{profile.engine}:{profile.requires.device}"
+    )
     est = estimate(model, profile, hw, context)
     if missing:
         # The hardware fits: say so with the estimate (seen on a GPU machine without vLLM, where
         # "-" under memory left the user guessing whether installing the engine would help).
-        fit = [] if est.fits else [f"does not fit: {est.describe()}"]
+        fit = []
+        if est.fits_context is not None and not est.fits:
+            fit = [f"fits with --max-model-len {est.fits_context}"]
+        elif not est.fits:
+            fit = [f"does not fit: {est.describe()}"]
         return Candidate(profile, INCOMPATIBLE, (missing, *fit), est)
     if est.fits:
         return Candidate(profile, RUNNABLE, (), est)
@@ -213,17 +218,27 @@ def explain(chosen: Candidate, found: list[Candidate], optimize: str | None) -> 
     what = f"{p.engine}, {p.precision}, made for {p.optimize}"
     if optimize is not None:
         if p.optimize != optimize:
-            cpu = [c for c in found if c.runnable and c.profile.optimize == optimize]
+            cpu = [
+                c
+                for c in found
+                if c.runnable
+                and c.profile.requires.device == "cpu"
+                and c.profile.optimize == optimize
+            ]
             if p.requires.device == "gpu" and cpu:
+                best = min(cpu, key=lambda c: rank_key(c, optimize)).profile.id
                 return (
                     f"--optimize {optimize}: GPU profiles come first; {p.id} ({what}) is the "
-                    f"best on the GPU (for the CPU, --profile {cpu[0].profile.id})"
+                    f"best on the GPU (for the CPU, --profile {best})"
                 )
             return f"no {optimize} profile runs here; {p.id} ({what}) is the best that does{tail}"
         return f"--optimize {optimize}: {p.id} ({what}) is the best runnable one{tail}"
     if sum(c.runnable for c in found) <= 1:
         return f"{p.id} ({what}) is the only profile of this model that runs here{tail}"
     device = p.requires.device
+    on_gpu = [c for c in found if c.runnable and c.profile.requires.device == "gpu"]
+    if device == "gpu" and len(on_gpu) == 1:
+        return f"no --optimize given: GPU profiles come first, and {p.id} ({what}) is the one{tail}"
     return (
         f"no --optimize given: {p.id} ({what}) runs the engine measured fastest for a single "
         f"user on this {device} (ranks: {', '.join(ENGINE_RANK[device])}){tail}"

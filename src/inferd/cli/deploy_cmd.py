@@ -8,6 +8,7 @@ into its own YAML file, numbered in the order `kubectl apply -f DIR` should crea
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -18,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from inferd.cache import prepare
-from inferd.catalog import Catalog
+from inferd.catalog import Catalog, hardware
 from inferd.cli.plan import resolve
 from inferd.cli.progress import RichReporter
 from inferd.config import Settings
@@ -130,7 +131,12 @@ def _sbom(args: Any) -> int:
 
 
 def _containerfile(settings: Settings, args: Any) -> int:
-    plan = resolve(settings, args.model)
+    hw = None
+    if settings.profile == "default":
+        # Images are built for CPU profiles: choose as this machine would without its GPUs
+        # (a GPU profile named with --profile is refused with the reason instead).
+        hw = dataclasses.replace(hardware.detect(settings.hardware), gpus=())
+    plan = resolve(settings, args.model, hw=hw)
     spec = image.ImageSpec(plan.entry, plan.chosen.profile, args.bake_model)
     model_dir = None
     if spec.bake:

@@ -57,7 +57,9 @@ class Plan:
 
 def unavailable_engines(settings: Settings, hw: Hardware) -> dict[str, str] | None:
     """Engines missing on this machine; None for captured hardware (another machine's)."""
-    return engines.unavailable(gpus=bool(hw.gpus)) if settings.hardware is None else None
+    if settings.hardware is not None:
+        return None
+    return engines.unavailable(tuple(g.compute_capability for g in hw.gpus))
 
 
 def catalog(settings: Settings) -> Catalog:

@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from inferd import __version__
 from inferd.cache import prepare, signing
@@ -98,9 +99,9 @@ def _prepare(plan: Plan, settings: Settings, console: Console, *, several: bool)
     head = f"  {entry.id}\n  " if several else "  "
     tags = " ".join(f"{k}={v}" for k, v in profile.tags.items())
     console.print(f"{head}profile  {profile.id} ({tags}), context {plan.context}")
-    console.print(f"  why      {plan.why}")
+    console.print(f"  why      {escape(plan.why)}")
     if not plan.chosen.runnable:
-        console.print(f"[yellow]  forced: {plan.chosen.reason}[/yellow]")
+        console.print(f"[yellow]  forced: {escape(plan.chosen.reason)}[/yellow]")
     prepared = prepare(
         entry,
         profile,
@@ -253,7 +254,7 @@ def _print_plan(console: Console, plan: Plan, info: dict[str, Any], settings: Se
     console.print(
         f"profile  {p['id']} ({p['status']}) " + " ".join(f"{k}={v}" for k, v in p["tags"].items())
     )
-    console.print(f"why      {p['why']}")
+    console.print(f"why      {escape(p['why'])}")
     console.print(f"context  {info['context']} tokens")
     console.print(f"hardware {plan.hardware.summary()}")
     if info["estimate"]:
@@ -274,4 +275,4 @@ def _print_plan(console: Console, plan: Plan, info: dict[str, Any], settings: Se
         state = "not in the cache yet: serve will fetch it"
     console.print(f"cache    {c['model_dir']} ({state})")
     env = " ".join(f"{k}={shlex.quote(v)}" for k, v in info["engine"]["env"].items())
-    console.print(f"engine   {env} {shlex.join(info['engine']['argv'])}")
+    console.print(f"engine   {escape(env)} {escape(shlex.join(info['engine']['argv']))}")

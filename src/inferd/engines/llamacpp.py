@@ -17,6 +17,7 @@ speaks OpenAI on /v1/*, but its tokenize/detokenize routes differ from vLLM's; `
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import shutil
@@ -152,22 +153,41 @@ class _LegacyLogprobs:
         return data
 
 
-def gpu_support(binary: str) -> str | None:
-    """Why this llama-server cannot serve the GPU profiles, or None when it can (it was built
-    with ggml's CUDA backend). The stamp `make install` writes beside it says so; a llama-server
-    from elsewhere is asked for its devices."""
-    stamp = Path(binary).with_name(f"{BINARY}.json")
-    if stamp.is_file():
+REBUILD = "python -m inferd.engines.llamacpp_build --prefix .venv --cuda on"
+
+
+def gpu_support(binary: str, capabilities: tuple[tuple[int, int], ...] = ()) -> str | None:
+    """Why this llama-server cannot serve GPU profiles on GPUs of these compute capabilities, or
+    None when it can (built with ggml's CUDA backend for them). The stamp `make install` writes
+    beside it says so; a llama-server from elsewhere is asked for its devices."""
+    path = Path(binary)
+    stamp = path.with_name(f"{BINARY}.json")
+    mtime = (
+        stamp.stat().st_mtime if stamp.is_file() else path.stat().st_mtime if path.exists() else 0
+    )
+    return _gpu_support(binary, stamp.is_file(), mtime, capabilities)
+
+
+@functools.cache
+def _gpu_support(
+    binary: str, stamped: bool, mtime: float, capabilities: tuple[tuple[int, int], ...]
+) -> str | None:
+    if stamped:
         try:
-            cuda = json.loads(stamp.read_text()).get("cuda")
+            record = json.loads(Path(binary).with_name(f"{BINARY}.json").read_text())
         except (OSError, ValueError):
-            cuda = None
-        if cuda:
-            return None
-        return (
-            "llama-server was built without CUDA (`make install` adds it where nvcc and a GPU "
-            "are both present)"
-        )
+            record = None
+        cuda = record.get("cuda") if isinstance(record, dict) else None
+        if not cuda:
+            return f"llama-server was built without CUDA (`{REBUILD}` rebuilds it with CUDA)"
+        built = {a.rstrip("abcdefghijklmnopqrstuvwxyz") for a in str(cuda).split(";")}
+        missing = sorted({f"{m}.{n}" for m, n in capabilities if f"{m}{n}" not in built})
+        if missing:
+            return (
+                f"llama-server was built for CUDA architectures {cuda}, not for compute "
+                f"capability {', '.join(missing)} (`{REBUILD}` builds for the GPUs here)"
+            )
+        return None
     try:
         done = subprocess.run(
             [binary, "--list-devices"], capture_output=True, text=True, timeout=60, check=False
@@ -234,13 +254,6 @@ class LlamaCppEngine(Engine):
             str(self.context * self.slots),
             "--metrics",
             "--no-webui",
-            # HTTP threads: llama-server keeps `--parallel + 4` (or cores - 1) and serves further
-            # connections on threads that close them after one request, which the front's pool
-            # then reuses and finds closed. The front holds up to about two per slot while
-            # answers end and the next requests begin (seen as dropped connections at 16
-            # streams on a GPU); idle threads cost nothing.
-            "--threads-http",
-            str(2 * self.slots + 8),
             *self._device_flags(),
             *flags_from_mapping(self.profile.engine_args),
             *self.extra_args,
@@ -252,7 +265,9 @@ class LlamaCppEngine(Engine):
         profiles say `--device none`; GPU profiles name their GPUs (the profile's count, from
         the first; CUDA_VISIBLE_DEVICES chooses which) and put every layer there."""
         if self.profile.requires.device != "gpu":
-            return ["--device", "none"]
+            # Only CUDA builds need it, and llama-servers older than the flag refuse it.
+            binary = find_binary()
+            return ["--device", "none"] if binary and gpu_support(binary) is None else []
         names = ",".join(f"CUDA{i}" for i in range(max(1, self.profile.gpus)))
         return ["--device", names, "--n-gpu-layers", "all"]
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -131,31 +132,29 @@ def find_nvcc() -> str | None:
 
 
 def gpu_architectures() -> str | None:
-    """The visible NVIDIA GPUs' compute capabilities as CMake wants them ("90", "80;90"), from
-    nvidia-smi; None without a GPU."""
-    exe = shutil.which("nvidia-smi")
-    if exe is None:
-        return None
-    try:
-        done = subprocess.run(
-            [exe, "--query-gpu=compute_cap", "--format=csv,noheader"],
-            capture_output=True, text=True, timeout=60, check=False,
-        )  # fmt: skip
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    caps = {line.strip().replace(".", "") for line in done.stdout.splitlines() if line.strip()}
-    caps = {c for c in caps if c.isdigit()}
-    return ";".join(sorted(caps, key=int)) if done.returncode == 0 and caps else None
+    """The visible NVIDIA GPUs' compute capabilities as CMake wants them ("90", "80;90"), read by
+    inferd's own hardware detection (NVML, else nvidia-smi); None without a GPU."""
+    from inferd.catalog import hardware
+
+    caps = {f"{g.compute_capability[0]}{g.compute_capability[1]}" for g in hardware.detect().gpus}
+    return ";".join(sorted(caps, key=int)) if caps else None
+
+
+ARCHS = re.compile(r"^\d+[a-z]?(;\d+[a-z]?)*$")
 
 
 def cuda_choice(mode: str, archs: str | None) -> str | None:
     """The CUDA architectures to build for, or None for a CPU-only build."""
     if mode == "off":
         return None
+    if archs is not None and not ARCHS.match(archs):
+        sys.exit(f"[llama-server] --cuda-arch {archs}: CMake's form is wanted, e.g. 90 or '80;90'")
     nvcc = find_nvcc()
+    if mode == "auto" and nvcc is None:
+        return None
     archs = archs or gpu_architectures()
     if mode == "auto":
-        return archs if nvcc and archs else None
+        return archs
     if nvcc is None:
         sys.exit("[llama-server] --cuda on: CUDA's compiler (nvcc) is not installed")
     if archs is None:
@@ -253,6 +252,15 @@ def main() -> None:
         sys.exit(f"[llama-server] --source {args.source}: not a llama.cpp source tree")
     cuda_archs = cuda_choice(args.cuda, args.cuda_arch)
     source = args.source.resolve() if args.source else None
+    if cuda_archs and args.cuda == "auto":
+        # CUDA was found, not asked for: if its build fails (headers missing, an architecture
+        # this nvcc no longer targets), the CPU build still makes a working install.
+        try:
+            build(args.prefix, args.jobs, args.portable, cuda_archs, source)
+            return
+        except SystemExit as exc:
+            _step(f"the CUDA build failed ({str(exc.code).splitlines()[0]}); building for CPU")
+            cuda_archs = None
     build(args.prefix, args.jobs, args.portable, cuda_archs, source)
 
 

@@ -278,9 +278,10 @@ class Proxy:
             try:
                 resp = await self.session.post(url, data=body, headers=headers)
             except aiohttp.ClientConnectionError as first:
-                # Most often a kept-alive connection the engine closed just as it was reused
-                # (llama-server also closes the connections its extra threads served): nothing
-                # was answered, so send once more, on a fresh connection.
+                # A kept-alive connection the engine closed just as it was reused: nothing was
+                # answered, so send once more, on a fresh connection. llama-server does this to
+                # 5-25% of requests at 12-16 streams (benchmarks/RESULTS.md), whatever its
+                # number of HTTP threads.
                 log.info("engine connection failed before an answer (%s); retrying once", first)
                 resp = await self.fresh.post(url, data=body, headers=headers)
         except (TimeoutError, aiohttp.ClientError) as exc:
