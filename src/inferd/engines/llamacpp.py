@@ -18,7 +18,6 @@ speaks OpenAI on /v1/*, but its tokenize/detokenize routes differ from vLLM's; `
 from __future__ import annotations
 
 import functools
-import json
 import re
 import shutil
 import subprocess
@@ -27,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from inferd.engines import llamacpp_build
 from inferd.engines.base import Engine, EngineCommand, flags_from_mapping
 from inferd.errors import EngineStartError
 
@@ -160,34 +160,30 @@ def gpu_support(binary: str, capabilities: tuple[tuple[int, int], ...] = ()) -> 
     """Why this llama-server cannot serve GPU profiles on GPUs of these compute capabilities, or
     None when it can (built with ggml's CUDA backend for them). The stamp `make install` writes
     beside it says so; a llama-server from elsewhere is asked for its devices."""
-    path = Path(binary)
-    stamp = path.with_name(f"{BINARY}.json")
-    mtime = (
-        stamp.stat().st_mtime if stamp.is_file() else path.stat().st_mtime if path.exists() else 0
-    )
-    return _gpu_support(binary, stamp.is_file(), mtime, capabilities)
+    bindir = Path(binary).parent
+    if not (bindir / llamacpp_build.STAMP).is_file():
+        try:
+            info = Path(binary).stat()
+        except OSError as exc:
+            return f"cannot ask {binary} for its devices: {exc}"
+        return _lists_no_cuda_device(binary, info.st_mtime_ns, info.st_size)
+    cuda = (llamacpp_build.read_stamp(bindir) or {}).get("cuda")
+    if not cuda:
+        return f"llama-server was built without CUDA (`{REBUILD}` rebuilds it with CUDA)"
+    built = {a.rstrip("abcdefghijklmnopqrstuvwxyz") for a in str(cuda).split(";")}
+    missing = sorted({f"{m}.{n}" for m, n in capabilities if f"{m}{n}" not in built})
+    if missing:
+        return (
+            f"llama-server was built for CUDA architectures {cuda}, not for compute "
+            f"capability {', '.join(missing)} (`{REBUILD}` builds for the GPUs here)"
+        )
+    return None
 
 
 @functools.cache
-def _gpu_support(
-    binary: str, stamped: bool, mtime: float, capabilities: tuple[tuple[int, int], ...]
-) -> str | None:
-    if stamped:
-        try:
-            record = json.loads(Path(binary).with_name(f"{BINARY}.json").read_text())
-        except (OSError, ValueError):
-            record = None
-        cuda = record.get("cuda") if isinstance(record, dict) else None
-        if not cuda:
-            return f"llama-server was built without CUDA (`{REBUILD}` rebuilds it with CUDA)"
-        built = {a.rstrip("abcdefghijklmnopqrstuvwxyz") for a in str(cuda).split(";")}
-        missing = sorted({f"{m}.{n}" for m, n in capabilities if f"{m}{n}" not in built})
-        if missing:
-            return (
-                f"llama-server was built for CUDA architectures {cuda}, not for compute "
-                f"capability {', '.join(missing)} (`{REBUILD}` builds for the GPUs here)"
-            )
-        return None
+def _lists_no_cuda_device(binary: str, mtime_ns: int, size: int) -> str | None:
+    """Asked once per binary (a replaced file is asked again): it starts the program, and CUDA
+    where there is one."""
     try:
         done = subprocess.run(
             [binary, "--list-devices"], capture_output=True, text=True, timeout=60, check=False
@@ -254,20 +250,19 @@ class LlamaCppEngine(Engine):
             str(self.context * self.slots),
             "--metrics",
             "--no-webui",
-            *self._device_flags(),
+            *self._device_flags(binary),
             *flags_from_mapping(self.profile.engine_args),
             *self.extra_args,
         ]
         return EngineCommand(argv=argv, env=dict(self.profile.engine_env))
 
-    def _device_flags(self) -> list[str]:
+    def _device_flags(self, binary: str) -> list[str]:
         """Where the model runs. A CUDA build offloads to every GPU it sees by default: CPU
         profiles say `--device none`; GPU profiles name their GPUs (the profile's count, from
         the first; CUDA_VISIBLE_DEVICES chooses which) and put every layer there."""
         if self.profile.requires.device != "gpu":
             # Only CUDA builds need it, and llama-servers older than the flag refuse it.
-            binary = find_binary()
-            return ["--device", "none"] if binary and gpu_support(binary) is None else []
+            return ["--device", "none"] if gpu_support(binary) is None else []
         names = ",".join(f"CUDA{i}" for i in range(max(1, self.profile.gpus)))
         return ["--device", names, "--n-gpu-layers", "all"]
 

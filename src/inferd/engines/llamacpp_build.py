@@ -110,6 +110,17 @@ def _extract(tar: tarfile.TarFile, dest: Path) -> None:
 
 
 TARGETS = ("llama-server", "llama-quantize")
+STAMP = "llama-server.json"
+
+
+def read_stamp(bindir: Path) -> dict[str, object] | None:
+    """What the binaries in `bindir` were built from, as `build` recorded it; None when there is
+    no stamp (a llama-server from elsewhere) or it is not one."""
+    try:
+        record = json.loads((bindir / STAMP).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def flags(portable: bool, cuda_archs: str | None = None) -> list[str]:
@@ -171,7 +182,7 @@ def build(
 ) -> Path:
     bindir = prefix / "bin"
     target = bindir / "llama-server"
-    stamp = bindir / "llama-server.json"
+    stamp = bindir / STAMP
     cmake_flags = flags(portable, cuda_archs)
     record: dict[str, object] = {
         "source": str(source_dir) if source_dir else SDIST,
@@ -182,7 +193,7 @@ def build(
     if cuda_archs:  # (absent from CPU builds' stamps, so those written before stay valid)
         record["cuda"] = cuda_archs
     built = all((bindir / name).is_file() for name in TARGETS)
-    if built and stamp.is_file() and json.loads(stamp.read_text()) == record:
+    if built and read_stamp(bindir) == record:
         _step(f"up to date: {target}")
         return target
     started = time.monotonic()
@@ -199,10 +210,9 @@ def build(
                 _extract(tar, work)
             source = work / SDIST.removesuffix(".tar.gz") / "vendor" / "llama.cpp"
         _step(f"configuring ({source.name}{', CUDA ' + cuda_archs if cuda_archs else ''})")
-        env_flags = []
-        if cuda_archs and shutil.which("nvcc") is None:
-            env_flags = [f"-DCMAKE_CUDA_COMPILER={find_nvcc()}"]
-        _run(["cmake", "-S", str(source), "-B", str(work / "build"), *cmake_flags, *env_flags],
+        # nvcc by path: it need not be on PATH (the toolkit's own folder is enough).
+        compiler = [f"-DCMAKE_CUDA_COMPILER={find_nvcc()}"] if cuda_archs else []
+        _run(["cmake", "-S", str(source), "-B", str(work / "build"), *cmake_flags, *compiler],
              log)  # fmt: skip
         _step(f"compiling {' and '.join(TARGETS)} with {jobs} jobs (a few minutes)")
         _run(
