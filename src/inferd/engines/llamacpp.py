@@ -26,7 +26,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from inferd.engines import llamacpp_build
 from inferd.engines.base import Engine, EngineCommand, flags_from_mapping
 from inferd.errors import EngineStartError
 
@@ -160,6 +159,10 @@ def gpu_support(binary: str, capabilities: tuple[tuple[int, int], ...] = ()) -> 
     """Why this llama-server cannot serve GPU profiles on GPUs of these compute capabilities, or
     None when it can (built with ggml's CUDA backend for them). The stamp `make install` writes
     beside it says so; a llama-server from elsewhere is asked for its devices."""
+    # Here, not at the top: `python -m inferd.engines.llamacpp_build` imports this package
+    # first, and runpy warns when the module it runs is already imported.
+    from inferd.engines import llamacpp_build
+
     bindir = Path(binary).parent
     if not (bindir / llamacpp_build.STAMP).is_file():
         try:
