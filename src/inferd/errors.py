@@ -22,8 +22,10 @@ one of these, so nothing else leaks out.
     │   └── GuardModelError           502: a guardrail's guard model (at a URL) failed
     ├── RequestError                  400 invalid_request_error
     │   ├── InvalidRequestError       400: malformed JSON or an invalid field (names the field)
+    │   │   └── PreviousResponseNotFoundError  400: `previous_response_id` names no stored one
     │   ├── ModelNotFoundError        404 model_not_found
     │   ├── RouteNotFoundError        404: no such route
+    │   ├── NotFoundError             404 not_found: no such stored object (a response id)
     │   ├── PayloadTooLargeError      413: the body exceeds the limit
     │   └── ContentFilterError        400 content_filter: a guardrail blocked it
     ├── AuthenticationError           401: no key, or a key that is not valid
@@ -135,12 +137,24 @@ class InvalidRequestError(RequestError):
     pass
 
 
+class PreviousResponseNotFoundError(InvalidRequestError):
+    """`previous_response_id` names no stored response (never stored, deleted, evicted, or lost
+    with a restart): OpenAI answers 400 with this code and the field."""
+
+    code = "previous_response_not_found"
+
+
 class ModelNotFoundError(RequestError):
     status = 404
     code = "model_not_found"
 
 
 class RouteNotFoundError(RequestError):
+    status = 404
+    code = "not_found"
+
+
+class NotFoundError(RequestError):
     status = 404
     code = "not_found"
 

@@ -12,6 +12,7 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -167,3 +168,67 @@ def test_a_malformed_file_stops_start_up_with_its_line(tmp_path: Path) -> None:
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and f"{path}:3: input.pii.action" in lines[0], r.stderr
+
+
+# The same rails on the translated routes (Responses, Messages): they run on the chat request
+# and the chat answer inside the translation, whatever API the client speaks. The answer is held
+# to SENTENCE by a JSON schema (structured outputs), which both APIs can ask for.
+QUESTION = "Where do I send the form?"
+FORCED_SCHEMA = {
+    "type": "object",
+    "properties": {"note": {"type": "string", "const": SENTENCE}},
+    "required": ["note"],
+    "additionalProperties": False,
+}
+
+
+def test_translated_routes_redact_their_input(redacting: Served) -> None:
+    oai = _client(redacting)
+    claude = anthropic.Anthropic(base_url=redacting.url, api_key="unused", max_retries=0)
+    raw, redacted = "Email jane.doe@example.com now", "Email [REDACTED:EMAIL] now"
+
+    def responses_tokens(text: str) -> int:
+        reply = oai.responses.create(model=MODEL, input=text, max_output_tokens=1)
+        assert reply.usage is not None
+        return reply.usage.input_tokens
+
+    def messages_tokens(text: str) -> int:
+        reply = claude.messages.create(
+            model=MODEL, max_tokens=1, messages=[{"role": "user", "content": text}]
+        )
+        return reply.usage.input_tokens
+
+    assert responses_tokens(raw) == responses_tokens(redacted)
+    assert messages_tokens(raw) == messages_tokens(redacted)
+
+
+def test_translated_routes_redact_streamed_answers(redacting: Served) -> None:
+    oai = _client(redacting)
+    with oai.responses.stream(
+        model=MODEL,
+        input=QUESTION,
+        max_output_tokens=200,
+        text={
+            "format": {
+                "type": "json_schema",
+                "name": "note",
+                "schema": FORCED_SCHEMA,
+                "strict": True,
+            }
+        },
+    ) as stream:
+        deltas = [e.delta for e in stream if e.type == "response.output_text.delta"]
+        final = stream.get_final_response().output_text
+    assert json.loads(final)["note"] == REDACTED
+    assert len(deltas) > 3 and not any("jane" in d or "415" in d for d in deltas)
+
+    claude = anthropic.Anthropic(base_url=redacting.url, api_key="unused", max_retries=0)
+    with claude.messages.stream(
+        model=MODEL,
+        max_tokens=200,
+        messages=[{"role": "user", "content": QUESTION}],
+        output_config={"format": {"type": "json_schema", "schema": FORCED_SCHEMA}},
+    ) as events:
+        texts = list(events.text_stream)
+    assert json.loads("".join(texts))["note"] == REDACTED
+    assert len(texts) > 3 and not any("jane" in t or "415" in t for t in texts)

@@ -18,6 +18,7 @@ from inferd.catalog import Catalog
 from inferd.config import Settings, load_settings
 from inferd.engines.base import Engine, EngineCommand
 from inferd.engines.vllm import vllm_accepted_params
+from inferd.guardrails.config import GuardrailsConfig
 from inferd.server.app import create_app
 from inferd.server.keys import KeyRing
 from inferd.server.runtime import DrainingServer, make_server
@@ -78,14 +79,17 @@ class Front:
 
 
 def start_front(
-    served: ServedModel, config: Settings | None = None, **client_options: Any
+    served: ServedModel,
+    config: Settings | None = None,
+    guards: GuardrailsConfig | None = None,
+    **client_options: Any,
 ) -> Front:
     config = config or load_settings({}, env={})
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     keys = KeyRing(config.api_keys_file)
-    server = make_server(create_app([served], config, keys), config)
+    server = make_server(create_app([served], config, keys, guards), config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     while not server.started:

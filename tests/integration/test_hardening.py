@@ -318,3 +318,28 @@ def test_tls_and_mtls(tmp_path: Path) -> None:
             anonymous.get("/v1/health/live")
     finally:
         stop_front(mtls)
+
+
+def test_tokenize_and_count_tokens_wait_for_a_slot_too(tmp_path: Path) -> None:
+    front = _front(tmp_path, max_running=1, max_queue=0)
+    try:
+        results: list[object] = []
+        thread = _stream_in_thread(front, results)
+        deadline = time.monotonic() + 5
+        while _metric(front, "num_requests_running") < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        with front.client() as c:
+            r = c.post("/v1/tokenize", json={"model": MODEL, "prompt": "hello"})
+            assert r.status_code == 503 and r.json()["error"]["code"] == "overloaded"
+            r = c.post(
+                "/v1/messages/count_tokens",
+                json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]},
+            )
+            assert r.status_code == 503 and r.json()["type"] == "error"
+        thread.join()
+        with front.client() as c:  # with the slot free, both answer
+            r = c.post("/v1/tokenize", json={"model": MODEL, "prompt": "hello"})
+            assert r.status_code == 200
+    finally:
+        stop_front(front)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,15 +10,7 @@ import pytest
 from inferd.cache import ModelStore, prepare
 from inferd.cache.fetch import disk_errors
 from inferd.errors import CacheError, CacheNotWritableError, IntegrityError
-from tests.index_server import CONFIG, LICENSE, WEIGHTS, serve_index, sha, tiny_entry
-
-
-@pytest.fixture
-def index(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
-    root = tmp_path / "index"
-    root.mkdir()
-    with serve_index(root) as served:
-        yield served
+from tests.index_server import CONFIG, LICENSE, WEIGHTS, sha, tiny_entry
 
 
 def _store(tmp_path: Path) -> ModelStore:

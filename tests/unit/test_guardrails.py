@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +12,8 @@ import pytest
 from inferd.errors import ConfigError, ContentFilterError, InvalidRequestError
 from inferd.guardrails import config, pii
 from inferd.guardrails.config import GuardrailsConfig, InputRails, OutputRails, PiiRail
-from inferd.guardrails.rails import Guardrails
-from inferd.guardrails.stream import HOLD
+from inferd.guardrails.rails import MAX_PII_CHARS, NO_TEXT, Guardrails
+from inferd.guardrails.stream import HOLD, MAX_HELD
 from inferd.guardrails.texts import guardrail_texts
 from inferd.observability.metrics import Metrics
 
@@ -155,9 +156,11 @@ async def test_input_rail_redacts_user_messages_only_and_blocks_by_name() -> Non
         await _guards("input", "block").guard_request(
             CHAT, {"messages": [{"role": "user", "content": "I am jane@example.com"}]}, False
         )
-    assert not await _guards("input", "block").guard_request(
-        "/v1/embeddings", {"input": "a@b.io"}, False
-    )
+    # A route that declares it has no text to guard (embeddings) passes; one that declares
+    # something the rails do not know is refused, so it can never reach an engine unguarded.
+    assert not await _guards("input", "block").guard_request(NO_TEXT, {"input": "a@b.io"}, False)
+    with pytest.raises(ValueError, match="do not know where route"):
+        await _guards("input", "block").guard_request("/v1/embeddings", {"input": "a"}, False)
 
 
 async def test_output_rail_on_whole_answers() -> None:
@@ -261,7 +264,18 @@ async def test_roles_choose_whose_messages_the_input_rail_reads() -> None:
 
 @pytest.mark.parametrize(
     "extra",
-    [{"logprobs": True}, {"top_logprobs": 2}, {"tools": [{"type": "function"}]}, {"logprobs": 0}],
+    [
+        {"logprobs": True},
+        {"top_logprobs": 2},
+        {"tools": [{"type": "function"}]},
+        {"logprobs": 0},
+        # llama.cpp returns every generated token in `n_probs`' probabilities, vLLM the ids a
+        # client can detokenize: both carry the answer past the rails.
+        {"n_probs": 1},
+        {"return_token_ids": True},
+        {"return_tokens": True},
+        {"post_sampling_probs": True},
+    ],
 )
 async def test_fields_the_output_rail_cannot_read_are_refused(extra: dict[str, Any]) -> None:
     payload = {"messages": [{"role": "user", "content": "hi"}], **extra}
@@ -326,3 +340,55 @@ def test_check_texts_refuse_bad_parts_and_skip_tool_turns() -> None:
         guardrail_texts({"messages": bad})
     with pytest.raises(InvalidRequestError, match="either text"):
         guardrail_texts({"text": "a", "messages": messages})
+
+
+@pytest.mark.parametrize("prompt", [[1, 2, 3], [[1, 2], [3]], ["text", [4, 5]]])
+async def test_token_prompts_are_refused_while_input_rails_are_on(prompt: list[Any]) -> None:
+    payload = {"prompt": prompt}
+    with pytest.raises(InvalidRequestError, match="token ids") as info:
+        await _guards("input", "redact").guard_request("/v1/completions", payload, False)
+    assert info.value.param == "prompt"
+    await _guards("output", "redact").guard_request("/v1/completions", payload, False)
+
+
+async def test_a_span_that_keeps_growing_is_not_held_without_bound() -> None:
+    # An e-mail address whose domain never ends: one finding from "jane" to the end of the text.
+    answer = "write to jane@" + ".".join(["ab"] * 3000) + ".com and done"
+    pieces = [answer[i : i + 3] for i in range(0, len(answer), 3)]
+    flt = _guards("output", "redact").stream_filter(CHAT, {})
+    assert flt is not None
+    out, held = b"", []
+    for event in _events(pieces, True):
+        chunk, _ = await flt.process(event)
+        out += chunk
+        held.append(max((len(t) for t in flt.pending.values()), default=0))
+    assert max(held) <= MAX_HELD + HOLD
+    text = _client_text(out)
+    assert "jane" not in text and text.startswith("write to [REDACTED:EMAIL]")
+
+
+async def test_the_pii_rail_runs_off_the_event_loop_within_a_budget(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Digit-dense text costs the phone matcher about 15 ms per KiB: never on the event loop.
+    guards = _guards("input", "redact")
+    threads: list[str] = []
+    find = pii.find
+
+    def recording(*args: Any) -> Any:
+        threads.append(threading.current_thread().name)
+        return find(*args)
+
+    monkeypatch.setattr(pii, "find", recording)
+    digits = " ".join("4155552671" for _ in range(2000))
+    verdicts = await guards.check(guardrail_texts({"text": digits}), ["pii"])
+    assert verdicts[0].redacted is not None
+    payload = {"messages": [{"role": "user", "content": digits}]}
+    await guards.guard_request(CHAT, payload, True)
+    assert threads and all(t.startswith("inferd-pii") for t in threads)
+    # A budget per request: past it, a clear refusal instead of seconds of matching.
+    huge = {"messages": [{"role": "user", "content": "1" * (MAX_PII_CHARS + 1)}]}
+    with pytest.raises(InvalidRequestError, match="pii rail reads at most"):
+        await guards.guard_request(CHAT, huge, True)
+    with pytest.raises(InvalidRequestError, match="pii rail reads at most"):
+        await guards.check(guardrail_texts({"text": "1" * (MAX_PII_CHARS + 1)}), ["pii"])

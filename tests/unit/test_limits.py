@@ -89,3 +89,30 @@ def test_completions_logprobs_is_a_count() -> None:
 def test_unknown_parameter_message_says_why() -> None:
     with pytest.raises(InvalidRequestError, match="would ignore it"):
         _check({**OK, "frobnicate": 1})
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        # llama.cpp's n_probs at the vocabulary size: megabytes of probabilities per token.
+        ("n_probs", 49152),
+        ("prompt_logprobs", 1000),
+        ("repeat_last_n", 10**9),
+        ("n_keep", 10**6),
+        ("top_k", 10**6),
+        ("temperature", float("nan")),
+        ("top_p", 1.5),
+        ("min_tokens", 5000),
+        ("logit_bias", {str(i): 1 for i in range(5000)}),
+        ("samplers", ["top_k"] * 100),
+    ],
+)
+def test_every_numeric_or_list_field_has_a_bound(field: str, value: Any) -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        limits.check(CHAT, {**OK, field: value}, context=4096, accepted=None, engine="e")
+    assert info.value.param == field
+
+
+def test_values_within_the_bounds_pass() -> None:
+    fine = {"n_probs": 5, "repeat_last_n": 64, "top_k": 40, "temperature": 0.7, "seed": 2**40}
+    limits.check(CHAT, {**OK, **fine}, context=4096, accepted=None, engine="e")

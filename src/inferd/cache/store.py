@@ -174,7 +174,9 @@ class ModelStore:
                 for h in (m.provenance.get("source", {}).get("files") or {}).values()
             }
             for blob in (self.root / "blobs" / "sha256").iterdir():
-                if blob.name.split(".")[0] not in wanted:
+                # By exact name: with this lock held no builder is writing, so every
+                # `<hex>.<random>.partial` is what an interrupted run left.
+                if blob.name not in wanted:
                     blob.unlink(missing_ok=True)
                     gone.append(blob)
         return gone

@@ -11,7 +11,7 @@ precision, parallelism, context, hardware requirements, engine settings, each ju
 from __future__ import annotations
 
 from pathlib import PurePosixPath
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -148,6 +148,116 @@ class Requirements(_Strict):
     min_compute_capability: float = 7.0
 
 
+# OpenAI's `tool_choice` values, a named function (`{"type": "function", "function": {"name":
+# ...}}`) as "function". An absent `tool_choice` with tools means "auto" (OpenAI's default).
+ToolChoice = Literal["none", "auto", "required", "function"]
+
+
+class Tools(_Strict):
+    """What a chat model does with OpenAI's `tools` and `tool_choice`, per engine.
+
+    Each engine lists the `tool_choice` values it honours for this model (tests/e2e/test_tools.py
+    shows them; the profile notes say how); inferd refuses the others by name (400) rather
+    than let the engine ignore them (`tool_refusal`). `required` and a named function are
+    constrained decoding where the engine has it (vLLM: a JSON schema built from the tools;
+    llama.cpp: a grammar once the call starts); `auto` needs a model that calls tools by itself,
+    a chat template that shows it the tools, and a parser that finds the calls in its answer.
+    """
+
+    llamacpp: tuple[ToolChoice, ...] = ("none",)
+    vllm: tuple[ToolChoice, ...] = ("none",)
+    # vLLM's `--tool-call-parser` (needed for anything but "none"); `inferd_json` is inferd's
+    # own (inferd/engines/vllm_json_tools.py): the answer is one JSON object {"name", "arguments"}.
+    vllm_parser: str = ""
+    # A chat template (Jinja) that renders `tools` and earlier calls, for models whose own
+    # template does not; given to both engines (`--chat-template`). It must render requests
+    # without tools exactly as the model's own template does.
+    chat_template: str = ""
+    notes: str = ""
+
+    @model_validator(mode="after")
+    def _parser_when_needed(self) -> Tools:
+        if set(self.vllm) - {"none"} and not self.vllm_parser:
+            raise ValueError("vLLM honours tool choices other than none only with a vllm_parser")
+        return self
+
+    def honours(self, engine: str, choice: str) -> bool:
+        choices: tuple[str, ...] = self.vllm if engine == "vllm" else self.llamacpp
+        return choice in choices
+
+
+_TOOLS_OFF = Tools()
+
+
+def _tool_choice_kind(choice: object) -> str | None:
+    """The kind of a `tool_choice`: "none", "auto", "required", "function" (a named one); None
+    if malformed."""
+    if choice in ("none", "auto", "required"):
+        return str(choice)
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        function = choice.get("function")
+        if isinstance(function, dict) and isinstance(function.get("name"), str):
+            return "function"
+    return None
+
+
+def _tool_names(tools: list[Any]) -> list[str]:
+    names = []
+    for tool in tools:
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if isinstance(function, dict) and isinstance(function.get("name"), str):
+            names.append(function["name"])
+    return names
+
+
+def tool_refusal(model: str, profile: Profile, payload: dict[str, Any]) -> tuple[str, str] | None:
+    """Why inferd must refuse this chat request's `tools`/`tool_choice` with a 400, as
+    (message, the field to name), or None when the engine honours them for this model.
+
+    Engines ignore what they cannot do: llama-server drops a named `tool_choice` (a warning in
+    its log, then "auto"), renders no tools through a template without them, and answers
+    `required` with prose when the model never starts a call (its grammar allows text first);
+    vLLM, which needs `--enable-auto-tool-choice` for `required` and named functions too, then
+    parses "auto" answers of models that never call tools by themselves. inferd refuses
+    instead, naming `tool_choice` when the client sent it and `tools` when the choice is the
+    implied "auto".
+    """
+    tools = payload.get("tools")
+    choice = payload.get("tool_choice")
+    if tools is not None and not isinstance(tools, list):
+        return "`tools` must be a list of function tools", "tools"
+    if choice is not None and _tool_choice_kind(choice) is None:
+        return (
+            '`tool_choice` must be "none", "auto", "required" or '
+            '{"type": "function", "function": {"name": ...}}',
+            "tool_choice",
+        )
+    if not tools:
+        if choice is not None and choice != "none":
+            return "`tool_choice` needs `tools`", "tool_choice"
+        return None
+    kind = "auto" if choice is None else _tool_choice_kind(choice)
+    assert kind is not None
+    if kind == "function":
+        assert isinstance(choice, dict)
+        name = choice["function"]["name"]
+        if name not in _tool_names(tools):
+            return f"`tool_choice` names {name!r}, which is not among `tools`", "tool_choice"
+    engine = profile.engine
+    support = profile.tools or _TOOLS_OFF
+    if support.honours(engine, kind):
+        return None
+    honoured = support.vllm if engine == "vllm" else support.llamacpp
+    shown = "a named function" if kind == "function" else f'"{kind}"'
+    implied = " (implied when `tools` come without `tool_choice`)" if choice is None else ""
+    allowed = ", ".join("a named function" if c == "function" else f'"{c}"' for c in honoured)
+    return (
+        f"model {model} served by {engine} does not honour tool_choice {shown}{implied}; "
+        f"it honours: {allowed or 'none of them'}",
+        "tool_choice" if choice is not None else "tools",
+    )
+
+
 class Profile(_Strict):
     id: str
     description: str
@@ -178,6 +288,9 @@ class Profile(_Strict):
     engine_env: dict[str, str] = {}
     # Why each setting is what it is: shown by `inferd profiles` and in the docs.
     notes: str = ""
+    # Tool calling: the model's `tools` (ModelEntry.tools), copied here when the entry is
+    # loaded so the engine and the front see them with the profile; a profile may state its own.
+    tools: Tools | None = None
 
     @property
     def gpus(self) -> int:
@@ -221,6 +334,8 @@ class ModelEntry(_Strict):
     sources: tuple[Source, ...]
     profiles: tuple[Profile, ...]
     embedding: Embedding | None = None
+    # Chat models: what `tools`/`tool_choice` each engine honours (absent: only "none").
+    tools: Tools | None = None
 
     @model_validator(mode="after")
     def _profiles_name_known_sources(self) -> ModelEntry:
@@ -235,6 +350,18 @@ class ModelEntry(_Strict):
                 )
         if len({p.id for p in self.profiles}) != len(self.profiles):
             raise ValueError("profile ids must be unique within a model")
+        if self.tools is not None and self.task != "chat":
+            raise ValueError("only chat models describe `tools`")
+        if self.tools is not None:
+            # Frozen model: set once, here, as the entry is built.
+            object.__setattr__(
+                self,
+                "profiles",
+                tuple(
+                    p if p.tools is not None else p.model_copy(update={"tools": self.tools})
+                    for p in self.profiles
+                ),
+            )
         if (self.task == "embedding") != (self.embedding is not None):
             raise ValueError("embedding models, and only they, describe their `embedding`")
         return self

@@ -183,7 +183,13 @@ def export_cmd(settings: Settings, model_id: str, target: Path) -> int:
 
 
 def import_cmd(settings: Settings, archive: Path) -> int:
-    manifest = import_(archive, _store(settings), catalog(settings), RichReporter(_console()))
+    manifest = import_(
+        archive,
+        _store(settings),
+        catalog(settings),
+        RichReporter(_console()),
+        public_key=settings.signing_public_key,
+    )
     print(
         f"imported {manifest['model']} "
         f"({', '.join(f['variant'] for f in manifest['folders'])}) into {settings.cache_path}"

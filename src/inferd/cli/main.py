@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_settings(exp, {"cache_path", "catalog_path"})
     imp = cache.add_parser("import", help="bring a model exported elsewhere into this cache")
     imp.add_argument("file", type=Path)
-    _add_settings(imp, {"cache_path", "catalog_path"})
+    _add_settings(imp, {"cache_path", "catalog_path", "signing_public_key"})
 
     keys = sub.add_parser("keys", help="manage API keys").add_subparsers(
         dest="keys_command", required=True, parser_class=_Parser

@@ -78,7 +78,7 @@ def serve(settings: Settings) -> int:
     console.print(f"  api      {url}/v1  (health {url}/v1/health/ready, docs {url}/docs)")
     auth = (
         f"on ({len(keys.describe())} key(s) in {settings.api_keys_file})"
-        if keys.active
+        if keys.required
         else "off (no API keys configured)"
     )
     console.print(f"  keys     {auth}; TLS {settings.ssl_mode}")
@@ -174,12 +174,14 @@ def describe_rails(config: GuardrailsConfig) -> str:
 
 
 def _refuse_open_bind(settings: Settings, keys: KeyRing) -> None:
-    """Listening beyond loopback without keys exposes the model to the network: say so."""
+    """Listening beyond loopback without keys exposes the model to the network: say so. A
+    service started with keys stays closed if they all go (`KeyRing.required`); only a restart
+    without keys, allowed here by --allow-unauthenticated, serves openly."""
     try:
         loopback = ipaddress.ip_address(settings.host).is_loopback
     except ValueError:
         loopback = settings.host == "localhost"
-    if not loopback and not keys.active and not settings.allow_unauthenticated:
+    if not loopback and not keys.required and not settings.allow_unauthenticated:
         raise UsageError(
             f"refusing to listen on {settings.host} without API keys: create one with "
             "`inferd keys create NAME`, or pass --allow-unauthenticated "

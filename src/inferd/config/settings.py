@@ -84,6 +84,16 @@ class Settings:
     engine_args: str = _setting(
         "", "Extra engine command-line arguments, passed through as written (shell quoting)."
     )
+    engine_read_timeout_s: float = _setting(
+        600.0,
+        "Seconds the front waits for an engine's next bytes (an answer, or the next event of a "
+        "stream) before the request fails with 502 and the engine is checked.",
+    )
+    max_engine_answer_bytes: int = _setting(
+        64 * 2**20,
+        "Most bytes the front takes from an engine for one whole answer, or for one event of a "
+        "stream; past it the request fails with 502 (bounds the front's memory per request).",
+    )
     engine_ready_timeout_s: float = _setting(
         900.0, "Seconds the engine may take to become ready before start-up fails."
     )
@@ -132,6 +142,15 @@ class Settings:
     )
     # --- limits and shutdown ---
     max_body_bytes: int = _setting(4 * 2**20, "Largest request body accepted (bytes; else 413).")
+    # --- the Responses API's store ---
+    responses_max_stored: int = _setting(
+        1000,
+        "Most Responses kept for GET /v1/responses/{id} and previous_response_id (the oldest "
+        "is forgotten first; kept in memory, lost on restart).",
+    )
+    responses_max_bytes: int = _setting(
+        64 * 2**20, "Most bytes the stored Responses may take together (the oldest go first)."
+    )
     drain_timeout_s: float = _setting(
         30.0, "On SIGTERM, seconds in-flight requests may take to finish before they are cut."
     )
@@ -139,6 +158,18 @@ class Settings:
         75.0,
         "Seconds an idle client connection is kept open; longer than the clients' and load "
         "balancers' own idle limits, so they never reuse one the server just closed.",
+    )
+    # --- what a client may cost before its key is checked (issue 16) ---
+    max_header_bytes: int = _setting(
+        64 * 2**10,
+        "Largest request header block accepted (bytes; else 431 and the connection closes).",
+    )
+    max_headers: int = _setting(100, "Most request headers accepted (else 431).")
+    header_timeout_s: float = _setting(
+        10.0, "Seconds a client may take to send a request's headers (else 408, closed)."
+    )
+    max_connections: int = _setting(
+        1024, "Most client connections open at once; more get 503 and are closed."
     )
 
     @property
@@ -255,13 +286,22 @@ def load_settings(
 def _validate(s: Settings) -> None:
     if not 0 < s.port < 65536:
         raise ConfigError(f"port {s.port} is out of range (1-65535)")
-    if s.engine_ready_timeout_s <= 0:
-        raise ConfigError("engine_ready_timeout_s must be positive")
+    for name in ("engine_ready_timeout_s", "engine_read_timeout_s", "header_timeout_s"):
+        if getattr(s, name) <= 0:
+            raise ConfigError(f"{name} must be positive")
     if not s.models:
         raise ConfigError("no model given")
     if s.max_model_len is not None and s.max_model_len < 16:
         raise ConfigError(f"max_model_len {s.max_model_len} is too small")
-    for name in ("max_running", "max_body_bytes"):
+    for name in (
+        "max_running",
+        "max_body_bytes",
+        "responses_max_stored",
+        "responses_max_bytes",
+        "max_header_bytes",
+        "max_headers",
+        "max_connections",
+    ):
         value = getattr(s, name)
         if value is not None and value < 1:
             raise ConfigError(f"{name} must be at least 1")

@@ -50,6 +50,9 @@ class Engine(ABC):
     adapted_routes: frozenset[str] = frozenset()
     # Request fields this engine knows under another name (inferd's name -> the engine's).
     param_aliases: dict[str, str] = {}
+    # The route that counts a chat request's prompt tokens (`messages`, `tools`) as the
+    # model's template renders them: answers `count` or `input_tokens`.
+    chat_tokens_path = "/tokenize"
 
     def __init__(
         self,
@@ -83,6 +86,11 @@ class Engine(ABC):
         """The engine's version from the answer of its `version_path`."""
         version = answer.get("version")
         return str(version) if version else None
+
+    def adapt_request(self, route: str, payload: dict[str, Any]) -> bool:
+        """Put a request the front has accepted into the terms this engine honours, in place
+        (e.g. a `tool_choice` form it would otherwise drop); True when it changed anything."""
+        return False
 
     def adapt(self, route: str, payload: dict[str, Any]) -> dict[str, Any]:
         """A request for one of `adapted_routes`, in the engine's own shape."""

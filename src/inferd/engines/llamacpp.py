@@ -206,9 +206,49 @@ def find_binary() -> str | None:
     return shutil.which(BINARY)
 
 
+def adapt_tool_choice(payload: dict[str, Any]) -> bool:
+    """A chat request's `tool_choice` in the terms llama-server honours. Changes `payload` in
+    place; True when it did (the front then re-encodes the body). Call it after
+    `inferd.catalog.schema.tool_refusal` has accepted the request.
+
+    - A named function (`{"type": "function", "function": {"name": N}}`): llama-server reads
+      `tool_choice` only as a string, drops the object with a warning and runs the request as
+      "auto". The same constraint in its terms: "required" over that one tool, one call.
+    - "none": llama-server still renders the tools into the prompt (vLLM leaves them out, with
+      `--exclude-tools-when-tool-choice-none`), and a model shown tools may write a call as
+      text. The tools are left out here too.
+    """
+    choice = payload.get("tool_choice")
+    tools = payload.get("tools")
+    if choice == "none" and tools:
+        del payload["tools"]
+        del payload["tool_choice"]
+        payload.pop("parallel_tool_calls", None)
+        return True
+    if not isinstance(choice, dict):
+        return False
+    function = choice.get("function")
+    name = function.get("name") if isinstance(function, dict) else None
+    if not isinstance(name, str) or not isinstance(tools, list):
+        return False
+    payload["tools"] = [
+        t
+        for t in tools
+        if isinstance(t, dict)
+        and isinstance(t.get("function"), dict)
+        and t["function"].get("name") == name
+    ]
+    payload["tool_choice"] = "required"
+    payload["parallel_tool_calls"] = False
+    return True
+
+
 class LlamaCppEngine(Engine):
     name = "llamacpp"
     version_path = "/props"
+    # Its /tokenize reads text only; this route renders a chat request with the model's
+    # template and counts it (`{"input_tokens": N}`).
+    chat_tokens_path = "/v1/chat/completions/input_tokens"
     adapted_routes = frozenset({"/tokenize", "/detokenize"})
     # vLLM's (and inferd's) names for sampling fields llama.cpp calls otherwise.
     param_aliases = {"repetition_penalty": "repeat_penalty", "max_completion_tokens": "max_tokens"}
@@ -254,10 +294,26 @@ class LlamaCppEngine(Engine):
             "--metrics",
             "--no-webui",
             *self._device_flags(binary),
+            *self._tool_flags(),
             *flags_from_mapping(self.profile.engine_args),
             *self.extra_args,
         ]
         return EngineCommand(argv=argv, env=dict(self.profile.engine_env))
+
+    def _tool_flags(self) -> list[str]:
+        """The catalog's chat template for models whose own renders no tools. Jinja templates
+        (which tools need) are llama-server's default at the vendored commit (`--jinja`,
+        "default: enabled"); the flag is given anyway so an older build fails loudly instead of
+        refusing `tools` per request ("tools param requires --jinja flag")."""
+        tools = self.profile.tools
+        if tools is None:
+            return []
+        flags = ["--jinja"]
+        if tools.chat_template and set(tools.llamacpp) - {"none"}:
+            # Only where llama.cpp honours more than "none": its template analysis then finds
+            # the call format in it. For "none" alone the model's own template (no tools shown).
+            flags += ["--chat-template", tools.chat_template]
+        return flags
 
     def _device_flags(self, binary: str) -> list[str]:
         """Where the model runs. A CUDA build offloads to every GPU it sees by default: CPU
@@ -272,6 +328,9 @@ class LlamaCppEngine(Engine):
     def parse_version(self, props: dict[str, Any]) -> str | None:
         info = props.get("build_info")
         return str(info) if info else None
+
+    def adapt_request(self, route: str, payload: dict[str, Any]) -> bool:
+        return route == "/v1/chat/completions" and adapt_tool_choice(payload)
 
     def adapt(self, route: str, payload: dict[str, Any]) -> dict[str, Any]:
         """inferd's (vLLM-shaped) tokenize/detokenize requests in llama-server's shape."""

@@ -10,6 +10,8 @@ and the user's pass-through arguments last (argparse: the last occurrence wins).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from inferd.engines.base import Engine, EngineCommand, flags_from_mapping
 
 # Environment every vLLM engine gets: no usage telemetry, and never reach a model hub at run time
@@ -163,6 +165,10 @@ ACCEPTED_PARAMS: dict[str, frozenset[str]] = {
 }
 
 
+# inferd's own tool-call parser, loaded by vLLM from this file (never imported by inferd).
+JSON_TOOLS_PLUGIN = Path(__file__).with_name("vllm_json_tools.py")
+
+
 def vllm_accepted_params(route: str) -> frozenset[str] | None:
     """vLLM's fields for `route` (embeddings: the text-input form; None: not checked)."""
     return ACCEPTED_PARAMS.get(route)
@@ -190,7 +196,30 @@ class VllmEngine(Engine):
             args["dtype"] = DTYPES[p.precision]
         if p.kv_precision == "fp8":
             args["kv-cache-dtype"] = "fp8"
-        return {**args, **p.engine_args}
+        return {**args, **self.tool_args(), **p.engine_args}
+
+    def tool_args(self) -> dict[str, str | int | float | bool]:
+        """Flags for the tool choices the catalog says this model honours on vLLM. Anything but
+        "none" needs both `--enable-auto-tool-choice` and a `--tool-call-parser`: vLLM 0.32 makes
+        its parser only with the auto switch, and refuses `required` and named functions without
+        a parser (400 "requires --tool-call-parser to be set"), though it then constrains those
+        to a JSON schema of the tools and never asks the parser. So "auto" is on in the engine
+        whenever a tool choice is; inferd refuses it for models that do not declare it (see
+        `inferd.catalog.schema.tool_refusal`). Also: the catalog's chat template where the
+        model's own renders no tools, and tools left out of the prompt for "none"."""
+        tools = self.profile.tools
+        if tools is None:
+            return {}
+        args: dict[str, str | int | float | bool] = {"exclude-tools-when-tool-choice-none": True}
+        if tools.vllm_parser and set(tools.vllm) - {"none"}:
+            if tools.vllm_parser == "inferd_json":
+                args["tool-parser-plugin"] = str(JSON_TOOLS_PLUGIN)
+            args["enable-auto-tool-choice"] = True
+            args["tool-call-parser"] = tools.vllm_parser
+        if tools.chat_template:
+            # A file path or the template itself: vLLM takes either.
+            args["chat-template"] = tools.chat_template
+        return args
 
     def command(self, host: str, port: int) -> EngineCommand:
         argv = [

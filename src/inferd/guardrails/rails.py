@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -63,7 +64,56 @@ from inferd.observability.metrics import Metrics
 log = logging.getLogger("inferd.guardrails")
 
 KNOWN_RAILS = ("pii", "jailbreak", "content_safety", "topic_control")
+PII_WORKERS = 2
+# The most text the PII rail reads for one request or check (characters): a budget, so one
+# request cannot buy minutes of pattern matching (1 MiB of digits takes about 15 s).
+MAX_PII_CHARS = 256 * 1024
+# Where a route's text is, as routes declare it (server.routes): chat messages, a completion
+# prompt, or none at all (said explicitly).
 GENERATION = ("/v1/chat/completions", "/v1/completions")
+NO_TEXT = ""
+
+
+# Every request field, on either engine, that makes an answer carry generated text or tokens
+# outside the choices' text (what the output rails read): each is refused while they are on.
+ANSWER_CARRIERS: dict[str, str] = {
+    "logprobs": "each generated token",  # OpenAI, both engines
+    "top_logprobs": "each generated token and its alternatives",
+    "tools": "tool-call arguments",
+    "functions": "function-call arguments",
+    "n_probs": "each generated token and its alternatives",  # llama.cpp
+    "post_sampling_probs": "each generated token",  # llama.cpp
+    "return_tokens": "the generated token ids",  # llama.cpp
+    "return_token_ids": "the generated token ids",  # vLLM
+    "return_tokens_as_token_ids": "the generated tokens",  # vLLM
+    "logprob_token_ids": "chosen tokens' logprobs",  # vLLM
+}
+
+
+def _pii_budget(chars: int) -> None:
+    if chars > MAX_PII_CHARS:
+        raise InvalidRequestError(
+            f"the text to check is {chars} characters; the pii rail reads at most "
+            f"{MAX_PII_CHARS} per request"
+        )
+
+
+def _token_prompt(payload: dict[str, Any]) -> bool:
+    """A completions prompt given as token ids (a list of ints, or of lists of ints)."""
+    prompt = payload.get("prompt")
+    if not isinstance(prompt, list) or not prompt:
+        return False
+    return all(isinstance(p, int) for p in prompt) or any(isinstance(p, list) for p in prompt)
+
+
+def _declared(route: str) -> bool:
+    """Whether the route's text is where rails read it; a route that declares something else
+    must not reach an engine unguarded."""
+    if route in GENERATION:
+        return True
+    if route == NO_TEXT:
+        return False
+    raise ValueError(f"the guardrails do not know where route {route!r} keeps its text")
 
 
 class GuardModels(Protocol):
@@ -104,6 +154,10 @@ class Guardrails:
         self.served = served or {}
         self.config = config = self._resolved(config)
         self.inline_input, self.inline_output = config.inline()
+        # The PII rail's pattern work runs here, never on the event loop: its cost grows with
+        # digit-dense text (about 15 ms per KiB), and a few threads bound how much of the CPU
+        # concurrent requests can take with it.
+        self.pii_workers = ThreadPoolExecutor(PII_WORKERS, thread_name_prefix="inferd-pii")
         self.probe: Probe | None = None
         self.state = "ready"
         # Set once every rail can run (the jailbreak classifier loaded or trained), or failed.
@@ -345,6 +399,12 @@ class Guardrails:
 
     # ------------------------------------------------------------------ PII
 
+    async def pii_off_loop(self, text: str, rail: PiiRail, stage: str) -> Verdict:
+        """The PII rail over `text`, in its worker threads."""
+        _pii_budget(len(text))
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.pii_workers, self.pii, text, rail, stage)
+
     def pii(self, text: str, rail: PiiRail, stage: str) -> Verdict:
         started = time.perf_counter()
         found = pii.find(text, rail.kinds, rail.region)
@@ -406,7 +466,7 @@ class Guardrails:
         jobs = []
         for name, rail in settings.items():
             if name == "pii":
-                jobs.append(_done(self.pii("\n".join(texts.all), rail, "check")))
+                jobs.append(self.pii_off_loop("\n".join(texts.all), rail, "check"))
             elif name == "jailbreak":
                 jobs.append(self.jailbreak(texts.all, rail, "check", via))
             elif name == "content_safety":
@@ -426,24 +486,41 @@ class Guardrails:
     async def guard_request(self, route: str, payload: dict[str, Any], offload: bool) -> bool:
         """Input rails over a generation request; True when its text was rewritten.
         `offload`: run the PII rail in a worker thread (long bodies)."""
-        if route not in GENERATION:
+        if not _declared(route):
             return False
         if self.reads_answers(route):
             # Text the output rails do not read would carry what they redact or block.
-            for name in ("logprobs", "top_logprobs", "tools", "functions"):
+            for name, carries in ANSWER_CARRIERS.items():
                 value = payload.get(name)
                 if value is not None and value is not False:  # `logprobs: 0` asks for some too
                     raise InvalidRequestError(
-                        f"{name} is not available while output rails are on: they check "
-                        "the answer's text, not token logprobs or tool-call arguments",
+                        f"{name} is not available while output rails are on: it would return "
+                        f"{carries}, which the rails do not check",
                         param=name,
                     )
+        inputs = self.inline_input
+        has_input_rails = any(
+            r is not None
+            for r in (inputs.pii, inputs.jailbreak, inputs.content_safety, inputs.topic_control)
+        )
+        if has_input_rails and route == GENERATION[1] and _token_prompt(payload):
+            # Token ids are text the input rails cannot read without the model's tokenizer.
+            raise InvalidRequestError(
+                "a prompt given as token ids is not accepted while input rails are on: "
+                "send it as text",
+                param="prompt",
+            )
         rails = self.inline_input
         param = "messages" if route.endswith("chat/completions") else "prompt"
         changed = False
         if rails.pii is not None:
+            held = request_texts(route, payload, rails.pii.roles)
+            _pii_budget(sum(len(h[k]) for h, k in held))
             if offload:
-                changed = await asyncio.to_thread(self._pii_request, route, payload, rails.pii)
+                loop = asyncio.get_running_loop()
+                changed = await loop.run_in_executor(
+                    self.pii_workers, self._pii_request, route, payload, rails.pii
+                )
             else:
                 changed = self._pii_request(route, payload, rails.pii)
         jobs = []
@@ -521,10 +598,6 @@ class Guardrails:
             else ""
         )
         return StreamFilter(self, chat=route.endswith("chat/completions"), user=user)
-
-
-async def _done(verdict: Verdict) -> Verdict:
-    return verdict
 
 
 def _blocked_message(verdict: Verdict, what: str) -> str:

@@ -26,6 +26,10 @@ log = logging.getLogger("inferd.guardrails")
 # Characters of streamed text held back until more arrives: longer than any PII kind found
 # here except unusual e-mail addresses (an IBAN with spaces is at most 42).
 HOLD = 64
+# The most held back at once: a span that keeps growing (a long run of digits read as one
+# number) would otherwise be held, and re-scanned, without bound. Past this, the held span is
+# redacted through and released.
+MAX_HELD = 16 * HOLD
 # The most of a streamed answer sent to the guard model at once (its latest part): the guard's
 # context is finite, and earlier windows were judged already.
 JUDGED_TAIL = 4000
@@ -140,10 +144,17 @@ class StreamFilter:
             self.blocked_by = Verdict("pii", True, "block", kinds)
             return None
         cut = len(text) if final else max(0, len(text) - HOLD)
+        through: pii.Finding | None = None
         for f in findings:  # never cut through a finding: send it whole or not yet
             if f.start < cut < f.end:
-                cut = f.start
+                if len(text) - f.start > MAX_HELD:
+                    # Held too long: redact what has come of it; the rest is checked as it comes.
+                    through = pii.Finding(f.kind, f.start, cut)
+                else:
+                    cut = f.start
         done = [f for f in findings if f.end <= cut]
+        if through is not None and through.end <= cut:
+            done.append(through)
         self.guards.record("pii", "output", seconds, False, len(done))
         self.pending[slot] = text[cut:]
         return pii.redact(text[:cut], done)

@@ -5,6 +5,10 @@ A request that finds every slot taken and the queue full is refused at once (503
 `queue_timeout_s` is refused too. The slot is held until the answer has been fully relayed
 (streams included), so `num_requests_running` is exactly what the engine is working on and
 `num_requests_waiting` exactly what waits in the front. One `Admission` per served model.
+
+`close` (the drain) refuses every waiter at once and queues nobody afterwards: a request still
+gets a slot that is free right away (it arrived before the drain, which waits for it), but none
+waits for one, so no slot is handed on to work the drain would only cut.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from dataclasses import dataclass
 
 from prometheus_client import Gauge
 
-from inferd.errors import OverloadedError
+from inferd.errors import DrainingError, OverloadedError
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,7 @@ class Admission:
         self.limits = limits
         self._running = 0
         self._queue: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._closed: str | None = None  # why nobody may queue any more (the drain)
         self._running_gauge = running.labels(model)
         self._waiting_gauge = waiting.labels(model)
 
@@ -68,11 +73,21 @@ class Admission:
             f"model {self.model} {why}; retry later", retry_after_s=self._retry_after()
         )
 
+    def close(self, reason: str) -> None:
+        """Refuse every waiter now (503 `shutting_down`, with `reason`), and queue nobody again."""
+        self._closed = reason
+        while self._queue:
+            waiter = self._queue.popleft()
+            if not waiter.done():
+                waiter.set_exception(DrainingError(reason))
+
     async def acquire(self) -> Slot:
         if self._running < self.limits.max_running and not self._queue:
             self._running += 1
             self._running_gauge.inc()
             return Slot(self)
+        if self._closed is not None:
+            raise DrainingError(self._closed)
         if len(self._queue) >= self.limits.max_queue:
             raise self._refuse(
                 f"is at capacity ({self._running} running, {len(self._queue)} queued)"
@@ -83,13 +98,14 @@ class Admission:
         try:
             await asyncio.wait_for(asyncio.shield(handed), self.limits.queue_timeout_s)
         except (TimeoutError, asyncio.CancelledError) as exc:
-            if handed.done() and not handed.cancelled():
+            if handed.done() and not handed.cancelled() and handed.exception() is None:
                 if isinstance(exc, TimeoutError):
                     return Slot(self)  # the slot arrived as time ran out: use it
                 self._release()  # the client left; pass the slot on
                 raise
             handed.cancel()
-            self._queue.remove(handed)
+            if handed in self._queue:
+                self._queue.remove(handed)
             if isinstance(exc, TimeoutError):
                 raise self._refuse(
                     f"had no free slot within {self.limits.queue_timeout_s:g} s"

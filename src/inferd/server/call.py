@@ -48,11 +48,13 @@ class Call:
         slot: Slot | None = None,
         key: KeyRecord | None = None,
         keys: KeyRing | None = None,
+        counted: bool | None = None,
     ) -> None:
         self.model = model
-        # Only generation requests hold a slot and feed the request and token metrics.
+        # Every forwarded request holds a slot (admission bounds what reaches an engine);
+        # generation and retrieval requests also feed the request and token metrics.
         self.slot = slot
-        self.counted = slot is not None
+        self.counted = slot is not None if counted is None else counted
         self.key, self.keys = key, keys
         self.metrics = metrics
         self.path = path

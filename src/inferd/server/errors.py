@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -42,9 +43,40 @@ def envelope(
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def error_response(exc: InferdError) -> JSONResponse:
+# Anthropic's `error.type` for each status (its Messages API's error envelope).
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "request_too_large",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    529: "overloaded_error",
+}
+
+
+def anthropic_body(status: int, openai: dict[str, Any]) -> dict[str, Any]:
+    """An OpenAI error envelope in Anthropic's: `{"type": "error", "error": {type, message}}`;
+    the field at fault, if any, is named in the message (Anthropic's envelope has no `param`)."""
+    err = openai.get("error") or {}
+    message = str(err.get("message") or "error")
+    param = err.get("param")
+    if param and param not in message:
+        message = f"{param}: {message}"
+    type_ = _ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+    return {"type": "error", "error": {"type": type_, "message": message}}
+
+
+def _body(api: str, status: int, body: dict[str, Any]) -> dict[str, Any]:
+    return anthropic_body(status, body) if api == "anthropic" else body
+
+
+def error_response(exc: InferdError, api: str = "openai") -> JSONResponse:
     body = envelope(exc.message, exc.type, exc.code, exc.param)
-    return JSONResponse(body, status_code=exc.status, headers=exc.headers())
+    return JSONResponse(_body(api, exc.status, body), status_code=exc.status, headers=exc.headers())
 
 
 def type_for(status: int) -> str:
@@ -82,7 +114,9 @@ def from_engine(status: int, body: bytes) -> dict[str, Any]:
     return envelope(message, type_for(status), code, param)
 
 
-def install(app: FastAPI) -> None:
+def install(app: FastAPI, api_of: Callable[[str], str] = lambda _: "openai") -> None:
+    """Map every error to its envelope; `api_of(path)` says whose ("openai" or "anthropic")."""
+
     @app.exception_handler(InferdError)
     async def _inferd(request: Request, exc: InferdError) -> JSONResponse:
         # One line per refused request, so an operator sees why clients fail (never the body).
@@ -95,7 +129,7 @@ def install(app: FastAPI) -> None:
             f" (param {exc.param})" if exc.param else "",
             f": {exc}" if exc.status >= 500 else "",  # inferd's own words, never the request
         )
-        return error_response(exc)
+        return error_response(exc, api_of(request.url.path))
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException) -> JSONResponse:
@@ -108,20 +142,24 @@ def install(app: FastAPI) -> None:
             )
         else:
             message, code = str(exc.detail), None
-        body = envelope(message, type_for(exc.status_code), code)
+        body = _body(
+            api_of(request.url.path),
+            exc.status_code,
+            envelope(message, type_for(exc.status_code), code),
+        )
         return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
         loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
         param = ".".join(loc) or None
         message = f"{param}: {first.get('msg', 'invalid')}" if param else str(first.get("msg"))
-        return JSONResponse(
-            envelope(message, "invalid_request_error", "invalid_request", param), 400
-        )
+        body = envelope(message, "invalid_request_error", "invalid_request", param)
+        return JSONResponse(_body(api_of(request.url.path), 400, body), 400)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return JSONResponse(envelope("internal error", "server_error", "internal_error"), 500)
+        body = envelope("internal error", "server_error", "internal_error")
+        return JSONResponse(_body(api_of(request.url.path), 500, body), 500)

@@ -37,8 +37,9 @@ class ServiceGuardModels:
         self.admit = admit
 
     async def _post(self, url: str, payload: dict[str, Any], headers: dict[str, str]) -> Any:
-        """The answer's JSON. Errors say what went wrong but not where: they can reach clients
-        (in /v1/guardrails/check verdicts); the address and the body go to the log."""
+        """A guard model behind a URL: the answer's JSON. Errors say what went wrong but not
+        where: they can reach clients (in /v1/guardrails/check verdicts); the address and the
+        body go to the log."""
         session = self.proxy.session
         assert session is not None
         try:
@@ -58,18 +59,11 @@ class ServiceGuardModels:
             raise GuardModelError("the guard model's server answered something not JSON") from None
 
     async def _engine(self, served: ServedModel, path: str, payload: dict[str, Any]) -> Any:
+        """A model served here, through its engine client (the proxy's translation)."""
         served.require_ready()
-        engine = served.supervisor.engine
-        for ours, theirs in engine.param_aliases.items():
-            if ours in payload:
-                payload[theirs] = payload.pop(ours)
-        if path in engine.adapted_routes:
-            payload = engine.adapt(path, payload)
         slot = await served.admission.acquire() if self.admit else None
         try:
-            return await self._post(served.supervisor.base_url + path, payload, {})
-        except GuardModelError as exc:
-            raise EngineUnavailableError(f"guard call to {served.id}: {exc}") from None
+            return await self.proxy.client(served.id).json(path, payload)
         finally:
             if slot is not None:
                 slot.release()

@@ -10,6 +10,12 @@ modification time changes, so `inferd keys create/revoke` take effect on a runni
 a restart. Limits: requests per minute and tokens (prompt + completion) per minute, over a sliding
 60-second window per key; over a limit -> 429 with `Retry-After` and which limit was hit.
 Keys are never logged: only their names are.
+
+Fail closed: once a `KeyRing` has seen a key (at start, or created later), `required` stays True
+for the life of the process. Revoking the last key, deleting or emptying the file (a Kubernetes
+Secret emptied under its mount) or writing something unreadable into it then refuses every
+request (401), instead of turning authentication off; only a restart without keys, which a
+non-loopback listener allows only with `--allow-unauthenticated`, serves openly again.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import collections
 import hashlib
 import hmac
 import json
+import logging
 import os
 import secrets
 import tempfile
@@ -28,8 +35,16 @@ from typing import Any
 
 from inferd.errors import AuthenticationError, ConfigError, RateLimitError, UsageError
 
+log = logging.getLogger("inferd.keys")
+
 PREFIX = "inferd"
 WINDOW_S = 60.0
+# What a client is told when the service requires keys but holds none (never the file's path:
+# that is for the operator's log).
+NO_KEYS = (
+    "no API keys are configured on this service, which requires one: every request is refused "
+    "until its operator creates a key"
+)
 
 
 @dataclass
@@ -61,6 +76,8 @@ class KeyFile:
             return []
         except (OSError, ValueError) as exc:
             raise ConfigError(f"API keys file {self.path}: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"API keys file {self.path}: expected a JSON object")
         try:
             return [KeyRecord(**k) for k in data.get("keys", [])]
         except TypeError as exc:
@@ -127,31 +144,60 @@ class _Usage:
 
 
 class KeyRing:
-    """The serving side: authenticates a request's key and applies its limits."""
+    """The serving side: authenticates a request's key and applies its limits.
+
+    The first read of the file happens here, at start: a file that cannot be read stops the
+    start (ConfigError). Later reads that fail refuse every request instead (fail closed)."""
 
     def __init__(self, path: Path) -> None:
         self.file = KeyFile(path)
         self._mtime: float | None = None
         self._by_id: dict[str, KeyRecord] = {}
         self._usage: dict[str, _Usage] = {}
-        self._refresh()
+        self._required = False
+        self._refresh(starting=True)
 
-    def _refresh(self) -> None:
+    def _refresh(self, *, starting: bool = False) -> None:
         try:
             mtime = self.file.path.stat().st_mtime_ns
         except FileNotFoundError:
             mtime = None
-        if mtime != self._mtime:
-            self._by_id = {r.id: r for r in self.file.load() if not r.revoked}
-            self._mtime = mtime
+        if mtime == self._mtime and not starting:
+            return
+        self._mtime = mtime
+        try:
+            records = self.file.load()
+        except ConfigError as exc:
+            if starting:
+                raise
+            log.error("%s; refusing every request until it is fixed", exc)
+            records = []
+        self._by_id = {r.id: r for r in records if not r.revoked}
+        if self._by_id:
+            self._required = True
+        elif self._required:
+            log.error(
+                "API keys file %s holds no active key: every request is refused until a key is "
+                "created (`inferd keys create`); serving without keys needs a restart",
+                self.file.path,
+            )
 
     @property
     def active(self) -> bool:
+        """Whether the file holds active keys right now."""
         self._refresh()
         return bool(self._by_id)
 
+    @property
+    def required(self) -> bool:
+        """Whether requests need a key: True from the first key seen, for good (fail closed)."""
+        self._refresh()
+        return self._required
+
     def authenticate(self, header: str | None) -> KeyRecord:
         self._refresh()
+        if not self._by_id:
+            raise AuthenticationError(NO_KEYS)
         scheme, _, token = (header or "").partition(" ")
         if scheme.lower() != "bearer" or not token:
             raise AuthenticationError("missing API key: send `Authorization: Bearer <key>`")

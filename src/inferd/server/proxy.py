@@ -1,16 +1,20 @@
-"""Forward an OpenAI request to its model's engine and relay the answer, streaming as it comes.
+"""Serve one request of a forwarded route (`server.routes`): checks, rails, admission, then the
+model's engine through its `EngineClient`, and the answer back in the route's own API.
 
 In order, each step cheap before the next: refuse while draining; check the API key and its
 limits; refuse an oversized body before reading it; parse the body (it must be a JSON object),
-pick the model, check the input limits; check the engine is ready; wait for a slot (admission
-control); then send the bytes on. Everything else is the engine's to validate (its 4xx come back
-in the OpenAI envelope). Bytes go through unchanged, with one exception kept invisible to the
-client: a streamed request that did not ask for usage gets `stream_options.include_usage` added,
-so the token counters are exact, and the engine's usage-only chunk is dropped on the way back.
+pick the model; a translated route (Responses, Messages) turns the request into chat
+completions here, so everything after is the same for every generation route; check the input
+limits and that the engine is ready; the input rails; wait for a slot (admission control); then
+send the bytes on. Everything else is the engine's to validate (its 4xx come back in the route's
+error envelope). Bytes go through unchanged where nothing has to change, with one exception kept
+invisible to the client: a streamed request that did not ask for usage gets
+`stream_options.include_usage` added, so the token counters are exact, and the engine's
+usage-only chunk is dropped on the way back.
 
 A client that disconnects closes the relay, which closes the engine connection, which makes the
-engine abort the request and free its slot. At the drain deadline `abort_all` cuts the engine
-connections still open; each stream then ends with an SSE error event and `[DONE]`.
+engine abort the request and free its slot. At the drain deadline `drain` cuts the engine
+connections still open; each stream then ends with an error event.
 """
 
 from __future__ import annotations
@@ -19,14 +23,14 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from fastapi import Request, Response
-from fastapi.responses import JSONResponse, StreamingResponse
-from starlette.types import Receive, Scope, Send
+from fastapi.responses import JSONResponse
 
+from inferd.catalog.schema import tool_refusal
+from inferd.engines.base import Engine
 from inferd.errors import (
     ContentFilterError,
     DrainingError,
@@ -37,28 +41,31 @@ from inferd.errors import (
 from inferd.guardrails.rails import Guardrails
 from inferd.observability.metrics import Metrics
 from inferd.server import limits, retrieval
+from inferd.server.apis import conform, schemas
+from inferd.server.apis.translation import Translation
 from inferd.server.call import Call
 from inferd.server.context import current_request_id
-from inferd.server.errors import envelope, from_engine
+from inferd.server.engine_client import EngineClient, EngineSessions
+from inferd.server.errors import anthropic_body
 from inferd.server.keys import KeyRecord, KeyRing
-from inferd.server.retrieval import Shape
+from inferd.server.relay import (
+    AnswerTooLargeError,
+    RelayResponse,
+    chat_events,
+    read_bounded,
+    translated_events,
+)
 from inferd.server.served import ModelTable, ServedModel
 
+if TYPE_CHECKING:  # routes names the proxy's handlers; the proxy only reads a Route
+    from inferd.server.routes import Route
+
 log = logging.getLogger("inferd.requests")
-ENGINE_KEEPALIVE_S = 4.0
-# Request bodies above this size are checked by the input rails in a worker thread: PII
-# detection takes about 1 ms per 2.5 KB, which would hold up every other stream.
-GUARD_INLINE_BYTES = 64 * 1024
-
-
-def _too_long(tokens: int, context: int, engine_said: str) -> str:
-    return (
-        f"the prompt has {tokens} tokens and the model's context is {context}; shorten the "
-        f"prompt (nothing was truncated). Engine: {engine_said}"
-    )
-
-
-_DONE = b"data: [DONE]"
+# Request bodies above this size are checked by the input rails in their worker threads: PII
+# detection takes up to about 15 ms per KiB of digit-dense text, which would hold up every
+# other stream; below it, the thread hop costs more than the check.
+GUARD_INLINE_BYTES = 1024
+CHAT_PATH = "/v1/chat/completions"
 
 
 def parse_body(body: bytes) -> dict[str, Any]:
@@ -68,6 +75,8 @@ def parse_body(body: bytes) -> dict[str, Any]:
         payload = json.loads(body)
     except ValueError as exc:
         raise InvalidRequestError(f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidRequestError("request body is nested too deeply") from None
     if not isinstance(payload, dict):
         raise InvalidRequestError("request body must be a JSON object")
     return payload
@@ -89,24 +98,33 @@ def _stream_flag(payload: dict[str, Any]) -> bool:
     return stream
 
 
-class RelayResponse(StreamingResponse):
-    """A streaming response that always releases the engine call, even if never iterated.
-
-    When a client disconnects before the first byte, Starlette cancels the response without ever
-    starting the body generator, so the generator's own clean-up would not run.
-    """
-
-    def __init__(
-        self, content: AsyncIterator[bytes], *, on_close: Callable[[], object], **kwargs: Any
-    ) -> None:
-        super().__init__(content, **kwargs)
-        self._on_close = on_close
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self._on_close()
+def _check(
+    path: str,
+    payload: dict[str, Any],
+    served: ServedModel,
+    engine: Engine,
+    translation: Translation | None,
+) -> None:
+    """The request's limits, and its tools against what the engine honours for this model
+    (refused, never dropped), named as the client named them."""
+    try:
+        limits.check(
+            path,
+            payload,
+            context=engine.context,
+            accepted=engine.accepted_params(path),
+            engine=engine.name,
+            max_n=engine.max_n,
+        )
+        if path == CHAT_PATH:
+            schemas.check_chat_tools(payload)
+            refusal = tool_refusal(served.id, engine.profile, payload)
+            if refusal is not None:
+                raise InvalidRequestError(refusal[0], param=refusal[1])
+    except InvalidRequestError as exc:
+        if translation is not None:
+            exc.param = translation.client_param(exc.param)
+        raise
 
 
 class Proxy:
@@ -119,6 +137,9 @@ class Proxy:
         max_body_bytes: int = 4 * 2**20,
         log_requests: bool = False,
         guards: Guardrails | None = None,
+        translations: dict[str, Any] | None = None,
+        engine_read_timeout_s: float | None = None,
+        max_answer_bytes: int = 64 * 2**20,
     ) -> None:
         self.models = models
         self.metrics = metrics
@@ -126,43 +147,40 @@ class Proxy:
         self.max_body_bytes = max_body_bytes
         self.log_requests = log_requests
         self.guards = guards  # inline rails, when a guardrails file turns some on
-        self.session: aiohttp.ClientSession | None = None
-        self.fresh: aiohttp.ClientSession | None = None
+        # What translated routes need besides the request (the Responses store), by keyword.
+        self.translations = translations or {}
+        self.sessions = EngineSessions(engine_read_timeout_s)
+        self.max_answer_bytes = max_answer_bytes
+        self.clients = {m.id: EngineClient(m, self.sessions) for m in models}
         self.draining = False
         self.active: set[Call] = set()
         self._idle: asyncio.Event | None = None  # set when draining and nothing is in flight
 
+    @property
+    def session(self) -> aiohttp.ClientSession | None:
+        return self.sessions.pool
+
     async def open(self) -> None:
-        # No pool limit: admission control decides how many requests reach an engine, not the
-        # connection pool. No total timeout: a long generation is not an error.
-        # Idle engine connections are dropped after 4 s, before the engines' own servers close
-        # them (llama-server and uvicorn both after 5 s): reusing one they just closed fails.
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=ENGINE_KEEPALIVE_S)
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=5)
-        self.session = aiohttp.ClientSession(
-            connector=connector, timeout=timeout, auto_decompress=False
-        )
-        # Retries go out on a connection of their own, never a pooled one: when an engine has
-        # closed one pooled connection it has often closed others (seen on a GPU, where a
-        # retry on the pool failed again and turned a harmless race into a 502).
-        self.fresh = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, force_close=True),
-            timeout=timeout,
-            auto_decompress=False,
-        )
+        await self.sessions.open()
 
     async def close(self) -> None:
-        for session in (self.session, self.fresh):
-            if session is not None:
-                await session.close()
+        await self.sessions.close()
+
+    def client(self, model: str) -> EngineClient:
+        return self.clients[model]
 
     # ------------------------------------------------------------------ guards
 
     def authorize(self, request: Request) -> KeyRecord | None:
-        """The caller's key record (401/429 otherwise); None when no keys are configured."""
-        if self.keys is None or not self.keys.active:
+        """The caller's key record (401/429 otherwise); None when no keys are configured.
+        Anthropic's clients send their key as `x-api-key`, OpenAI's as a bearer token."""
+        # Once started with keys, never open again: no keys left means no access (fail closed).
+        if self.keys is None or not self.keys.required:
             return None
-        record = self.keys.authenticate(request.headers.get("authorization"))
+        header = request.headers.get("authorization")
+        if header is None and "x-api-key" in request.headers:
+            header = "Bearer " + request.headers["x-api-key"]
+        record = self.keys.authenticate(header)
         self.keys.admit(record)
         return record
 
@@ -184,68 +202,65 @@ class Proxy:
 
     # ------------------------------------------------------------------ forwarding
 
-    async def forward(
-        self,
-        request: Request,
-        engine_path: str,
-        counted: bool = True,
-        shape: Shape | None = None,
-    ) -> Response:
+    async def forward(self, request: Request, route: Route) -> Response:
         if self.draining:
             raise DrainingError("the service is shutting down; retry on another replica")
         key = self.authorize(request)
         body = await self.read_body(request)
         payload = parse_body(body)
         served = self.models.lookup(payload.get("model"))
-        retrieval.check_route(served.entry, engine_path, request.url.path)
+        path = route.engine_path
+        translation: Translation | None = None
+        if route.translation is not None:
+            # Another API onto chat completions: from here on, a chat request like any other.
+            translation = route.translation.create(payload, served.id, **self.translations)
+            payload = translation.request()
+        retrieval.check_route(served.entry, path, request.url.path)
         stream = _stream_flag(payload)
-        engine = served.supervisor.engine
+        client = self.clients[served.id]
+        engine = client.engine
         reshape_answer = None
-        if shape is not None:
+        if route.shape is not None:
             # NIM's request format in the engine's terms (see server.retrieval).
-            payload, reshape_answer = shape(payload, served.entry)
-        limits.check(
-            engine_path,
-            payload,
-            context=engine.context,
-            accepted=engine.accepted_params(engine_path),
-            engine=engine.name,
-            max_n=engine.max_n,
-        )
+            payload, reshape_answer = route.shape(payload, served.entry)
+        _check(path, payload, served, engine, translation)
         served.require_ready()
         guarded = False
         if self.guards is not None:
             # Long texts: the PII rail off the event loop.
             offload = len(body) > GUARD_INLINE_BYTES
-            guarded = await self.guards.guard_request(engine_path, payload, offload)
-        rid = current_request_id()
+            guarded = await self.guards.guard_request(route.text, payload, offload)
+        adapted = engine.adapt_request(path, payload)  # after the rails: they read the client's
+        rewritten = guarded or adapted or route.shape is not None or translation is not None
         if self.log_requests:  # what the engine gets: after the input rails
-            shown = json.dumps(payload) if guarded else body.decode("utf-8", "replace")
+            shown = json.dumps(payload) if rewritten else body.decode("utf-8", "replace")
             log.info("request body: %s", shown)
-        slot = await served.admission.acquire() if counted else None
-        call = Call(served.id, self.metrics, engine_path, rid, slot=slot, key=key, keys=self.keys)
+        # Every route waits for a slot (tokenize too: it runs on the engine like the rest).
+        slot = await served.admission.acquire()
+        call = Call(
+            served.id,
+            self.metrics,
+            path,
+            current_request_id(),
+            slot=slot,
+            key=key,
+            keys=self.keys,
+            counted=route.counted,
+        )
         call.reshape_answer = reshape_answer
         self.active.add(call)
-        # The body is re-encoded once, and only when something in it had to change.
-        renamed = [ours for ours in engine.param_aliases if ours in payload]
-        for ours in renamed:
-            payload[engine.param_aliases[ours]] = payload.pop(ours)
-        rewritten = bool(renamed) or shape is not None or guarded
         if stream and not (payload.get("stream_options") or {}).get("include_usage"):
             payload["stream_options"] = {
                 **(payload.get("stream_options") or {}),
                 "include_usage": True,
             }
             call.strip_usage = rewritten = True
-        if engine_path in engine.adapted_routes:
-            body = json.dumps(engine.adapt(engine_path, payload)).encode()
-        elif rewritten:
-            body = json.dumps(payload).encode()
-        call.adapt_event = engine.event_adapter(engine_path)
+        body = client.encode(path, payload, None if rewritten else body)
+        call.adapt_event = engine.event_adapter(path)
         if self.guards is not None and stream:
-            call.stream_filter = self.guards.stream_filter(engine_path, payload)
+            call.stream_filter = self.guards.stream_filter(route.text, payload)
         try:
-            return await self._send(served, engine_path, body, stream, call, payload)
+            return await self._send(client, route, body, stream, call, payload, translation)
         except asyncio.CancelledError:
             self._end(call, 499)  # the client went away while the engine was answering
             raise
@@ -264,88 +279,88 @@ class Proxy:
 
     async def _send(
         self,
-        served: ServedModel,
-        path: str,
+        client: EngineClient,
+        route: Route,
         body: bytes,
         stream: bool,
         call: Call,
         payload: dict[str, Any],
+        translation: Translation | None,
     ) -> Response:
-        assert self.session is not None and self.fresh is not None
-        url = served.supervisor.base_url + path
-        headers = {"Content-Type": "application/json", "X-Request-Id": call.engine_rid}
-        try:
-            try:
-                resp = await self.session.post(url, data=body, headers=headers)
-            except aiohttp.ClientConnectionError as first:
-                # A kept-alive connection the engine closed just as it was reused: nothing was
-                # answered, so send once more, on a fresh connection. llama-server does this to
-                # 5-25% of requests at 12-16 streams (benchmarks/RESULTS.md), whatever its
-                # number of HTTP threads.
-                log.info("engine connection failed before an answer (%s); retrying once", first)
-                resp = await self.fresh.post(url, data=body, headers=headers)
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            served.supervisor.report_failure(f"a request could not reach the engine: {exc}")
-            raise EngineUnavailableError(f"engine for {served.id} is unreachable: {exc}") from None
+        served, path = client.served, route.engine_path
+        resp = await client.post(path, body, call.engine_rid)
         call.upstream = resp
         if not stream or resp.status != 200:
-            try:
-                data = await resp.read()
-            except (TimeoutError, aiohttp.ClientError) as exc:
-                if call.abort_reason:
-                    raise DrainingError(call.abort_reason) from None
-                served.supervisor.report_failure(f"the engine failed mid-answer: {exc}")
-                raise EngineUnavailableError(
-                    f"engine for {served.id} failed mid-answer: {exc}"
-                ) from None
-            finally:
-                resp.release()
+            data = await self._read(resp, call, served)
             if resp.status >= 400:
                 # An engine's own server error is, seen from the front, a failed upstream: 502.
                 status = 502 if resp.status >= 500 else resp.status
                 self._end(call, status)
-                error = from_engine(status, data)
-                counts = served.supervisor.engine.prompt_too_long(data)
-                if counts is not None:  # the engine counted the whole prompt itself
-                    error["error"]["message"] = _too_long(*counts, error["error"]["message"])
-                elif status == 400 and b"maximum context length" in data:
-                    await self._count_prompt(served, body, error)
+                error = await client.error(status, data, body)
+                if translation is not None:  # name the field the client sent
+                    error["error"]["param"] = translation.client_param(error["error"]["param"])
+                if route.api == "anthropic":
+                    return JSONResponse(anthropic_body(status, error), status)
                 return JSONResponse(error, status)
-            if path in served.supervisor.engine.adapted_routes:
-                with contextlib.suppress(ValueError):
-                    adapted = served.supervisor.engine.adapt_answer(path, json.loads(data))
-                    data = json.dumps(adapted).encode()
-            else:
-                data = call.adapt_body(data)
+            data = call.adapt_body(client.whole_answer(path, data))
             answer = call.read_answer(data)
-            guard = self.guards is not None and self.guards.reads_answers(path)
-            if answer is not None and (call.reshape_answer is not None or guard):
-                # Parsed once above; re-encoded once for both.
+            guard = self.guards is not None and self.guards.reads_answers(route.text)
+            if answer is not None and (
+                call.reshape_answer is not None
+                or guard
+                or translation is not None
+                or path in conform.ROUTES
+            ):
+                # Parsed once above; re-encoded once for all. OpenAI's published shape first
+                # (whatever the engine), so rails and translations read one shape.
+                answer = conform.answer(path, answer)
                 if call.reshape_answer is not None:
                     answer = call.reshape_answer(answer)
                 if guard:
-                    answer = await self._guard_answer(path, payload, answer, call)
+                    answer = await self._guard_answer(route.text, payload, answer, call)
+                if translation is not None:
+                    answer = translation.answer(answer)
+                    translation.finished(answer)
                 data = json.dumps(answer).encode()
             self._end(call, resp.status)
-            return Response(data, resp.status, media_type=resp.content_type)
+            return Response(data, resp.status, media_type="application/json")
 
         def release() -> None:
             resp.close()
             self._end(call, 499)  # a no-op when the relay already recorded how it ended
 
+        events = chat_events(resp, call, served, self._end, self.max_answer_bytes)
+        if translation is not None:
+            events = translated_events(events, translation)
         return RelayResponse(
-            self._relay(resp, call, served),
+            events,
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache"},
             on_close=release,
         )
 
+    async def _read(self, resp: aiohttp.ClientResponse, call: Call, served: ServedModel) -> bytes:
+        try:
+            return await read_bounded(resp, self.max_answer_bytes)
+        except AnswerTooLargeError as exc:
+            resp.close()  # the rest is never read: this connection is not reused
+            raise EngineUnavailableError(f"engine for {served.id}: {exc}") from None
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            if call.abort_reason:
+                raise DrainingError(call.abort_reason) from None
+            served.supervisor.report_failure(f"the engine failed mid-answer: {exc}")
+            raise EngineUnavailableError(
+                f"engine for {served.id} failed mid-answer: {exc}"
+            ) from None
+        finally:
+            resp.release()
+
     async def _guard_answer(
-        self, path: str, request: dict[str, Any], answer: dict[str, Any], call: Call
+        self, text: str, request: dict[str, Any], answer: dict[str, Any], call: Call
     ) -> dict[str, Any]:
         assert self.guards is not None
         try:
-            guarded = await self.guards.guard_answer(path, request, answer)
+            guarded = await self.guards.guard_answer(text, request, answer)
         except ContentFilterError:
             call.finish_reason = "content_filter"
             self._end(call, 400)
@@ -354,118 +369,6 @@ class Proxy:
         if any(isinstance(c, dict) and c.get("finish_reason") == "content_filter" for c in choices):
             call.finish_reason = "content_filter"
         return guarded
-
-    async def _count_prompt(self, served: ServedModel, body: bytes, error: dict[str, Any]) -> None:
-        """Add the prompt's real token count to a too-long error: engines stop counting at the
-        limit ("at least 8193"), and a user deciding how much to cut needs the real number."""
-        assert self.session is not None
-        payload = json.loads(body)
-        query: dict[str, Any] = {"model": payload["model"]}
-        texts = payload.get("input")
-        if isinstance(payload.get("prompt"), str):
-            query["prompt"] = payload["prompt"]
-        elif isinstance(payload.get("messages"), list):
-            query.update(messages=payload["messages"], add_generation_prompt=True)
-        elif isinstance(texts, str | list) and texts:
-            await self._count_inputs(served, query, texts, error)
-            return
-        else:
-            return
-        counted = await self._token_count(served, query)
-        if counted is not None:
-            error["error"]["message"] = _too_long(*counted, error["error"]["message"])
-
-    async def _token_count(
-        self, served: ServedModel, query: dict[str, Any]
-    ) -> tuple[int, int] | None:
-        """(tokens, the model's context) from the engine's tokenizer; None if it cannot say."""
-        assert self.session is not None
-        with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError, KeyError):
-            async with self.session.post(
-                served.supervisor.base_url + "/tokenize",
-                json=query,
-                timeout=aiohttp.ClientTimeout(total=10),
-            ) as resp:
-                counted = await resp.json()
-                return int(counted["count"]), int(counted["max_model_len"])
-        return None
-
-    async def _count_inputs(
-        self, served: ServedModel, query: dict[str, Any], texts: str | list[Any], error: Any
-    ) -> None:
-        """The same for embeddings: the longest text input, by index, with NIM's way out."""
-        inputs = [texts] if isinstance(texts, str) else texts
-        longest: tuple[int, int, int] | None = None  # tokens, index, context
-        for index, text in enumerate(inputs[:256]):
-            if not isinstance(text, str):
-                return
-            counted = await self._token_count(served, {**query, "prompt": text})
-            if counted is None:
-                return
-            if longest is None or counted[0] > longest[0]:
-                longest = (counted[0], index, counted[1])
-        if longest is None:
-            return
-        tokens, index, context = longest
-        which = "the input" if isinstance(texts, str) else f"input[{index}]"
-        error["error"]["message"] = (
-            f"{which} has {tokens} tokens and the model's context is {context}; shorten it, or "
-            "send truncate=END (or START) to cut it to fit (nothing was truncated). "
-            f"Engine: {error['error']['message']}"
-        )
-        error["error"]["param"] = "input"
-
-    async def _relay(
-        self, resp: aiohttp.ClientResponse, call: Call, served: ServedModel
-    ) -> AsyncIterator[bytes]:
-        """Pass complete SSE events on as soon as they arrive; never hold a finished event."""
-        pending = b""
-        status = 499  # if the generator is closed early, the client went away
-        try:
-            async for chunk in resp.content.iter_any():
-                pending += chunk
-                end = pending.rfind(b"\n\n")
-                if end < 0:
-                    continue
-                complete, pending = pending[: end + 2], pending[end + 2 :]
-                out = call.observe_events(complete)
-                stop = False
-                if call.stream_filter is not None:
-                    out, stop = await call.stream_filter.process(out)
-                    if stop:
-                        call.finish_reason = "content_filter"
-                if _DONE in out:
-                    # The answer is complete: a client that hangs up now has what it asked for.
-                    status = 200
-                if out:
-                    yield out
-                if stop:
-                    return  # an output rail ended the stream; `finally` closes the engine's
-            if pending.strip():
-                if call.stream_filter is not None:  # a last event without its blank line
-                    pending, stop = await call.stream_filter.process(pending + b"\n\n")
-                    if stop:
-                        call.finish_reason = "content_filter"
-                yield pending
-            if call.stream_filter is not None and not call.stream_filter.blocked:
-                # Ended without [DONE]: what the rails still hold is judged and sent now.
-                tail = await call.stream_filter.finish()
-                if call.stream_filter.blocked:
-                    call.finish_reason = "content_filter"
-                if tail:
-                    yield tail
-            status = 200
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            if call.abort_reason:
-                status, err = 503, envelope(call.abort_reason, "server_error", "shutting_down")
-            else:
-                reason = f"the engine stopped mid-stream: {exc}"
-                served.supervisor.report_failure(reason)
-                status, err = 502, envelope(reason, "server_error", "engine_unavailable")
-            yield b"data: " + json.dumps(err).encode() + b"\n\ndata: [DONE]\n\n"
-        finally:
-            resp.close()
-            self._end(call, status)
 
     # ------------------------------------------------------------------ drain
 

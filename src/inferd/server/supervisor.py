@@ -39,6 +39,14 @@ HEALTH_POLL_S = 0.5
 EXIT_POLL_S = 0.2
 STOP_GRACE_S = 10.0
 LOG_TAIL_LINES = 200
+# Engine output is read in chunks of READ_CHUNK bytes whatever its line length, and each line is
+# kept (logged, put in the tail) up to MAX_LINE_BYTES; the rest of a longer line is counted and
+# dropped. A reader that waits for a newline can be made to buffer without bound, or to give up
+# (asyncio's readline raises past its limit): then nobody reads the pipe, it fills, and the
+# engine blocks on its next write while its health route still answers. llama.cpp echoes a bad
+# grammar back in full, and vLLM dumps its whole config on one line.
+READ_CHUNK = 64 * 1024
+MAX_LINE_BYTES = 16 * 1024
 # Engine output lines that are worth a warning even when the engine's chatter is at debug level.
 _LOUD = (" ERROR ", " CRITICAL ", "Traceback (most recent call last)")
 
@@ -56,6 +64,42 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+class _LineCutter:
+    """Splits a byte stream into lines of at most `limit` bytes; a longer line keeps its first
+    `limit` bytes and says how many were cut."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._kept = bytearray()  # the current line, up to `limit` bytes
+        self._dropped = 0  # bytes of the current line beyond `limit`
+
+    def feed(self, chunk: bytes) -> list[str]:
+        lines = []
+        *complete, rest = chunk.split(b"\n")
+        for piece in complete:
+            self._keep(piece)
+            lines.append(self._take())
+        self._keep(rest)
+        return lines
+
+    def flush(self) -> str | None:
+        """The last line, when the output ended without a newline."""
+        return self._take() if self._kept or self._dropped else None
+
+    def _keep(self, piece: bytes) -> None:
+        room = self.limit - len(self._kept)
+        self._kept += piece[:room]
+        self._dropped += max(0, len(piece) - room)
+
+    def _take(self) -> str:
+        line = self._kept.decode("utf-8", "replace").rstrip()
+        if self._dropped:
+            line += f" [... line cut: {self._dropped} more bytes]"
+        self._kept.clear()
+        self._dropped = 0
+        return line
 
 
 class Supervisor:
@@ -120,16 +164,23 @@ class Supervisor:
             stderr=asyncio.subprocess.STDOUT,
             env={**os.environ, **cmd.env},
             start_new_session=True,
-            limit=1 << 20,  # engines print long lines (config dumps); the default is 64 KiB
+            limit=2 * READ_CHUNK,  # how much asyncio buffers before it stops reading the pipe
         )
 
     async def _pump_output(self, proc: asyncio.subprocess.Process) -> None:
+        """Log the engine's output until it closes, a line at a time, in bounded memory."""
         assert proc.stdout is not None
-        async for raw in proc.stdout:
-            line = raw.decode("utf-8", "replace").rstrip()
-            self.tail.append(line)
-            level = logging.WARNING if any(w in line for w in _LOUD) else logging.DEBUG
-            self._log.log(level, "%s", line)
+        lines = _LineCutter(MAX_LINE_BYTES)
+        while chunk := await proc.stdout.read(READ_CHUNK):
+            for line in lines.feed(chunk):
+                self._log_line(line)
+        if (last := lines.flush()) is not None:
+            self._log_line(last)
+
+    def _log_line(self, line: str) -> None:
+        self.tail.append(line)
+        level = logging.WARNING if any(w in line for w in _LOUD) else logging.DEBUG
+        self._log.log(level, "%s", line)
 
     async def _wait_ready(
         self, proc: asyncio.subprocess.Process, session: aiohttp.ClientSession

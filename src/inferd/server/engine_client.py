@@ -1,0 +1,257 @@
+"""How the front talks to one served model's engine: the one place engine requests are built,
+sent and read back.
+
+`EngineSessions` holds the HTTP connection pools every engine client shares (opened and closed
+by the app's lifespan). An `EngineClient` per served model knows its engine's base URL, puts a
+request body into the engine's own shape (renamed fields, reshaped routes), posts it with the one
+retry a dropped kept-alive connection deserves, reads a whole answer back into inferd's shape,
+turns the engine's errors into the OpenAI envelope (with the prompt's real token count when it
+did not fit), and counts tokens with the engine's tokenizer. Both the proxy (client requests)
+and the guard models (rail calls) go through it, so the translation code lives once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from typing import Any
+
+import aiohttp
+
+from inferd.engines.base import Engine
+from inferd.errors import EngineUnavailableError, InvalidRequestError
+from inferd.server.errors import from_engine
+from inferd.server.served import ServedModel
+
+log = logging.getLogger("inferd.requests")
+ENGINE_KEEPALIVE_S = 4.0
+
+
+def _too_long(tokens: int, context: int, engine_said: str) -> str:
+    return (
+        f"the prompt has {tokens} tokens and the model's context is {context}; shorten the "
+        f"prompt (nothing was truncated). Engine: {engine_said}"
+    )
+
+
+class EngineSessions:
+    """The connection pools shared by every engine client. `read_timeout_s`: how long an
+    engine may stay silent mid-answer (a hung engine must not hold a request for ever)."""
+
+    def __init__(self, read_timeout_s: float | None = None) -> None:
+        self.read_timeout_s = read_timeout_s
+        self.pool: aiohttp.ClientSession | None = None
+        self.fresh: aiohttp.ClientSession | None = None
+
+    async def open(self) -> None:
+        # No pool limit: admission control decides how many requests reach an engine, not the
+        # connection pool. No total timeout: a long generation is not an error.
+        # Idle engine connections are dropped after 4 s, before the engines' own servers close
+        # them (llama-server and uvicorn both after 5 s): reusing one they just closed fails.
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=ENGINE_KEEPALIVE_S)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=self.read_timeout_s)
+        self.pool = aiohttp.ClientSession(
+            connector=connector, timeout=timeout, auto_decompress=False
+        )
+        # Retries go out on a connection of their own, never a pooled one: when an engine has
+        # closed one pooled connection it has often closed others (seen on a GPU, where a
+        # retry on the pool failed again and turned a harmless race into a 502).
+        self.fresh = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, force_close=True),
+            timeout=timeout,
+            auto_decompress=False,
+        )
+
+    async def close(self) -> None:
+        for session in (self.pool, self.fresh):
+            if session is not None:
+                await session.close()
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        assert self.pool is not None, "engine sessions are opened by the app's lifespan"
+        return self.pool
+
+
+class EngineClient:
+    """One served model's engine, as the front speaks to it."""
+
+    def __init__(self, served: ServedModel, sessions: EngineSessions) -> None:
+        self.served = served
+        self.sessions = sessions
+
+    @property
+    def engine(self) -> Engine:
+        return self.served.supervisor.engine
+
+    @property
+    def base_url(self) -> str:
+        return self.served.supervisor.base_url
+
+    # ------------------------------------------------------------------ requests
+
+    def encode(self, path: str, payload: dict[str, Any], raw: bytes | None = None) -> bytes:
+        """The request body in the engine's shape. `raw`: the client's own bytes, sent as they
+        are when nothing had to change (the body is re-encoded once, and only if needed)."""
+        engine = self.engine
+        renamed = [ours for ours in engine.param_aliases if ours in payload]
+        for ours in renamed:
+            payload[engine.param_aliases[ours]] = payload.pop(ours)
+        if path in engine.adapted_routes:
+            return json.dumps(engine.adapt(path, payload)).encode()
+        if raw is not None and not renamed:
+            return raw
+        return json.dumps(payload).encode()
+
+    async def post(self, path: str, body: bytes, rid: str) -> aiohttp.ClientResponse:
+        """Post `body`; the engine's response, its body unread. A connection that fails before
+        an answer is tried once more on a fresh connection; then the engine is reported."""
+        assert self.sessions.pool is not None and self.sessions.fresh is not None
+        url = self.base_url + path
+        headers = {"Content-Type": "application/json", "X-Request-Id": rid}
+        try:
+            try:
+                return await self.sessions.pool.post(url, data=body, headers=headers)
+            except aiohttp.ClientConnectionError as first:
+                # A kept-alive connection the engine closed just as it was reused: nothing was
+                # answered, so send once more, on a fresh connection. llama-server does this to
+                # 5-25% of requests at 12-16 streams (benchmarks/RESULTS.md), whatever its
+                # number of HTTP threads.
+                log.info("engine connection failed before an answer (%s); retrying once", first)
+                return await self.sessions.fresh.post(url, data=body, headers=headers)
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            self.served.supervisor.report_failure(f"a request could not reach the engine: {exc}")
+            raise EngineUnavailableError(
+                f"engine for {self.served.id} is unreachable: {exc}"
+            ) from None
+
+    def whole_answer(self, path: str, data: bytes) -> bytes:
+        """A whole answer of a route whose shape differs on this engine (tokenize), in
+        inferd's shape; other answers as they are (their per-event reshaping is the `Call`'s)."""
+        engine = self.engine
+        if path in engine.adapted_routes:
+            with contextlib.suppress(ValueError):
+                return json.dumps(engine.adapt_answer(path, json.loads(data))).encode()
+        return data
+
+    async def json(self, path: str, payload: dict[str, Any]) -> Any:
+        """A whole request for the front's own use (guard rails): the answer's JSON.
+        EngineUnavailableError when the engine fails or answers an error."""
+        body = self.encode(path, payload)
+        who = f"guard call to {self.served.id}"
+        try:
+            resp = await self.post(path, body, "guard")
+            async with resp:
+                data = await resp.read()
+        except (TimeoutError, aiohttp.ClientError):
+            raise EngineUnavailableError(
+                f"{who}: the guard model's server could not be reached"
+            ) from None
+        if resp.status != 200:
+            log.warning("%s at %s%s: %s %s", who, self.base_url, path, resp.status, data[:300])
+            raise EngineUnavailableError(f"{who}: the guard model's server answered {resp.status}")
+        try:
+            return json.loads(self.whole_answer(path, data))
+        except ValueError:
+            raise EngineUnavailableError(
+                f"{who}: the guard model's server answered something not JSON"
+            ) from None
+
+    # ------------------------------------------------------------------ errors
+
+    async def error(self, status: int, data: bytes, body: bytes) -> dict[str, Any]:
+        """The engine's error answer in the OpenAI envelope; a prompt that did not fit gets its
+        real token count (engines stop counting at the limit, "at least 8193", and a user
+        deciding how much to cut needs the real number)."""
+        error = from_engine(status, data)
+        counts = self.engine.prompt_too_long(data)
+        if counts is not None:  # the engine counted the whole prompt itself
+            tokens, context = counts
+            error["error"]["message"] = _too_long(tokens, context, error["error"]["message"])
+        elif status == 400 and b"maximum context length" in data:
+            await self._count_prompt(body, error)
+        return error
+
+    async def _count_prompt(self, body: bytes, error: dict[str, Any]) -> None:
+        payload = json.loads(body)
+        query: dict[str, Any] = {"model": payload["model"]}
+        texts = payload.get("input")
+        if isinstance(payload.get("prompt"), str):
+            query["prompt"] = payload["prompt"]
+        elif isinstance(payload.get("messages"), list):
+            query.update(messages=payload["messages"], add_generation_prompt=True)
+            if payload.get("tools"):
+                query["tools"] = payload["tools"]
+        elif isinstance(texts, str | list) and texts:
+            await self._count_inputs(query, texts, error)
+            return
+        else:
+            return
+        counted = await self.token_count(query)
+        if counted is not None:
+            error["error"]["message"] = _too_long(*counted, error["error"]["message"])
+
+    async def token_count(self, query: dict[str, Any]) -> tuple[int, int] | None:
+        """(tokens, the model's context) from the engine's tokenizer; None if it cannot say."""
+        with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError, KeyError):
+            async with self.sessions.session.post(
+                self.base_url + "/tokenize",
+                data=self.encode("/tokenize", dict(query)),
+                headers={"Content-Type": "application/json"},
+                timeout=aiohttp.ClientTimeout(total=10),
+            ) as resp:
+                counted = json.loads(self.whole_answer("/tokenize", await resp.read()))
+                return int(counted["count"]), int(counted["max_model_len"])
+        return None
+
+    async def count_chat(self, query: dict[str, Any]) -> int:
+        """The prompt tokens of a chat request (`messages`, `tools`, ...) as the engine renders
+        it with the model's chat template and counts it with its own tokenizer: vLLM's
+        /tokenize takes messages; llama-server's takes text only, and counts a chat request on
+        a route of its own."""
+        path = self.engine.chat_tokens_path
+        answer = await self._post_json(path, query)
+        try:
+            return int(answer["input_tokens"] if "input_tokens" in answer else answer["count"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise EngineUnavailableError(
+                f"the engine of {self.served.id} did not count the tokens: {exc}"
+            ) from None
+
+    async def _post_json(self, path: str, payload: dict[str, Any]) -> Any:
+        """A small request of the front's own; the engine's 4xx become the client's error."""
+        resp = await self.post(path, self.encode(path, dict(payload)), "count")
+        async with resp:
+            data = await resp.read()
+        if resp.status >= 400:
+            err = from_engine(resp.status, data)["error"]
+            if resp.status >= 500:
+                raise EngineUnavailableError(f"the engine of {self.served.id}: {err['message']}")
+            raise InvalidRequestError(err["message"], param=err["param"])
+        return json.loads(self.whole_answer(path, data))
+
+    async def _count_inputs(
+        self, query: dict[str, Any], texts: str | list[Any], error: Any
+    ) -> None:
+        """The same for embeddings: the longest text input, by index, with NIM's way out."""
+        inputs = [texts] if isinstance(texts, str) else texts
+        longest: tuple[int, int, int] | None = None  # tokens, index, context
+        for index, text in enumerate(inputs[:256]):
+            if not isinstance(text, str):
+                return
+            counted = await self.token_count({**query, "prompt": text})
+            if counted is None:
+                return
+            if longest is None or counted[0] > longest[0]:
+                longest = (counted[0], index, counted[1])
+        if longest is None:
+            return
+        tokens, index, context = longest
+        which = "the input" if isinstance(texts, str) else f"input[{index}]"
+        error["error"]["message"] = (
+            f"{which} has {tokens} tokens and the model's context is {context}; shorten it, or "
+            "send truncate=END (or START) to cut it to fit (nothing was truncated). "
+            f"Engine: {error['error']['message']}"
+        )
+        error["error"]["param"] = "input"
