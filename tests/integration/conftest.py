@@ -39,6 +39,9 @@ class RecordedEngine(Engine):
             [sys.executable, str(RECORDED), "--host", host, "--port", str(port), *self.extra_args]
         )
 
+    def secret_env(self, secret: str) -> dict[str, str]:
+        return {"RECORDED_API_KEY": secret}  # required only with --require-key
+
     def accepted_params(self, route: str) -> frozenset[str] | None:
         return vllm_accepted_params(route)
 

@@ -14,7 +14,9 @@ hangs up makes the front close the engine connection). `--ready-after S` delays 
 vLLM, which only opens its port once the model is loaded; `--exit-at-start` fails at once.
 `--drop-reused` closes, unanswered, every completion request that arrives on a connection that
 has carried one before (llama-server's extra HTTP threads close theirs after one request, and the
-front's pool then reuses them).
+front's pool then reuses them). `--require-key` answers 401 to any request (but /debug/*) without
+`Authorization: Bearer $RECORDED_API_KEY`, the key the supervisor gives each start, as the real
+engines do with theirs; `/debug/open-streams` also says how many it refused.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import sys
 from pathlib import Path
 
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "vllm-0.32.0"
 
@@ -43,6 +46,7 @@ class Recorded:
         self.drop_reused = drop_reused
         self.served_on: set[object] = set()  # client addresses of connections answered once
         self.dropped = 0
+        self.refused = 0  # requests without the key (--require-key)
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         if self.drop_reused and request.transport is not None:
@@ -127,7 +131,21 @@ class Recorded:
         return web.Response()
 
     async def open_count(self, _: web.Request) -> web.Response:
-        return web.json_response({"open": self.open_streams, "dropped": self.dropped})
+        return web.json_response(
+            {"open": self.open_streams, "dropped": self.dropped, "refused": self.refused}
+        )
+
+    def key_check(self, key: str) -> Middleware:
+        @web.middleware
+        async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+            if request.path.startswith("/debug/") or (
+                key and request.headers.get("Authorization") == f"Bearer {key}"
+            ):
+                return await handler(request)
+            self.refused += 1
+            return web.json_response({"error": {"message": "Invalid API Key"}}, status=401)
+
+        return check
 
 
 def main() -> None:
@@ -137,13 +155,18 @@ def main() -> None:
     parser.add_argument("--ready-after", type=float, default=0.0)
     parser.add_argument("--exit-at-start", action="store_true")
     parser.add_argument("--drop-reused", action="store_true")
+    parser.add_argument("--require-key", action="store_true")
     args = parser.parse_args()
     print(json.dumps({"recorded engine": "starting", "port": args.port}), flush=True)
     if args.exit_at_start:
         print("ERROR recorded engine told to fail at start", file=sys.stderr, flush=True)
         sys.exit(4)
     rec = Recorded(args.drop_reused)
-    app = web.Application()
+    app = web.Application(
+        middlewares=[rec.key_check(os.environ.get("RECORDED_API_KEY", ""))]
+        if args.require_key
+        else []
+    )
     app.router.add_post("/v1/chat/completions", rec.chat)
     app.router.add_post("/v1/completions", rec.chat)
     for path in ("/v1/models", "/version", "/metrics"):

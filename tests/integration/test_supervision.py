@@ -1,15 +1,20 @@
-"""The supervisor with a real process: readiness, crash mid-stream, restart, failing start, stop."""
+"""The supervisor with a real process: readiness, crash mid-stream, restart, failing start, stop;
+the engine's key, and a port taken by another process."""
 
 from __future__ import annotations
 
 import json
 import os
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
 import psutil
+import pytest
 
+from inferd.server import supervisor as supervisor_module
 from tests.integration.conftest import MODEL, served_model, start_front, stop_front
 
 
@@ -75,3 +80,77 @@ def test_stop_leaves_no_engine_process(tmp_path: Path) -> None:
     assert engine.ppid() == os.getpid()  # the launch shim exec'd into the engine
     stop_front(front)
     assert not psutil.pid_exists(pid) or engine.status() == psutil.STATUS_ZOMBIE
+
+
+def test_front_sends_the_engine_its_key_on_every_call(tmp_path: Path) -> None:
+    """The engine requires the start's key (like llama-server and vLLM with theirs): the
+    supervisor's health and version calls, forwarded requests, token counts, the model list and
+    the metrics scrape all carry it; a local process without it is refused."""
+    front = start_front(served_model(tmp_path, "--require-key"))
+    try:
+        front.wait_ready()  # the health route needs the key too
+        chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+        with front.client() as c:
+            assert c.post("/v1/chat/completions", json=chat).status_code == 200
+            streamed = c.post("/v1/chat/completions", json={**chat, "stream": True}).text
+            assert streamed.rstrip().endswith("data: [DONE]")
+            assert c.post("/v1/tokenize", json={"model": MODEL, "prompt": "hi"}).status_code == 200
+            counted = c.post(
+                "/v1/messages/count_tokens",
+                json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]},
+            )
+            assert counted.status_code == 200
+            models = c.get("/v1/models").json()["data"]
+            assert models[0]["max_model_len"] == 8192  # the engine's own list
+            assert "0.32.0" in c.get("/v1/metadata").text  # the engine's version route
+            assert "\nvllm:" in c.get("/metrics").text  # the engine's metrics
+        engine = front.served.supervisor.base_url
+        assert httpx.post(engine + "/v1/chat/completions", json=chat).status_code == 401
+        wrong = {"Authorization": "Bearer not-the-key"}
+        assert httpx.get(engine + "/metrics", headers=wrong).status_code == 401
+        assert httpx.get(engine + "/debug/open-streams").json()["refused"] == 2
+    finally:
+        stop_front(front)
+
+
+class _Squatter(BaseHTTPRequestHandler):
+    seen: list[str] = []
+
+    def do_GET(self) -> None:
+        self.seen.append(f"GET {self.path} {self.headers.get('Authorization')}")
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    do_POST = do_GET
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_port_taken_by_another_process_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another local process takes the port between the pick and the engine's bind, and
+    answers /health: the start fails, and the squatter gets no request (nor the key)."""
+    squatter = ThreadingHTTPServer(("127.0.0.1", 0), _Squatter)
+    _Squatter.seen = []
+    threading.Thread(target=squatter.serve_forever, daemon=True).start()
+    port = squatter.server_address[1]
+    monkeypatch.setattr(supervisor_module, "free_port", lambda host="127.0.0.1": port)
+    front = start_front(served_model(tmp_path))
+    try:
+        sup = front.served.supervisor
+        deadline = time.monotonic() + 30
+        while not sup.failed.is_set() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        state = httpx.get(front.url + "/v1/health/ready").json()["models"][MODEL]
+        assert state["state"] == "failed"
+        assert f"port {port} is held by another process" in state["last_error"]
+        assert _Squatter.seen == []
+    finally:
+        stop_front(front)
+        squatter.shutdown()
+        squatter.server_close()

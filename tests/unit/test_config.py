@@ -80,3 +80,9 @@ def test_names_are_derived_from_fields() -> None:
     assert env_name("cache_path") == "INFERD_CACHE_PATH"
     assert flag_name("cache_path") == "--cache-path"
     assert "cache_path" in Settings.__dataclass_fields__
+
+
+@pytest.mark.parametrize("args", ["--api-key x", "--port 1 --api-key=x", "--api-key-file /k"])
+def test_engine_args_cannot_set_the_engines_key(args: str) -> None:
+    with pytest.raises(ConfigError, match="inferd's to set"):
+        load_settings({"engine_args": args}, env={}).engine_argv()

@@ -179,9 +179,18 @@ class Settings:
 
     def engine_argv(self) -> list[str]:
         try:
-            return shlex.split(self.engine_args)
+            argv = shlex.split(self.engine_args)
         except ValueError as exc:
             raise ConfigError(f"INFERD_ENGINE_ARGS / --engine-args: {exc}") from exc
+        for arg in argv:
+            # Each engine start gets a secret key of inferd's own; one given here would replace
+            # it (vLLM) or open a second way in (llama.cpp). Clients' keys are inferd's keys.
+            if arg.split("=", 1)[0] in ("--api-key", "--api-key-file"):
+                raise ConfigError(
+                    f"INFERD_ENGINE_ARGS / --engine-args: {arg.split('=', 1)[0]} is inferd's to "
+                    "set (a secret per engine start); give clients keys with `inferd keys`"
+                )
+        return argv
 
 
 SETTINGS_FIELDS: tuple[dataclasses.Field[Any], ...] = dataclasses.fields(Settings)

@@ -78,6 +78,13 @@ class Engine(ABC):
     def command(self, host: str, port: int) -> EngineCommand:
         """The full command line and environment that start this engine on host:port."""
 
+    @abstractmethod
+    def secret_env(self, secret: str) -> dict[str, str]:
+        """The environment that makes the engine require `secret` (`Authorization: Bearer`) on
+        the routes inferd forwards to. The supervisor picks a fresh secret per start, so no
+        other local process can call the engine around the front's keys, limits and rails.
+        Through the environment, never the command line, where `ps` shows it."""
+
     def accepted_params(self, route: str) -> frozenset[str] | None:
         """Request fields the engine honours on `route` (None: the front does not check)."""
         return None

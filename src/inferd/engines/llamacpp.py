@@ -300,6 +300,11 @@ class LlamaCppEngine(Engine):
         ]
         return EngineCommand(argv=argv, env=dict(self.profile.engine_env))
 
+    def secret_env(self, secret: str) -> dict[str, str]:
+        # `--api-key`'s variable (common/arg.cpp). llama-server then answers 401 on every route
+        # but /health, /v1/health and its web UI's files (off here: --no-webui).
+        return {"LLAMA_API_KEY": secret}
+
     def _tool_flags(self) -> list[str]:
         """The catalog's chat template for models whose own renders no tools. Jinja templates
         (which tools need) are llama-server's default at the vendored commit (`--jinja`,

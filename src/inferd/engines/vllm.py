@@ -180,6 +180,11 @@ class VllmEngine(Engine):
     def accepted_params(self, route: str) -> frozenset[str] | None:
         return vllm_accepted_params(route)
 
+    def secret_env(self, secret: str) -> dict[str, str]:
+        # `--api-key`'s variable (vllm.envs). vLLM checks it only on paths under /v1, /v2,
+        # /inference and /cohere; /health, /metrics, /tokenize, /invocations... stay open.
+        return {"VLLM_API_KEY": secret}
+
     def profile_args(self) -> dict[str, str | int | float | bool]:
         p = self.profile
         args: dict[str, str | int | float | bool] = {"max-model-len": self.context}

@@ -109,7 +109,11 @@ class EngineClient:
         an answer is tried once more on a fresh connection; then the engine is reported."""
         assert self.sessions.pool is not None and self.sessions.fresh is not None
         url = self.base_url + path
-        headers = {"Content-Type": "application/json", "X-Request-Id": rid}
+        headers = {
+            "Content-Type": "application/json",
+            "X-Request-Id": rid,
+            **self.served.supervisor.auth_headers(),
+        }
         try:
             try:
                 return await self.sessions.pool.post(url, data=body, headers=headers)
@@ -198,7 +202,10 @@ class EngineClient:
             async with self.sessions.session.post(
                 self.base_url + "/tokenize",
                 data=self.encode("/tokenize", dict(query)),
-                headers={"Content-Type": "application/json"},
+                headers={
+                    "Content-Type": "application/json",
+                    **self.served.supervisor.auth_headers(),
+                },
                 timeout=aiohttp.ClientTimeout(total=10),
             ) as resp:
                 counted = json.loads(self.whole_answer("/tokenize", await resp.read()))

@@ -89,7 +89,9 @@ async def _engine_model(f: Front, m: ServedModel) -> dict[str, Any] | None:
     if m.supervisor.state is not State.READY or f.proxy.session is None:
         return None
     with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, ValueError):
-        async with f.proxy.session.get(m.supervisor.base_url + "/v1/models") as resp:
+        async with f.proxy.session.get(
+            m.supervisor.base_url + "/v1/models", headers=m.supervisor.auth_headers()
+        ) as resp:
             if resp.status == 200:
                 for item in (await resp.json()).get("data", []):
                     if isinstance(item, dict) and item.get("id") == m.id:
@@ -206,7 +208,9 @@ async def metrics_text(request: Request) -> Response:
         # Engine metrics pass through unchanged; a slow engine costs the scrape 2 s at most.
         with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
             async with f.proxy.session.get(
-                sup.base_url + sup.engine.metrics_path, timeout=aiohttp.ClientTimeout(total=2)
+                sup.base_url + sup.engine.metrics_path,
+                headers=sup.auth_headers(),
+                timeout=aiohttp.ClientTimeout(total=2),
             ) as resp:
                 if resp.status == 200:
                     parts.append(await resp.read())

@@ -18,12 +18,14 @@ import contextlib
 import enum
 import logging
 import os
+import secrets
 import signal
 import socket
 import sys
 import time
 
 import aiohttp
+import psutil
 
 from inferd.engines.base import Engine
 from inferd.errors import EngineStartError
@@ -64,6 +66,52 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def listens(pid: int, port: int) -> bool:
+    """Whether process `pid` or one of its descendants listens on TCP `port`."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return False
+    for proc in procs:
+        try:
+            conns = proc.net_connections(kind="tcp")
+        except psutil.Error:
+            continue
+        if any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in conns):
+            return True
+    return False
+
+
+def other_listeners(pid: int, port: int) -> list[int | None]:
+    """Processes outside `pid`'s tree that listen on TCP `port` too (SO_REUSEPORT lets a
+    process of the same user share a port the engine listens on). None: a socket of another
+    user, whose process cannot be seen."""
+    try:
+        root = psutil.Process(pid)
+        tree = {pid, *(p.pid for p in root.children(recursive=True))}
+        conns = psutil.net_connections(kind="tcp")
+    except psutil.Error:
+        return []
+    return [
+        c.pid
+        for c in conns
+        if c.status == psutil.CONN_LISTEN
+        and getattr(c.laddr, "port", None) == port
+        and c.pid not in tree
+    ]
+
+
+def port_taken(host: str, port: int) -> bool:
+    """Whether something accepts connections on host:port. A bare connection, closed unused:
+    nothing is sent (and a probe by bind could take the port from the engine's own bind)."""
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
 
 
 class _LineCutter:
@@ -126,6 +174,8 @@ class Supervisor:
         self.ready = asyncio.Event()
         self.failed = asyncio.Event()
         self._proc: asyncio.subprocess.Process | None = None
+        # The key the running engine requires, new at every start (see `Engine.secret_env`).
+        self._secret = ""
         self._task: asyncio.Task[None] | None = None
         self._recheck_task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession
@@ -140,6 +190,10 @@ class Supervisor:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
 
+    def auth_headers(self) -> dict[str, str]:
+        """The header every request to the engine carries: the key of its current start."""
+        return {"Authorization": f"Bearer {self._secret}"}
+
     def start(self, session: aiohttp.ClientSession) -> None:
         self.started_at = time.monotonic()
         self._session = session
@@ -149,6 +203,7 @@ class Supervisor:
 
     async def _spawn(self) -> asyncio.subprocess.Process:
         self.port = free_port(self.host)
+        self._secret = secrets.token_urlsafe(32)
         cmd = self.engine.command(self.host, self.port)
         argv = [sys.executable, "-m", "inferd.engines.launch", str(os.getpid()), "--", *cmd.argv]
         log.info(
@@ -162,7 +217,7 @@ class Supervisor:
             *argv,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
-            env={**os.environ, **cmd.env},
+            env={**os.environ, **cmd.env, **self.engine.secret_env(self._secret)},
             start_new_session=True,
             limit=2 * READ_CHUNK,  # how much asyncio buffers before it stops reading the pipe
         )
@@ -185,24 +240,54 @@ class Supervisor:
     async def _wait_ready(
         self, proc: asyncio.subprocess.Process, session: aiohttp.ClientSession
     ) -> None:
+        """Until the engine's health route answers 200. The port was free when picked, but
+        another local process can take it before the engine binds it: the health route is
+        asked only once the engine's own process tree listens there, and a port held by
+        anyone else fails the start before any request (or the key) goes to it. A port shared
+        with another process (SO_REUSEPORT: same user only) fails it once health answers."""
         deadline = time.monotonic() + self.ready_timeout_s
         url = self.base_url + self.engine.health_path
+        foreign = 0  # polls in a row that found the port held, not by the engine
         while time.monotonic() < deadline:
+            ours = await asyncio.to_thread(listens, proc.pid, self.port)
+            if not ours and await asyncio.to_thread(port_taken, self.host, self.port):
+                # Twice in a row: the engine may have begun to listen between the two checks.
+                foreign += 1
+                if foreign >= 2 or proc.returncode is not None:
+                    raise EngineStartError(
+                        f"port {self.port} is held by another process, not by the engine "
+                        f"started (pid {proc.pid}); refusing to send it requests"
+                    )
+            else:
+                foreign = 0
             if proc.returncode is not None:
                 raise EngineStartError(
                     f"engine exited with code {proc.returncode} before it was ready"
                 )
-            with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
-                async with session.get(url, timeout=aiohttp.ClientTimeout(total=2)) as resp:
-                    if resp.status == 200:
-                        return
+            if ours:
+                with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
+                    async with session.get(
+                        url, headers=self.auth_headers(), timeout=aiohttp.ClientTimeout(total=2)
+                    ) as resp:
+                        if resp.status == 200:
+                            break
             await asyncio.sleep(HEALTH_POLL_S)
-        raise EngineStartError(f"engine was not ready after {self.ready_timeout_s:g} s")
+        else:
+            raise EngineStartError(f"engine was not ready after {self.ready_timeout_s:g} s")
+        others = await asyncio.to_thread(other_listeners, proc.pid, self.port)
+        if others:
+            raise EngineStartError(
+                f"port {self.port} is shared with another process (pid "
+                f"{', '.join(str(p) if p else 'unknown' for p in others)}), not only the engine "
+                f"started (pid {proc.pid}); refusing to send it requests"
+            )
 
     async def _read_version(self, session: aiohttp.ClientSession) -> None:
         with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, ValueError):
             async with session.get(
-                self.base_url + self.engine.version_path, timeout=aiohttp.ClientTimeout(total=2)
+                self.base_url + self.engine.version_path,
+                headers=self.auth_headers(),
+                timeout=aiohttp.ClientTimeout(total=2),
             ) as resp:
                 if resp.status == 200:
                     self.engine_version = self.engine.parse_version(
@@ -287,7 +372,9 @@ class Supervisor:
         healthy = False
         with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
             async with self._session.get(
-                self.base_url + self.engine.health_path, timeout=aiohttp.ClientTimeout(total=5)
+                self.base_url + self.engine.health_path,
+                headers=self.auth_headers(),
+                timeout=aiohttp.ClientTimeout(total=5),
             ) as resp:
                 healthy = resp.status == 200
         alive = self._proc is not None and self._proc.returncode is None
