@@ -18,11 +18,11 @@ from inferd.errors import InvalidRequestError
 from inferd.server.apis.messages import (
     MessagesTranslation,
     count_tokens_answer,
-    count_tokens_request,
     engine_token_count,
     error_body,
     error_type,
 )
+from inferd.server.apis.messages_request import count_tokens_request
 from inferd.server.apis.translation import SSE
 from tests.conftest import FIXTURES
 

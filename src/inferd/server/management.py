@@ -25,7 +25,7 @@ from inferd.guardrails.rails import Guardrails
 from inferd.guardrails.texts import guardrail_texts
 from inferd.observability.metrics import Metrics
 from inferd.server import retrieval
-from inferd.server.apis import conform
+from inferd.server.apis import conform, messages_request
 from inferd.server.apis import messages as messages_api
 from inferd.server.apis import responses as responses_api
 from inferd.server.apis.response_store import ResponseStore
@@ -264,7 +264,7 @@ async def count_tokens(request: Request) -> JSONResponse:
     f.proxy.authorize(request)
     payload = parse_body(await f.proxy.read_body(request))
     served = f.models.lookup(payload.get("model"))
-    query = messages_api.count_tokens_request(payload)
+    query = messages_request.count_tokens_request(payload)
     served.require_ready()
     slot = await served.admission.acquire()  # it runs on the engine like any request
     try:
