@@ -67,14 +67,27 @@ def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
 
 
 @pytest.fixture(scope="module")
-def engine(guarded: Served) -> str:
-    """The guard model's own engine (loopback), to ask it directly what inferd asked it."""
+def engine(guarded: Served) -> Iterator[httpx.Client]:
+    """The guard model's own engine (loopback), to ask it directly what inferd asked it, with
+    the secret key inferd gave this engine start (read from the engine's environment, as only
+    a process of the same user can)."""
     found = re.search(rf"starting llamacpp engine for {MODEL} on port (\d+)", guarded.log_tail(400))
     assert found, guarded.log_tail()
-    return f"http://127.0.0.1:{found.group(1)}"
+    port = found.group(1)
+    keys = [
+        p.environ().get("LLAMA_API_KEY")
+        for p in guarded.descendants()
+        if p.name().startswith("llama-server") and port in p.cmdline()
+    ]
+    assert keys and keys[0], "no llama-server with its key for that port"
+    headers = {"Authorization": f"Bearer {keys[0]}"}
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=headers, timeout=60) as c:
+        yield c
 
 
-def _ask(engine: str, messages: list[dict[str, str]], schema: dict[str, Any], n: int) -> str:
+def _ask(
+    engine: httpx.Client, messages: list[dict[str, str]], schema: dict[str, Any], n: int
+) -> str:
     body = {
         "messages": messages,
         "max_tokens": n,
@@ -84,7 +97,7 @@ def _ask(engine: str, messages: list[dict[str, str]], schema: dict[str, Any], n:
             "json_schema": {"name": "verdict", "schema": schema, "strict": True},
         },
     }
-    r = httpx.post(engine + "/v1/chat/completions", json=body, timeout=60)
+    r = engine.post("/v1/chat/completions", json=body)
     r.raise_for_status()
     return str(r.json()["choices"][0]["message"]["content"])
 
@@ -130,7 +143,9 @@ def test_jailbreaks_are_blocked_before_the_engine(guarded: Served) -> None:
                      metrics)  # fmt: skip
 
 
-def test_check_route_verdicts_are_the_guard_models_own(guarded: Served, engine: str) -> None:
+def test_check_route_verdicts_are_the_guard_models_own(
+    guarded: Served, engine: httpx.Client
+) -> None:
     messages = [
         {"role": "user", "content": "What time does the bakery open on Sundays?"},
         {"role": "assistant", "content": "At eight in the morning."},
@@ -162,15 +177,17 @@ def test_check_route_verdicts_are_the_guard_models_own(guarded: Served, engine: 
     assert r.json()["blocked"] == (safety.unsafe or topic.unsafe)
 
 
-def _answer(engine: str, question: str) -> str:
+def _answer(engine: httpx.Client, question: str) -> str:
     body = {"messages": [{"role": "user", "content": question}], "max_tokens": 48,
             "temperature": 0}  # fmt: skip
-    r = httpx.post(engine + "/v1/chat/completions", json=body, timeout=60)
+    r = engine.post("/v1/chat/completions", json=body)
     return str(r.json()["choices"][0]["message"]["content"])
 
 
 @pytest.mark.parametrize("question", [BENIGN, "Write one sentence about the sea."])
-def test_whole_answers_are_judged_inline(guarded: Served, engine: str, question: str) -> None:
+def test_whole_answers_are_judged_inline(
+    guarded: Served, engine: httpx.Client, question: str
+) -> None:
     r = httpx.post(
         guarded.url + "/v1/chat/completions",
         json={
@@ -196,12 +213,12 @@ def test_whole_answers_are_judged_inline(guarded: Served, engine: str, question:
         assert choice["message"]["content"] == answer
 
 
-def _engine_pieces(engine: str, question: str, max_tokens: int) -> list[str]:
+def _engine_pieces(engine: httpx.Client, question: str, max_tokens: int) -> list[str]:
     """The engine's own streamed text pieces for the question (greedy), straight from it."""
     body = {"messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
             "temperature": 0, "stream": True}  # fmt: skip
     pieces = []
-    with httpx.stream("POST", engine + "/v1/chat/completions", json=body, timeout=60) as r:
+    with engine.stream("POST", "/v1/chat/completions", json=body) as r:
         for line in r.iter_lines():
             if line.startswith("data: {"):
                 for choice in json.loads(line[6:])["choices"]:
@@ -210,7 +227,7 @@ def _engine_pieces(engine: str, question: str, max_tokens: int) -> list[str]:
     return pieces
 
 
-def test_streams_are_released_in_judged_windows(guarded: Served, engine: str) -> None:
+def test_streams_are_released_in_judged_windows(guarded: Served, engine: httpx.Client) -> None:
     question = "Tell me about baking bread at home."
     client = openai.OpenAI(base_url=guarded.url + "/v1", api_key="unused", max_retries=0)
     stream = client.chat.completions.create(
