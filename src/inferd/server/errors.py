@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from inferd.errors import InferdError
+from inferd.server.apis.messages import error_body
 
 log = logging.getLogger("inferd.server")
 
@@ -43,21 +44,6 @@ def envelope(
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-# Anthropic's `error.type` for each status (its Messages API's error envelope).
-_ANTHROPIC_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    405: "invalid_request_error",
-    413: "request_too_large",
-    422: "invalid_request_error",
-    429: "rate_limit_error",
-    503: "overloaded_error",
-    529: "overloaded_error",
-}
-
-
 def anthropic_body(status: int, openai: dict[str, Any]) -> dict[str, Any]:
     """An OpenAI error envelope in Anthropic's: `{"type": "error", "error": {type, message}}`;
     the field at fault, if any, is named in the message (Anthropic's envelope has no `param`)."""
@@ -66,8 +52,7 @@ def anthropic_body(status: int, openai: dict[str, Any]) -> dict[str, Any]:
     param = err.get("param")
     if param and param not in message:
         message = f"{param}: {message}"
-    type_ = _ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
-    return {"type": "error", "error": {"type": type_, "message": message}}
+    return error_body(status, message)
 
 
 def _body(api: str, status: int, body: dict[str, Any]) -> dict[str, Any]:

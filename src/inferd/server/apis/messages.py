@@ -115,9 +115,6 @@ _INFERD_TYPES = {"server_error": "api_error"}
 class MessagesTranslation(Translation):
     """One Messages request: its chat request, and its answer or stream back."""
 
-    api = "anthropic"
-    done_marker = False
-
     def __init__(self, payload: dict[str, Any], model: str) -> None:
         super().__init__(payload, model)
         self.id = _new_id("msg")

@@ -138,8 +138,6 @@ class ResponsesTranslation(Translation):
     `error_event`), later calls answer no events: the relay may still pass on the engine's
     `[DONE]` after an error."""
 
-    api = "openai"
-    done_marker = False
     # Chat fields of the translated request and the Responses fields they come from, for the
     # front to name the client's field when a check of the chat request (limits, the engine)
     # refuses one.

@@ -32,15 +32,8 @@ class SSE:
 
 class Translation(ABC):
     """One request's translation. Errors in the client's request raise `inferd.errors`
-    (`InvalidRequestError` naming the field); the front writes them in `api`'s envelope."""
-
-    # Which error envelope the route's clients read: "openai" or "anthropic".
-    api: ClassVar[str] = "openai"
-    # The engine route the translated request goes to.
-    engine_path: ClassVar[str] = "/v1/chat/completions"
-    # Whether a finished stream ends with `data: [DONE]` (OpenAI's chat does; Responses and
-    # Messages end with their own closing event instead).
-    done_marker: ClassVar[bool] = False
+    (`InvalidRequestError` naming the field); the front writes them in the envelope its route
+    names (`server.routes.Route.api`), and sends the request to the route's engine path."""
 
     def __init__(self, payload: dict[str, Any], model: str) -> None:
         self.payload = payload
