@@ -271,9 +271,11 @@ def gpu_memory() -> str:
 
 
 def measure(profile: str | None, env: dict[str, str], out: Path, rounds: int) -> dict[str, Any]:
-    from inferd.server.supervisor import free_port
+    import socket
 
-    port = free_port()
+    with socket.socket() as probe:  # a free port for the front
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
     url = f"http://127.0.0.1:{port}"
     args = [sys.executable, "-m", "inferd", "serve", SHAPE_ID, "--port", str(port)]
     if profile:

@@ -6,12 +6,17 @@ concurrency. Two comparisons, each repeated `--rounds` times in alternation so t
 shared, noisy machine hits both sides alike:
 
 1. separate processes: the engine started alone with exactly the command inferd builds for the
-   profile (`VllmEngine.command`), then `inferd serve` (which starts that same command itself);
+   profile (`VllmEngine.command`, on a Unix socket in a private folder, as inferd starts it),
+   then `inferd serve` (which starts that same command itself);
 2. same engine: one `inferd serve`, loaded alternately through the front and straight at its
-   engine's port, so both sides share one warm engine process and differ only by the front hop;
+   engine's socket (with the key of its start, read from the engine's environment), so both
+   sides share one warm engine process and differ only by the front hop;
 3. paired TTFT: on that same server, `--pairs` single streamed requests (128-token prompt, one
    output token) sent alternately straight to the engine and through inferd; the median of the
    paired differences is the latency the front adds, with drift cancelled pair by pair.
+
+Engines listen on a Unix socket only, which vLLM's load generator cannot reach by itself: the
+straight runs go through `vllm_bench_uds.py`, the same tool with Unix connectors.
 
 Usage: python benchmarks/serve_overhead.py [--profile vllm-cpu-bf16] [--rounds 3]
        [--concurrency 1,16] [--out DIR]
@@ -21,6 +26,7 @@ Prints a markdown table (medians over rounds) and writes every raw result as JSO
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -35,15 +41,18 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 
 from inferd.cache import prepare
 from inferd.catalog import hardware
 from inferd.cli.plan import resolve
 from inferd.config import load_settings
+from inferd.server.engine_link import BASE_URL, RuntimeFolder
 
 MODEL = "smollm2-135m-instruct"
 HERE = Path(__file__).resolve().parent
 RUNNER = ["-m", "inferd.bench.vllm_runner"]
+UDS_RUNNER = [str(HERE / "vllm_bench_uds.py")]
 KEYS = (
     "completed",
     "output_throughput",
@@ -63,17 +72,27 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 900) -> None:
+def client(uds: Path | None = None, key: str | None = None, timeout: float = 60) -> httpx.Client:
+    """An HTTP client; on the Unix socket `uds` (an engine's) when given, with its key."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    transport = httpx.HTTPTransport(uds=str(uds)) if uds else None
+    return httpx.Client(transport=transport, headers=headers, timeout=timeout)
+
+
+def wait_http(
+    url: str, proc: subprocess.Popen[bytes], timeout: float = 900, uds: Path | None = None
+) -> None:
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"process exited with {proc.returncode} before {url} answered")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
+    with client(uds, timeout=2) as c:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise SystemExit(f"process exited with {proc.returncode} before {url} answered")
+            try:
+                if c.get(url).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
     raise SystemExit(f"{url} not ready after {timeout} s")
 
 
@@ -87,11 +106,21 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 def bench(
-    base_url: str, tokenizer: Path, concurrency: int, prompts: int, model: str = MODEL
+    base_url: str,
+    tokenizer: Path,
+    concurrency: int,
+    prompts: int,
+    model: str = MODEL,
+    uds: Path | None = None,
+    key: str | None = None,
 ) -> dict[str, Any]:
+    """vLLM's serving benchmark at `base_url`, or straight at the engine socket `uds` (with its
+    key)."""
+    runner = [*UDS_RUNNER, str(uds)] if uds else RUNNER
+    env = {**os.environ, **({"OPENAI_API_KEY": key} if key else {})}
     argv = [
         sys.executable,
-        *RUNNER,
+        *runner,
         "--backend",
         "openai",
         "--base-url",
@@ -117,15 +146,15 @@ def bench(
         "--seed",
         "0",
     ]
-    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(argv, capture_output=True, text=True, check=True, env=env).stdout
     result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
     return result
 
 
-def first_token_ms(client: httpx.Client, base_url: str, prompt: str) -> float:
+def first_token_ms(side: httpx.Client, base_url: str, prompt: str) -> float:
     body = {"model": MODEL, "prompt": prompt, "max_tokens": 1, "stream": True, "temperature": 0}
     started = time.perf_counter()
-    with client.stream("POST", base_url + "/v1/completions", json=body) as resp:
+    with side.stream("POST", base_url + "/v1/completions", json=body) as resp:
         lines = resp.iter_lines()
         for line in lines:
             if line.startswith("data: {"):
@@ -136,28 +165,36 @@ def first_token_ms(client: httpx.Client, base_url: str, prompt: str) -> float:
     raise SystemExit(f"no token from {base_url}")
 
 
-def paired_ttft(direct: str, front: str, pairs: int) -> list[float]:
-    """Added TTFT per pair (front minus direct), alternating which side goes first."""
+def paired_ttft(engine: tuple[Path, str], front: str, pairs: int) -> list[float]:
+    """Added TTFT per pair (front minus direct), alternating which side goes first. `engine`:
+    its socket and key."""
     prompt = " ".join(["hello"] * 128)  # 128 prompt tokens
     diffs = []
-    with httpx.Client(timeout=60) as client:
-        for side in (direct, front):
-            first_token_ms(client, side, prompt)  # warm connections
+    with client(*engine) as direct, client() as through:
+        sides = {"direct": (direct, BASE_URL), "front": (through, front)}
+        for side, url in sides.values():
+            first_token_ms(side, url, prompt)  # warm connections
         for i in range(pairs):
-            order = (direct, front) if i % 2 == 0 else (front, direct)
-            times = {side: first_token_ms(client, side, prompt) for side in order}
-            diffs.append(times[front] - times[direct])
+            order = ("direct", "front") if i % 2 == 0 else ("front", "direct")
+            times = {name: first_token_ms(*sides[name], prompt) for name in order}
+            diffs.append(times["front"] - times["direct"])
     return diffs
 
 
-def engine_port_from_log(log: Path, timeout: float = 120) -> int:
+def engine_of(front: subprocess.Popen[bytes], log: Path, timeout: float = 120) -> tuple[Path, str]:
+    """The socket inferd's engine listens on (from inferd's log) and the key of its start (from
+    the engine's environment: only a process of the same user can read it)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        found = re.search(r"engine for \S+ on port (\d+)", log.read_text(errors="replace"))
-        if found:
-            return int(found.group(1))
+        found = re.search(r"engine for \S+ on (\S+\.sock)", log.read_text(errors="replace"))
+        for proc in psutil.Process(front.pid).children(recursive=True) if found else ():
+            with contextlib.suppress(psutil.Error):
+                env = proc.environ()
+                key = env.get("VLLM_API_KEY") or env.get("LLAMA_API_KEY")
+                if found and key and found.group(1) in proc.cmdline():
+                    return Path(found.group(1)), key
         time.sleep(0.5)
-    raise SystemExit("inferd never said which port its engine uses")
+    raise SystemExit("inferd never said where its engine listens")
 
 
 def rounds_parser(doc: str | None) -> argparse.ArgumentParser:
@@ -204,9 +241,9 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     pair_rows: list[dict[str, Any]] = []
 
-    def record(setup: str, rnd: int, url: str) -> None:
+    def record(setup: str, rnd: int, url: str, **engine: Any) -> None:
         for c in levels:
-            r = bench(url, args.tokenizer or prepared.path, c, prompts[c])
+            r = bench(url, args.tokenizer or prepared.path, c, prompts[c], **engine)
             row = {"setup": setup, "round": rnd, "concurrency": c, **{k: r.get(k) for k in KEYS}}
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -215,8 +252,9 @@ def main() -> None:
 
     for rnd in range(args.rounds):
         if not args.skip_separate:
-            port = free_port()
-            cmd = engine.command("127.0.0.1", port)
+            folder = RuntimeFolder.create("bench")  # private, as inferd's own
+            sock = folder.socket(1)
+            cmd = engine.command(sock)
             alone = subprocess.Popen(
                 cmd.argv,
                 env={**env, **cmd.env},
@@ -225,10 +263,11 @@ def main() -> None:
                 stderr=subprocess.DEVNULL,
             )
             try:
-                wait_http(f"http://127.0.0.1:{port}/health", alone)
-                record("engine alone", rnd, f"http://127.0.0.1:{port}")
+                wait_http(BASE_URL + "/health", alone, uds=sock)
+                record("engine alone", rnd, BASE_URL, uds=sock)
             finally:
                 stop(alone)
+                folder.remove()
         port = free_port()
         log = args.out / f"inferd-{rnd}.log"
         with log.open("wb") as out:
@@ -246,12 +285,10 @@ def main() -> None:
             wait_http(f"http://127.0.0.1:{port}/v1/health/ready", front)
             if not args.skip_separate:
                 record("inferd", rnd, f"http://127.0.0.1:{port}")
-            engine_port = engine_port_from_log(log)
-            record("same engine: direct", rnd, f"http://127.0.0.1:{engine_port}")
+            sock, key = engine_of(front, log)
+            record("same engine: direct", rnd, BASE_URL, uds=sock, key=key)
             record("same engine: via inferd", rnd, f"http://127.0.0.1:{port}")
-            diffs = paired_ttft(
-                f"http://127.0.0.1:{engine_port}", f"http://127.0.0.1:{port}", args.pairs
-            )
+            diffs = paired_ttft((sock, key), f"http://127.0.0.1:{port}", args.pairs)
             pair_rows.append({"round": rnd, "added_ttft_ms": diffs})
             with (args.out / "paired.jsonl").open("a") as fh:
                 fh.write(json.dumps(pair_rows[-1]) + "\n")

@@ -33,7 +33,7 @@ from typing import Any
 
 import httpx
 
-from inferd.server.supervisor import free_port
+from serve_overhead import free_port
 
 MODEL = "smollm2-135m-instruct"
 HERE = Path(__file__).resolve().parent

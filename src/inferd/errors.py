@@ -14,7 +14,8 @@ one of these, so nothing else leaks out.
     │   ├── CacheNotWritableError     the cache folder cannot be written
     │   └── PortInUseError            the listen address is taken
     ├── CacheError                    fetching, verifying or converting a model failed
-    │   └── IntegrityError            a file's sha256 differs from the recorded one
+    │   ├── IntegrityError            a file's sha256 differs from the recorded one
+    │   └── AdapterError              a LoRA adapter cannot be served on its base model
     ├── EngineError                   the engine failed
     │   ├── EngineStartError          it exited or timed out before it was ready
     │   ├── EngineNotReadyError       503 + Retry-After: not (yet) ready for requests
@@ -89,6 +90,13 @@ class CacheError(InferdError):
 
 class IntegrityError(CacheError):
     code = "integrity_error"
+
+
+class AdapterError(CacheError):
+    """An adapter that cannot be served (another base model, rank over the limit, a broken
+    file): refused with this reason while the service goes on serving the rest."""
+
+    code = "adapter_refused"
 
 
 class _RetryLater(InferdError):

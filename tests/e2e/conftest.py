@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -97,6 +98,30 @@ class Served:
             for p in [*self.descendants(), psutil.Process(self.proc.pid)]:
                 p.kill()
             raise
+
+
+def engine_socket(served: Served, model: str = MODEL) -> tuple[Path, str]:
+    """Where `model`'s engine listens (its Unix socket, as inferd logged its last start) and
+    the secret key inferd gave that start (read from the engine's environment, as only a
+    process of the same user can)."""
+    log = served.log.read_text(errors="replace")
+    found = re.findall(rf"starting \S+ engine for {re.escape(model)} on (\S+\.sock)", log)
+    assert found, served.log_tail()
+    for proc in served.descendants():
+        with contextlib.suppress(psutil.Error):
+            if found[-1] in proc.cmdline():
+                env = proc.environ()
+                key = env.get("LLAMA_API_KEY") or env.get("VLLM_API_KEY")
+                if key:
+                    return Path(found[-1]), key
+    raise AssertionError(f"no engine process with its key listens on {found[-1]}")
+
+
+def engine_client(socket: Path, key: str | None = None) -> httpx.Client:
+    """A client of an engine on its socket, with `key` (or none)."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    transport = httpx.HTTPTransport(uds=str(socket))
+    return httpx.Client(base_url="http://engine", transport=transport, headers=headers, timeout=60)
 
 
 def start(tmp: Path, *args: str, cache: Path | None = None) -> Served:

@@ -22,7 +22,15 @@ import openai
 import pytest
 
 from inferd.guardrails import judges
-from tests.e2e.conftest import INFERD, LLAMACPP_PROFILE, MODEL, Served, serving
+from tests.e2e.conftest import (
+    INFERD,
+    LLAMACPP_PROFILE,
+    MODEL,
+    Served,
+    engine_client,
+    engine_socket,
+    serving,
+)
 
 EMBEDDER = "all-minilm-l6-v2"
 JAILBREAK = (
@@ -68,20 +76,9 @@ def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
 
 @pytest.fixture(scope="module")
 def engine(guarded: Served) -> Iterator[httpx.Client]:
-    """The guard model's own engine (loopback), to ask it directly what inferd asked it, with
-    the secret key inferd gave this engine start (read from the engine's environment, as only
-    a process of the same user can)."""
-    found = re.search(rf"starting llamacpp engine for {MODEL} on port (\d+)", guarded.log_tail(400))
-    assert found, guarded.log_tail()
-    port = found.group(1)
-    keys = [
-        p.environ().get("LLAMA_API_KEY")
-        for p in guarded.descendants()
-        if p.name().startswith("llama-server") and port in p.cmdline()
-    ]
-    assert keys and keys[0], "no llama-server with its key for that port"
-    headers = {"Authorization": f"Bearer {keys[0]}"}
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=headers, timeout=60) as c:
+    """The guard model's own engine (on its Unix socket), to ask it directly what inferd asked
+    it, with the secret key inferd gave this engine start."""
+    with engine_client(*engine_socket(guarded, MODEL)) as c:
         yield c
 
 

@@ -1,13 +1,12 @@
 """Hardening against a real engine: overload, disconnects, long prompts, unknown parameters,
 an engine killed mid-stream, and a drain on SIGTERM. One dedicated `inferd serve` per engine
 (llama.cpp, and eager vLLM; 2 slots, 2 queue places, 3 s drain) is shared by these tests, in
-this order: both engines must behave the same through inferd. Last, on the shared server: an
-engine refuses anyone but inferd."""
+this order: both engines must behave the same through inferd. That an engine refuses anyone but
+inferd: test_engine_isolation.py."""
 
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import json
 import re
 import signal
@@ -169,30 +168,3 @@ def test_sigterm_drains_then_cuts_and_exits_clean(hard: Served) -> None:
     assert hard.proc.wait(60) == 0
     _, alive = psutil.wait_procs(children, timeout=5)
     assert not alive
-
-
-def _engine_port(served: Served) -> int:
-    """The port inferd's engine listens on: its child's listening socket that answers /health."""
-    for proc in psutil.Process(served.proc.pid).children():
-        with contextlib.suppress(psutil.Error):
-            for conn in proc.net_connections(kind="tcp"):
-                if conn.status != psutil.CONN_LISTEN or conn.laddr.port == served.port:
-                    continue
-                url = f"http://127.0.0.1:{conn.laddr.port}/health"
-                with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(url, timeout=5).status_code == 200:
-                        return int(conn.laddr.port)
-    raise AssertionError("no engine port found")
-
-
-def test_engine_refuses_requests_without_the_key(server: Served) -> None:
-    """The engine listens on loopback, where any local process can reach it: it requires the
-    key its supervisor gave this start, so only requests through inferd (keys, limits, rails)
-    are served."""
-    body = _chat("Say hi.", max_tokens=4)
-    engine = f"http://127.0.0.1:{_engine_port(server)}/v1/chat/completions"
-    assert httpx.post(engine, json=body, timeout=60).status_code == 401
-    wrong = {"Authorization": "Bearer not-the-key"}
-    assert httpx.post(engine, json=body, headers=wrong, timeout=60).status_code == 401
-    through = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=120)
-    assert through.status_code == 200, through.text

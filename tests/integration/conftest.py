@@ -34,10 +34,13 @@ class RecordedEngine(Engine):
 
     name = "recorded"
 
-    def command(self, host: str, port: int) -> EngineCommand:
+    def command(self, socket: Path) -> EngineCommand:
         return EngineCommand(
-            [sys.executable, str(RECORDED), "--host", host, "--port", str(port), *self.extra_args]
+            [sys.executable, str(RECORDED), *self.listen_flags(socket), *self.extra_args]
         )
+
+    def listen_flags(self, socket: Path) -> list[str]:
+        return ["--uds", str(socket)]  # as vLLM's
 
     def secret_env(self, secret: str) -> dict[str, str]:
         return {"RECORDED_API_KEY": secret}  # required only with --require-key
@@ -70,6 +73,13 @@ class Front:
 
     def client(self, **kwargs: Any) -> httpx.Client:
         return httpx.Client(base_url=self.url, **{"timeout": 10, **self.client_options, **kwargs})
+
+    def engine(self) -> httpx.Client:
+        """A client of the engine itself, on its Unix socket (without its key)."""
+        socket = self.served.supervisor.socket
+        assert socket is not None, "the engine was never started"
+        transport = httpx.HTTPTransport(uds=str(socket))
+        return httpx.Client(base_url="http://engine", transport=transport, timeout=10)
 
     def wait_ready(self, timeout: float = 20) -> None:
         deadline = time.monotonic() + timeout

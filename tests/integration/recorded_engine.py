@@ -9,9 +9,11 @@ a real engine will not produce on demand. What the user message says picks the b
     "invalid"  answer with vLLM's real 400 body
     otherwise  replay the recorded answer (streamed or not)
 
-`GET /debug/open-streams` says how many streams are in progress (to check that a client that
-hangs up makes the front close the engine connection). `--ready-after S` delays listening, like
-vLLM, which only opens its port once the model is loaded; `--exit-at-start` fails at once.
+It listens where vLLM would: on the Unix socket `--uds PATH` (as inferd starts every engine), or
+on `--host`/`--port` without it. `GET /debug/open-streams` says how many streams are in progress
+(to check that a client that hangs up makes the front close the engine connection).
+`--ready-after S` delays listening (vLLM binds at once, llama-server once the model is loaded);
+`--exit-at-start` fails at once.
 `--drop-reused` closes, unanswered, every completion request that arrives on a connection that
 has carried one before (llama-server's extra HTTP threads close theirs after one request, and the
 front's pool then reuses them). `--require-key` answers 401 to any request (but /debug/*) without
@@ -44,18 +46,18 @@ class Recorded:
         self.open_streams = 0
         self.events = _events()
         self.drop_reused = drop_reused
-        self.served_on: set[object] = set()  # client addresses of connections answered once
+        # Connections answered once (by their transport: a Unix socket's peers have no address).
+        self.served_on: set[object] = set()
         self.dropped = 0
         self.refused = 0  # requests without the key (--require-key)
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         if self.drop_reused and request.transport is not None:
-            peer = request.transport.get_extra_info("peername")
-            if peer in self.served_on:
+            if request.transport in self.served_on:
                 self.dropped += 1
                 request.transport.close()
                 return web.Response(status=500)  # never sent: the connection is gone
-            self.served_on.add(peer)
+            self.served_on.add(request.transport)
         if request.content_type != "application/json":
             return web.json_response(
                 {
@@ -151,13 +153,15 @@ class Recorded:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--uds", help="a Unix socket path: then --host and --port are ignored")
     parser.add_argument("--ready-after", type=float, default=0.0)
     parser.add_argument("--exit-at-start", action="store_true")
     parser.add_argument("--drop-reused", action="store_true")
     parser.add_argument("--require-key", action="store_true")
     args = parser.parse_args()
-    print(json.dumps({"recorded engine": "starting", "port": args.port}), flush=True)
+    where = args.uds or f"{args.host}:{args.port}"
+    print(json.dumps({"recorded engine": "starting", "listen": where}), flush=True)
     if args.exit_at_start:
         print("ERROR recorded engine told to fail at start", file=sys.stderr, flush=True)
         sys.exit(4)
@@ -179,7 +183,12 @@ def main() -> None:
         await asyncio.sleep(args.ready_after)
         runner = web.AppRunner(app)
         await runner.setup()
-        await web.TCPSite(runner, args.host, args.port).start()
+        site = (
+            web.UnixSite(runner, args.uds)
+            if args.uds
+            else web.TCPSite(runner, args.host, args.port)
+        )
+        await site.start()
         await asyncio.Event().wait()
 
     asyncio.run(serve())

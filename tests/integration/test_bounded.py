@@ -134,11 +134,11 @@ os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
 
 
 class LoudEngine(RecordedEngine):
-    def command(self, host: str, port: int) -> EngineCommand:
+    def command(self, socket: Path) -> EngineCommand:
         script = self.cache_dir / "loud.py"
         script.write_text(_LOUD)
         return EngineCommand(
-            [sys.executable, str(script), str(RECORDED), "--host", host, "--port", str(port)]
+            [sys.executable, str(script), str(RECORDED), *self.listen_flags(socket)]
         )
 
 

@@ -7,8 +7,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
-
 from tests.integration.conftest import (
     MODEL,
     Front,
@@ -135,14 +133,14 @@ def test_management_routes(front: Front) -> None:
 
 
 def test_client_disconnect_closes_the_engine_stream(front: Front) -> None:
-    with front.client() as c:
+    with front.client() as c, front.engine() as direct:
         with c.stream("POST", "/v1/chat/completions", json=_chat("slow", stream=True)) as r:
             next(r.iter_lines())
-        engine = httpx.get(front.served.supervisor.base_url + "/debug/open-streams").json()
+        engine = direct.get("/debug/open-streams").json()
         deadline = time.monotonic() + 2
         while engine["open"] and time.monotonic() < deadline:
             time.sleep(0.05)
-            engine = httpx.get(front.served.supervisor.base_url + "/debug/open-streams").json()
+            engine = direct.get("/debug/open-streams").json()
     assert engine["open"] == 0
     assert _metric(front, "num_requests_running") == 0
 
@@ -163,7 +161,8 @@ def test_a_connection_the_engine_closed_is_retried_on_a_fresh_one(tmp_path: Path
         with ThreadPoolExecutor(8) as pool:
             for _ in range(3):
                 list(pool.map(ask, range(8)))
-        engine = httpx.get(front.served.supervisor.base_url + "/debug/open-streams").json()
+        with front.engine() as direct:
+            engine = direct.get("/debug/open-streams").json()
     finally:
         stop_front(front)
     assert statuses == [200] * 24

@@ -1,20 +1,21 @@
 """The supervisor with a real process: readiness, crash mid-stream, restart, failing start, stop;
-the engine's key, and a port taken by another process."""
+the engine's key, and its socket taken by another process."""
 
 from __future__ import annotations
 
 import json
 import os
+import socketserver
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import httpx
 import psutil
 import pytest
 
-from inferd.server import supervisor as supervisor_module
+from inferd.server.engine_link import RuntimeFolder
 from tests.integration.conftest import MODEL, served_model, start_front, stop_front
 
 
@@ -104,11 +105,11 @@ def test_front_sends_the_engine_its_key_on_every_call(tmp_path: Path) -> None:
             assert models[0]["max_model_len"] == 8192  # the engine's own list
             assert "0.32.0" in c.get("/v1/metadata").text  # the engine's version route
             assert "\nvllm:" in c.get("/metrics").text  # the engine's metrics
-        engine = front.served.supervisor.base_url
-        assert httpx.post(engine + "/v1/chat/completions", json=chat).status_code == 401
-        wrong = {"Authorization": "Bearer not-the-key"}
-        assert httpx.get(engine + "/metrics", headers=wrong).status_code == 401
-        assert httpx.get(engine + "/debug/open-streams").json()["refused"] == 2
+        with front.engine() as engine:
+            assert engine.post("/v1/chat/completions", json=chat).status_code == 401
+            wrong = {"Authorization": "Bearer not-the-key"}
+            assert engine.get("/metrics", headers=wrong).status_code == 401
+            assert engine.get("/debug/open-streams").json()["refused"] == 2
     finally:
         stop_front(front)
 
@@ -130,17 +131,28 @@ class _Squatter(BaseHTTPRequestHandler):
         pass
 
 
-def test_a_port_taken_by_another_process_is_refused(
+class _UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+
+
+def test_a_socket_taken_by_another_process_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Another local process takes the port between the pick and the engine's bind, and
-    answers /health: the start fails, and the squatter gets no request (nor the key)."""
-    squatter = ThreadingHTTPServer(("127.0.0.1", 0), _Squatter)
+    """Another local process of inferd's user (no other user can enter the 0700 folder) binds
+    the engine's socket path before the engine does, and answers /health: each start fails,
+    and the squatter gets no request (nor the key)."""
+    squatters: list[_UnixHTTPServer] = []
+    make_path = RuntimeFolder.socket
+
+    def taken(folder: RuntimeFolder, start: int) -> Path:
+        path = make_path(folder, start)
+        squatters.append(_UnixHTTPServer(str(path), _Squatter))
+        threading.Thread(target=squatters[-1].serve_forever, daemon=True).start()
+        return path
+
     _Squatter.seen = []
-    threading.Thread(target=squatter.serve_forever, daemon=True).start()
-    port = squatter.server_address[1]
-    monkeypatch.setattr(supervisor_module, "free_port", lambda host="127.0.0.1": port)
-    front = start_front(served_model(tmp_path))
+    monkeypatch.setattr(RuntimeFolder, "socket", taken)
+    front = start_front(served_model(tmp_path, "--ready-after", "5"))
     try:
         sup = front.served.supervisor
         deadline = time.monotonic() + 30
@@ -148,9 +160,11 @@ def test_a_port_taken_by_another_process_is_refused(
             time.sleep(0.05)
         state = httpx.get(front.url + "/v1/health/ready").json()["models"][MODEL]
         assert state["state"] == "failed"
-        assert f"port {port} is held by another process" in state["last_error"]
+        assert "is held by another process, not by the engine" in state["last_error"]
+        assert len(squatters) == 3  # MAX_START_FAILURES starts, each refused
         assert _Squatter.seen == []
     finally:
         stop_front(front)
-        squatter.shutdown()
-        squatter.server_close()
+        for squatter in squatters:
+            squatter.shutdown()
+            squatter.server_close()

@@ -24,7 +24,7 @@ def _flags(argv: list[str]) -> dict[str, str]:
 
 
 def test_cpu_profile_command() -> None:
-    cmd = _engine("smollm2-135m-instruct", "vllm-cpu-bf16").command("127.0.0.1", 9000)
+    cmd = _engine("smollm2-135m-instruct", "vllm-cpu-bf16").command(Path("/r/engine-1.sock"))
     flags = _flags(cmd.argv)
     assert cmd.argv[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
     assert flags["--max-model-len"] == "8192"
@@ -39,7 +39,7 @@ def test_cpu_profile_command() -> None:
 
 def test_gpu_fp8_profile_command() -> None:
     cmd = _engine("llama-3.3-70b-instruct", "vllm-hopper-fp8-tp1", context=16384)
-    flags = _flags(cmd.command("127.0.0.1", 9000).argv)
+    flags = _flags(cmd.command(Path("/r/engine-1.sock")).argv)
     assert flags["--quantization"] == "fp8"
     assert flags["--kv-cache-dtype"] == "fp8"
     assert flags["--max-model-len"] == "16384"

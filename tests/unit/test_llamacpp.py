@@ -28,7 +28,7 @@ def test_command_serves_the_gguf_with_one_slot_per_admitted_request(tmp_path: Pa
     if find_binary() is None:
         pytest.skip("llama-server is not built (make install builds it)")
     (tmp_path / "m.Q8_0.gguf").write_bytes(b"GGUF")
-    cmd = _engine(tmp_path).command("127.0.0.1", 9000)
+    cmd = _engine(tmp_path).command(Path("/r/engine-1.sock"))
     flags = _flags(cmd.argv)
     assert flags["--model"] == str(tmp_path / "m.Q8_0.gguf")
     assert flags["--alias"] == "smollm2-135m-instruct"
@@ -141,15 +141,15 @@ def test_cpu_profiles_stay_off_gpus_and_gpu_profiles_offload_everything(
     monkeypatch.setattr("inferd.engines.llamacpp.find_binary", lambda: str(binary))
     # A CUDA build would otherwise offload a CPU profile's layers to whatever GPU it sees.
     stamp.write_text('{"flags": "-DGGML_CUDA=ON", "cuda": "90"}')
-    cpu = _flags(_engine(tmp_path).command("127.0.0.1", 9000).argv)
+    cpu = _flags(_engine(tmp_path).command(Path("/r/engine-1.sock")).argv)
     assert cpu["--device"] == "none" and "--n-gpu-layers" not in cpu
     gpu = _engine(tmp_path, "llamacpp-gpu-q4_1")
-    flags = _flags(gpu.command("127.0.0.1", 9000).argv)
+    flags = _flags(gpu.command(Path("/r/engine-1.sock")).argv)
     assert flags["--device"] == "CUDA0" and flags["--n-gpu-layers"] == "all"
     assert flags["--parallel"] == "16"
     # A CPU build gets no --device: llama-servers older than the flag would refuse it.
     stamp.write_text('{"flags": ""}')
-    assert "--device" not in _engine(tmp_path).command("127.0.0.1", 9000).argv
+    assert "--device" not in _engine(tmp_path).command(Path("/r/engine-1.sock")).argv
 
 
 def test_gpu_support_reads_the_build_stamp_or_asks_the_binary(tmp_path: Path) -> None:

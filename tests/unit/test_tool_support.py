@@ -138,7 +138,7 @@ def test_tool_template_shows_tools_and_renders_calls_as_bare_json() -> None:
 
 def test_vllm_gets_parser_auto_switch_and_template() -> None:
     p = profile(TOOL := "qwen2.5-coder-0.5b-instruct", "vllm-cpu-bf16")
-    argv = VllmEngine(TOOL, Path("/m"), p, [], Path("/c")).command("127.0.0.1", 1).argv
+    argv = VllmEngine(TOOL, Path("/m"), p, [], Path("/c")).command(Path("/r/engine-1.sock")).argv
     assert argv[argv.index("--tool-call-parser") + 1] == "inferd_json"
     assert argv[argv.index("--tool-parser-plugin") + 1] == str(JSON_TOOLS_PLUGIN)
     assert JSON_TOOLS_PLUGIN.is_file()
@@ -151,14 +151,14 @@ def test_vllm_default_model_gets_the_parser_too() -> None:
     # vLLM 0.32 refuses "required" and named functions unless --enable-auto-tool-choice and a
     # parser are set; inferd then refuses "auto" itself for this model.
     p = profile(MODEL := "smollm2-135m-instruct", "vllm-cpu-bf16")
-    argv = VllmEngine(MODEL, Path("/m"), p, [], Path("/c")).command("127.0.0.1", 1).argv
+    argv = VllmEngine(MODEL, Path("/m"), p, [], Path("/c")).command(Path("/r/engine-1.sock")).argv
     assert "--enable-auto-tool-choice" in argv and "--tool-call-parser" in argv
     assert tool_refusal(MODEL, p, chat(tools=[WEATHER], tool_choice="auto")) is not None
 
 
 def test_vllm_without_tools_gets_no_tool_flags() -> None:
     p = profile("gemma-3-270m", "vllm-cpu-bf16")
-    argv = VllmEngine("g", Path("/m"), p, [], Path("/c")).command("127.0.0.1", 1).argv
+    argv = VllmEngine("g", Path("/m"), p, [], Path("/c")).command(Path("/r/engine-1.sock")).argv
     assert not [a for a in argv if "tool" in a or a == "--chat-template"]
 
 
@@ -168,11 +168,11 @@ def test_llamacpp_template_only_where_it_honours_more_than_none(
     monkeypatch.setattr("inferd.engines.llamacpp.find_binary", lambda: "/bin/llama-server")
     monkeypatch.setattr("inferd.engines.llamacpp.gpu_support", lambda *a: "no CUDA")
     qwen = LlamaCppEngine("q", Path("/m"), profile(QWEN.id, "llamacpp-cpu-q4_k_m"), [], Path("/c"))
-    argv = qwen.command("127.0.0.1", 1).argv
+    argv = qwen.command(Path("/r/engine-1.sock")).argv
     assert "--jinja" in argv
     assert argv[argv.index("--chat-template") + 1] == QWEN.tools.chat_template  # type: ignore[union-attr]
     smol = LlamaCppEngine("s", Path("/m"), profile(SMOL.id, "llamacpp-cpu-q8_0"), [], Path("/c"))
-    argv = smol.command("127.0.0.1", 1).argv
+    argv = smol.command(Path("/r/engine-1.sock")).argv
     assert "--jinja" in argv and "--chat-template" not in argv
 
 

@@ -59,6 +59,8 @@ def source_record(source: Source) -> dict[str, Any]:
     if source.kind == "pypi":
         record["wheels"] = {w.filename: w.sha256 for w in source.wheels}
         record["files"] = {f.path: f.sha256 for f in source.files}
+    elif source.kind == "local":
+        record.update(path=source.path, files={f.path: f.sha256 for f in source.files})
     else:
         record.update(repo=source.repo, revision=source.revision)
     return record
@@ -167,6 +169,11 @@ def prepare(
 ) -> PreparedModel:
     folder = store.model_dir(model.id, variant(profile))
     source = model.source(profile.source)
+    if source.kind == "local":
+        # Files given by path are used in place (cache.local, which builds on this module).
+        from inferd.cache.local import prepare_local
+
+        return prepare_local(model, profile, store, reporter)
     with store.lock("blobs", shared=True), store.lock(model.id):
         store.clear_leftovers(model.id)
         record = intact(folder, source, reporter)

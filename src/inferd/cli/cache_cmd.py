@@ -9,7 +9,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from inferd.cache import ModelStore, prepare, signing
+from inferd.cache import ModelStore, adapter_store, prepare, signing
 from inferd.cache.archive import export, import_
 from inferd.cache.store import hash_tree
 from inferd.cli.plan import catalog, resolve
@@ -130,7 +130,8 @@ def verify(
         catalog(settings).get(model_id)  # an unknown id is a usage error, not "nothing cached"
     results: list[dict[str, Any]] = []
     reporter = RichReporter(_console())
-    for m in store.cached(model_id):
+    # Models, then LoRA adapters kept for them (cache.adapter_store).
+    for m in [*store.cached(model_id), *adapter_store.cached(store, model_id)]:
         expected: dict[str, str] = m.provenance.get("outputs", {})
         actual = hash_tree(m.path, reporter)
         bad = sorted(k for k in expected.keys() | actual.keys() if expected.get(k) != actual.get(k))

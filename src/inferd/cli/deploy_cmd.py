@@ -23,7 +23,7 @@ from inferd.catalog import Catalog, hardware
 from inferd.cli.plan import resolve
 from inferd.cli.progress import RichReporter
 from inferd.config import Settings
-from inferd.deploy import checkout, image, kserve, sbom
+from inferd.deploy import checkout, image, inference_pool, kserve, llm_inference_service, sbom
 from inferd.deploy.k8s import DeploySpec, objects
 from inferd.errors import UsageError
 
@@ -68,6 +68,18 @@ def spec_from(settings: Settings, args: Any) -> DeploySpec:
                     f"--{flag.replace('_', '-')} is not supported for KServe yet (use KServe's "
                     "own authentication and TLS)"
                 )
+    if getattr(args, "gateway", "none") == "inference-pool" and args.tls_secret:
+        # The gateway and its picker reach pods over plain HTTP (the release's pool speaks
+        # `http`): TLS ends at the Gateway's listener instead.
+        raise UsageError(
+            "--tls-secret is not supported with --gateway inference-pool (terminate TLS at the "
+            "Gateway's listener)"
+        )
+    gateway_name = getattr(args, "gateway_name", None)
+    if gateway_name is not None and not _NAME.match(gateway_name):
+        raise UsageError(f"--gateway-name {gateway_name!r}: not a Kubernetes name")
+    if gateway_name and args.target == "kserve" and not args.llm_inference_service:
+        raise UsageError("--gateway-name needs --llm-inference-service (or `deploy k8s --gateway`)")
     for flag in ("api_keys_secret", "tls_secret", "namespace"):
         value = getattr(args, flag)
         if value is not None and not _NAME.match(value):
@@ -95,6 +107,17 @@ def spec_from(settings: Settings, args: Any) -> DeploySpec:
     )
 
 
+class _Dumper(yaml.SafeDumper):
+    """Safe YAML, with text of several lines (a ConfigMap's file) as a readable `|` block."""
+
+
+def _text(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, "|" if "\n" in value else None)
+
+
+_Dumper.add_representer(str, _text)
+
+
 def write(docs: list[dict[str, Any]], out: Path) -> list[Path]:
     """One file per object; files an earlier run wrote there are replaced, never mixed in."""
     earlier = sorted(out.glob("[0-9][0-9]-*.yaml")) if out.is_dir() else []
@@ -110,7 +133,7 @@ def write(docs: list[dict[str, Any]], out: Path) -> list[Path]:
     paths = []
     for i, doc in enumerate(docs, 1):
         path = out / f"{i:02d}-{doc['kind'].lower()}.yaml"
-        path.write_text(yaml.safe_dump(doc, sort_keys=False))
+        path.write_text(yaml.dump(doc, Dumper=_Dumper, sort_keys=False))
         paths.append(path)
     return paths
 
@@ -175,14 +198,22 @@ def deploy(settings: Settings, args: Any) -> int:
     spec = spec_from(settings, args)
     if args.target == "k8s":
         docs = objects(spec)
+        if args.gateway == "inference-pool":
+            docs += inference_pool.objects(spec, inference_pool.Gateway(args.gateway_name))
+    elif args.llm_inference_service:
+        docs = [
+            llm_inference_service.llm_inference_service(spec, args.gateway_name),
+            llm_inference_service.network_policy(spec),
+        ]
     else:
         docs = [
             kserve.cluster_serving_runtime(spec),
             kserve.inference_service(spec),
             kserve.network_policy(spec),
         ]
-        if spec.cache == "pvc":
-            docs.insert(1, next(d for d in objects(spec) if d["kind"] == "PersistentVolumeClaim"))
+    if args.target == "kserve" and spec.cache == "pvc":
+        claim = next(d for d in objects(spec) if d["kind"] == "PersistentVolumeClaim")
+        docs.insert(0 if args.llm_inference_service else 1, claim)
     paths = write(docs, args.output)
     rows = [
         {"file": str(p), "kind": d["kind"], "name": d["metadata"]["name"]}

@@ -13,7 +13,7 @@ from rich.table import Table
 from inferd.catalog import hardware, profiles
 from inferd.catalog.estimate import GiB
 from inferd.catalog.profiles import INCOMPATIBLE, RUNNABLE, SMALLER, Candidate
-from inferd.cli.plan import catalog, unavailable_engines
+from inferd.cli.plan import catalog, catalog_match, model_entry, unavailable_engines
 from inferd.config import Settings
 from inferd.errors import NoProfileError
 
@@ -84,7 +84,8 @@ def _row(c: Candidate, selected: str | None) -> dict[str, Any]:
 
 def list_profiles(settings: Settings, model_id: str | None, *, as_json: bool) -> int:
     models = catalog(settings)
-    entries = [models.get(model_id)] if model_id else list(models)
+    # A catalog id, or a model given by path (its entry generated from the files).
+    entries = [model_entry(settings, model_id, models)] if model_id else list(models)
     hw = hardware.detect(settings.hardware)
     optimize = None if settings.optimize == "auto" else settings.optimize
     missing = unavailable_engines(settings, hw)
@@ -104,6 +105,7 @@ def list_profiles(settings: Settings, model_id: str | None, *, as_json: bool) ->
                 "selected": selected,
                 "why": why,
                 "by_goal": profiles.best_by_goal(found),
+                "catalog_match": catalog_match(entry, models) or None,
                 "profiles": [_row(c, selected) for c in found],
             }
         )
@@ -129,6 +131,8 @@ def _note(r: dict[str, Any]) -> str:
 
 def _print_model(console: Console, item: dict[str, Any]) -> None:
     console.print(f"\n[bold]{item['model']}[/bold]")
+    if item.get("catalog_match"):
+        console.print(f"[yellow]better: {escape(item['catalog_match'])}[/yellow]", soft_wrap=True)
     for status, title in GROUPS:
         rows = [r for r in item["profiles"] if r["status"] == status]
         if not rows:

@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
         "model",
         nargs="*",
         default=None,
-        help="catalog id of the model; several share one endpoint "
+        help="catalog id of the model, or a path (GGUF file, Hugging Face folder) or "
+        "hf://ORG/NAME@REV; several share one endpoint "
         f"[env {env_name('model')}, comma-separated]",
     )
     serve.add_argument(
@@ -99,17 +100,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_settings(models, {"catalog_path"})
 
     prof = sub.add_parser("profiles", help="list a model's profiles and which run here")
-    prof.add_argument("model", nargs="?", default=None, help="catalog id (default: every model)")
+    prof.add_argument(
+        "model", nargs="?", default=None, help="catalog id or path (default: every model)"
+    )
     _json_flag(prof)
-    _add_settings(prof, SELECTION - {"profile", "force"})
+    # A model given by path: its generated entry is kept in the cache.
+    _add_settings(prof, SELECTION - {"profile", "force"} | {"cache_path", "served_model_name"})
 
     cache = sub.add_parser("cache", help="manage the model cache").add_subparsers(
         dest="cache_command", required=True, parser_class=_Parser
     )
     pull = cache.add_parser("pull", help="fetch and prepare a model (for its selected profile)")
-    pull.add_argument("model")
+    pull.add_argument("model", help="catalog id or path")
     _json_flag(pull)
-    _add_settings(pull, CACHE | SELECTION | {"log_level"})
+    _add_settings(pull, CACHE | SELECTION | {"log_level", "served_model_name"})
     listing = cache.add_parser("list", help="the models in the cache")
     _json_flag(listing)
     _add_settings(listing, {"cache_path"})
@@ -225,6 +229,31 @@ def build_parser() -> argparse.ArgumentParser:
         )
         t.add_argument("--api-keys-secret", default=None, help="Secret holding keys.json")
         t.add_argument("--tls-secret", default=None, help="kubernetes.io/tls Secret for HTTPS")
+        if target == "k8s":
+            t.add_argument(
+                "--gateway",
+                choices=("none", "inference-pool"),
+                default="none",
+                help="inference-pool: an InferencePool, its endpoint picker and an HTTPRoute "
+                "(Kubernetes' inference gateway routes by each pod's queue and KV-cache use)",
+            )
+            t.add_argument(
+                "--gateway-name",
+                default="inference-gateway",
+                help="the Gateway (in --namespace) the HTTPRoute attaches to",
+            )
+        else:
+            t.add_argument(
+                "--llm-inference-service",
+                action="store_true",
+                help="an LLMInferenceService (KServe's way to the inference gateway) instead of "
+                "the ClusterServingRuntime and InferenceService",
+            )
+            t.add_argument(
+                "--gateway-name",
+                default=None,
+                help="with --llm-inference-service: a Gateway in --namespace (default: KServe's)",
+            )
         _json_flag(t)
         _add_settings(t, {"catalog_path", "drain_timeout_s"})
     cf = targets.add_parser("containerfile", help="an image build context for a model")

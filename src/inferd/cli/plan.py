@@ -1,26 +1,39 @@
-"""Resolve what `inferd serve` would run, without side effects: shared by serve, --dry-run,
-`inferd profiles` and `inferd cache pull`.
+"""Resolve what `inferd serve` would run: shared by serve, --dry-run, `inferd profiles` and
+`inferd cache pull`.
 
 A `Plan` is the catalog entry, the hardware (live or captured), the chosen profile with its memory
-estimate, the context served, and where in the cache the model folder lives.
+estimate, the context served, and where in the cache the model folder lives. A model is named by
+its catalog id, or given by path (a GGUF file, a Hugging Face folder) or as `hf://ORG/NAME@REV`:
+then its entry is generated from the files (`catalog.local_model`) and kept in the cache
+(`cache.local`); reading and hashing the files is the only work resolving does.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from rich.console import Console
+
 from inferd import engines
 from inferd.cache import ModelStore
+from inferd.cache.local import entry_for, fetch_hub
 from inferd.cache.prepare import variant
 from inferd.catalog import Catalog, hardware, profiles
 from inferd.catalog.estimate import Estimate, GiB
 from inferd.catalog.hardware import Hardware
+from inferd.catalog.local_model import model_id_for
 from inferd.catalog.profiles import Candidate
 from inferd.catalog.schema import ModelEntry
+from inferd.cli.progress import RichReporter
 from inferd.config import Settings
 from inferd.engines import Engine, engine_for
-from inferd.errors import UsageError
+from inferd.errors import UnknownModelError, UsageError
+
+HUB = "hf://"
+MODEL_ID = re.compile(r"^[a-z0-9][a-z0-9.\-]*$")
 
 
 @dataclass(frozen=True)
@@ -30,6 +43,8 @@ class Plan:
     chosen: Candidate
     store: ModelStore
     why: str  # why this profile, in a sentence (shown by serve and --dry-run)
+    # For a model given by path whose files are a catalog model's: which (the better path).
+    note: str = ""
 
     @property
     def context(self) -> int:
@@ -66,6 +81,77 @@ def catalog(settings: Settings) -> Catalog:
     return Catalog.load(extra=settings.catalog_path)
 
 
+def looks_like_path(ref: str) -> bool:
+    """A model reference that is not a catalog id: a path (with a separator, a `.gguf` name, a
+    `~`, or a file or folder that exists here) or a hub reference."""
+    return (
+        ref.startswith((HUB, "~", "."))
+        or "/" in ref
+        or ref.lower().endswith(".gguf")
+        or Path(ref).exists()
+    )
+
+
+def model_entry(settings: Settings, ref: str, cat: Catalog | None = None) -> ModelEntry:
+    """The entry for a catalog id, or the generated one for a model given by path or `hf://`.
+    A catalog id wins over a file or folder of the same name in the working directory (write
+    `./NAME` for the file)."""
+    cat = cat or catalog(settings)
+    ids = {e.id for e in cat}
+    if ref in ids or not looks_like_path(ref):
+        if settings.served_model_name:
+            raise UsageError(
+                f"--served-model-name names a model served by path; {ref} is a catalog model "
+                "and keeps its id"
+            )
+        try:
+            return cat.get(ref)
+        except UnknownModelError as exc:
+            raise UnknownModelError(
+                f"{exc.message}; or give a path to a GGUF file or a Hugging Face model folder"
+            ) from None
+    store = ModelStore(settings.cache_path)
+    if ref.startswith(HUB):
+        repo, _, revision = ref.removeprefix(HUB).partition("@")
+        if repo.count("/") != 1 or not all(repo.split("/")):
+            raise UsageError(f"{ref}: a hub model is hf://ORG/NAME or hf://ORG/NAME@REVISION")
+        path = fetch_hub(repo, revision, store, offline=settings.offline)
+        derived = model_id_for(Path(repo))
+    else:
+        path = Path(ref).expanduser().absolute()
+        derived = model_id_for(path)
+    model_id = settings.served_model_name or derived
+    if not MODEL_ID.match(model_id):
+        raise UsageError(
+            f"--served-model-name {model_id!r}: a model id is lower-case letters, digits, "
+            "dots and dashes, starting with a letter or digit"
+        )
+    if model_id in ids:
+        raise UsageError(
+            f"{ref} would be served as {model_id!r}, a catalog model's id; choose another "
+            "name with --served-model-name"
+        )
+    return entry_for(path, store, model_id, RichReporter(Console(stderr=True, highlight=False)))
+
+
+def catalog_match(entry: ModelEntry, cat: Catalog) -> str:
+    """For a model given by path: the catalog model whose source ships the same file (by
+    sha256), said as a suggestion; "" when none does (or the model is a catalog one)."""
+    local = {f.sha256 for s in entry.sources if s.kind == "local" for f in s.files}
+    if not local:
+        return ""
+    for other in cat:
+        for source in other.sources:
+            same = [f.path for f in source.files if f.sha256 in local and f.role == "weights"]
+            if same:
+                return (
+                    f"{same[0]} is the catalog model {other.id}'s own file (source "
+                    f"{source.id}): `inferd serve {other.id}` runs it with its measured "
+                    "profiles and pinned sources"
+                )
+    return ""
+
+
 def resolve(
     settings: Settings,
     model_id: str | None = None,
@@ -74,7 +160,8 @@ def resolve(
     hw: Hardware | None = None,
     entry: ModelEntry | None = None,
 ) -> Plan:
-    entry = entry or catalog(settings).get(model_id or settings.models[0])
+    cat = catalog(settings)
+    entry = entry or model_entry(settings, model_id or settings.models[0], cat)
     hw = hw or hardware.detect(settings.hardware)
     wanted = profile or settings.profile
     optimize = None if settings.optimize == "auto" else settings.optimize
@@ -88,7 +175,7 @@ def resolve(
         why = f"--profile {wanted} asked for it"
     else:
         why = profiles.explain(chosen, found, optimize)
-    return Plan(entry, hw, chosen, ModelStore(settings.cache_path), why)
+    return Plan(entry, hw, chosen, ModelStore(settings.cache_path), why, catalog_match(entry, cat))
 
 
 def resolve_all(settings: Settings) -> list[Plan]:
@@ -101,6 +188,7 @@ def resolve_all(settings: Settings) -> list[Plan]:
         for flag, value in (
             ("--engine-args", settings.engine_args),
             ("--max-model-len", settings.max_model_len),
+            ("--served-model-name", settings.served_model_name),
         ):
             if value:
                 raise UsageError(
@@ -108,13 +196,36 @@ def resolve_all(settings: Settings) -> list[Plan]:
                     "on its own, or give its profile the setting (a catalog file, --catalog-path)"
                 )
     cat = catalog(settings)
-    entries = [cat.get(i) for i in ids]
+    entries = [model_entry(settings, i, cat) for i in ids]
+    if len({e.id for e in entries}) != len(entries):
+        raise UsageError(
+            f"two of the models would be served under one id ({', '.join(e.id for e in entries)})"
+            "; serve them apart, or rename one (a copy, or --served-model-name when serving one)"
+        )
     wanted = profile_choices(settings.profile, entries)
     hw = hardware.detect(settings.hardware)
     plans = [resolve(settings, profile=wanted[e.id], hw=hw, entry=e) for e in entries]
     if len(plans) > 1 and not settings.force:
-        check_fit_together(plans)
+        # On demand, only the pinned models run together for sure; the others are checked
+        # (and room made) as each loads (`server.loading`).
+        pinned = [p for p in plans if p.entry.id in settings.pinned]
+        check_fit_together(pinned if settings.on_demand else plans)
     return plans
+
+
+def fit_check(plans: list[Plan]) -> Callable[[list[str]], str | None]:
+    """For models on demand: why a set of these models does not fit in memory together (the
+    same estimate as `check_fit_together`), or None when it does."""
+    by_id = {p.entry.id: p for p in plans}
+
+    def why_not(ids: list[str]) -> str | None:
+        try:
+            check_fit_together([by_id[i] for i in ids])
+        except UsageError as exc:
+            return str(exc)
+        return None
+
+    return why_not
 
 
 def profile_choices(text: str, entries: list[ModelEntry]) -> dict[str, str]:

@@ -21,7 +21,7 @@ from rich.markup import escape
 from inferd import __version__
 from inferd.cache import prepare, signing
 from inferd.cache.prepare import intact
-from inferd.cli.plan import Plan, resolve_all
+from inferd.cli.plan import Plan, fit_check, resolve_all
 from inferd.cli.progress import RichReporter
 from inferd.config import Settings
 from inferd.errors import ConfigError, UsageError
@@ -32,7 +32,9 @@ from inferd.guardrails.jailbreak import Training
 from inferd.guardrails.rails import Guardrails
 from inferd.observability import logs
 from inferd.server import runtime
+from inferd.server.adapters import Adapters
 from inferd.server.app import create_app
+from inferd.server.engine_link import RuntimeFolder
 from inferd.server.keys import KeyRing
 from inferd.server.served import ServedModel
 from inferd.server.supervisor import Supervisor
@@ -70,7 +72,11 @@ def serve(settings: Settings) -> int:
     for plan in plans:
         served.append(_prepare(plan, settings, console, several=len(plans) > 1))
     training = _jailbreak_training(guards, served, plans[0], settings, console)
-    app = create_app(served, settings, keys, guards, training)
+    fits = None if settings.force else fit_check(plans)
+    adapters = Adapters.from_settings(settings, served, plans[0].store)
+    if settings.lora_path is not None:
+        console.print(f"  adapters {escape(adapters.summary())}")
+    app = create_app(served, settings, keys, guards, training, fits=fits, adapters=adapters)
 
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     scheme = "http" if settings.ssl_mode == "disabled" else "https"
@@ -85,7 +91,10 @@ def serve(settings: Settings) -> int:
     if guards is not None:
         console.print(f"  rails    {describe_rails(guards)} ({settings.guardrails_config})")
     engines = ", ".join(m.supervisor.engine.name for m in served)
-    console.print(f"  engine   {engines} starting (live now, ready when every engine answers)")
+    if settings.on_demand:
+        console.print(f"  engine   {engines}, {_on_demand(settings, served)}")
+    else:
+        console.print(f"  engine   {engines} starting (live now, ready when every engine answers)")
 
     def on_ready(seconds: float) -> None:
         console.print(f"[green]ready[/green] in {seconds:.1f} s: {url}/v1 serves {names}")
@@ -100,6 +109,8 @@ def _prepare(plan: Plan, settings: Settings, console: Console, *, several: bool)
     tags = " ".join(f"{k}={v}" for k, v in profile.tags.items())
     console.print(f"{head}profile  {profile.id} ({tags}), context {plan.context}")
     console.print(f"  why      {escape(plan.why)}")
+    if plan.note:  # a model given by path that the catalog ships: say the better way
+        console.print(f"[yellow]  better   {escape(plan.note)}[/yellow]")
     if not plan.chosen.runnable:
         console.print(f"[yellow]  forced: {escape(plan.chosen.reason)}[/yellow]")
     prepared = prepare(
@@ -120,6 +131,24 @@ def _prepare(plan: Plan, settings: Settings, console: Console, *, several: bool)
     engine.cache_dir.mkdir(parents=True, exist_ok=True)
     supervisor = Supervisor(engine, ready_timeout_s=settings.engine_ready_timeout_s)
     return ServedModel(entry, profile, supervisor, prepared.license_text, prepared.provenance)
+
+
+def _on_demand(settings: Settings, served: list[ServedModel]) -> str:
+    """How models load on demand, in a line."""
+    pinned = [m.id for m in served if not m.on_demand]
+    parts = [
+        "on demand: each starts on its first request",
+        f"at most {settings.max_loaded} loaded" if settings.max_loaded else "as many as fit",
+        f"unloaded after {settings.idle_unload_s:g} s idle" if settings.idle_unload_s else "",
+        f"kept loaded: {', '.join(pinned)} (starting now)" if pinned else "",
+    ]
+    return "; ".join(p for p in parts if p)
+
+
+def _when_loaded(model: str, settings: Settings) -> str:
+    if not settings.on_demand:
+        return "at start"
+    return "at start, kept loaded" if model in settings.pinned else "on its first request"
 
 
 def _guardrails(settings: Settings, plans: list[Plan]) -> GuardrailsConfig | None:
@@ -195,7 +224,7 @@ def describe(plan: Plan, settings: Settings) -> dict[str, Any]:
     folder = plan.model_dir
     present = folder.is_dir()
     ok = present and intact(folder, plan.entry.source(profile.source)) is not None
-    command = plan.engine(settings).command("127.0.0.1", 0)
+    command = plan.engine(settings).command(RuntimeFolder.planned(plan.entry.id))
     return {
         "model": plan.entry.id,
         "profile": {
@@ -223,11 +252,13 @@ def describe(plan: Plan, settings: Settings) -> dict[str, Any]:
             "engine_cache": str(plan.store.engine_dir(profile.engine)),
         },
         "listen": {"host": settings.host, "port": settings.port},
+        "loads": _when_loaded(plan.entry.id, settings),
         "engine": {
             "name": profile.engine,
             "argv": command.argv,
             "env": command.env,
-            "note": "--port 0 stands for the free loopback port chosen at start",
+            "note": "the engine listens on a Unix socket in a private folder (mode 0700) made "
+            "at start, never on a port; XXXXXXXX stands for the folder's random part",
         },
     }
 
@@ -246,7 +277,10 @@ def dry_run(settings: Settings, *, as_json: bool) -> int:
             console.print()
         _print_plan(console, plan, info, settings)
     console.print(f"listen   {settings.host}:{settings.port}")
-    console.print("         (--port 0: a free loopback port is chosen at start)")
+    console.print(
+        "         (engines listen on a Unix socket in a private folder made at start, never on "
+        "a port; XXXXXXXX stands for the folder's random part)"
+    )
     return 0
 
 
@@ -258,6 +292,7 @@ def _print_plan(console: Console, plan: Plan, info: dict[str, Any], settings: Se
     )
     console.print(f"why      {escape(p['why'])}")
     console.print(f"context  {info['context']} tokens")
+    console.print(f"loads    {info['loads']}")
     console.print(f"hardware {plan.hardware.summary()}")
     if info["estimate"]:
         e = info["estimate"]
@@ -267,10 +302,14 @@ def _print_plan(console: Console, plan: Plan, info: dict[str, Any], settings: Se
             f"{e['available_bytes'] / 2**30:.1f} GiB usable"
         )
     c = info["cache"]
+    # A model given by path needs no network: its folder links (or converts) the user's files.
+    local = plan.entry.source(plan.chosen.profile.source).kind == "local"
     if c["intact"]:
         state = "present and intact"
     elif c["present"]:
         state = "present but altered: serve will rebuild it"
+    elif local:
+        state = "not in the cache yet: serve will link (or convert) the files given"
     elif settings.offline:
         state = "missing, and offline: bring it in with `inferd cache import FILE`"
     else:

@@ -53,7 +53,13 @@ class Settings:
 
     model: str = _setting(
         "smollm2-135m-instruct",
-        "Catalog id of the model to serve; several, separated by commas, share one endpoint.",
+        "Catalog id of the model to serve, or a path (a GGUF file, a Hugging Face model folder) "
+        "or hf://ORG/NAME@REVISION; several, separated by commas, share one endpoint.",
+    )
+    served_model_name: str = _setting(
+        "",
+        "The id a model given by path is served under (default: its file or folder name, "
+        "lower-cased, without .gguf).",
     )
     host: str = _setting("127.0.0.1", "Address the API listens on (loopback unless told).")
     port: int = _setting(8000, "Port the API listens on.")
@@ -109,6 +115,41 @@ class Settings:
         None, "Requests waiting for a slot at most, more get 503 at once (default: 2 x running)."
     )
     queue_timeout_s: float = _setting(30.0, "Seconds a request may wait for a slot (then 503).")
+    # --- models on demand (issue 17): any of the first three turns it on ---
+    max_loaded: int | None = _setting(
+        None,
+        "Models loaded at once at most: each starts on its first request and the least recently "
+        "used idle one is stopped to make room (default: every model, loaded at start).",
+    )
+    idle_unload_s: float | None = _setting(
+        None, "Stop a model's engine after this many seconds without requests (default: never)."
+    )
+    keep_loaded: str = _setting(
+        "",
+        "Models (comma-separated) loaded at start and never stopped, when models load on demand.",
+    )
+    load_timeout_s: float = _setting(
+        120.0,
+        "Seconds a request waits for its model to load (models on demand), then 503 with "
+        "Retry-After; the load goes on.",
+    )
+    # --- LoRA adapters (issue 17) ---
+    lora_path: Path | None = _setting(
+        None,
+        "A folder of LoRA adapters in Hugging Face PEFT's format, one per sub-folder; the "
+        "sub-folder's name is the adapter's model id, served on the base model it was made for.",
+    )
+    lora_refresh_s: float = _setting(
+        0.0,
+        "Seconds between re-reads of the adapter folder: new adapters are served and removed "
+        "ones refused without a restart (0: read at start only).",
+    )
+    max_lora_rank: int = _setting(
+        64,
+        "Largest adapter rank served (higher ones are refused); one of vLLM's sizes: "
+        "1, 8, 16, 32, 64, 128, 256, 320, 512.",
+    )
+    max_loras: int = _setting(4, "Adapters one vLLM batch may mix (vLLM's --max-loras).")
     # --- security ---
     api_keys_file: Path = _setting(
         _default_keys_file,
@@ -176,6 +217,16 @@ class Settings:
     def models(self) -> list[str]:
         """The catalog ids to serve, in the order given."""
         return [m.strip() for m in self.model.split(",") if m.strip()]
+
+    @property
+    def pinned(self) -> list[str]:
+        """The models `keep_loaded` names, in the order given."""
+        return [m.strip() for m in self.keep_loaded.split(",") if m.strip()]
+
+    @property
+    def on_demand(self) -> bool:
+        """Whether models load on their first request (any of the on-demand settings given)."""
+        return self.max_loaded is not None or self.idle_unload_s is not None or bool(self.pinned)
 
     def engine_argv(self) -> list[str]:
         try:
@@ -322,4 +373,40 @@ def _validate(s: Settings) -> None:
         raise ConfigError(f"ssl_mode {s.ssl_mode} needs INFERD_SSL_CERTFILE and INFERD_SSL_KEYFILE")
     if s.ssl_mode == "mtls" and not s.ssl_ca_certs:
         raise ConfigError("ssl_mode mtls needs INFERD_SSL_CA_CERTS (the CA client certs chain to)")
+    _validate_on_demand(s)
+    _validate_lora(s)
     s.engine_argv()
+
+
+def _validate_on_demand(s: Settings) -> None:
+    if s.max_loaded is not None and s.max_loaded < 1:
+        raise ConfigError("max_loaded must be at least 1")
+    for name in ("idle_unload_s", "load_timeout_s"):
+        value = getattr(s, name)
+        if value is not None and value <= 0:
+            raise ConfigError(f"{name} must be positive")
+    unknown = [m for m in s.pinned if m not in s.models]
+    if unknown:
+        raise ConfigError(
+            f"keep_loaded names {', '.join(unknown)}, not served here (serving "
+            f"{', '.join(s.models)})"
+        )
+    if s.max_loaded is not None and len(set(s.pinned)) > s.max_loaded:
+        raise ConfigError(
+            f"keep_loaded pins {len(set(s.pinned))} models but max_loaded is {s.max_loaded}"
+        )
+
+
+# vLLM sizes its adapter buffers for one of these ranks (vllm.config.lora.MaxLoRARanks).
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def _validate_lora(s: Settings) -> None:
+    if s.lora_refresh_s < 0:
+        raise ConfigError("lora_refresh_s must not be negative")
+    if s.max_lora_rank not in LORA_RANKS:
+        raise ConfigError(
+            f"max_lora_rank {s.max_lora_rank} is not one of {', '.join(map(str, LORA_RANKS))}"
+        )
+    if s.max_loras < 1:
+        raise ConfigError("max_loras must be at least 1")

@@ -2,8 +2,9 @@
 
 An engine is a real inference server run as its own process (vLLM's OpenAI server, llama.cpp's
 server, ...). inferd never imports an engine's Python package; it builds the engine's command line
-from the profile, then speaks HTTP to it on loopback. One subclass per engine in this package;
-`server.supervisor` starts and watches the process, `server.proxy` forwards requests to it.
+from the profile, then speaks HTTP to it over a Unix socket in a private folder, never a TCP port
+(`server.engine_link` says why). One subclass per engine in this package; `server.supervisor`
+starts and watches the process, `server.engine_client` sends it requests.
 """
 
 from __future__ import annotations
@@ -16,6 +17,26 @@ from pathlib import Path
 from typing import Any
 
 from inferd.catalog.schema import Profile
+from inferd.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """A LoRA adapter as an engine loads it: its id, its PEFT folder in the cache, and its
+    GGUF form there (llama.cpp)."""
+
+    name: str
+    folder: Path
+    gguf: Path
+
+
+@dataclass(frozen=True)
+class LoraLimits:
+    """What a service with adapters allows: the largest rank, and (vLLM) how many adapters one
+    batch may mix."""
+
+    max_rank: int
+    max_loras: int
 
 
 @dataclass(frozen=True)
@@ -53,6 +74,9 @@ class Engine(ABC):
     # The route that counts a chat request's prompt tokens (`messages`, `tools`) as the
     # model's template renders them: answers `count` or `input_tokens`.
     chat_tokens_path = "/tokenize"
+    # Flags that say where the engine listens: `listen_flags` sets them, and pass-through
+    # arguments may not (a TCP address would open the engine to every local process).
+    listen_options: frozenset[str] = frozenset({"--host", "--port", "--uds"})
 
     def __init__(
         self,
@@ -72,11 +96,23 @@ class Engine(ABC):
         # The context served: the profile's, or a smaller one the user asked for.
         self.context = context or profile.context
         # Pass-through arguments come last so they override the profile's (argparse: last wins).
+        taken = [a for a in extra_args if a.split("=", 1)[0] in self.listen_options]
+        if taken:
+            raise ConfigError(
+                f"INFERD_ENGINE_ARGS / --engine-args: {taken[0].split('=', 1)[0]} is inferd's to "
+                "set (the engine listens on a Unix socket only inferd can open, never on a port)"
+            )
         self.extra_args = extra_args
 
     @abstractmethod
-    def command(self, host: str, port: int) -> EngineCommand:
-        """The full command line and environment that start this engine on host:port."""
+    def command(self, socket: Path) -> EngineCommand:
+        """The full command line and environment that start this engine serving HTTP on the
+        Unix socket `socket` (through `listen_flags`), and on no TCP port."""
+
+    @abstractmethod
+    def listen_flags(self, socket: Path) -> list[str]:
+        """The flags that make the engine listen on the Unix socket `socket` and nowhere else.
+        The supervisor picks a new path per start, in a folder of mode 0700, ending `.sock`."""
 
     @abstractmethod
     def secret_env(self, secret: str) -> dict[str, str]:
@@ -116,6 +152,34 @@ class Engine(ABC):
         """(prompt tokens, context) when an error answer says the prompt did not fit and the
         engine counted the whole prompt; None otherwise (the front then counts it itself)."""
         return None
+
+    # ------------------------------------------------------------------ LoRA adapters
+    # Set by `server.adapters` when the service serves adapters (INFERD_LORA_PATH): the limits,
+    # and the adapters this engine loads at its next start. Class defaults: none.
+    lora: LoraLimits | None = None
+    adapters: tuple[Adapter, ...] = ()
+    # Whether adapters can be added to a running engine (vLLM's load API), or only at a start
+    # (llama-server: `server.adapters` drains and restarts it).
+    runtime_adapters = False
+    # Whether the engine loads adapters as GGUF files (made by llama.cpp's converter).
+    adapter_format = "peft"
+
+    def adapter_flags(self) -> list[str]:
+        """The command-line flags that load `adapters` (and allow them at all)."""
+        return []
+
+    def adapter_env(self) -> dict[str, str]:
+        return {}
+
+    def use_adapter(self, payload: dict[str, Any], name: str) -> None:
+        """Make `payload` (a request for the base model's engine) run with adapter `name`, in
+        place."""
+        raise NotImplementedError(f"{self.name} serves no adapters")
+
+    def use_base(self, payload: dict[str, Any]) -> bool:
+        """Make a request for the base model run without any adapter, where the engine needs
+        to be told (in place); True when it changed anything."""
+        return False
 
     @staticmethod
     def python() -> str:

@@ -26,6 +26,10 @@ def main() -> None:
     # The parent may have died before prctl took effect: then nobody would reap us.
     if os.getppid() != int(parent):
         sys.exit(1)
+    # The engine gets its standard streams and nothing else of inferd's: uvloop's spawn ignores
+    # `close_fds`, so without this the engine would hold the front's listening socket (made
+    # inheritable) and stray pipes, and its process tree would listen on the front's port.
+    os.closerange(3, os.sysconf("SC_OPEN_MAX"))
     os.execvp(cmd[0], cmd)  # noqa: S606
 
 

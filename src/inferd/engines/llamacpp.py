@@ -270,7 +270,7 @@ class LlamaCppEngine(Engine):
             return self.model_dir / "*.gguf"
         raise EngineStartError(f"no GGUF file in {self.model_dir}")
 
-    def command(self, host: str, port: int) -> EngineCommand:
+    def command(self, socket: Path) -> EngineCommand:
         binary = find_binary()
         if binary is None:
             raise EngineStartError(
@@ -283,10 +283,7 @@ class LlamaCppEngine(Engine):
             str(self.gguf()),
             "--alias",
             self.served_name,
-            "--host",
-            host,
-            "--port",
-            str(port),
+            *self.listen_flags(socket),
             "--parallel",
             str(self.slots),
             "--ctx-size",
@@ -295,10 +292,19 @@ class LlamaCppEngine(Engine):
             "--no-webui",
             *self._device_flags(binary),
             *self._tool_flags(),
+            *self.adapter_flags(),
             *flags_from_mapping(self.profile.engine_args),
             *self.extra_args,
         ]
         return EngineCommand(argv=argv, env=dict(self.profile.engine_env))
+
+    def listen_flags(self, socket: Path) -> list[str]:
+        # A `--host` ending in `.sock` is a Unix socket path (tools/server/server-http.cpp binds
+        # it AF_UNIX and ignores the port); a later `--host` would replace the list, so
+        # pass-through arguments may not give one (`listen_options`).
+        if socket.suffix != ".sock":
+            raise EngineStartError(f"llama-server listens on a socket path ending .sock: {socket}")
+        return ["--host", str(socket)]
 
     def secret_env(self, secret: str) -> dict[str, str]:
         # `--api-key`'s variable (common/arg.cpp). llama-server then answers 401 on every route
@@ -329,6 +335,45 @@ class LlamaCppEngine(Engine):
             return ["--device", "none"] if gpu_support(binary) is None else []
         names = ",".join(f"CUDA{i}" for i in range(max(1, self.profile.gpus)))
         return ["--device", names, "--n-gpu-layers", "all"]
+
+    # LoRA adapters: loaded at start only (llama-server has no API to add one), so
+    # `server.adapters` drains and restarts the engine when the set grows.
+    adapter_format = "gguf"
+
+    def adapter_flags(self) -> list[str]:
+        """Each adapter loaded with scale 0 (`--lora-scaled FILE:0`): a request without a `lora`
+        field gets no adapter (llama-server gives such requests the start-up scales, and
+        skips zero-scaled adapters). `--lora-init-without-apply` keeps the warm-up plain."""
+        if not self.adapters:
+            return []
+        flags = ["--lora-init-without-apply"]
+        for adapter in self.adapters:
+            path = str(adapter.gguf)
+            if "," in path or ":" in path:  # the flag's own separators
+                raise EngineStartError(f"adapter path {path} contains ',' or ':'")
+            flags += ["--lora-scaled", f"{path}:0"]
+        return flags
+
+    def use_adapter(self, payload: dict[str, Any], name: str) -> None:
+        """llama-server's per-request `lora` field: this adapter at scale 1, every other one
+        at 0 (adapters it does not list get 0). Requests with different adapter sets are not
+        batched in one decoding step by llama-server; they take turns."""
+        ids = [i for i, a in enumerate(self.adapters) if a.name == name]
+        if not ids:
+            raise EngineStartError(f"adapter {name} is not loaded in this llama-server")
+        payload["lora"] = [{"id": ids[0], "scale": 1.0}]
+
+    def use_base(self, payload: dict[str, Any]) -> bool:
+        """Every adapter at scale 0, said explicitly. Without a `lora` field llama-server does
+        get no adapter, but it then reuses a slot's cached prompt as it is, even one computed
+        with an adapter (it clears the cache on an adapter change only when the request names
+        its adapters): a base request would answer from the adapter's keys and values (seen:
+        half the base model's answers in the adapter's format). A client's own `lora` field
+        is replaced too: adapters are chosen by `model` only."""
+        if not self.adapters:
+            return False
+        payload["lora"] = [{"id": i, "scale": 0.0} for i in range(len(self.adapters))]
+        return True
 
     def parse_version(self, props: dict[str, Any]) -> str | None:
         info = props.get("build_info")

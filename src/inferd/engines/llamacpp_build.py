@@ -22,6 +22,14 @@ backend for the GPUs found (`--cuda auto`, the default; `on` insists, `off` neve
 profiles (`llamacpp-gpu-*`) can offload every layer; the stamp records it (`"cuda"`), which is how
 inferd knows this llama-server can serve them. `--source DIR` builds from a llama.cpp tree on disk
 instead of the pinned sdist (machines that reach no package index).
+
+LoRA adapters: llama-server loads adapters as GGUF files, made from Hugging Face PEFT adapters by
+llama.cpp's own `convert_lora_to_gguf.py`. The build keeps that converter, the model definitions
+it imports (`conversion/`, `convert_hf_to_gguf.py`) and the gguf-py they use, from the same
+pinned source, under `PREFIX/share/inferd/llama.cpp/` (`converter_dir`), with a stamp of its
+own; `inferd.cache.adapters` runs it in a child process. An up-to-date binary whose converter is
+missing or from another source gets the converter alone (the sdist fetched and unpacked, nothing
+compiled).
 """
 
 from __future__ import annotations
@@ -111,13 +119,58 @@ def _extract(tar: tarfile.TarFile, dest: Path) -> None:
 
 TARGETS = ("llama-server", "llama-quantize")
 STAMP = "llama-server.json"
+# What the adapter conversion needs from the source tree (relative paths), and its stamp.
+CONVERTER_FILES = ("convert_lora_to_gguf.py", "convert_hf_to_gguf.py", "conversion", "gguf-py")
+CONVERTER_STAMP = "converter.json"
+CONVERTER_SCRIPT = "convert_lora_to_gguf.py"
+
+
+def converter_dir(prefix: Path) -> Path:
+    """Where the build keeps llama.cpp's LoRA converter for an install under `prefix`."""
+    return prefix / "share" / "inferd" / "llama.cpp"
+
+
+def find_converter() -> Path | None:
+    """llama.cpp's `convert_lora_to_gguf.py` as the build kept it for this Python's install."""
+    script = converter_dir(Path(sys.prefix)) / CONVERTER_SCRIPT
+    return script if script.is_file() else None
+
+
+def _converter_current(prefix: Path, record: dict[str, object]) -> bool:
+    folder = converter_dir(prefix)
+    if not all((folder / name).exists() for name in CONVERTER_FILES):
+        return False
+    return read_stamp_file(folder / CONVERTER_STAMP) == record
+
+
+def _install_converter(source: Path, prefix: Path, record: dict[str, object]) -> None:
+    """Copy the converter and what it imports out of `source`, replacing any older copy."""
+    folder = converter_dir(prefix)
+    staging = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for name in CONVERTER_FILES:
+        item = source / name
+        if item.is_dir():
+            shutil.copytree(item, staging / name, ignore=shutil.ignore_patterns("tests"))
+        else:
+            shutil.copy2(item, staging / name)
+    shutil.copy2(source / "LICENSE", staging / "LICENSE")
+    (staging / CONVERTER_STAMP).write_text(json.dumps(record, indent=2) + "\n")
+    shutil.rmtree(folder, ignore_errors=True)
+    staging.rename(folder)
+    _step(f"kept llama.cpp's LoRA converter in {folder}")
 
 
 def read_stamp(bindir: Path) -> dict[str, object] | None:
     """What the binaries in `bindir` were built from, as `build` recorded it; None when there is
     no stamp (a llama-server from elsewhere) or it is not one."""
+    return read_stamp_file(bindir / STAMP)
+
+
+def read_stamp_file(path: Path) -> dict[str, object] | None:
     try:
-        record = json.loads((bindir / STAMP).read_text())
+        record = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
     return record if isinstance(record, dict) else None
@@ -192,23 +245,19 @@ def build(
     }
     if cuda_archs:  # (absent from CPU builds' stamps, so those written before stay valid)
         record["cuda"] = cuda_archs
+    converter_record = {"source": record["source"], "sha256": record["sha256"]}
     built = all((bindir / name).is_file() for name in TARGETS)
     if built and read_stamp(bindir) == record:
+        if not _converter_current(prefix, converter_record):
+            with tempfile.TemporaryDirectory(prefix="llama-source-") as tmp:
+                _install_converter(_source(Path(tmp), source_dir), prefix, converter_record)
         _step(f"up to date: {target}")
         return target
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="llama-build-") as tmp:
         work = Path(tmp)
         log = work / "build.log"
-        if source_dir is not None:
-            source = source_dir
-        else:
-            _step(f"fetching the llama.cpp source ({SDIST_PIN} sdist)")
-            sdist = work / SDIST
-            _fetch_sdist(sdist)
-            with tarfile.open(sdist) as tar:
-                _extract(tar, work)
-            source = work / SDIST.removesuffix(".tar.gz") / "vendor" / "llama.cpp"
+        source = _source(work, source_dir)
         _step(f"configuring ({source.name}{', CUDA ' + cuda_archs if cuda_archs else ''})")
         # nvcc by path: it need not be on PATH (the toolkit's own folder is enough).
         compiler = [f"-DCMAKE_CUDA_COMPILER={find_nvcc()}"] if cuda_archs else []
@@ -223,9 +272,22 @@ def build(
         for name in TARGETS:
             shutil.copy2(work / "build" / "bin" / name, bindir / name)
         shutil.copy2(source / "LICENSE", bindir / "llama-server.LICENSE")
+        _install_converter(source, prefix, converter_record)
     stamp.write_text(json.dumps(record, indent=2) + "\n")
     _step(f"built {target} in {time.monotonic() - started:.0f} s")
     return target
+
+
+def _source(work: Path, source_dir: Path | None) -> Path:
+    """The llama.cpp source tree: `source_dir`, or the pinned sdist fetched and unpacked."""
+    if source_dir is not None:
+        return source_dir
+    _step(f"fetching the llama.cpp source ({SDIST_PIN} sdist)")
+    sdist = work / SDIST
+    _fetch_sdist(sdist)
+    with tarfile.open(sdist) as tar:
+        _extract(tar, work)
+    return work / SDIST.removesuffix(".tar.gz") / "vendor" / "llama.cpp"
 
 
 def main() -> None:

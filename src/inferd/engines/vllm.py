@@ -11,6 +11,7 @@ and the user's pass-through arguments last (argparse: the last occurrence wins).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from inferd.engines.base import Engine, EngineCommand, flags_from_mapping
 
@@ -226,7 +227,11 @@ class VllmEngine(Engine):
             args["chat-template"] = tools.chat_template
         return args
 
-    def command(self, host: str, port: int) -> EngineCommand:
+    def listen_flags(self, socket: Path) -> list[str]:
+        # `--uds`: uvicorn on that Unix socket; vLLM then ignores --host and --port.
+        return ["--uds", str(socket)]
+
+    def command(self, socket: Path) -> EngineCommand:
         argv = [
             self.python(),
             "-m",
@@ -235,14 +240,38 @@ class VllmEngine(Engine):
             str(self.model_dir),
             "--served-model-name",
             self.served_name,
-            "--host",
-            host,
-            "--port",
-            str(port),
+            *self.listen_flags(socket),
             # The front logs requests (without prompts); a second access log per request is noise.
             "--disable-uvicorn-access-log",
             *flags_from_mapping(self.profile_args()),
+            *self.adapter_flags(),
             *self.extra_args,
         ]
         env = {**BASE_ENV, "VLLM_CACHE_ROOT": str(self.cache_dir), **self.profile.engine_env}
-        return EngineCommand(argv=argv, env=env)
+        return EngineCommand(argv=argv, env={**env, **self.adapter_env()})
+
+    # LoRA adapters: loaded at start (`--lora-modules`) and at run time through vLLM's
+    # load/unload routes (`server.adapters`), batched with base requests (punica kernels).
+    runtime_adapters = True
+
+    def adapter_flags(self) -> list[str]:
+        if self.lora is None:
+            return []
+        flags = [
+            "--enable-lora",
+            "--max-lora-rank",
+            str(self.lora.max_rank),
+            "--max-loras",
+            str(self.lora.max_loras),
+        ]
+        if self.adapters:
+            flags += ["--lora-modules", *(f"{a.name}={a.folder}" for a in self.adapters)]
+        return flags
+
+    def adapter_env(self) -> dict[str, str]:
+        # The load/unload routes exist only with this set (vllm.entrypoints.serve.lora).
+        return {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"} if self.lora is not None else {}
+
+    def use_adapter(self, payload: dict[str, Any], name: str) -> None:
+        # vLLM picks the adapter by the request's `model`: the adapter's own name.
+        payload["model"] = name

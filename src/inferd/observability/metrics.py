@@ -87,6 +87,7 @@ E2E_BUCKETS = (
     480.0,
     960.0,
 )
+LOAD_BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 640.0)
 TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 
 
@@ -148,6 +149,25 @@ class Metrics:
             "inferd_engine_restarts",
             "Times the model's engine was restarted after exiting.",
             engine,
+        )
+        # Models on demand (server.loading): engines started on a request, stopped when idle
+        # or to make room.
+        self.model_loads = counter("inferd_model_loads", "Times a model was loaded on demand.")
+        self.model_load_failures = counter(
+            "inferd_model_load_failures", "Loads on demand whose engine never became ready."
+        )
+        self.model_unloads = counter(
+            "inferd_model_unloads",
+            "Times a model was unloaded, by reason (idle, evicted: to make room).",
+            [*model, "reason"],
+        )
+        self.model_load_seconds = histogram(
+            "inferd_model_load_seconds",
+            "Seconds from a load's start (room made, engine started) to the engine's readiness.",
+            LOAD_BUCKETS,
+        )
+        self.model_loaded = gauge(
+            "inferd_model_loaded", "1 while the model is loaded (models on demand)."
         )
 
         rail = ["rail", "stage"]  # stage: input, output or check (the /v1/guardrails route)

@@ -4,7 +4,8 @@ Inference routes go through `proxy.Proxy` to the model's engine; the front's own
 (`server.management`) answer from what it knows. `create_app` builds everything a request may
 need once (model table, metrics, rails, the proxy and its engine clients, the Responses store),
 and the lifespan starts every engine's supervisor and stops them all on shutdown, so no engine
-outlives the front.
+outlives the front. With models on demand (`Settings.on_demand`) the lifespan opens a
+`loading.ModelPool` instead, which starts the pinned models now and the others on request.
 """
 
 from __future__ import annotations
@@ -19,16 +20,19 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from inferd import __version__
 from inferd.config import Settings
+from inferd.errors import ConfigError
 from inferd.guardrails.config import GuardrailsConfig
 from inferd.guardrails.jailbreak import Training
 from inferd.guardrails.rails import Guardrails
 from inferd.observability.metrics import Metrics
 from inferd.server import errors, routes
+from inferd.server.adapters import Adapters
 from inferd.server.admission import Admission, Limits
 from inferd.server.apis.response_store import ResponseStore
 from inferd.server.context import RequestIdMiddleware
 from inferd.server.guard_models import ServiceGuardModels
 from inferd.server.keys import KeyRing
+from inferd.server.loading import FitCheck, ModelPool, Policy
 from inferd.server.management import API_VERSION, PROMETHEUS_TEXT, Front
 from inferd.server.proxy import Proxy
 from inferd.server.served import ModelTable, ServedModel
@@ -43,10 +47,14 @@ def create_app(
     keys: KeyRing | None = None,
     guards_config: GuardrailsConfig | None = None,
     jailbreak_training: Training | None = None,
+    fits: FitCheck | None = None,
+    adapters: Adapters | None = None,
 ) -> FastAPI:
     """The front for `models`. `keys`: when it holds active keys, inference routes need one.
     `guards_config`: the rails applied inline (and the defaults of /v1/guardrails/check);
-    `jailbreak_training`: where the jailbreak rail's classifier is (or is trained into)."""
+    `jailbreak_training`: where the jailbreak rail's classifier is (or is trained into);
+    `fits`: with models on demand, whether a set of models fits in memory together;
+    `adapters`: the LoRA adapters served beside the models (`server.adapters`)."""
     settings = settings or Settings()
     table = ModelTable(models)
     metrics = Metrics()
@@ -61,6 +69,7 @@ def create_app(
         queue = settings.max_queue if settings.max_queue is not None else 2 * running
         limits = Limits(running, queue, settings.queue_timeout_s)
         m.admission = Admission(m.id, limits, metrics.requests_running, metrics.requests_waiting)
+    pool = _pool(table, settings, guards, metrics, fits)
     store = ResponseStore(
         max_entries=settings.responses_max_stored, max_bytes=settings.responses_max_bytes
     )
@@ -74,29 +83,37 @@ def create_app(
         translations={"store": store},
         engine_read_timeout_s=settings.engine_read_timeout_s,
         max_answer_bytes=settings.max_engine_answer_bytes,
+        adapters=adapters,
     )
     # Output rails' calls skip admission (their request holds a slot, maybe of the very engine
     # it asks); input rails and the check routes wait for one like any request.
     guards.models = ServiceGuardModels(proxy, table, admit=False)
     guards.admitted = checks = ServiceGuardModels(proxy, table, admit=True)
-    front = Front(settings, table, metrics, proxy, guards, checks, store)
+    front = Front(settings, table, metrics, proxy, guards, checks, store, pool)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await proxy.open()
         assert proxy.session is not None
-        for m in table:
-            m.supervisor.start(proxy.session)
+        if pool is not None:
+            pool.open()
+        else:
+            for m in table:
+                m.supervisor.start()
         training = None
         if jailbreak_training is not None and guards.jailbreak_model is not None:
             training = asyncio.create_task(_prepare_jailbreak(jailbreak_training))
+        proxy.adapters.start()  # re-reads INFERD_LORA_PATH, when a refresh period is set
         try:
             yield
         finally:
+            await proxy.adapters.stop()
             if training is not None:
                 training.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await training
+            if pool is not None:
+                await pool.shutdown()
             await asyncio.gather(*(m.supervisor.stop() for m in table))
             await proxy.close()
 
@@ -121,6 +138,7 @@ def create_app(
     app.state.metrics = metrics
     app.state.proxy = proxy
     app.state.guards = guards
+    app.state.pool = pool
     errors.install(app, routes.api_of)
     app.add_middleware(RequestIdMiddleware)
     origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
@@ -135,3 +153,28 @@ def create_app(
 
     routes.install(app, [m.id for m in table])
     return app
+
+
+def _pool(
+    table: ModelTable,
+    settings: Settings,
+    guards: Guardrails,
+    metrics: Metrics,
+    fits: FitCheck | None,
+) -> ModelPool | None:
+    """The pool of models on demand, when asked for. The models the rails call are pinned as
+    well: a rail runs inside another request and must not wait for a load."""
+    if not settings.on_demand:
+        return None
+    rails = {m for stage in guards.models_used().values() for m in stage.values()}
+    pinned = frozenset(settings.pinned) | {m.id for m in table if m.id in rails}
+    if settings.max_loaded is not None and len(pinned) > settings.max_loaded:
+        raise ConfigError(
+            f"{len(pinned)} models must stay loaded ({', '.join(sorted(pinned))}: keep_loaded "
+            f"and the models the guardrails call), more than max_loaded {settings.max_loaded}"
+        )
+    policy = Policy(settings.max_loaded, settings.idle_unload_s, pinned, settings.load_timeout_s)
+    pool = ModelPool(table, policy, metrics, fits)
+    for m in table:
+        m.pool = pool
+    return pool

@@ -1,9 +1,11 @@
 """How the front talks to one served model's engine: the one place engine requests are built,
 sent and read back.
 
-`EngineSessions` holds the HTTP connection pools every engine client shares (opened and closed
-by the app's lifespan). An `EngineClient` per served model knows its engine's base URL, puts a
-request body into the engine's own shape (renamed fields, reshaped routes), posts it with the one
+`EngineSessions` holds what the front's HTTP clients share: the read timeout of every engine
+request, and the pool for guard models behind a URL (opened and closed by the app's lifespan).
+An `EngineClient` per served model reaches its engine through the supervisor's `EngineLink` (the
+pools to the current start's Unix socket: `server.engine_link`), puts a request body into the
+engine's own shape (renamed fields, reshaped routes), posts it with the one
 retry a dropped kept-alive connection deserves, reads a whole answer back into inferd's shape,
 turns the engine's errors into the OpenAI envelope (with the prompt's real token count when it
 did not fit), and counts tokens with the engine's tokenizer. Both the proxy (client requests)
@@ -21,11 +23,11 @@ import aiohttp
 
 from inferd.engines.base import Engine
 from inferd.errors import EngineUnavailableError, InvalidRequestError
+from inferd.server.engine_link import EngineLink
 from inferd.server.errors import from_engine
 from inferd.server.served import ServedModel
 
 log = logging.getLogger("inferd.requests")
-ENGINE_KEEPALIVE_S = 4.0
 
 
 def _too_long(tokens: int, context: int, engine_said: str) -> str:
@@ -36,41 +38,28 @@ def _too_long(tokens: int, context: int, engine_said: str) -> str:
 
 
 class EngineSessions:
-    """The connection pools shared by every engine client. `read_timeout_s`: how long an
-    engine may stay silent mid-answer (a hung engine must not hold a request for ever)."""
+    """What the front's HTTP clients share. `read_timeout_s`: how long an engine may stay
+    silent mid-answer (a hung engine must not hold a request for ever). `pool`: for guard
+    models behind a URL; engines are reached through their own `EngineLink`."""
 
     def __init__(self, read_timeout_s: float | None = None) -> None:
         self.read_timeout_s = read_timeout_s
+        # No total timeout: a long generation is not an error.
+        self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=read_timeout_s)
         self.pool: aiohttp.ClientSession | None = None
-        self.fresh: aiohttp.ClientSession | None = None
 
     async def open(self) -> None:
-        # No pool limit: admission control decides how many requests reach an engine, not the
-        # connection pool. No total timeout: a long generation is not an error.
-        # Idle engine connections are dropped after 4 s, before the engines' own servers close
-        # them (llama-server and uvicorn both after 5 s): reusing one they just closed fails.
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=ENGINE_KEEPALIVE_S)
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=self.read_timeout_s)
         self.pool = aiohttp.ClientSession(
-            connector=connector, timeout=timeout, auto_decompress=False
-        )
-        # Retries go out on a connection of their own, never a pooled one: when an engine has
-        # closed one pooled connection it has often closed others (seen on a GPU, where a
-        # retry on the pool failed again and turned a harmless race into a 502).
-        self.fresh = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, force_close=True),
-            timeout=timeout,
-            auto_decompress=False,
+            connector=aiohttp.TCPConnector(limit=0), timeout=self.timeout, auto_decompress=False
         )
 
     async def close(self) -> None:
-        for session in (self.pool, self.fresh):
-            if session is not None:
-                await session.close()
+        if self.pool is not None:
+            await self.pool.close()
 
     @property
     def session(self) -> aiohttp.ClientSession:
-        assert self.pool is not None, "engine sessions are opened by the app's lifespan"
+        assert self.pool is not None, "the front's sessions are opened by the app's lifespan"
         return self.pool
 
 
@@ -85,9 +74,12 @@ class EngineClient:
     def engine(self) -> Engine:
         return self.served.supervisor.engine
 
-    @property
-    def base_url(self) -> str:
-        return self.served.supervisor.base_url
+    def link(self) -> EngineLink:
+        """The pools to the engine's current start; EngineUnavailableError between starts."""
+        link = self.served.supervisor.link
+        if link is None:
+            raise EngineUnavailableError(f"the engine of {self.served.id} is not running")
+        return link
 
     # ------------------------------------------------------------------ requests
 
@@ -107,23 +99,27 @@ class EngineClient:
     async def post(self, path: str, body: bytes, rid: str) -> aiohttp.ClientResponse:
         """Post `body`; the engine's response, its body unread. A connection that fails before
         an answer is tried once more on a fresh connection; then the engine is reported."""
-        assert self.sessions.pool is not None and self.sessions.fresh is not None
-        url = self.base_url + path
+        url = EngineLink.url(path)
         headers = {
             "Content-Type": "application/json",
             "X-Request-Id": rid,
             **self.served.supervisor.auth_headers(),
         }
+        timeout = self.sessions.timeout
         try:
             try:
-                return await self.sessions.pool.post(url, data=body, headers=headers)
+                # Nothing is awaited between taking the link and posting on it: the supervisor
+                # closes a link once its engine start has ended, and posting on a closed one
+                # would raise RuntimeError, not a ClientError.
+                return await self.link().pool.post(url, data=body, headers=headers, timeout=timeout)
             except aiohttp.ClientConnectionError as first:
                 # A kept-alive connection the engine closed just as it was reused: nothing was
                 # answered, so send once more, on a fresh connection. llama-server does this to
                 # 5-25% of requests at 12-16 streams (benchmarks/RESULTS.md), whatever its
                 # number of HTTP threads.
                 log.info("engine connection failed before an answer (%s); retrying once", first)
-                return await self.sessions.fresh.post(url, data=body, headers=headers)
+                fresh = self.link().fresh
+                return await fresh.post(url, data=body, headers=headers, timeout=timeout)
         except (TimeoutError, aiohttp.ClientError) as exc:
             self.served.supervisor.report_failure(f"a request could not reach the engine: {exc}")
             raise EngineUnavailableError(
@@ -153,7 +149,7 @@ class EngineClient:
                 f"{who}: the guard model's server could not be reached"
             ) from None
         if resp.status != 200:
-            log.warning("%s at %s%s: %s %s", who, self.base_url, path, resp.status, data[:300])
+            log.warning("%s at %s: %s %s", who, path, resp.status, data[:300])
             raise EngineUnavailableError(f"{who}: the guard model's server answered {resp.status}")
         try:
             return json.loads(self.whole_answer(path, data))
@@ -198,9 +194,11 @@ class EngineClient:
 
     async def token_count(self, query: dict[str, Any]) -> tuple[int, int] | None:
         """(tokens, the model's context) from the engine's tokenizer; None if it cannot say."""
-        with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError, KeyError):
-            async with self.sessions.session.post(
-                self.base_url + "/tokenize",
+        with contextlib.suppress(
+            aiohttp.ClientError, TimeoutError, ValueError, KeyError, EngineUnavailableError
+        ):
+            async with self.link().pool.post(
+                EngineLink.url("/tokenize"),
                 data=self.encode("/tokenize", dict(query)),
                 headers={
                     "Content-Type": "application/json",

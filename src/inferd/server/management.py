@@ -4,17 +4,21 @@ guardrails' check routes and the Responses store.
 Each handler reads what it needs from the app's state (`Front`, built once by `create_app`):
 liveness as soon as HTTP is served, readiness from each engine's supervisor, metadata and licence
 from the catalog entry and cache provenance, metrics from inferd's registry followed by each
-engine's own. `server.routes` lists them beside the forwarded routes.
+engine's own. `server.routes` lists them beside the forwarded routes. With models on demand
+(`server.loading`), `/v1/models` lists every model with its load state and readiness means the
+service can take requests (its pinned models ready), not that every model is loaded.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from dataclasses import dataclass
+import functools
+import json
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse
 
@@ -23,6 +27,7 @@ from inferd.config import Settings
 from inferd.errors import EngineNotReadyError, InvalidRequestError
 from inferd.guardrails.rails import Guardrails
 from inferd.guardrails.texts import guardrail_texts
+from inferd.observability import gateway_metrics
 from inferd.observability.metrics import Metrics
 from inferd.server import retrieval
 from inferd.server.apis import conform, messages_request
@@ -30,6 +35,7 @@ from inferd.server.apis import messages as messages_api
 from inferd.server.apis import responses as responses_api
 from inferd.server.apis.response_store import ResponseStore
 from inferd.server.guard_models import ServiceGuardModels
+from inferd.server.loading import ModelPool
 from inferd.server.proxy import Proxy, parse_body
 from inferd.server.served import ModelTable, ServedModel
 from inferd.server.supervisor import State
@@ -49,6 +55,9 @@ class Front:
     guards: Guardrails
     checks: ServiceGuardModels  # the check routes' way to the guard models (admitted)
     responses: ResponseStore
+    pool: ModelPool | None = None  # models on demand; None: every engine runs from the start
+    # `created` of a model object whose engine is not running to say its own.
+    started: int = field(default_factory=lambda: int(time.time()))
 
 
 def front(request: Request) -> Front:
@@ -80,22 +89,26 @@ def _model_info(m: ServedModel) -> dict[str, Any]:
     }
 
 
+def _with_state(f: Front, m: ServedModel, info: dict[str, Any]) -> dict[str, Any]:
+    """With models on demand, the model's load state (`loaded`, `loading`, `unloaded`,
+    `unloading`): a field beside OpenAI's (its `Model` schema allows more)."""
+    return info if f.pool is None else {**info, "state": f.pool.state(m.id).value}
+
+
 # ---------------------------------------------------------------------- models
 
 
 async def _engine_model(f: Front, m: ServedModel) -> dict[str, Any] | None:
     """The model as its engine lists it (its `max_model_len` and ownership), in OpenAI's
     `Model` shape; None while its engine is not ready."""
-    if m.supervisor.state is not State.READY or f.proxy.session is None:
+    if m.supervisor.state is not State.READY:
         return None
-    with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, ValueError):
-        async with f.proxy.session.get(
-            m.supervisor.base_url + "/v1/models", headers=m.supervisor.auth_headers()
-        ) as resp:
-            if resp.status == 200:
-                for item in (await resp.json()).get("data", []):
-                    if isinstance(item, dict) and item.get("id") == m.id:
-                        return _openai_model(item, m)
+    answer = await m.supervisor.fetch("/v1/models", limit_s=5)
+    if answer is not None and answer[0] == 200:
+        with contextlib.suppress(ValueError, AttributeError):
+            for item in json.loads(answer[1]).get("data", []):
+                if isinstance(item, dict) and item.get("id") == m.id:
+                    return _openai_model(item, m)
     return None
 
 
@@ -108,12 +121,33 @@ def _openai_model(item: dict[str, Any], m: ServedModel) -> dict[str, Any]:
     return model
 
 
+def _unloaded_model(f: Front, m: ServedModel) -> dict[str, Any]:
+    """A model on demand whose engine is not running, in the same shape (what the engine would
+    say, where the front knows it)."""
+    return {
+        "id": m.id,
+        "object": "model",
+        "created": f.started,
+        "owned_by": "inferd",
+        "max_model_len": m.supervisor.engine.context,
+    }
+
+
+async def _listed(f: Front, m: ServedModel) -> dict[str, Any] | None:
+    found = await _engine_model(f, m)
+    if found is None and f.pool is not None:
+        found = _unloaded_model(f, m)  # on demand, every model is listed, loaded or not
+    return None if found is None else _with_state(f, m, found)
+
+
 async def list_models(request: Request) -> JSONResponse:
-    """Every ready model, as its engine describes it."""
+    """Every ready model, as its engine describes it; on demand, every model served."""
     f = front(request)
     f.proxy.authorize(request)
-    found = await asyncio.gather(*(_engine_model(f, m) for m in f.models))
+    found = await asyncio.gather(*(_listed(f, m) for m in f.models))
     data = [m for m in found if m is not None]
+    if data:  # adapters, each with its base model as `parent` (server.adapters)
+        data += f.proxy.adapters.models_listed()
     if not data:
         raise EngineNotReadyError("no model is ready yet; retry shortly")
     return JSONResponse({"object": "list", "data": data})
@@ -124,8 +158,11 @@ async def retrieve_model(request: Request) -> JSONResponse:
     f = front(request)
     f.proxy.authorize(request)
     model_id = request.path_params["model"]
+    for adapter in f.proxy.adapters.models_listed():
+        if adapter["id"] == model_id:
+            return JSONResponse(adapter)
     served = f.models.lookup(model_id)  # 404 model_not_found for a model not served here
-    found = await _engine_model(f, served)
+    found = await _listed(f, served)
     if found is None:
         raise EngineNotReadyError(f"model {model_id} is not ready yet; retry shortly")
     return JSONResponse(found)
@@ -139,18 +176,22 @@ async def live(request: Request) -> dict[str, str]:
 
 
 async def ready(request: Request) -> JSONResponse:
+    """200 when the service can take requests: every engine ready, or on demand every pinned
+    one (the others load on their first request)."""
     f = front(request)
     states = {
         m.id: {
             **m.supervisor.describe(),
             "running": m.admission.running,
             "waiting": m.admission.waiting,
+            **(f.pool.describe(m.id) if f.pool is not None else {}),
         }
         for m in f.models
     }
+    needed = [m for m in f.models if not m.on_demand]
     ok = (
         not f.proxy.draining
-        and all(m.supervisor.state is State.READY for m in f.models)
+        and all(m.supervisor.state is State.READY for m in needed)
         and f.guards.ready
     )
     status = "draining" if f.proxy.draining else "ready" if ok else "not_ready"
@@ -162,7 +203,7 @@ async def ready(request: Request) -> JSONResponse:
 
 async def metadata(request: Request) -> dict[str, Any]:
     f = front(request)
-    infos = [_model_info(m) for m in f.models]
+    infos = [_with_state(f, m, _model_info(m)) for m in f.models]
     return {
         "inferd_version": __version__,
         "models": infos,
@@ -170,6 +211,7 @@ async def metadata(request: Request) -> dict[str, Any]:
         "selectedModelProfileId": infos[0]["profile"]["id"] if infos else None,
         "modelInfo": [{"shortName": i["id"], "modelUrl": None} for i in infos],
         "guardrails": f.guards.describe() if f.guards.config.configured else None,
+        "adapters": f.proxy.adapters.describe(),
     }
 
 
@@ -200,20 +242,30 @@ async def metrics_text(request: Request) -> Response:
         f.metrics.engine_ready.labels(m.id, sup.engine.name).set(sup.state is State.READY)
         f.metrics.engine_restarts.labels(m.id, sup.engine.name).set(sup.restarts)
     parts = [f.metrics.render()]
-    assert f.proxy.session is not None
-    for m in f.models:
-        sup = m.supervisor
-        if sup.state is not State.READY:
-            continue
-        # Engine metrics pass through unchanged; a slow engine costs the scrape 2 s at most.
-        with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
-            async with f.proxy.session.get(
-                sup.base_url + sup.engine.metrics_path,
-                headers=sup.auth_headers(),
-                timeout=aiohttp.ClientTimeout(total=2),
-            ) as resp:
-                if resp.status == 200:
-                    parts.append(await resp.read())
+    ready = [m for m in f.models if m.supervisor.state is State.READY]
+    # Engine metrics pass through, less the inference gateway's families, which are written
+    # again with inferd's queue added (`gateway_metrics`); a slow engine costs 2 s at most.
+    scraped = await asyncio.gather(
+        *(
+            gateway_metrics.scrape(
+                functools.partial(m.supervisor.fetch, limit_s=2),
+                m.supervisor.engine.name,
+                m.supervisor.engine.metrics_path,
+            )
+            for m in ready
+        )
+    )
+    loads = []
+    for m, (body, load) in zip(ready, scraped, strict=True):
+        parts.append(body)
+        if load is not None:
+            engine = m.supervisor.engine  # its LoRA adapters, all loaded at its start
+            adapters = tuple(a.name for a in engine.adapters)
+            limit = engine.lora.max_loras if engine.lora else 0
+            loads.append(
+                gateway_metrics.ModelLoad(m.id, m.admission.waiting, load, adapters, (), limit)
+            )
+    parts.append(gateway_metrics.render(loads))
     return Response(b"".join(parts), media_type=PROMETHEUS_TEXT)
 
 
@@ -263,10 +315,11 @@ async def count_tokens(request: Request) -> JSONResponse:
     f = front(request)
     f.proxy.authorize(request)
     payload = parse_body(await f.proxy.read_body(request))
-    served = f.models.lookup(payload.get("model"))
+    adapter = f.proxy.adapters.find(payload.get("model"))  # same tokenizer as its base
+    served = adapter.base if adapter else f.models.lookup(payload.get("model"))
     query = messages_request.count_tokens_request(payload)
     served.require_ready()
-    slot = await served.admission.acquire()  # it runs on the engine like any request
+    slot = await served.acquire()  # it runs on the engine like any request
     try:
         count = await f.proxy.client(served.id).count_chat(query)
     finally:

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import json
 import logging
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -41,6 +42,7 @@ from inferd.errors import (
 from inferd.guardrails.rails import Guardrails
 from inferd.observability.metrics import Metrics
 from inferd.server import limits, retrieval
+from inferd.server.adapters import Adapters
 from inferd.server.apis import conform, schemas
 from inferd.server.apis.translation import Translation
 from inferd.server.call import Call
@@ -127,6 +129,35 @@ def _check(
         raise
 
 
+async def _unless_client_leaves(
+    request: Request, work: Coroutine[Any, Any, Response]
+) -> Response | None:
+    """`work`'s answer, or None once the client disconnects first. A whole (non-streamed) answer
+    gives the client nothing to read until it is done, so nothing else would notice a client
+    that gave up: the engine would generate for nobody and the request keep its admission slot
+    to the end. Cancelling `work` closes the engine connection, which makes the engine abort."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:  # also when this request itself is cancelled
+        gone.cancel()
+        if not task.done():
+            task.cancel()
+    if task.cancelled() or not task.done():
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return None
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    """Return when the client disconnects. The body is read whole by now, so the server's next
+    message for this request can only be `http.disconnect` (it blocks until then)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 class Proxy:
     def __init__(
         self,
@@ -140,6 +171,7 @@ class Proxy:
         translations: dict[str, Any] | None = None,
         engine_read_timeout_s: float | None = None,
         max_answer_bytes: int = 64 * 2**20,
+        adapters: Adapters | None = None,
     ) -> None:
         self.models = models
         self.metrics = metrics
@@ -151,6 +183,7 @@ class Proxy:
         self.translations = translations or {}
         self.sessions = EngineSessions(engine_read_timeout_s)
         self.max_answer_bytes = max_answer_bytes
+        self.adapters = adapters or Adapters()  # LoRA adapters by id (server.adapters)
         self.clients = {m.id: EngineClient(m, self.sessions) for m in models}
         self.draining = False
         self.active: set[Call] = set()
@@ -208,12 +241,14 @@ class Proxy:
         key = self.authorize(request)
         body = await self.read_body(request)
         payload = parse_body(body)
-        served = self.models.lookup(payload.get("model"))
+        adapter = self.adapters.find(payload.get("model"))
+        served = adapter.base if adapter else self.models.lookup(payload.get("model"))
+        model_id = adapter.name if adapter else served.id  # what the client named
         path = route.engine_path
         translation: Translation | None = None
         if route.translation is not None:
             # Another API onto chat completions: from here on, a chat request like any other.
-            translation = route.translation.create(payload, served.id, **self.translations)
+            translation = route.translation.create(payload, model_id, **self.translations)
             payload = translation.request()
         retrieval.check_route(served.entry, path, request.url.path)
         stream = _stream_flag(payload)
@@ -224,6 +259,7 @@ class Proxy:
             # NIM's request format in the engine's terms (see server.retrieval).
             payload, reshape_answer = route.shape(payload, served.entry)
         _check(path, payload, served, engine, translation)
+        await self.adapters.gate(served)  # while its engine restarts for new adapters
         served.require_ready()
         guarded = False
         if self.guards is not None:
@@ -235,10 +271,17 @@ class Proxy:
         if self.log_requests:  # what the engine gets: after the input rails
             shown = json.dumps(payload) if rewritten else body.decode("utf-8", "replace")
             log.info("request body: %s", shown)
-        # Every route waits for a slot (tokenize too: it runs on the engine like the rest).
-        slot = await served.admission.acquire()
+        # Every route waits for a slot (tokenize too: it runs on the engine like the rest), and
+        # with models on demand for its model to load first.
+        await self.adapters.gate(served)
+        slot = await served.acquire()
+        if adapter is not None:  # after the slot: its engine is not restarting under it
+            slot = adapter.use(slot, payload)
+            rewritten = True
+        elif self.adapters.plain(served, payload):
+            rewritten = True
         call = Call(
-            served.id,
+            model_id,
             self.metrics,
             path,
             current_request_id(),
@@ -260,7 +303,14 @@ class Proxy:
         if self.guards is not None and stream:
             call.stream_filter = self.guards.stream_filter(route.text, payload)
         try:
-            return await self._send(client, route, body, stream, call, payload, translation)
+            send = self._send(client, route, body, stream, call, payload, translation)
+            if stream:  # the relay watches the client from here (see RelayResponse)
+                return await send
+            answer = await _unless_client_leaves(request, send)
+            if answer is None:  # nobody reads it; the engine connection is closed already
+                self._end(call, 499)
+                return Response(status_code=499)
+            return answer
         except asyncio.CancelledError:
             self._end(call, 499)  # the client went away while the engine was answering
             raise

@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import uvicorn
 from fastapi import FastAPI
@@ -39,7 +39,6 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from inferd.config import Settings
 from inferd.errors import ConfigError, PortInUseError
 from inferd.guardrails.rails import Guardrails
-from inferd.server.admission import Admission
 from inferd.server.errors import envelope, type_for
 from inferd.server.proxy import Proxy
 from inferd.server.served import ServedModel
@@ -386,6 +385,13 @@ class InFlight:
         return True
 
 
+class Closes(Protocol):
+    """What refuses its waiters when the drain begins: each model's `Admission`, and the
+    `ModelPool` (requests waiting for a model to load)."""
+
+    def close(self, reason: str) -> None: ...
+
+
 class DrainingServer(uvicorn.Server):
     """uvicorn, but the first SIGTERM/SIGINT drains before stopping (a second one stops now).
 
@@ -404,7 +410,7 @@ class DrainingServer(uvicorn.Server):
         drain_timeout_s: float,
         *,
         inflight: InFlight | None = None,
-        admissions: Iterable[Admission] = (),
+        admissions: Iterable[Closes] = (),
     ) -> None:
         super().__init__(config)
         self.proxy = proxy
@@ -436,8 +442,9 @@ class DrainingServer(uvicorn.Server):
         self.proxy.draining = True  # new requests and readiness: 503 from now on
         reason = "the service is shutting down; retry on another replica"
         for admission in self.admissions:
-            admission.close(reason)  # nothing queued gets a slot: a slot handed on would
-            # start work the drain then cuts, and an empty set of calls would end it early
+            admission.close(reason)  # nothing queued gets a slot (or a model load): a slot
+            # handed on would start work the drain then cuts, and an empty set of calls would
+            # end it early
         if self.inflight is None:
             cut = await self.proxy.drain(self.drain_timeout_s)
         else:
@@ -478,7 +485,10 @@ def make_server(app: FastAPI, settings: Settings) -> DrainingServer:
         app.state.proxy,
         settings.drain_timeout_s,
         inflight=inflight,
-        admissions=[m.admission for m in app.state.models],
+        admissions=[
+            *(m.admission for m in app.state.models),
+            *([app.state.pool] if app.state.pool is not None else []),
+        ],
     )
 
 
@@ -495,8 +505,11 @@ def run(
     outcome = Outcome()
 
     async def main() -> None:
+        # With models on demand, only the pinned ones start now: the rest fail (if they do)
+        # on their own request, not the service.
+        watched = [m for m in models if not m.on_demand]
         watcher = asyncio.create_task(
-            _watch(models, app.state.guards, server, outcome, on_ready, started)
+            _watch(watched, app.state.guards, server, outcome, on_ready, started)
         )
         try:
             await server.serve(sockets=[sock])

@@ -2,19 +2,23 @@
 
 `cli` builds one `ServedModel` per model (catalog entry, chosen profile, what the cache prepared,
 the engine's supervisor) and hands the list to `create_app`; the front never looks anything up in
-the catalog or cache itself.
+the catalog or cache itself. `ServedModel.acquire` is how a request gets to the engine: with
+models on demand (`server.loading`) a hold on the model loaded first, then an admission slot.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from inferd.catalog.schema import ModelEntry, Profile
 from inferd.errors import EngineNotReadyError, InvalidRequestError, ModelNotFoundError
-from inferd.server.admission import Admission
+from inferd.server.admission import Admission, Slot
 from inferd.server.supervisor import State, Supervisor
+
+if TYPE_CHECKING:  # the pool holds served models; a served model asks its pool
+    from inferd.server.loading import Lease, ModelPool
 
 
 @dataclass
@@ -26,17 +30,58 @@ class ServedModel:
     provenance: dict[str, Any] = field(default_factory=dict)
     # Set by `create_app`, which owns the metrics the admission gauges belong to.
     admission: Admission = field(init=False)
+    # Set by `create_app` when models load on demand: the pool that starts and stops this one.
+    pool: ModelPool | None = field(init=False, default=None)
 
     @property
     def id(self) -> str:
         return self.entry.id
 
+    @property
+    def on_demand(self) -> bool:
+        """Loaded on a request (not pinned): its readiness is checked once it is held loaded."""
+        return self.pool is not None and not self.pool.pinned(self.id)
+
     def require_ready(self) -> None:
+        """503 + Retry-After unless the engine answers; a model on demand passes here and is
+        checked by `acquire` once loaded (its first request is what loads it)."""
+        if self.on_demand:
+            return
+        self._check_ready()
+
+    def _check_ready(self) -> None:
         if self.supervisor.state is not State.READY:
             raise EngineNotReadyError(
                 f"model {self.id} is not ready yet (engine {self.supervisor.state.value}); "
                 "retry shortly"
             )
+
+    async def acquire(self) -> Slot:
+        """A place at the engine for one request: the model held loaded (models on demand,
+        waiting while it loads), then an admission slot. Released by `Call.finish`."""
+        if self.pool is None:
+            return await self.admission.acquire()
+        lease = await self.pool.use(self)
+        try:
+            self._check_ready()  # loaded, but its engine may be restarting after a crash
+            slot = await self.admission.acquire()
+        except BaseException:
+            lease.release()
+            raise
+        return HeldSlot(slot, lease)
+
+
+class HeldSlot(Slot):
+    """An admission slot that also holds its model loaded until released."""
+
+    # Slot's own fields are never used: each half releases itself once (both are idempotent).
+    def __init__(self, slot: Slot, lease: Lease) -> None:
+        self._slot = slot
+        self._lease = lease
+
+    def release(self) -> None:
+        self._slot.release()
+        self._lease.release()
 
 
 class ModelTable:

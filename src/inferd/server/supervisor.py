@@ -2,7 +2,10 @@
 
 One `Supervisor` per served model. The engine runs in its own session (process group) through
 `inferd.engines.launch`, so a stop can signal the engine and every process it spawned at once, and
-the kernel kills it if inferd itself dies. Readiness is the engine's health route answering 200.
+the kernel kills it if inferd itself dies. The engine listens on a Unix socket, new at each start,
+in a private folder of this supervisor (`server.engine_link`); once its own process tree holds
+that socket, the supervisor's `EngineLink` reaches it there (every request to the engine goes
+through `link`), and readiness is its health route answering 200.
 
 States: starting -> ready; ready -> restarting (the process exited) -> starting ...; a stop leads to
 stopped. An engine that fails `MAX_START_FAILURES` times in a row without ever becoming ready
@@ -16,19 +19,20 @@ import asyncio
 import collections
 import contextlib
 import enum
+import json
 import logging
 import os
 import secrets
 import signal
-import socket
 import sys
 import time
+from pathlib import Path
 
 import aiohttp
-import psutil
 
 from inferd.engines.base import Engine
 from inferd.errors import EngineStartError
+from inferd.server.engine_link import EngineLink, RuntimeFolder, listening
 
 log = logging.getLogger("inferd.supervisor")
 
@@ -60,58 +64,6 @@ class State(enum.StrEnum):
     RESTARTING = "restarting"
     FAILED = "failed"
     STOPPED = "stopped"
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def listens(pid: int, port: int) -> bool:
-    """Whether process `pid` or one of its descendants listens on TCP `port`."""
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.Error:
-        return False
-    for proc in procs:
-        try:
-            conns = proc.net_connections(kind="tcp")
-        except psutil.Error:
-            continue
-        if any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in conns):
-            return True
-    return False
-
-
-def other_listeners(pid: int, port: int) -> list[int | None]:
-    """Processes outside `pid`'s tree that listen on TCP `port` too (SO_REUSEPORT lets a
-    process of the same user share a port the engine listens on). None: a socket of another
-    user, whose process cannot be seen."""
-    try:
-        root = psutil.Process(pid)
-        tree = {pid, *(p.pid for p in root.children(recursive=True))}
-        conns = psutil.net_connections(kind="tcp")
-    except psutil.Error:
-        return []
-    return [
-        c.pid
-        for c in conns
-        if c.status == psutil.CONN_LISTEN
-        and getattr(c.laddr, "port", None) == port
-        and c.pid not in tree
-    ]
-
-
-def port_taken(host: str, port: int) -> bool:
-    """Whether something accepts connections on host:port. A bare connection, closed unused:
-    nothing is sent (and a probe by bind could take the port from the engine's own bind)."""
-    try:
-        with socket.create_connection((host, port), timeout=1):
-            return True
-    except OSError:
-        return False
 
 
 class _LineCutter:
@@ -156,14 +108,16 @@ class Supervisor:
         engine: Engine,
         *,
         ready_timeout_s: float,
-        host: str = "127.0.0.1",
         backoff_s: tuple[float, ...] = BACKOFF_S,
     ) -> None:
         self.engine = engine
         self.backoff_s = backoff_s
         self.ready_timeout_s = ready_timeout_s
-        self.host = host
-        self.port = 0
+        # The current start's socket, and the pools to it once the engine holds it.
+        self.socket: Path | None = None
+        self.link: EngineLink | None = None
+        self._folder: RuntimeFolder | None = None  # made at a first start, removed at stop
+        self._starts = 0
         self.state = State.STOPPED
         self.last_error: str | None = None
         self.restarts = 0
@@ -178,13 +132,8 @@ class Supervisor:
         self._secret = ""
         self._task: asyncio.Task[None] | None = None
         self._recheck_task: asyncio.Task[None] | None = None
-        self._session: aiohttp.ClientSession
         self._stopping = False
         self._log = logging.getLogger(f"inferd.engine.{engine.served_name}")
-
-    @property
-    def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
 
     @property
     def pid(self) -> int | None:
@@ -194,23 +143,42 @@ class Supervisor:
         """The header every request to the engine carries: the key of its current start."""
         return {"Authorization": f"Bearer {self._secret}"}
 
-    def start(self, session: aiohttp.ClientSession) -> None:
+    def start(self) -> None:
+        # A stopped supervisor may be started again (models on demand: `server.loading`).
+        self._stopping = False
+        self.failed.clear()
         self.started_at = time.monotonic()
-        self._session = session
-        self._task = asyncio.create_task(
-            self._run(session), name=f"supervise {self.engine.served_name}"
-        )
+        self._task = asyncio.create_task(self._run(), name=f"supervise {self.engine.served_name}")
+
+    async def fetch(self, path: str, *, limit_s: float = 2.0) -> tuple[int, bytes] | None:
+        """GET `path` from the engine's current start, with its key: (status, body), or None
+        when it cannot be reached. For the front's own small asks (health, version, metrics)."""
+        link = self.link
+        if link is None:
+            return None
+        with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
+            async with link.pool.get(
+                link.url(path),
+                headers=self.auth_headers(),
+                timeout=aiohttp.ClientTimeout(total=limit_s),
+            ) as resp:
+                return resp.status, await resp.read()
+        return None
 
     async def _spawn(self) -> asyncio.subprocess.Process:
-        self.port = free_port(self.host)
+        if self._folder is None:
+            self._folder = RuntimeFolder.create(self.engine.served_name)
+        self._folder.clear()
+        self._starts += 1
+        self.socket = self._folder.socket(self._starts)
         self._secret = secrets.token_urlsafe(32)
-        cmd = self.engine.command(self.host, self.port)
+        cmd = self.engine.command(self.socket)
         argv = [sys.executable, "-m", "inferd.engines.launch", str(os.getpid()), "--", *cmd.argv]
         log.info(
-            "starting %s engine for %s on port %d",
+            "starting %s engine for %s on %s",
             self.engine.name,
             self.engine.served_name,
-            self.port,
+            self.socket,
         )
         log.debug("engine command: %s", " ".join(cmd.argv))
         return await asyncio.create_subprocess_exec(
@@ -237,73 +205,49 @@ class Supervisor:
         level = logging.WARNING if any(w in line for w in _LOUD) else logging.DEBUG
         self._log.log(level, "%s", line)
 
-    async def _wait_ready(
-        self, proc: asyncio.subprocess.Process, session: aiohttp.ClientSession
-    ) -> None:
-        """Until the engine's health route answers 200. The port was free when picked, but
-        another local process can take it before the engine binds it: the health route is
-        asked only once the engine's own process tree listens there, and a port held by
-        anyone else fails the start before any request (or the key) goes to it. A port shared
-        with another process (SO_REUSEPORT: same user only) fails it once health answers."""
+    async def _wait_ready(self, proc: asyncio.subprocess.Process) -> None:
+        """Until the engine's health route answers 200. Nothing (not even the key) is sent
+        before the engine's own process tree holds this start's socket in the private folder;
+        a file there that is not that socket fails the start (`engine_link.listening`)."""
+        assert self._folder is not None and self.socket is not None
         deadline = time.monotonic() + self.ready_timeout_s
-        url = self.base_url + self.engine.health_path
-        foreign = 0  # polls in a row that found the port held, not by the engine
         while time.monotonic() < deadline:
-            ours = await asyncio.to_thread(listens, proc.pid, self.port)
-            if not ours and await asyncio.to_thread(port_taken, self.host, self.port):
-                # Twice in a row: the engine may have begun to listen between the two checks.
-                foreign += 1
-                if foreign >= 2 or proc.returncode is not None:
-                    raise EngineStartError(
-                        f"port {self.port} is held by another process, not by the engine "
-                        f"started (pid {proc.pid}); refusing to send it requests"
-                    )
-            else:
-                foreign = 0
             if proc.returncode is not None:
                 raise EngineStartError(
                     f"engine exited with code {proc.returncode} before it was ready"
                 )
-            if ours:
-                with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
-                    async with session.get(
-                        url, headers=self.auth_headers(), timeout=aiohttp.ClientTimeout(total=2)
-                    ) as resp:
-                        if resp.status == 200:
-                            break
+            if self.link is None and await asyncio.to_thread(
+                listening, self.socket, self._folder, proc.pid
+            ):
+                self.link = EngineLink(self.socket)
+            answer = await self.fetch(self.engine.health_path)
+            if answer is not None and answer[0] == 200:
+                return
             await asyncio.sleep(HEALTH_POLL_S)
-        else:
-            raise EngineStartError(f"engine was not ready after {self.ready_timeout_s:g} s")
-        others = await asyncio.to_thread(other_listeners, proc.pid, self.port)
-        if others:
-            raise EngineStartError(
-                f"port {self.port} is shared with another process (pid "
-                f"{', '.join(str(p) if p else 'unknown' for p in others)}), not only the engine "
-                f"started (pid {proc.pid}); refusing to send it requests"
-            )
+        raise EngineStartError(f"engine was not ready after {self.ready_timeout_s:g} s")
 
-    async def _read_version(self, session: aiohttp.ClientSession) -> None:
-        with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, ValueError):
-            async with session.get(
-                self.base_url + self.engine.version_path,
-                headers=self.auth_headers(),
-                timeout=aiohttp.ClientTimeout(total=2),
-            ) as resp:
-                if resp.status == 200:
-                    self.engine_version = self.engine.parse_version(
-                        await resp.json(content_type=None)
-                    )
+    async def _read_version(self) -> None:
+        answer = await self.fetch(self.engine.version_path)
+        if answer is not None and answer[0] == 200:
+            with contextlib.suppress(ValueError, AttributeError):
+                self.engine_version = self.engine.parse_version(json.loads(answer[1]))
 
-    async def _run(self, session: aiohttp.ClientSession) -> None:
+    async def _unlink(self) -> None:
+        """Close the pools to an engine start that has ended."""
+        link, self.link = self.link, None
+        if link is not None:
+            await link.close()
+
+    async def _run(self) -> None:
         try:
-            await self._supervise(session)
+            await self._supervise()
         except Exception as exc:  # e.g. the engine's executable is missing: fail loudly, once
             log.exception("supervising the %s engine failed", self.engine.name)
             self.last_error = f"{type(exc).__name__}: {exc}"
             self.state = State.FAILED
             self.failed.set()
 
-    async def _supervise(self, session: aiohttp.ClientSession) -> None:
+    async def _supervise(self) -> None:
         failures = 0  # failed starts in a row
         crashes = 0  # crashes in a row of an engine that had been up less than STABLE_S
         ever_ready = False
@@ -313,12 +257,13 @@ class Supervisor:
             proc = self._proc = await self._spawn()
             pump = asyncio.create_task(self._pump_output(proc))
             try:
-                await self._wait_ready(proc, session)
+                await self._wait_ready(proc)
             except EngineStartError as exc:
                 failures += 1
                 self.last_error = str(exc)
                 log.error("%s engine for %s: %s", self.engine.name, self.engine.served_name, exc)
                 await self._terminate(proc)
+                await self._unlink()
                 await pump
                 if not ever_ready and failures >= MAX_START_FAILURES:
                     self.state = State.FAILED
@@ -329,7 +274,7 @@ class Supervisor:
             failures = 0
             ever_ready = True
             self.ready_seconds = time.monotonic() - begun
-            await self._read_version(session)
+            await self._read_version()
             self.state = State.READY
             self.ready.set()
             up_since = time.monotonic()
@@ -337,6 +282,7 @@ class Supervisor:
             self.ready.clear()
             # The engine's own children (vLLM's engine core) may outlive it: clear the group.
             self._kill_group(proc.pid, signal.SIGKILL)
+            await self._unlink()
             await pump
             if self._stopping:
                 break
@@ -369,14 +315,8 @@ class Supervisor:
         self._recheck_task = asyncio.get_running_loop().create_task(self._recheck())
 
     async def _recheck(self) -> None:
-        healthy = False
-        with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
-            async with self._session.get(
-                self.base_url + self.engine.health_path,
-                headers=self.auth_headers(),
-                timeout=aiohttp.ClientTimeout(total=5),
-            ) as resp:
-                healthy = resp.status == 200
+        answer = await self.fetch(self.engine.health_path, limit_s=5)
+        healthy = answer is not None and answer[0] == 200
         alive = self._proc is not None and self._proc.returncode is None
         if healthy and alive and self.state is State.SUSPECT:
             self.state = State.READY
@@ -422,6 +362,10 @@ class Supervisor:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        await self._unlink()
+        if self._folder is not None:
+            self._folder.remove()  # and the socket in it
+            self._folder = None
         self.state = State.STOPPED
 
     def describe(self) -> dict[str, object]:

@@ -34,3 +34,24 @@ tools render charts into `default`, which CKV_K8S_21 flags. */ -}}
 {{- define "inferd.namespaceWaiver" -}}
 checkov.io/skip3: CKV_K8S_21=objects go in the release's namespace (helm install -n NS); policy tools render the chart into `default`
 {{- end -}}
+
+{{- /* The endpoint picker of the inference gateway (templates/inferencepool.yaml), pinned as
+the Gateway API Inference Extension's release v1.5.0 pins it. */ -}}
+{{- define "inferd.epp.name" -}}
+{{ .Release.Name }}-epp
+{{- end -}}
+
+{{- define "inferd.epp.labels" -}}
+app.kubernetes.io/name: endpoint-picker
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: v1.5.0
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{- define "inferd.epp.meta" -}}
+name: {{ include "inferd.epp.name" . }}
+namespace: {{ .Release.Namespace }}
+labels:
+  {{- include "inferd.epp.labels" . | nindent 2 }}
+{{- end -}}

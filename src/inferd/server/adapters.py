@@ -1,0 +1,365 @@
+"""LoRA adapters served beside their base models: the set, its refresh, and the way in.
+
+`INFERD_LORA_PATH` names a folder with one PEFT adapter per sub-folder; the sub-folder's name is
+the adapter's model id. `Adapters.load` reads it (`server.adapter_folder`) before the engines
+start: each adapter is read and checked (`cache.adapters`: its base model by name and by tensor
+shapes, its rank, its files), placed on the served model it fits, and kept in the cache
+(`cache.adapter_store`; for llama.cpp converted to GGUF there). What fails is refused with its
+reason, in the log and in `/v1/metadata`, and the service serves the rest. With
+`INFERD_LORA_REFRESH_S` the folder is read again on that period: a new (or changed) adapter is
+added, a removed one is refused at once (404) and unloaded once its requests in flight have
+finished.
+
+How an engine takes a new adapter is the engine's (`Engine.runtime_adapters`): vLLM loads it
+through its load route while serving; llama-server only loads adapters at start, so its engine
+is drained and restarted: new requests wait at `gate` (then in admission), the ones in flight
+finish, the engine starts again with the new list (1-2 s for llama-server), and the waiting
+requests go on. `server.proxy` asks `find` for a request's `model`, waits at `gate`, and after
+taking its slot lets `ServedAdapter.use` put the adapter into the request (`Engine.use_adapter`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from inferd.cache.adapter_store import StoredAdapter
+from inferd.cache.store import ModelStore
+from inferd.config import Settings
+from inferd.engines.base import Adapter, LoraLimits
+from inferd.errors import ConfigError
+from inferd.server.adapter_folder import AdapterFolder, Found
+from inferd.server.admission import Slot
+from inferd.server.served import ServedModel
+from inferd.server.supervisor import State
+
+log = logging.getLogger("inferd.adapters")
+# A drain waits this long at most for requests in flight before restarting the engine anyway.
+DRAIN_S = 60.0
+# How long a request waits at the gate for a restart to end (then the engine's readiness decides).
+GATE_S = 60.0
+
+
+@dataclass
+class ServedAdapter:
+    """One adapter being served, on one base model."""
+
+    name: str
+    base: ServedModel
+    stored: StoredAdapter
+    created: int = field(default_factory=lambda: int(time.time()))
+    inflight: int = 0
+    removed: bool = False
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.idle.set()
+
+    @property
+    def engine_adapter(self) -> Adapter:
+        return Adapter(self.name, self.stored.path, self.stored.gguf)
+
+    def use(self, slot: Slot, payload: dict[str, Any]) -> Slot:
+        """Run this request with the adapter (in place), counted in flight until its slot goes."""
+        self.base.supervisor.engine.use_adapter(payload, self.name)
+        self.inflight += 1
+        self.idle.clear()
+        return AdapterSlot(slot, self)
+
+    def done(self) -> None:
+        self.inflight -= 1
+        if self.inflight == 0:
+            self.idle.set()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "id": self.name,
+            "parent": self.base.id,
+            "rank": self.stored.rank,
+            "digest": self.stored.digest,
+            "path": str(self.stored.path),
+        }
+
+
+class AdapterSlot(Slot):
+    """An admission slot that also counts its adapter's requests in flight."""
+
+    def __init__(self, slot: Slot, adapter: ServedAdapter) -> None:
+        self._slot = slot
+        self._adapter: ServedAdapter | None = adapter
+
+    def release(self) -> None:
+        self._slot.release()
+        adapter, self._adapter = self._adapter, None
+        if adapter is not None:
+            adapter.done()
+
+
+class Adapters:
+    """The adapters of one service (empty when INFERD_LORA_PATH is not set)."""
+
+    def __init__(
+        self,
+        folder: Path | None = None,
+        models: list[ServedModel] | None = None,
+        store: ModelStore | None = None,
+        *,
+        refresh_s: float = 0.0,
+        max_rank: int = 64,
+        max_loras: int = 4,
+    ) -> None:
+        self.folder = folder
+        self.refresh_s = refresh_s
+        chat = [m for m in models or [] if m.entry.task in ("chat", "completion")]
+        self._reader: AdapterFolder | None = None
+        if folder is not None and store is not None:
+            self._reader = AdapterFolder(folder, chat, store, max_rank)
+        self.served: dict[str, ServedAdapter] = {}
+        self.refused: dict[str, str] = {}
+        self._gates: dict[str, asyncio.Event] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+        if self._reader is not None:
+            for m in chat:
+                m.supervisor.engine.lora = LoraLimits(max_rank, max_loras)
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, models: list[ServedModel], store: ModelStore
+    ) -> Adapters:
+        """The service's adapters, read (checked, cached, converted) before the engines start;
+        an empty set without INFERD_LORA_PATH."""
+        folder = settings.lora_path
+        if folder is None:
+            return cls()
+        if not folder.is_dir():
+            raise ConfigError(f"INFERD_LORA_PATH / --lora-path: {folder} is not a folder")
+        adapters = cls(
+            folder,
+            models,
+            store,
+            refresh_s=settings.lora_refresh_s,
+            max_rank=settings.max_lora_rank,
+            max_loras=settings.max_loras,
+        )
+        adapters.load()
+        return adapters
+
+    def summary(self) -> str:
+        """One line for `inferd serve`'s start-up report."""
+        served = ", ".join(f"{a.name} on {a.base.id}" for a in self.served.values()) or "none"
+        refused = f"; refused {', '.join(sorted(self.refused))}" if self.refused else ""
+        every = f"re-read every {self.refresh_s:g} s" if self.refresh_s else "read at start only"
+        return f"{served}{refused} ({self.folder}, {every})"
+
+    # ------------------------------------------------------------------ requests
+
+    def find(self, model: object) -> ServedAdapter | None:
+        """The adapter a request's `model` names (None: not an adapter id)."""
+        if not isinstance(model, str):
+            return None
+        return self.served.get(model)
+
+    def plain(self, served: ServedModel, payload: dict[str, Any]) -> bool:
+        """A base-model request on an engine that holds adapters: none applied, in the
+        engine's terms (`Engine.use_base`); True when the payload changed."""
+        return self._reader is not None and served.supervisor.engine.use_base(payload)
+
+    async def gate(self, served: ServedModel) -> None:
+        """Wait while `served`'s engine restarts to load new adapters."""
+        gate = self._gates.get(served.id)
+        if gate is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(gate.wait(), GATE_S)
+
+    # ------------------------------------------------------------------ listing
+
+    def models_listed(self) -> list[dict[str, Any]]:
+        """Each adapter as an OpenAI `Model`, with its base model as `parent` and `root`."""
+        return [
+            {
+                "id": a.name,
+                "object": "model",
+                "created": a.created,
+                "owned_by": "inferd",
+                "parent": a.base.id,
+                "root": a.base.id,
+                "max_model_len": a.base.supervisor.engine.context,
+            }
+            for a in self.served.values()
+        ]
+
+    def describe(self) -> dict[str, Any]:
+        """For /v1/metadata: where adapters come from, which are served, which refused and why."""
+        return {
+            "path": str(self.folder) if self.folder else None,
+            "refresh_s": self.refresh_s,
+            "served": [a.describe() for a in self.served.values()],
+            "refused": [{"id": n, "reason": r} for n, r in sorted(self.refused.items())],
+        }
+
+    # ------------------------------------------------------------------ reading the folder
+
+    def load(self) -> None:
+        """The first read, before the engines start: they start with these adapters."""
+        for name, found in self._scan().items():
+            self._record(name, found)
+            if found.stored is not None and found.base is not None:
+                adapter = ServedAdapter(name, found.base, found.stored)
+                self.served[name] = adapter
+                engine = found.base.supervisor.engine
+                engine.adapters = (*engine.adapters, adapter.engine_adapter)
+
+    def _scan(self) -> dict[str, Found]:
+        return {} if self._reader is None else self._reader.scan()
+
+    @property
+    def _seen(self) -> dict[str, Found]:
+        return {} if self._reader is None else self._reader.seen
+
+    def _record(self, name: str, found: Found) -> None:
+        self._seen[name] = found
+        if found.reason:
+            self.refused[name] = found.reason
+            log.warning("adapter %s refused: %s", name, found.reason)
+        else:
+            self.refused.pop(name, None)
+            assert found.base is not None
+            log.info("adapter %s ready on %s", name, found.base.id)
+
+    # ------------------------------------------------------------------ refresh
+
+    def start(self) -> None:
+        if self.folder is not None and self.refresh_s > 0:
+            self._task = asyncio.create_task(self._refresh_loop(), name="adapter refresh")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.refresh_s)
+            try:
+                await self.refresh()
+            except Exception:  # one bad scan must not end refreshing
+                log.exception("refreshing the adapters failed")
+
+    async def refresh(self) -> None:
+        """Read the folder again; serve what is new or changed, retire what went."""
+        async with self._lock:
+            found = await asyncio.to_thread(self._scan)
+            gone = [a for n, a in self.served.items() if n not in found or found[n].reason]
+            changed = [
+                a
+                for n, a in self.served.items()
+                if n in found and found[n].stored is not None and found[n].stored != a.stored
+            ]
+            for name in set(self._seen) - set(found):
+                self._seen.pop(name, None)
+                self.refused.pop(name, None)
+            for name, item in found.items():
+                if self._seen.get(name) is not item:
+                    self._record(name, item)
+            for adapter in [*gone, *changed]:
+                await self._retire(adapter)
+            new = [
+                ServedAdapter(n, f.base, f.stored)
+                for n, f in found.items()
+                if f.stored is not None and f.base is not None and n not in self.served
+            ]
+            for base in {a.base.id: a.base for a in new}.values():
+                await self._add(base, [a for a in new if a.base is base])
+
+    async def _retire(self, adapter: ServedAdapter) -> None:
+        """Refuse it from now on; unload it once its requests in flight are done."""
+        self.served.pop(adapter.name, None)
+        adapter.removed = True
+        log.info("adapter %s removed; %d request(s) in flight finish", adapter.name,
+                 adapter.inflight)  # fmt: skip
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(adapter.idle.wait(), DRAIN_S)
+        engine = adapter.base.supervisor.engine
+        engine.adapters = tuple(a for a in engine.adapters if a.name != adapter.name)
+        if engine.runtime_adapters and adapter.base.supervisor.state is State.READY:
+            await self._post(adapter.base, "/v1/unload_lora_adapter", {"lora_name": adapter.name})
+        # llama-server keeps it loaded (unused: nothing asks for it) until its next start.
+
+    async def _add(self, base: ServedModel, new: list[ServedAdapter]) -> None:
+        engine = base.supervisor.engine
+        engine.adapters = (*engine.adapters, *(a.engine_adapter for a in new))
+        running = base.supervisor.state is not State.STOPPED
+        if engine.runtime_adapters and running:
+            await self._until_ready(base)  # a start under way has its command line already
+            for a in new:
+                body = {"lora_name": a.name, "lora_path": str(a.stored.path)}
+                if await self._post(base, "/v1/load_lora_adapter", body):
+                    self.served[a.name] = a
+                    continue
+                # Not served; forgotten, so the next scan tries it again.
+                engine.adapters = tuple(x for x in engine.adapters if x.name != a.name)
+                self._seen.pop(a.name, None)
+            return
+        if running:
+            await self._restart(base)
+        for a in new:
+            self.served[a.name] = a
+
+    @staticmethod
+    async def _until_ready(base: ServedModel) -> None:
+        """Until the engine is ready or has failed (bounded by its start-up limit)."""
+        sup = base.supervisor
+        ready = asyncio.ensure_future(sup.ready.wait())
+        failed = asyncio.ensure_future(sup.failed.wait())
+        try:
+            await asyncio.wait(
+                {ready, failed}, timeout=sup.ready_timeout_s, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            for waiter in (ready, failed):
+                waiter.cancel()
+
+    async def _restart(self, base: ServedModel) -> None:
+        """Drain `base`'s engine and start it again with its new adapter list."""
+        gate = self._gates[base.id] = asyncio.Event()
+        started = time.monotonic()
+        try:
+            deadline = started + DRAIN_S
+            while base.admission.running or base.admission.waiting:
+                if time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.05)
+            await base.supervisor.stop()
+            base.supervisor.start()
+            await self._until_ready(base)
+            log.info(
+                "engine for %s restarted with %d adapter(s) in %.1f s",
+                base.id,
+                len(base.supervisor.engine.adapters),
+                time.monotonic() - started,
+            )
+        finally:
+            del self._gates[base.id]
+            gate.set()
+
+    async def _post(self, base: ServedModel, path: str, body: dict[str, Any]) -> bool:
+        sup = base.supervisor
+        link = sup.link
+        if link is None:
+            return False
+        try:
+            async with link.pool.post(link.url(path), json=body, headers=sup.auth_headers()) as r:
+                text = await r.text()
+                if r.status != 200:
+                    log.warning("%s %s: %s %s", base.id, path, r.status, text[:300])
+                return r.status == 200
+        except Exception as exc:  # the engine went away: its restart loads engine.adapters
+            log.warning("%s %s failed: %s", base.id, path, exc)
+            return False

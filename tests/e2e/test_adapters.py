@@ -1,0 +1,226 @@
+"""LoRA adapters through a real `inferd serve` on both engines (issue 17): a real adapter, trained
+here on the default model (tests/adapters/train_lora.py), served from `--lora-path` beside two
+that must be refused (made for another base model, and a truncated weights file).
+
+Shown on llama.cpp (the adapter converted to GGUF by llama.cpp's own converter, applied per
+request) and on vLLM (loaded through its LoRA support), with the official SDKs: the listing
+(`parent`), the adapter's effect on held-out prompts (its task score far above the base
+model's) through chat, completions, Responses and Messages, base and adapter requests at once
+without mixing, an adapter added and removed while requests run, and the refusals, while the
+service goes on serving. One server per engine for the module (vLLM starts slowly).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import anthropic
+import httpx
+import openai
+import pytest
+
+from tests.adapters import train_lora
+from tests.e2e.conftest import INFERD, LLAMACPP_PROFILE, MODEL, VLLM_PROFILE, Served, cache_path
+from tests.e2e.conftest import serving as serving_inferd
+
+pytestmark = pytest.mark.e2e
+ADAPTER = train_lora.ADAPTER_NAME
+PROMPTS = train_lora.held_out(12)
+
+
+def base_folder() -> Path:
+    """The default model as a Hugging Face folder (the vLLM profile's), which the adapter is
+    trained on: pulled into the test cache if it is not there yet."""
+    env = {**os.environ, "INFERD_CACHE_PATH": str(cache_path())}
+    subprocess.run(
+        [INFERD, "cache", "pull", MODEL, "--profile", VLLM_PROFILE],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=900,
+    )
+    return cache_path() / "models" / MODEL / "safetensors-bf16"
+
+
+@pytest.fixture(scope="module")
+def adapter() -> Path:
+    return train_lora.cached_adapter(base_folder())
+
+
+@pytest.fixture(scope="module")
+def lora_dir(adapter: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("adapters")
+    shutil.copytree(adapter, folder / ADAPTER)
+    wrong = shutil.copytree(adapter, folder / "wrong-base")
+    config = json.loads((wrong / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "meta-llama/Llama-3.1-8B-Instruct"
+    (wrong / "adapter_config.json").write_text(json.dumps(config))
+    broken = shutil.copytree(adapter, folder / "broken")
+    weights = broken / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return folder
+
+
+@pytest.fixture(scope="module", params=[LLAMACPP_PROFILE, VLLM_PROFILE], ids=["llamacpp", "vllm"])
+def served(
+    request: pytest.FixtureRequest, lora_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Served]:
+    args = (
+        *("--profile", request.param, "--lora-path", str(lora_dir), "--lora-refresh-s", "1"),
+        *("--queue-timeout-s", "300"),  # on a loaded CI machine: wait, never 503
+    )
+    with serving_inferd(tmp_path_factory.mktemp("serve"), *args) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def oai(served: Served) -> openai.OpenAI:
+    return openai.OpenAI(base_url=served.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def chat(oai: openai.OpenAI, model: str, prompt: str) -> str:
+    done = oai.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": prompt}],
+        max_tokens=24,
+        temperature=0,
+    )
+    return done.choices[0].message.content or ""
+
+
+def score(oai: openai.OpenAI, model: str) -> float:
+    replies = [chat(oai, model, prompt) for prompt, _ in PROMPTS]
+    return train_lora.score(replies, [label for _, label in PROMPTS])
+
+
+def test_adapters_are_listed_and_the_wrong_ones_refused(served: Served, oai: openai.OpenAI) -> None:
+    listed = {m.id: m for m in oai.models.list().data}
+    assert set(listed) == {MODEL, ADAPTER}
+    extra = listed[ADAPTER].model_extra or {}
+    assert (extra["parent"], extra["root"]) == (MODEL, MODEL)
+    assert oai.models.retrieve(ADAPTER).id == ADAPTER
+    meta = httpx.get(served.url + "/v1/metadata").json()["adapters"]
+    assert [a["id"] for a in meta["served"]] == [ADAPTER]
+    refused = {r["id"]: r["reason"] for r in meta["refused"]}
+    assert "trained for meta-llama/Llama-3.1-8B-Instruct" in refused["wrong-base"]
+    assert "truncated or altered" in refused["broken"]
+    for name in ("wrong-base", "broken"):
+        with pytest.raises(openai.NotFoundError) as caught:
+            chat(oai, name, "Hello")
+        assert caught.value.code == "model_not_found"
+    assert httpx.get(served.url + "/v1/health/ready").status_code == 200
+
+
+def test_the_adapter_shows_its_effect_on_held_out_prompts(oai: openai.OpenAI) -> None:
+    with_adapter, base = score(oai, ADAPTER), score(oai, MODEL)
+    print(f"task score on {len(PROMPTS)} held-out prompts: adapter {with_adapter}, base {base}")
+    # Measured here: 0.75 against 0.0 (llama.cpp Q8_0). The base model never answers in the
+    # format; the adapter does every time and mostly picks the right label.
+    assert with_adapter >= 0.6, with_adapter
+    assert base <= 0.1, base
+
+
+def test_every_api_serves_the_adapter(served: Served, oai: openai.OpenAI) -> None:
+    prompt, label = PROMPTS[0]
+    template = (
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
+        f"Face<|im_end|>\n<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
+    )
+    completion = oai.completions.create(
+        model=ADAPTER, prompt=template, max_tokens=24, temperature=0, stop=["<|im_end|>"]
+    )
+    assert train_lora.parse_label(completion.choices[0].text) == label
+    assert completion.model in (ADAPTER, MODEL)
+    response = oai.responses.create(
+        model=ADAPTER, input=prompt, max_output_tokens=24, temperature=0
+    )
+    assert response.model == ADAPTER
+    assert train_lora.parse_label(response.output_text) == label
+    claude = anthropic.Anthropic(base_url=served.url, api_key="unused", max_retries=0)
+    message = claude.messages.create(
+        model=ADAPTER,
+        max_tokens=24,
+        messages=[{"role": "user", "content": prompt}],
+        extra_body={"temperature": 0},
+    )
+    assert message.model == ADAPTER
+    text = "".join(b.text for b in message.content if b.type == "text")
+    assert train_lora.parse_label(text) == label
+    stream = oai.chat.completions.create(
+        model=ADAPTER,
+        messages=[{"role": "user", "content": prompt}],
+        max_tokens=24,
+        temperature=0,
+        stream=True,
+    )
+    streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert train_lora.parse_label(streamed) == label
+
+
+def test_base_and_adapter_requests_at_once_do_not_mix(oai: openai.OpenAI) -> None:
+    # 8 at once: llama.cpp's 4 slots and 4 queued.
+    jobs = [(model, p, lab) for p, lab in PROMPTS[:4] for model in (ADAPTER, MODEL)]
+    with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+        replies = list(pool.map(lambda job: chat(oai, job[0], job[1]), jobs))
+    # Mixed up, an adapter request would answer in prose or a base one in the adapter's format.
+    # Which label it picks is the effect's business (above), not this test's.
+    adapter_format = base_format = 0
+    for (model, _, _), reply in zip(jobs, replies, strict=True):
+        labelled = train_lora.parse_label(reply) in train_lora.TOPICS
+        if model == ADAPTER:
+            adapter_format += labelled
+        else:
+            base_format += labelled
+    assert adapter_format == len(jobs) // 2, replies
+    assert base_format == 0, replies
+
+
+def test_refresh_adds_and_removes_an_adapter_while_requests_run(
+    lora_dir: Path, oai: openai.OpenAI
+) -> None:
+    second = "topic-labels-copy"
+    stop = time.monotonic() + 600
+    outcomes: list[str] = []
+
+    def keep_asking() -> None:
+        prompt, label = PROMPTS[1]
+        while time.monotonic() < stop:
+            reply = chat(oai, ADAPTER, prompt)
+            outcomes.append("ok" if train_lora.parse_label(reply) == label else reply)
+            chat(oai, MODEL, prompt)
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        running = [pool.submit(keep_asking) for _ in range(2)]
+        try:
+            shutil.copytree(lora_dir / ADAPTER, lora_dir / second)
+            _wait_for(lambda: second in {m.id for m in oai.models.list().data})
+            prompt, label = PROMPTS[2]
+            assert train_lora.parse_label(chat(oai, second, prompt)) == label
+            shutil.rmtree(lora_dir / second)
+            _wait_for(lambda: second not in {m.id for m in oai.models.list().data})
+            with pytest.raises(openai.NotFoundError):
+                chat(oai, second, prompt)
+        finally:
+            stop = time.monotonic()
+            for future in running:
+                future.result()  # no request failed while the set changed
+    assert outcomes and all(o == "ok" for o in outcomes), outcomes
+
+
+def _wait_for(condition: object, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        # llama.cpp: the listing is 503 + Retry-After for the second its engine restarts.
+        with contextlib.suppress(openai.InternalServerError):
+            if condition():  # type: ignore[operator]
+                return
+        time.sleep(0.5)
+    raise AssertionError("the adapter folder's change was not seen in time")

@@ -1,0 +1,92 @@
+"""Engines answer only inferd. On the shared `server` (each engine): the engine serves HTTP on no
+TCP port, only on a Unix socket of mode 0600 in a folder of mode 0700, which another user cannot
+even connect to, and its process tree listens on no TCP port but vLLM's internal gloo ones; a
+process of inferd's own user, which can open the socket, gets 401 without the key of this engine
+start on the routes inferd forwards. (vLLM's key guards only its /v1 routes: its /tokenize,
+/metrics, /invocations, /collective_rpc... are kept from other users by the folder alone, which
+is why the engine has no port.)"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import os
+import stat
+import subprocess
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+
+from tests.e2e.conftest import MODEL, VLLM_PROFILE, Served, engine_client, engine_socket
+
+pytestmark = pytest.mark.e2e
+
+# Listeners that are not the engine's HTTP server and cannot move to a Unix socket: vLLM's
+# worker joins torch.distributed over gloo (TCP transports only), on loopback, one listener per
+# process group, even with one worker. inferd sends them nothing; see docs/architecture.md.
+NOT_HTTP = ("VLLM::Worker",)
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4}
+
+
+def _connections(proc: psutil.Process, kind: str) -> list[Any]:
+    with contextlib.suppress(psutil.Error):
+        return list(proc.net_connections(kind=kind))
+    return []
+
+
+def test_the_engine_listens_on_its_socket_and_on_no_tcp_port(server: Served) -> None:
+    engine = psutil.Process(server.proc.pid).children()  # the engine, exec'd by the launch shim
+    assert len(engine) == 1, engine
+    tree = [engine[0], *engine[0].children(recursive=True)]  # vLLM's engine core, workers
+    tcp = [
+        (p.name(), c.laddr)
+        for p in tree
+        for c in _connections(p, "tcp")
+        if c.status == psutil.CONN_LISTEN
+    ]
+    allowed = NOT_HTTP if server.profile == VLLM_PROFILE else ()
+    assert [(name, addr) for name, addr in tcp if name not in allowed] == []
+    assert all(ipaddress.ip_address(addr.ip).is_loopback for _, addr in tcp), tcp
+    socket, _ = engine_socket(server)
+    held = [p for p in tree if any(str(c.laddr) == str(socket) for c in _connections(p, "unix"))]
+    assert held == [engine[0]], f"the engine's HTTP server does not hold {socket}"
+
+
+def test_the_engine_socket_is_private_to_inferds_user(server: Served) -> None:
+    socket, _ = engine_socket(server)
+    info, folder = socket.lstat(), socket.parent.lstat()
+    assert stat.S_ISSOCK(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o600
+    assert stat.S_ISDIR(folder.st_mode) and stat.S_IMODE(folder.st_mode) == 0o700
+    assert info.st_uid == folder.st_uid == os.getuid()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="trying as another user needs root")
+def test_another_user_cannot_connect_to_the_engine(server: Served) -> None:
+    socket, _ = engine_socket(server)
+    probe = "import socket, sys; socket.socket(socket.AF_UNIX).connect(sys.argv[1])"
+    done = subprocess.run(
+        ["/usr/bin/python3", "-c", probe, str(socket)],
+        user=65534,  # nobody
+        group=65534,
+        extra_groups=[],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode != 0 and "PermissionError" in done.stderr, done.stderr
+
+
+def test_the_engine_refuses_requests_without_the_key(server: Served) -> None:
+    socket, key = engine_socket(server)
+    completion = {"model": MODEL, "prompt": "Hi", "max_tokens": 4}
+    for anyone in (engine_client(socket), engine_client(socket, "not-the-key")):
+        with anyone:
+            assert anyone.post("/v1/chat/completions", json=CHAT).status_code == 401
+            assert anyone.post("/v1/completions", json=completion).status_code == 401
+    with engine_client(socket, key) as inferd:  # what inferd sends: the key of this start
+        assert inferd.post("/v1/chat/completions", json=CHAT).status_code == 200
+    through = httpx.post(server.url + "/v1/chat/completions", json=CHAT, timeout=120)
+    assert through.status_code == 200, through.text
