@@ -76,7 +76,9 @@ def test_waiting_and_running_move_with_the_load(server: Served) -> None:
             stream = client.chat.completions.create(
                 model=MODEL,
                 messages=[{"role": "user", "content": "Tell a long story about a lighthouse."}],
-                max_tokens=16,
+                # Long enough that every request is still in the pod when the last one arrives
+                # (with 16 tokens, vLLM's 32 slots finished some before: 26 of 34 at the peak).
+                max_tokens=96,
                 stream=True,
                 extra_body={"ignore_eos": True},
             )

@@ -128,6 +128,29 @@ def _bounded(payload: dict[str, Any], context: int) -> None:
             )
 
 
+def _message_shapes(messages: list[Any]) -> None:
+    """Each message an object, its content a string, null or a list of typed parts. The engines
+    validate the rest, but llama-server answers a part without a `type` with a 500 (seen in the
+    adversarial suite), which would reach the client as a 502: the client's error is a 400."""
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise InvalidRequestError(f"messages[{i}] must be an object", param="messages")
+        content = message.get("content")
+        if content is None or isinstance(content, str):
+            continue
+        if not isinstance(content, list):
+            raise InvalidRequestError(
+                f"messages[{i}].content must be a string or a list of content parts",
+                param="messages",
+            )
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+                raise InvalidRequestError(
+                    f"messages[{i}].content[{j}] must be an object with a string `type`",
+                    param="messages",
+                )
+
+
 def check(
     route: str,
     payload: dict[str, Any],
@@ -158,6 +181,7 @@ def check(
             raise InvalidRequestError(
                 f"{len(messages)} messages; at most {MAX_MESSAGES} are accepted", param="messages"
             )
+        _message_shapes(messages)
     stop = payload.get("stop")
     if isinstance(stop, list):
         if len(stop) > MAX_STOP:

@@ -68,6 +68,7 @@ log = logging.getLogger("inferd.requests")
 # other stream; below it, the thread hop costs more than the check.
 GUARD_INLINE_BYTES = 1024
 CHAT_PATH = "/v1/chat/completions"
+COMPLETION_PATH = "/v1/completions"
 
 
 def parse_body(body: bytes) -> dict[str, Any]:
@@ -127,6 +128,20 @@ def _check(
         if translation is not None:
             exc.param = translation.client_param(exc.param)
         raise
+
+
+# OpenAI's published default for a completion's `max_tokens`. Without it llama-server generates
+# until its context is full, and vLLM reads an explicit null the same way: one request would hold
+# a slot for thousands of tokens nobody asked for (a request that hung the adversarial suite).
+COMPLETION_MAX_TOKENS = 16
+
+
+def _default_max_tokens(path: str, payload: dict[str, Any]) -> bool:
+    """Give a completion without `max_tokens` (or with null) OpenAI's default; True if set."""
+    if path != COMPLETION_PATH or payload.get("max_tokens") is not None:
+        return False
+    payload["max_tokens"] = COMPLETION_MAX_TOKENS
+    return True
 
 
 async def _unless_client_leaves(
@@ -267,6 +282,7 @@ class Proxy:
             offload = len(body) > GUARD_INLINE_BYTES
             guarded = await self.guards.guard_request(route.text, payload, offload)
         adapted = engine.adapt_request(path, payload)  # after the rails: they read the client's
+        adapted = _default_max_tokens(path, payload) or adapted
         rewritten = guarded or adapted or route.shape is not None or translation is not None
         if self.log_requests:  # what the engine gets: after the input rails
             shown = json.dumps(payload) if rewritten else body.decode("utf-8", "replace")
