@@ -116,3 +116,37 @@ def test_every_numeric_or_list_field_has_a_bound(field: str, value: Any) -> None
 def test_values_within_the_bounds_pass() -> None:
     fine = {"n_probs": 5, "repeat_last_n": 64, "top_k": 40, "temperature": 0.7, "seed": 2**40}
     limits.check(CHAT, {**OK, **fine}, context=4096, accepted=None, engine="e")
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        ["hi"],
+        [{"role": "user", "content": 3}],
+        [{"role": "user", "content": [{"text": "no type"}]}],
+        [{"role": "user", "content": ["a bare string part"]}],
+    ],
+)
+def test_malformed_messages_are_the_clients_error(messages: list[Any]) -> None:
+    # llama-server answered these with a 500 (a 502 from the front): the front refuses them.
+    with pytest.raises(InvalidRequestError) as err:
+        _check({**OK, "messages": messages})
+    assert err.value.param == "messages"
+
+
+def test_typed_content_parts_pass() -> None:
+    _check({**OK, "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]})
+
+
+@pytest.mark.parametrize("given", [{}, {"max_tokens": None}])
+def test_a_completion_without_max_tokens_gets_openais_default(given: dict[str, Any]) -> None:
+    from inferd.server.proxy import COMPLETION_MAX_TOKENS, _default_max_tokens
+
+    payload: dict[str, Any] = {"model": "m", "prompt": "hi", **given}
+    assert _default_max_tokens("/v1/completions", payload)
+    assert payload["max_tokens"] == COMPLETION_MAX_TOKENS == 16
+    chat: dict[str, Any] = {**OK}
+    assert not _default_max_tokens(CHAT, chat) and "max_tokens" not in chat
+    set_by_client: dict[str, Any] = {"model": "m", "prompt": "hi", "max_tokens": 100}
+    assert not _default_max_tokens("/v1/completions", set_by_client)
+    assert set_by_client["max_tokens"] == 100
