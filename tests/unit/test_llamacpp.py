@@ -193,3 +193,25 @@ def test_cuda_builds_add_ggmls_cuda_backend_for_the_gpus_found() -> None:
         assert llamacpp_build.cuda_choice("auto", "90") is None
         with pytest.raises(SystemExit, match="nvcc"):
             llamacpp_build.cuda_choice("on", "90")
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        # llama-server 0.3.36's own 500s for malformed requests (seen in the adversarial suite).
+        b'{"error":{"code":500,"message":"Failed to parse messages: Missing \'role\' in message"}}',
+        b'{"error":{"code":500,"message":"[json.exception.parse_error.101] parse error"}}',
+        b'{"error":{"code":500,"message":"image input is not supported - hint: mmproj"}}',
+    ],
+)
+def test_llama_servers_500s_for_malformed_requests_are_the_clients(
+    tmp_path: Path, answer: bytes
+) -> None:
+    engine = _engine(tmp_path)
+    assert engine.clients_fault(500, answer)
+
+
+def test_other_llama_server_errors_stay_the_engines(tmp_path: Path) -> None:
+    engine = _engine(tmp_path)
+    assert not engine.clients_fault(500, b'{"error":{"code":500,"message":"out of memory"}}')
+    assert not engine.clients_fault(503, b'{"error":{"message":"Failed to parse messages"}}')

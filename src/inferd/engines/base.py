@@ -135,6 +135,11 @@ class Engine(ABC):
         (e.g. a `tool_choice` form it would otherwise drop); True when it changed anything."""
         return False
 
+    def clients_fault(self, status: int, answer: bytes) -> bool:
+        """True when this engine's server error (`status` >= 500) is really about the request
+        (a 400 to the client, not a 502)."""
+        return False
+
     def adapt(self, route: str, payload: dict[str, Any]) -> dict[str, Any]:
         """A request for one of `adapted_routes`, in the engine's own shape."""
         return payload

@@ -379,6 +379,18 @@ class LlamaCppEngine(Engine):
         info = props.get("build_info")
         return str(info) if info else None
 
+    # llama-server answers these malformed requests with a 500 (seen in the adversarial suite:
+    # a message without a role, a text part without text, a tool call without a type, a lone
+    # UTF-16 surrogate, an image for a text-only model): they are the client's errors.
+    CLIENT_FAULTS = (
+        b"Failed to parse messages",
+        b"[json.exception.",
+        b"image input is not supported",
+    )
+
+    def clients_fault(self, status: int, answer: bytes) -> bool:
+        return status == 500 and any(marker in answer for marker in self.CLIENT_FAULTS)
+
     def adapt_request(self, route: str, payload: dict[str, Any]) -> bool:
         return route == "/v1/chat/completions" and adapt_tool_choice(payload)
 

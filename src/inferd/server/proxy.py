@@ -360,7 +360,9 @@ class Proxy:
             data = await self._read(resp, call, served)
             if resp.status >= 400:
                 # An engine's own server error is, seen from the front, a failed upstream: 502.
-                status = 502 if resp.status >= 500 else resp.status
+                status = resp.status
+                if status >= 500:
+                    status = 400 if client.engine.clients_fault(status, data) else 502
                 self._end(call, status)
                 error = await client.error(status, data, body)
                 if translation is not None:  # name the field the client sent
