@@ -45,9 +45,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the test helpers: one definition of the adversarial requests
 
 from schemathesis.generation import GenerationMode  # noqa: E402
-from tests.e2e.conftest import MODEL, Served, start  # noqa: E402
+from tests.e2e.conftest import Served, start  # noqa: E402
 from tests.e2e.test_adversarial import (  # noqa: E402
     HANG_S,
+    STALLED_BODY,
     SlowHeaders,
     Tally,
     answers_a_chat,
@@ -62,15 +63,6 @@ from tests.e2e.test_adversarial import (  # noqa: E402
 MAX_CONNECTIONS = 64
 HEADER_TIMEOUT_S = 3.0
 BURST = 100
-STALLED_BODY = {
-    "model": MODEL,
-    "messages": [{"role": "user", "content": "Tell a very long story."}],
-    "max_tokens": 4000,
-    "ignore_eos": True,
-    "stream": True,
-    "logprobs": True,
-    "top_logprobs": 20,
-}
 
 
 class Memory:

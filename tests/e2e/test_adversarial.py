@@ -284,6 +284,18 @@ def test_openai_document_fuzzing(server: Served, before: tuple[set[int], float])
     assert len(unavailable) <= max(2, MAX_UNAVAILABLE * sent), (statuses, unavailable[:10])
 
 
+# A long stream of big events (a few KB each with 20 logprobs: much to buffer if the front did).
+STALLED_BODY: dict[str, Any] = {
+    "model": MODEL,
+    "messages": [{"role": "user", "content": "Tell a very long story."}],
+    "max_tokens": 4000,
+    "ignore_eos": True,
+    "stream": True,
+    "logprobs": True,
+    "top_logprobs": 20,
+}
+
+
 def test_a_client_that_stops_reading_a_stream(
     server: Served, before: tuple[set[int], float]
 ) -> None:
@@ -292,15 +304,7 @@ def test_a_client_that_stops_reading_a_stream(
     oversized header refused), and once the client goes the slot is free again."""
     front = psutil.Process(server.proc.pid)
     rss_before = front.memory_info().rss
-    body = {
-        "model": MODEL,
-        "messages": [{"role": "user", "content": "Tell a very long story."}],
-        "max_tokens": 4000,
-        "ignore_eos": True,
-        "stream": True,
-        "logprobs": True,
-        "top_logprobs": 20,  # events of a few KB each: much to buffer if the front did
-    }
+    body = STALLED_BODY
     with stalled_stream(server, body) as first:
         assert first.startswith(b"HTTP/1.1 200"), first[:300]
         assert metric(server.url, "num_requests_running") >= 1
