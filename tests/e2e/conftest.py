@@ -1,8 +1,9 @@
 """A real `inferd serve` (real engines, real model from PyPI, real HTTP), shared by the suite.
 
 The `server` fixture is parametrized over both engines' profiles for the default model (llama.cpp
-latency, vLLM throughput), so every API and operations test shows both behave the same through
-inferd. vLLM starts slowly on a small CPU (about two minutes the first time, with
+latency, vLLM throughput) and over the profile that runs both behind the one model (`cpu-both`),
+so every API and operations test shows each behaves the same through inferd, whichever engine
+answers. vLLM starts slowly on a small CPU (about two minutes the first time, with
 torch.compile), so one server per engine runs for the whole session. Their model cache is
 `INFERD_TEST_CACHE_PATH` (default ~/.cache/inferd-tests), kept between runs so a second run skips
 the download and conversion; CI starts empty and so exercises them. While a server starts, the
@@ -12,6 +13,7 @@ fixture records what the health routes answered, for the readiness tests.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import signal
@@ -27,13 +29,23 @@ import httpx
 import psutil
 import pytest
 
+from inferd.catalog import Catalog
+
 MODEL = "smollm2-135m-instruct"
 LLAMACPP_PROFILE = "llamacpp-cpu-q8_0"
 VLLM_PROFILE = "vllm-cpu-bf16"
+# Both engines behind the model: llama.cpp first, vLLM joining behind it (catalog `combined`).
+BOTH_PROFILE = "cpu-both"
 # Tests that need vLLM itself (its engine-core child, its flags) start it by name.
 VLLM = ("--profile", VLLM_PROFILE)
 INFERD = str(Path(sys.executable).with_name("inferd"))
 START_TIMEOUT_S = 900
+
+
+@functools.cache
+def catalog() -> Catalog:
+    """The shipped catalog, read once (reading it parses every model's YAML)."""
+    return Catalog.load()
 
 
 def cache_path() -> Path:
@@ -64,6 +76,26 @@ class Served:
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
 
+    @property
+    def engines(self) -> tuple[str, ...]:
+        """The engines this server runs for MODEL, in start order (two for a combined profile),
+        as the catalog names them; for servers started with `--profile ID` or `MODEL=ID`."""
+        entry, profile_id = catalog().get(MODEL), self.profile.rpartition("=")[2]
+        combined = entry.combination(profile_id)
+        if combined is not None:
+            return tuple(combined.engines)
+        found = entry.profile(profile_id)
+        assert found is not None, f"{self.profile} is not a profile of {MODEL}"
+        return (found.engine,)
+
+    def tool_choices(self, model: str = MODEL) -> frozenset[str]:
+        """The `tool_choice` values this server honours for `model` ("function": a named one):
+        with several engines, the union of theirs, since a request goes to one that honours it."""
+        tools = catalog().get(model).tools
+        if tools is None:
+            return frozenset({"none"})
+        return frozenset(c for e in self.engines for c in getattr(tools, e))
+
     def descendants(self) -> list[psutil.Process]:
         try:
             return psutil.Process(self.proc.pid).children(recursive=True)
@@ -89,6 +121,29 @@ class Served:
                 time.sleep(0.5)
         raise AssertionError(f"inferd not ready after {timeout} s:\n{self.log_tail()}")
 
+    def wait_all_engines(self, timeout: float = START_TIMEOUT_S) -> None:
+        """Until every engine of MODEL is ready: readiness is 200 once the first of several is,
+        while the others still start (vLLM compiles for minutes); tests of the combined profile
+        wait for both, so that either may answer. Not recorded in `seen` (the readiness tests
+        read what was seen until the first 200)."""
+        deadline = time.monotonic() + timeout
+        states: dict[str, str] = {}
+        with httpx.Client(base_url=self.url, timeout=10) as c:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise AssertionError(
+                        f"inferd exited with {self.proc.returncode}:\n{self.log_tail()}"
+                    )
+                with contextlib.suppress(httpx.TransportError):
+                    model = c.get("/v1/health/ready").json()["models"][MODEL]
+                    states = {e["engine"]: e["state"] for e in model.get("engines", [model])}
+                    if set(states) == set(self.engines) and set(states.values()) == {"ready"}:
+                        return
+                time.sleep(1)
+        raise AssertionError(
+            f"engines not all ready after {timeout} s: {states}\n{self.log_tail()}"
+        )
+
     def stop(self, sig: signal.Signals = signal.SIGTERM, timeout: float = 60) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
@@ -100,12 +155,15 @@ class Served:
             raise
 
 
-def engine_socket(served: Served, model: str = MODEL) -> tuple[Path, str]:
-    """Where `model`'s engine listens (its Unix socket, as inferd logged its last start) and
-    the secret key inferd gave that start (read from the engine's environment, as only a
-    process of the same user can)."""
+def engine_socket(
+    served: Served, model: str = MODEL, engine: str | None = None
+) -> tuple[Path, str]:
+    """Where `model`'s engine (of several, the one named `engine`) listens (its Unix socket, as
+    inferd logged its last start) and the secret key inferd gave that start (read from the
+    engine's environment, as only a process of the same user can)."""
     log = served.log.read_text(errors="replace")
-    found = re.findall(rf"starting \S+ engine for {re.escape(model)} on (\S+\.sock)", log)
+    name = re.escape(engine) if engine else r"\S+"
+    found = re.findall(rf"starting {name} engine for {re.escape(model)} on (\S+\.sock)", log)
     assert found, served.log_tail()
     for proc in served.descendants():
         with contextlib.suppress(psutil.Error):
@@ -115,6 +173,11 @@ def engine_socket(served: Served, model: str = MODEL) -> tuple[Path, str]:
                 if key:
                     return Path(found[-1]), key
     raise AssertionError(f"no engine process with its key listens on {found[-1]}")
+
+
+def engine_sockets(served: Served) -> dict[str, tuple[Path, str]]:
+    """`engine_socket` of each engine MODEL runs on `served`, by engine name."""
+    return {engine: engine_socket(served, MODEL, engine) for engine in served.engines}
 
 
 def engine_client(socket: Path, key: str | None = None) -> httpx.Client:
@@ -127,7 +190,15 @@ def engine_client(socket: Path, key: str | None = None) -> httpx.Client:
 def start(tmp: Path, *args: str, cache: Path | None = None) -> Served:
     port = free_port()
     log = tmp / f"inferd-{port}.log"
-    env = {**os.environ, "INFERD_CACHE_PATH": str(cache or cache_path())}
+    # No background tuning (server.tuning): it would start extra engines beside the tests'.
+    # One engine by default (llama.cpp, the latency pick): the default `cpu-both` would start
+    # vLLM behind every test's server; tests of it name it (`--profile cpu-both`).
+    env = {
+        **os.environ,
+        "INFERD_CACHE_PATH": str(cache or cache_path()),
+        "INFERD_TUNE_IN_BACKGROUND": "0",
+        "INFERD_OPTIMIZE": "latency",
+    }
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [INFERD, "serve", "--port", str(port), *args],
@@ -150,11 +221,16 @@ def serving(tmp: Path, *args: str) -> Iterator[Served]:
         served.stop()
 
 
-@pytest.fixture(scope="session", params=[LLAMACPP_PROFILE, VLLM_PROFILE], ids=["llamacpp", "vllm"])
+@pytest.fixture(
+    scope="session",
+    params=[LLAMACPP_PROFILE, VLLM_PROFILE, BOTH_PROFILE],
+    ids=["llamacpp", "vllm", "both"],
+)
 def server(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Served]:
     with serving(tmp_path_factory.mktemp("serve"), "--profile", request.param) as served:
+        served.wait_all_engines()
         yield served
 
 

@@ -70,10 +70,11 @@ def test_listings_have_json() -> None:
     models = json.loads(_run("models", "--json").stdout)
     assert any(m["id"] == "smollm2-135m-instruct" for m in models)
     profiles = json.loads(_run("profiles", "smollm2-135m-instruct", "--json").stdout)
-    assert profiles["selected"] == "llamacpp-cpu-q4_1"
+    # This machine (an AMD EPYC) has no AMX: Q8_0 first (`prefer_when_missing`).
+    assert profiles["selected"] == "llamacpp-cpu-q8_0"
     assert profiles["profiles"][0]["id"] == "llamacpp-cpu-q4_1"
     assert profiles["by_goal"] == {
-        "latency": "llamacpp-cpu-q4_1",
+        "latency": "llamacpp-cpu-q8_0",
         "throughput": "vllm-cpu-bf16",
     }
     assert "no --optimize given" in profiles["why"]
@@ -122,7 +123,11 @@ def test_dry_run_prints_the_engine_command() -> None:
     argv = plan["engine"]["argv"]
     assert Path(argv[0]).name == "llama-server"
     assert argv[argv.index("--parallel") + 1] == "4"
-    assert plan["profile"]["id"] == "llamacpp-cpu-q4_1"
+    # On a CPU where both engines run, the default runs both behind the model (cpu-both):
+    # llama.cpp first (the command above), then vLLM.
+    assert plan["profile"]["id"] == "cpu-both"
+    assert [e["profile"] for e in plan["engines"]] == ["llamacpp-cpu-q8_0", "vllm-cpu-bf16"]
+    assert plan["engines"][1]["argv"][1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
     assert "no --optimize given" in plan["profile"]["why"]
 
     r = _run("serve", "--dry-run", "--json", "--optimize", "throughput")

@@ -1,4 +1,5 @@
-"""Engines answer only inferd. On the shared `server` (each engine): the engine serves HTTP on no
+"""Engines answer only inferd. On the shared `server` (each engine, and both behind one model, where
+every check holds for each of them): the engine serves HTTP on no
 TCP port, only on a Unix socket of mode 0600 in a folder of mode 0700, which another user cannot
 even connect to, and its process tree listens on no TCP port but vLLM's internal gloo ones; a
 process of inferd's own user, which can open the socket, gets 401 without the key of this engine
@@ -13,13 +14,14 @@ import ipaddress
 import os
 import stat
 import subprocess
+from pathlib import Path
 from typing import Any
 
 import httpx
 import psutil
 import pytest
 
-from tests.e2e.conftest import MODEL, VLLM_PROFILE, Served, engine_client, engine_socket
+from tests.e2e.conftest import MODEL, Served, engine_client, engine_sockets
 
 pytestmark = pytest.mark.e2e
 
@@ -36,57 +38,74 @@ def _connections(proc: psutil.Process, kind: str) -> list[Any]:
     return []
 
 
+def _holds(proc: psutil.Process, socket: Path) -> bool:
+    return any(str(c.laddr) == str(socket) for c in _connections(proc, "unix"))
+
+
 def test_the_engine_listens_on_its_socket_and_on_no_tcp_port(server: Served) -> None:
-    engine = psutil.Process(server.proc.pid).children()  # the engine, exec'd by the launch shim
-    assert len(engine) == 1, engine
-    tree = [engine[0], *engine[0].children(recursive=True)]  # vLLM's engine core, workers
-    tcp = [
-        (p.name(), c.laddr)
-        for p in tree
-        for c in _connections(p, "tcp")
-        if c.status == psutil.CONN_LISTEN
-    ]
-    allowed = NOT_HTTP if server.profile == VLLM_PROFILE else ()
-    assert [(name, addr) for name, addr in tcp if name not in allowed] == []
-    assert all(ipaddress.ip_address(addr.ip).is_loopback for _, addr in tcp), tcp
-    socket, _ = engine_socket(server)
-    held = [p for p in tree if any(str(c.laddr) == str(socket) for c in _connections(p, "unix"))]
-    assert held == [engine[0]], f"the engine's HTTP server does not hold {socket}"
+    # Each engine, exec'd by the launch shim, is a child of the front; nothing else is.
+    children = psutil.Process(server.proc.pid).children()
+    assert len(children) == len(server.engines), children
+    holders = []
+    for name, (socket, _) in engine_sockets(server).items():
+        found = [c for c in children if _holds(c, socket)]
+        assert len(found) == 1, f"no one child of inferd holds {name}'s socket {socket}"
+        engine = found[0]
+        holders.append(engine)
+        tree = [engine, *engine.children(recursive=True)]  # vLLM's engine core, workers
+        tcp = [
+            (p.name(), c.laddr)
+            for p in tree
+            for c in _connections(p, "tcp")
+            if c.status == psutil.CONN_LISTEN
+        ]
+        allowed = NOT_HTTP if name == "vllm" else ()
+        assert [(n, addr) for n, addr in tcp if n not in allowed] == [], name
+        assert all(ipaddress.ip_address(addr.ip).is_loopback for _, addr in tcp), tcp
+        held = [p for p in tree if _holds(p, socket)]
+        assert held == [engine], f"the {name} engine's HTTP server does not hold {socket}"
+    assert sorted(p.pid for p in holders) == sorted(p.pid for p in children)
 
 
 def test_the_engine_socket_is_private_to_inferds_user(server: Served) -> None:
-    socket, _ = engine_socket(server)
-    info, folder = socket.lstat(), socket.parent.lstat()
-    assert stat.S_ISSOCK(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o600
-    assert stat.S_ISDIR(folder.st_mode) and stat.S_IMODE(folder.st_mode) == 0o700
-    assert info.st_uid == folder.st_uid == os.getuid()
+    for socket, _ in engine_sockets(server).values():
+        info, folder = socket.lstat(), socket.parent.lstat()
+        assert stat.S_ISSOCK(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o600
+        assert stat.S_ISDIR(folder.st_mode) and stat.S_IMODE(folder.st_mode) == 0o700
+        assert info.st_uid == folder.st_uid == os.getuid()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="trying as another user needs root")
 def test_another_user_cannot_connect_to_the_engine(server: Served) -> None:
-    socket, _ = engine_socket(server)
     probe = "import socket, sys; socket.socket(socket.AF_UNIX).connect(sys.argv[1])"
-    done = subprocess.run(
-        ["/usr/bin/python3", "-c", probe, str(socket)],
-        user=65534,  # nobody
-        group=65534,
-        extra_groups=[],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode != 0 and "PermissionError" in done.stderr, done.stderr
+    for socket, _ in engine_sockets(server).values():
+        done = subprocess.run(
+            ["/usr/bin/python3", "-c", probe, str(socket)],
+            user=65534,  # nobody
+            group=65534,
+            extra_groups=[],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode != 0 and "PermissionError" in done.stderr, done.stderr
 
 
 def test_the_engine_refuses_requests_without_the_key(server: Served) -> None:
-    socket, key = engine_socket(server)
     completion = {"model": MODEL, "prompt": "Hi", "max_tokens": 4}
-    for anyone in (engine_client(socket), engine_client(socket, "not-the-key")):
-        with anyone:
-            assert anyone.post("/v1/chat/completions", json=CHAT).status_code == 401
-            assert anyone.post("/v1/completions", json=completion).status_code == 401
-    with engine_client(socket, key) as inferd:  # what inferd sends: the key of this start
-        assert inferd.post("/v1/chat/completions", json=CHAT).status_code == 200
+    sockets = engine_sockets(server)
+    # Each engine start has its own key: another engine's opens nothing (with several).
+    keys = {key for _, key in sockets.values()}
+    assert len(keys) == len(sockets)
+    for socket, key in sockets.values():
+        wrong = [engine_client(socket), engine_client(socket, "not-the-key")]
+        wrong += [engine_client(socket, other) for other in keys - {key}]
+        for anyone in wrong:
+            with anyone:
+                assert anyone.post("/v1/chat/completions", json=CHAT).status_code == 401
+                assert anyone.post("/v1/completions", json=completion).status_code == 401
+        with engine_client(socket, key) as inferd:  # what inferd sends: the key of this start
+            assert inferd.post("/v1/chat/completions", json=CHAT).status_code == 200
     through = httpx.post(server.url + "/v1/chat/completions", json=CHAT, timeout=120)
     assert through.status_code == 200, through.text

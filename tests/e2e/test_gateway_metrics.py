@@ -1,5 +1,6 @@
 """The inference gateway's metrics (the model-server protocol, `observability.gateway_metrics`)
-on a live inferd, on each engine: scraped as the endpoint picker scrapes `/v1/metrics`, they move
+on a live inferd, on each engine and on both behind one model (the pod's load is theirs summed):
+scraped as the endpoint picker scrapes `/v1/metrics`, they move
 as requests wait, run and finish. More requests than the profile lets run at once are sent, so
 some wait in inferd's own queue: the protocol's waiting and running must then account for every
 request in the pod.
@@ -57,16 +58,26 @@ def test_idle_server_exports_the_protocol(server: Served) -> None:
     [(lora, updated)] = found[gm.LORA_INFO]
     assert lora["running_lora_adapters"] == lora["waiting_lora_adapters"] == ""
     assert int(lora["max_lora"]) >= 0 and abs(updated - time.time()) < 60
-    if server.profile.startswith("vllm"):
+    if "vllm" in server.engines:
         # vLLM's paged cache: its block size, read by the picker's prefix scorer.
         [(cache, _)] = found[gm.CACHE_INFO]
         assert int(cache["block_size"]) > 0 and int(cache["num_gpu_blocks"]) > 0
 
 
+def capacity(served: Served) -> int:
+    """How many requests the served profile runs at once: with several engines, the sum of what
+    each engine's profile runs (as `/v1/metadata` lists them)."""
+    if len(served.engines) > 1:
+        meta = httpx.get(served.url + "/v1/metadata", timeout=10).json()
+        return sum(int(e["max_running"]) for e in meta["models"][0]["engines"])
+    profile = Catalog.load().get(MODEL).profile(served.profile)
+    assert profile is not None and profile.max_running is not None
+    return profile.max_running
+
+
 def test_waiting_and_running_move_with_the_load(server: Served) -> None:
-    slots = Catalog.load().get(MODEL).profile(server.profile)
-    assert slots is not None and slots.max_running is not None
-    sent = slots.max_running + 2  # two wait in inferd's queue
+    slots = capacity(server)
+    sent = slots + 2  # two wait in inferd's queue
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
     done: list[int] = []
     refused: list[str] = []
@@ -99,7 +110,7 @@ def test_waiting_and_running_move_with_the_load(server: Served) -> None:
         time.sleep(0.05)
     for t in threads:
         t.join(timeout=300)
-    assert len(done) + len(refused) == sent and len(done) >= slots.max_running and all(done)
+    assert len(done) + len(refused) == sent and len(done) >= slots and all(done)
     assert all(r.startswith("503") and "no free slot" in r for r in refused), refused
     # At the peak every request in the pod is counted once, waiting or running; some waited,
     # the engine ran several at once, and their KV cache showed.

@@ -1,8 +1,8 @@
 """Hardening against a real engine: overload, disconnects, long prompts, unknown parameters,
 an engine killed mid-stream, and a drain on SIGTERM. One dedicated `inferd serve` per engine
-(llama.cpp, and eager vLLM; 2 slots, 2 queue places, 3 s drain) is shared by these tests, in
-this order: both engines must behave the same through inferd. That an engine refuses anyone but
-inferd: test_engine_isolation.py."""
+(llama.cpp, and eager vLLM; 2 slots, 2 queue places, 3 s drain), and one of both behind the
+model (2 slots each), is shared by these tests, in this order: every engine must behave the same
+through inferd. That an engine refuses anyone but inferd: test_engine_isolation.py."""
 
 from __future__ import annotations
 
@@ -17,19 +17,26 @@ import httpx
 import psutil
 import pytest
 
-from tests.e2e.conftest import LLAMACPP_PROFILE, MODEL, VLLM_PROFILE, Served, start
+from tests.e2e.conftest import BOTH_PROFILE, LLAMACPP_PROFILE, MODEL, VLLM_PROFILE, Served, start
 
 pytestmark = pytest.mark.e2e
 
 
-# Per profile: extra flags, the engine's own gauge of running requests, how to spot its process.
-ENGINES = {
-    LLAMACPP_PROFILE: ((), "llamacpp:requests_processing", "llama-server"),
-    VLLM_PROFILE: (("--engine-args=--enforce-eager",), "vllm:num_requests_running", "api_server"),
+# Per profile, extra flags (`--engine-args` would go to each engine of several: vLLM's flag
+# would stop llama-server, so both run vLLM compiled, as it is served).
+FLAGS = {
+    LLAMACPP_PROFILE: (),
+    VLLM_PROFILE: ("--engine-args=--enforce-eager",),
+    BOTH_PROFILE: (),
 }
+# Per engine: its gauge of running requests, how to spot its process. vLLM's name is also the
+# inference gateway's (`gateway_metrics`), which inferd writes for the model: with several
+# engines it counts them all, so a request's engine is read from `/v1/metadata` there.
+GAUGE = {"llamacpp": "llamacpp:requests_processing", "vllm": "vllm:num_requests_running"}
+MARKER = {"llamacpp": "llama-server", "vllm": "api_server"}
 
 
-@pytest.fixture(scope="module", params=list(ENGINES), ids=["llamacpp", "vllm"])
+@pytest.fixture(scope="module", params=list(FLAGS), ids=["llamacpp", "vllm", "both"])
 def hard(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Served]:
@@ -37,7 +44,7 @@ def hard(
         tmp_path_factory.mktemp("hard"),
         "--profile",
         request.param,
-        *ENGINES[request.param][0],
+        *FLAGS[request.param],
         "--max-running",
         "2",
         "--max-queue",
@@ -46,6 +53,7 @@ def hard(
         "3",
     )
     served.wait_ready()
+    served.wait_all_engines()
     yield served
     served.stop()
 
@@ -54,12 +62,26 @@ def _chat(text: str, **extra: object) -> dict[str, object]:
     return {"model": MODEL, "messages": [{"role": "user", "content": text}], **extra}
 
 
-def _engine_running(served: Served) -> float:
-    gauge = ENGINES[served.profile][1]
+def _running_by_engine(served: Served) -> dict[str, float]:
+    """Requests each engine runs, by its gauge (see GAUGE)."""
+    found: dict[str, float] = {}
+    engines = served.engines
     for line in httpx.get(served.url + "/v1/metrics", timeout=10).text.splitlines():
-        if line.startswith(gauge + "{") or line.startswith(gauge + " "):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError("the engine's running gauge is missing")
+        for engine in engines:
+            gauge = GAUGE[engine]
+            if engine not in found and line.startswith((gauge + "{", gauge + " ")):
+                found[engine] = float(line.rsplit(" ", 1)[1])
+    assert set(found) == set(engines), f"running gauges missing: {found}"
+    return found
+
+
+def _given_to(served: Served) -> str:
+    """The engine of the one request running now: with several, the one inferd gave it to."""
+    if len(served.engines) == 1:
+        return served.engines[0]
+    meta = httpx.get(served.url + "/v1/metadata", timeout=10).json()["models"][0]["engines"]
+    [engine] = [e["name"] for e in meta if e["running"] == 1]
+    return str(engine)
 
 
 def test_overload_refuses_fast_and_completes_the_rest(hard: Served) -> None:
@@ -90,10 +112,11 @@ def test_client_disconnect_frees_the_engine_within_2s(hard: Served) -> None:
         lines = r.iter_lines()
         for _ in range(3):
             next(lines)
-        assert _engine_running(hard) == 1
+        engine = _given_to(hard)
+        assert _running_by_engine(hard)[engine] == 1
     deadline = time.monotonic() + 2
-    while _engine_running(hard) != 0:
-        assert time.monotonic() < deadline, "the engine kept generating for a gone client"
+    while (running := _running_by_engine(hard))[engine] != 0:
+        assert time.monotonic() < deadline, f"{engine} kept generating for a gone client: {running}"
         time.sleep(0.1)
 
 
@@ -117,31 +140,49 @@ def test_parameters_the_engine_would_ignore_are_refused(hard: Served) -> None:
     assert r.json()["error"]["param"] == "store"
 
 
+def _state(served: Served, engine: str) -> dict[str, object]:
+    """What `/v1/health/ready` shows for MODEL's `engine` (with one engine, for the model)."""
+    model = httpx.get(served.url + "/v1/health/ready", timeout=10).json()["models"][MODEL]
+    shown: dict[str, object] = next(
+        (e for e in model.get("engines", []) if e["engine"] == engine), model
+    )
+    return shown
+
+
 def test_engine_killed_mid_stream(hard: Served) -> None:
     body = _chat("Tell a long story.", max_tokens=1000, ignore_eos=True, stream=True)
-    marker = ENGINES[hard.profile][2]
-    engine = next(p for p in hard.descendants() if marker in " ".join(p.cmdline()))
     with (
         httpx.Client(base_url=hard.url, timeout=60) as c,
         c.stream("POST", "/v1/chat/completions", json=body) as r,
     ):
         lines = r.iter_lines()
         next(lines)
+        victim = _given_to(hard)  # the engine running the stream
+        engine = next(p for p in hard.descendants() if MARKER[victim] in " ".join(p.cmdline()))
         engine.kill()
         rest = [line for line in lines if line]
     error = json.loads(rest[-2].removeprefix("data: "))["error"]
     assert error["code"] == "engine_unavailable"
     assert rest[-1] == "data: [DONE]"
     deadline = time.monotonic() + 5  # the supervisor notices the exit within a fraction of that
-    while (ready := httpx.get(hard.url + "/v1/health/ready", timeout=10)).status_code == 200:
-        assert time.monotonic() < deadline, "readiness never reported the dead engine"
-        time.sleep(0.1)
-    assert ready.status_code == 503
-    assert ready.json()["models"][MODEL]["last_error"]  # the reason is shown
-    hard.wait_ready(timeout=300)
-    state = httpx.get(hard.url + "/v1/health/ready", timeout=10).json()["models"][MODEL]
+    if len(hard.engines) == 1:
+        while (ready := httpx.get(hard.url + "/v1/health/ready", timeout=10)).status_code == 200:
+            assert time.monotonic() < deadline, "readiness never reported the dead engine"
+            time.sleep(0.1)
+        assert ready.status_code == 503
+        assert ready.json()["models"][MODEL]["last_error"]  # the reason is shown
+        hard.wait_ready(timeout=300)
+    else:
+        # The other engine serves on: still ready, the dead one's state and reason shown.
+        while _state(hard, victim)["state"] == "ready":
+            assert time.monotonic() < deadline, "readiness never reported the dead engine"
+            time.sleep(0.1)
+        assert _state(hard, victim)["last_error"]
+        assert httpx.get(hard.url + "/v1/health/ready", timeout=10).status_code == 200
+    hard.wait_all_engines(timeout=300)
+    state = _state(hard, victim)
     assert state["restarts"] == 1
-    assert "exited with code" in state["last_error"]  # the crash stays visible once ready
+    assert "exited with code" in str(state["last_error"])  # the crash stays visible once ready
     assert not psutil.pid_exists(engine.pid) or engine.status() == psutil.STATUS_ZOMBIE
 
 

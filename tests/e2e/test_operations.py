@@ -1,4 +1,5 @@
-"""Health, readiness, metadata and metrics of a real `inferd serve`."""
+"""Health, readiness, metadata and metrics of a real `inferd serve`, on each engine and on both
+behind the one model (where each engine shows, with its share of the requests)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,13 @@ import httpx
 import openai
 import pytest
 
-from tests.e2e.conftest import LLAMACPP_PROFILE, MODEL, VLLM_PROFILE, Served
+from tests.e2e.conftest import MODEL, VLLM_PROFILE, Served
 
 pytestmark = pytest.mark.e2e
-ENGINE = {LLAMACPP_PROFILE: "llamacpp", VLLM_PROFILE: "vllm"}
 # Each engine's own count of generated tokens, under its own name.
 GENERATED = {
-    LLAMACPP_PROFILE: "llamacpp:tokens_predicted_total",
-    VLLM_PROFILE: "vllm:generation_tokens_total",
+    "llamacpp": "llamacpp:tokens_predicted_total",
+    "vllm": "vllm:generation_tokens_total",
 }
 
 
@@ -35,11 +35,24 @@ def test_live_while_starting_and_ready_only_once_the_engine_answers(server: Serv
     assert set(live) == {200}
 
 
-def _metric(text: str, name: str) -> float:
+def _metric(text: str, name: str, missing: float | None = None) -> float:
+    """The value of MODEL's series `name`; `missing` if given and the series is not written (a
+    histogram's series appear with its first request: on a fresh server, none before)."""
     for line in text.splitlines():
         if line.startswith(f'{name}{{model="{MODEL}"'):
             return float(line.rsplit(" ", 1)[1])
+    if missing is not None:
+        return missing
     raise AssertionError(f"{name} missing")
+
+
+def _given(text: str) -> float:
+    """Requests given to MODEL's engines, all of them (counted only where it has several)."""
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("inferd_engine_requests_total{") and f'model="{MODEL}"' in line
+    )
 
 
 def test_metrics_rise_after_requests(server: Served, base_url: str) -> None:
@@ -62,11 +75,14 @@ def test_metrics_rise_after_requests(server: Served, base_url: str) -> None:
         "generation_tokens_total",
         "e2e_request_latency_seconds_count",
     ):
-        assert _metric(after, name) > _metric(before, name), name
+        assert _metric(after, name) > _metric(before, name, missing=0), name
     assert _metric(after, "time_to_first_token_seconds_count") >= 1
     assert _metric(after, "num_requests_running") == 0
-    # The engine's own metrics, passed through under its own prefix.
-    assert GENERATED[server.profile] in after
+    # Each engine's own metrics, passed through under its own prefix.
+    for engine in server.engines:
+        assert GENERATED[engine] in after, engine
+    if len(server.engines) > 1:  # both requests given to one engine or the other
+        assert _given(after) == _given(before) + 2
 
 
 def test_metadata_names_model_profile_and_engine(server: Served) -> None:
@@ -76,8 +92,14 @@ def test_metadata_names_model_profile_and_engine(server: Served) -> None:
     assert model["license"] == "apache-2.0"
     assert model["profile"]["id"] == meta["selectedModelProfileId"]
     assert model["profile"]["id"] == server.profile
-    assert model["profile"]["tags"]["engine"] == ENGINE[server.profile]
+    assert model["profile"]["tags"]["engine"] in server.engines
     assert model["engine"]["version"]
+    # With several engines, each one with its profile, state and share of the requests.
+    engines = model.get("engines", [model["engine"]])
+    assert tuple(e["name"] for e in engines) == server.engines
+    assert all(e["version"] and e["state"] == "ready" for e in engines), engines
+    if len(server.engines) > 1:
+        assert all(e["profile"] and 0 <= e["share"] <= 1 for e in engines), engines
     assert meta["inferd_version"]
     lic = httpx.get(server.url + "/v1/license", timeout=30).json()["licenses"][0]
     assert "Apache License" in lic["content"]

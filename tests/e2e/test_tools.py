@@ -3,7 +3,8 @@
 Every `tool_choice` is either honoured or refused with a 400 naming the field; none is ignored.
 What each engine honours for a model is its catalog entry's `tools` (see
 inferd.catalog.schema.Tools): for the default model (SmolLM2-135M, not trained to call tools)
-"none" on both engines and "required" / a named function on vLLM (constrained decoding); for
+"none" on both engines and "required" / a named function on vLLM (constrained decoding); with
+both engines behind the model, what either honours (a request goes to one that does); for
 qwen2.5-coder-0.5b-instruct, which calls tools by itself, every choice on both, including a
 whole round trip with "auto" (call, tool answer, final reply).
 """
@@ -72,8 +73,12 @@ CHOICES: dict[str, ChatCompletionToolChoiceOptionParam | None] = {
 }
 
 
-def engine_of(server: Served) -> str:
-    return "vllm" if server.profile.startswith("vllm") else "llamacpp"
+def honoured(server: Served) -> set[str]:
+    """The choices (as CHOICES names them) the server honours for MODEL: its engine's, or with
+    several engines, what any of them honours; as the catalog says."""
+    union = set().union(*(HONOURED[engine] for engine in server.engines))
+    assert union == {"named" if c == "function" else c for c in server.tool_choices()}
+    return union
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +110,7 @@ def test_each_tool_choice_is_honoured_or_refused_by_name(
 ) -> None:
     choice = CHOICES[name]
     implied = "auto" if name == "absent" else name
-    if implied not in HONOURED[engine_of(server)]:
+    if implied not in honoured(server):
         with pytest.raises(openai.BadRequestError) as info:
             create(client, MODEL, choice)
         body = info.value.body
@@ -125,8 +130,8 @@ def test_each_tool_choice_is_honoured_or_refused_by_name(
 
 @pytest.mark.parametrize("name", ["required", "named"])
 def test_constrained_tool_calls_stream(client: openai.OpenAI, server: Served, name: str) -> None:
-    if name not in HONOURED[engine_of(server)]:
-        pytest.skip(f"{engine_of(server)} refuses tool_choice {name} for {MODEL}")
+    if name not in honoured(server):
+        pytest.skip(f"{server.profile} refuses tool_choice {name} for {MODEL}")
     stream = create(client, MODEL, CHOICES[name], stream=True)
     names, arguments = [], ""
     for chunk in stream:

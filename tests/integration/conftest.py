@@ -60,6 +60,7 @@ def served_model(tmp_path: Path, *extra: str, backoff: tuple[float, ...] = (0.2,
 
 def settings(tmp_path: Path, **values: Any) -> Settings:
     values.setdefault("api_keys_file", tmp_path / "no-keys.json")
+    values.setdefault("tune_in_background", False)  # no extra engines beside the tests'
     return load_settings(values, env={})
 
 
@@ -97,7 +98,7 @@ def start_front(
     guards: GuardrailsConfig | None = None,
     **client_options: Any,
 ) -> Front:
-    config = config or load_settings({}, env={})
+    config = config or load_settings({"tune_in_background": False}, env={})
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]

@@ -72,8 +72,14 @@ def test_what_cannot_apply_to_several_models_is_refused(
 def test_models_that_fit_alone_but_not_together_are_refused_with_the_estimate(
     tmp_path: Path,
 ) -> None:
+    # One engine per model (the default would run both of the chat model's CPU engines).
     settings = load_settings(
-        {"model": f"{CHAT.id},{EMBED.id}", "hardware": str(EPYC), "cache_path": str(tmp_path)},
+        {
+            "model": f"{CHAT.id},{EMBED.id}",
+            "hardware": str(EPYC),
+            "cache_path": str(tmp_path),
+            "optimize": "latency",
+        },
         env={},
     )
     plans = resolve_all(settings)  # 23.5 GiB: both fit
@@ -87,8 +93,8 @@ def test_models_that_fit_alone_but_not_together_are_refused_with_the_estimate(
     with pytest.raises(UsageError) as info:
         check_fit_together(small)
     message = info.value.message
-    assert "do not fit in host memory together: they need 5.1 GiB" in message
-    assert f"{CHAT.id} (llamacpp-cpu-q4_1)" in message and "5.0 GiB usable" in message
+    assert "do not fit in host memory together: they need 5.2 GiB" in message
+    assert f"{CHAT.id} (llamacpp-cpu-q8_0)" in message and "5.0 GiB usable" in message
 
 
 def test_gpu_engines_must_share_each_gpu(tmp_path: Path) -> None:

@@ -68,11 +68,11 @@ def _table(model: str, hw: hardware.Hardware) -> dict[str, str]:
             {"vllm-hopper-fp8-tp1": INCOMPATIBLE, "vllm-gpu-bf16-tp1": RUNNABLE},
         ),
         # The CPU machine: CPU profiles only; with no goal given, llama.cpp's (latency) wins,
-        # and of its two the measured priority picks the shipped Q4_1 file.
+        # and of its two, on this CPU without AMX, Q8_0 (`prefer_when_missing: [amx_tile]`).
         (
             "smollm2-135m-instruct",
             EPYC,
-            "llamacpp-cpu-q4_1",
+            "llamacpp-cpu-q8_0",
             {
                 "llamacpp-cpu-q8_0": RUNNABLE,
                 "llamacpp-cpu-q4_1": RUNNABLE,
@@ -106,7 +106,7 @@ def test_cpu_goal_picks_the_engine_and_explains_it() -> None:
     entry = CATALOG.get("smollm2-135m-instruct")
     found = profiles.candidates(entry, EPYC)
     assert profiles.best_by_goal(found) == {
-        "latency": "llamacpp-cpu-q4_1",
+        "latency": "llamacpp-cpu-q8_0",
         "throughput": "vllm-cpu-bf16",
     }
     default = profiles.select(entry, EPYC)
@@ -116,7 +116,7 @@ def test_cpu_goal_picks_the_engine_and_explains_it() -> None:
     assert chosen.profile.id == "vllm-cpu-bf16"
     why = profiles.explain(chosen, found, "throughput")
     assert why.startswith("--optimize throughput: vllm-cpu-bf16")
-    assert "--optimize latency picks llamacpp-cpu-q4_1" in why
+    assert "--optimize latency picks llamacpp-cpu-q8_0" in why
 
 
 def test_a_single_runnable_profile_is_explained_as_such() -> None:
@@ -252,9 +252,9 @@ def test_on_a_gpu_machine_the_gpu_profile_wins_every_goal() -> None:
     }
     why = profiles.explain(profiles.select(entry, H200, optimize="throughput"), found, "throughput")
     assert "GPU profiles come first" in why and "--profile vllm-cpu-bf16" in why
-    # Without a GPU nothing changes: the CPU goals pick as before.
+    # Without a GPU nothing changes: the CPU goals pick as before (Q8_0: no AMX there).
     assert profiles.best_by_goal(profiles.candidates(entry, EPYC)) == {
-        "latency": "llamacpp-cpu-q4_1",
+        "latency": "llamacpp-cpu-q8_0",
         "throughput": "vllm-cpu-bf16",
     }
 

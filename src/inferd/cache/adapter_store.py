@@ -12,8 +12,10 @@ whose files change is a new folder, and one that comes back unchanged is found a
 load the copy here, never the user's folder: what runs is what was hashed and checked, even if
 the user's files change under it. A folder is reused only if every file still has its recorded
 sha256 (`intact`); otherwise it is rebuilt from the source. `server.adapters` calls `keep` for
-each adapter that passed `cache.adapters.check`; `inferd cache verify` style checks call
-`verify`.
+each adapter that passed `cache.adapters.check` (with INFERD_REQUIRE_SIGNED, `keep` also checks
+the folder's signature, `<adapter>-<digest>.sig` beside it as `inferd cache sign` writes it);
+`inferd cache list|verify|sign|export` find folders with `cached` and `named`, and
+`cache.adapter_archive` carries one to another cache.
 """
 
 from __future__ import annotations
@@ -25,10 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from inferd.cache import lora_gguf
-from inferd.cache.adapters import FILES, AdapterSpec
+from inferd.cache import lora_gguf, signing
+from inferd.cache.adapters import FILES, NAME, AdapterSpec
 from inferd.cache.store import PROVENANCE, CachedModel, ModelStore, hash_tree, sha256_file
-from inferd.errors import AdapterError, CacheError, IntegrityError
+from inferd.errors import AdapterError, CacheError, IntegrityError, UsageError
 
 GGUF = "adapter.gguf"
 
@@ -71,6 +73,48 @@ def cached(store: ModelStore, base: str | None = None) -> list[CachedModel]:
             record = {}
         found.append(CachedModel(folder.parent.name, f"adapter:{folder.name}", folder, record))
     return found
+
+
+def adapter_name(found: CachedModel) -> str:
+    """The adapter's id: as its provenance records it, else its folder's name less the digest."""
+    name = found.provenance.get("adapter")
+    return name if isinstance(name, str) and name else found.path.name.rsplit("-", 1)[0]
+
+
+def named(store: ModelStore, ref: str) -> list[CachedModel]:
+    """The cached adapter folders `ref` names: `ID`, or `ID-DIGEST` (one folder), either of them
+    after `BASE/` (the base model's id)."""
+    base, _, name = ref.rpartition("/")
+    if base and not (NAME.match(base) and (store.root / "adapters" / base).is_dir()):
+        return []
+    return [a for a in cached(store, base or None) if name in (adapter_name(a), a.path.name)]
+
+
+def one(store: ModelStore, ref: str) -> CachedModel:
+    """The one cached adapter folder `ref` names; UsageError if none or several do."""
+    found = named(store, ref)
+    if not found:
+        raise UsageError(f"no adapter {ref!r} in the cache at {store.root}")
+    if len(found) > 1:
+        which = ", ".join(f"{a.model}/{a.path.name}" for a in found)
+        raise UsageError(f"{ref!r} names {len(found)} cached adapters ({which}); name one of them")
+    return found[0]
+
+
+def describe(found: CachedModel) -> dict[str, Any]:
+    """A cached adapter as `inferd cache list` shows it."""
+    record = found.provenance
+    return {
+        "adapter": adapter_name(found),
+        "base": found.model,
+        "digest": record.get("digest"),
+        "rank": record.get("rank"),
+        "gguf": GGUF in (record.get("outputs") or {}),
+        "signed": signing.signature_path(found.path).is_file(),
+        "path": str(found.path),
+        "size_bytes": found.size_bytes,
+        "source": (record.get("source") or {}).get("path"),
+    }
 
 
 def source_hashes(folder: Path) -> dict[str, str]:
@@ -118,9 +162,40 @@ def keep(
     *,
     gguf_base: Path | None = None,
     converter: Path | None = None,
+    public_key: Path | None = None,
 ) -> StoredAdapter:
     """The adapter's cached folder, made (copied, converted for llama.cpp when `gguf_base` is
-    given: the base model's folder, with `converter`, llama.cpp's script) or reused."""
+    given: the base model's folder, with `converter`, llama.cpp's script) or reused. With
+    `public_key` (INFERD_REQUIRE_SIGNED) it must carry a signature by that key, made after
+    it was kept (`inferd cache sign`): a folder made now has none, and is refused."""
+    stored = _kept(spec, base, store, gguf_base, converter)
+    if public_key is not None:
+        check_signed(stored, public_key)
+    return stored
+
+
+def check_signed(stored: StoredAdapter, public_key: Path) -> None:
+    """AdapterError saying why, unless the cached folder's signature verifies with the key."""
+    sig = signing.signature_path(stored.path)
+    if not sig.is_file():
+        raise AdapterError(
+            f"adapter {stored.name}: not signed (INFERD_REQUIRE_SIGNED is on): sign its cached "
+            f"copy with `inferd cache sign {stored.base}/{stored.path.name} --key KEY`, then "
+            "restart the service"
+        )
+    try:
+        signing.verify(stored.path, public_key, sig)
+    except IntegrityError as exc:
+        raise AdapterError(f"adapter {stored.name}: {exc.message}") from None
+
+
+def _kept(
+    spec: AdapterSpec,
+    base: str,
+    store: ModelStore,
+    gguf_base: Path | None,
+    converter: Path | None,
+) -> StoredAdapter:
     hashes = source_hashes(spec.folder)
     digest = digest_of(hashes)
     final = adapters_dir(store, base) / f"{spec.name}-{digest}"

@@ -128,6 +128,20 @@ def export(
         if signing.signature_path(f.path).is_file()
     ]
     members += [(store.blob(h), f"blobs/sha256/{h}") for h in blob_hashes]
+    write(target, manifest, members, store, reporter, f"export {model_id}")
+    return manifest
+
+
+def write(
+    target: Path,
+    manifest: dict[str, Any],
+    members: list[tuple[Path, str]],
+    store: ModelStore,
+    reporter: Reporter,
+    what: str,
+) -> None:
+    """An export file (models and adapters alike): `manifest.json` first, then each (file, its
+    name in the archive), written to `target` whole or not at all."""
     total = sum(p.stat().st_size for p, _ in members)
     partial = target.with_name(target.name + ".partial")
     data = json.dumps(manifest, indent=2).encode()
@@ -135,7 +149,7 @@ def export(
         with (
             disk_errors(store),
             tarfile.open(partial, "w", format=tarfile.PAX_FORMAT) as tar,
-            reporter.task(f"export {model_id} -> {target.name}", total) as advance,
+            reporter.task(f"{what} -> {target.name}", total) as advance,
         ):
             info = tarfile.TarInfo(MANIFEST)
             info.size, info.mtime = len(data), int(time.time())
@@ -153,7 +167,6 @@ def export(
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
-    return manifest
 
 
 class _BytesReader:
@@ -216,7 +229,8 @@ class _Plan:
     expanded: int = 0
 
 
-def _read_manifest(tar: tarfile.TarFile, catalog: Catalog) -> dict[str, Any]:
+def _read_manifest(tar: tarfile.TarFile) -> dict[str, Any]:
+    """The first member, a JSON object of bounded size (its format is the caller's to check)."""
     first = tar.next()
     if first is None or first.name != MANIFEST or not first.isfile():
         raise CacheError("not an inferd cache export: manifest.json must come first")
@@ -234,9 +248,6 @@ def _read_manifest(tar: tarfile.TarFile, catalog: Catalog) -> dict[str, Any]:
         raise CacheError(f"the archive's manifest is not valid JSON: {exc}") from None
     if not isinstance(manifest, dict):
         raise CacheError("the archive's manifest is not a JSON object")
-    if manifest.get("format") != FORMAT:
-        raise CacheError(f"unknown archive format {manifest.get('format')!r} (expected {FORMAT})")
-    catalog.get(str(manifest.get("model")))  # an unknown or malformed id stops here
     return manifest
 
 
@@ -413,6 +424,29 @@ def _reading(archive: Path) -> Iterator[None]:
         raise CacheError(f"cannot read {archive}: {exc}") from None  # gzip's or bz2's data
 
 
+@contextlib.contextmanager
+def opened(archive: Path) -> Iterator[tuple[tarfile.TarFile, _Counted, dict[str, Any]]]:
+    """The archive as a bounded tar stream, its manifest read: what importing a model (here)
+    or an adapter (`cache.adapter_archive`) starts from. The caller checks the manifest, then
+    raises the stream's `limit` to what that manifest may bring in; errors reading the
+    archive, inside the block too, become one CacheError naming it."""
+    try:
+        raw = archive.open("rb")
+    except OSError as exc:
+        raise CacheError(f"cannot read {archive}: {exc}") from None
+    with raw, _reading(archive):
+        # Until the manifest is read the bound is the manifest's own, plus its headers.
+        stream = _Counted(_decompressed(raw), MAX_MANIFEST_BYTES + MAX_HEADER_BYTES)
+        with tarfile.open(fileobj=stream, mode="r|", tarinfo=_BoundedInfo) as tar:  # type: ignore[call-overload]
+            yield tar, stream, _read_manifest(tar)
+
+
+def format_of(archive: Path) -> str:
+    """The format its manifest names (a model's export, or an adapter's)."""
+    with opened(archive) as (_, _, manifest):
+        return str(manifest.get("format"))
+
+
 def import_(
     archive: Path,
     store: ModelStore,
@@ -425,18 +459,15 @@ def import_(
 
     `public_key`: checks the signature a converted folder carries (`inferd cache sign`), which
     then stands in for re-deriving the folder here."""
-    try:
-        raw = archive.open("rb")
-    except OSError as exc:
-        raise CacheError(f"cannot read {archive}: {exc}") from None
-    with raw, _reading(archive):
-        # Until the manifest is read the bound is the manifest's own, plus its headers.
-        stream = _Counted(_decompressed(raw), MAX_MANIFEST_BYTES + MAX_HEADER_BYTES)
-        with tarfile.open(fileobj=stream, mode="r|", tarinfo=_BoundedInfo) as tar:  # type: ignore[call-overload]
-            manifest = _read_manifest(tar, catalog)
-            plan = _plan(manifest, catalog.get(manifest["model"]))
-            stream.limit = plan.bound + MAX_MEMBERS * _HEADER_BYTES + stream.count
-            _import_members(tar, plan, store, archive, public_key, reporter)
+    with opened(archive) as (tar, stream, manifest):
+        if manifest.get("format") != FORMAT:
+            raise CacheError(
+                f"unknown archive format {manifest.get('format')!r} (expected {FORMAT})"
+            )
+        entry = catalog.get(str(manifest.get("model")))  # an unknown or malformed id stops here
+        plan = _plan(manifest, entry)
+        stream.limit = plan.bound + MAX_MEMBERS * _HEADER_BYTES + stream.count
+        _import_members(tar, plan, store, archive, public_key, reporter)
     return manifest
 
 
@@ -461,7 +492,7 @@ def _import_members(
                 continue  # the manifest, read already (tarfile yields its first member again)
             name = _admit(member, plan)
             if name is not None:
-                _extract(tar, member, staging / name)
+                extract_member(tar, member, staging / name)
                 advance(member.size)
         blobs = _verified_blobs(staging, plan)
         folders = [
@@ -527,7 +558,8 @@ def _check_member_size(name: str, size: int, plan: _Plan) -> None:
             raise CacheError(f"archive member {name!r} is not a folder's provenance; refused")
 
 
-def _extract(tar: tarfile.TarFile, member: tarfile.TarInfo, dest: Path) -> None:
+def extract_member(tar: tarfile.TarFile, member: tarfile.TarInfo, dest: Path) -> None:
+    """The member's bytes into `dest`, never more than its header declares."""
     src = tar.extractfile(member)
     assert src is not None
     try:

@@ -12,19 +12,28 @@ The selection rules, in order (documented in docs/profiles.md and tested):
 2. prefer GPU profiles over CPU ones (a model with both, on a machine with a GPU);
 3. if the user asked to optimize for latency or throughput, prefer profiles made for that;
 4. prefer hardware-specific profiles (made for this GPU family or CPU feature) over generic ones;
-5. prefer the faster engine;
+5. prefer the faster engine; within one engine, a profile measured faster on CPUs without a
+   feature this CPU lacks too (`prefer_when_missing`), then the lower `priority`;
 6. prefer the lower precision that keeps quality (fp8 before bf16 before int8/int4);
 7. then fewer GPUs for throughput, more GPUs for latency.
+Measured here beats measured elsewhere: where `inferd tune` (or `serve`, in the background) has
+measured two or more runnable profiles of one device on this machine (`catalog.measured`), those
+take the places the rules gave them in the order their figures give: one user's end-to-end time
+for 128 in / 128 out (the default and `--optimize latency`), or the output rate at the
+profile's `max_running` (`--optimize throughput`). Profiles not measured keep their places, so
+an unmeasured vLLM profile still heads `--optimize throughput`. The caller reads the figures and
+passes them in (`measured=`): this module does no I/O.
 A profile named with `--profile` is honoured or refused with its reasons; `--force` runs it anyway.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from inferd.catalog.estimate import Estimate, estimate
 from inferd.catalog.hardware import Hardware
+from inferd.catalog.measured import TYPICAL_OUTPUT, TYPICAL_PROMPT, Measurement
 from inferd.catalog.schema import ModelEntry, Profile
 from inferd.errors import NoProfileError
 
@@ -55,6 +64,9 @@ class Candidate:
     status: str
     reasons: tuple[str, ...]  # why it cannot run here (incompatible) or what is short (smaller)
     estimate: Estimate | None
+    # This CPU lacks a feature the profile's `prefer_when_missing` names: it ranks before the
+    # other profiles of its engine (rule 5).
+    preferred: bool = False
 
     @property
     def runnable(self) -> bool:
@@ -101,6 +113,18 @@ def check(
 ) -> Candidate:
     """`unavailable`: engines that cannot be started here, with why (e.g. not installed), by
     engine name or by `engine:device` (e.g. `llamacpp:gpu`: a llama-server without CUDA)."""
+    found = _check(model, profile, hw, context, unavailable)
+    missing = [f for f in profile.prefer_when_missing if f not in hw.cpu.features]
+    return replace(found, preferred=True) if missing else found
+
+
+def _check(
+    model: ModelEntry,
+    profile: Profile,
+    hw: Hardware,
+    context: int | None,
+    unavailable: Mapping[str, str] | None,
+) -> Candidate:
     unavailable = unavailable or {}
     gaps = _requirement_gaps(profile, hw)
     if gaps:
@@ -157,10 +181,65 @@ def rank_key(c: Candidate, optimize: str | None) -> tuple[int, ...]:
         int(optimize is not None and p.optimize != optimize),
         int(not (p.requires.gpu_families or p.requires.cpu_features)),
         ENGINE_RANK[device].get(p.engine, 9),
+        int(not c.preferred),
         p.priority,
         PRECISION_RANK.get(p.precision, 9),
         p.gpus if goal == "throughput" else -p.gpus,
     )
+
+
+def _score(m: Measurement, profile: Profile, optimize: str | None) -> float:
+    """Lower is better: one user's 128 in / 128 out time, or minus the rate at the profile's
+    own concurrency limit for throughput."""
+    if optimize == "throughput":
+        return -m.rate(profile.max_running)
+    return m.single_user_ms()
+
+
+def usable(
+    found: list[Candidate], measured: Mapping[str, Measurement] | None
+) -> dict[str, Measurement]:
+    """The measurements of runnable candidates (of the same engine: a catalog that changed a
+    profile's engine makes its old figures meaningless)."""
+    engines = {c.profile.id: c.profile.engine for c in found if c.runnable}
+    return {pid: m for pid, m in (measured or {}).items() if engines.get(pid) == m.engine}
+
+
+def ranked(
+    found: list[Candidate],
+    optimize: str | None,
+    measured: Mapping[str, Measurement] | None = None,
+) -> list[Candidate]:
+    """The runnable candidates, best first: by the rules (`rank_key`), then, on each device
+    where two or more were measured here, those reordered among their own places by figures."""
+    order = sorted((c for c in found if c.runnable), key=lambda c: rank_key(c, optimize))
+    figures = usable(found, measured)
+    for device in ("gpu", "cpu"):
+        places = [
+            i
+            for i, c in enumerate(order)
+            if c.profile.requires.device == device and c.profile.id in figures
+        ]
+        if len(places) < 2:
+            continue
+        by_figure = sorted(
+            (order[i] for i in places),
+            key=lambda c: _score(figures[c.profile.id], c.profile, optimize),
+        )
+        for i, c in zip(places, by_figure, strict=True):
+            order[i] = c
+    return order
+
+
+def by_measurement(
+    chosen: Candidate, found: list[Candidate], measured: Mapping[str, Measurement] | None
+) -> bool:
+    """Whether figures measured here put `chosen` where it is (it and another runnable profile
+    of its device were measured)."""
+    figures = usable(found, measured)
+    device = chosen.profile.requires.device
+    peers = [c for c in found if c.runnable and c.profile.requires.device == device]
+    return chosen.profile.id in figures and sum(c.profile.id in figures for c in peers) >= 2
 
 
 def select(
@@ -173,9 +252,11 @@ def select(
     force: bool = False,
     unavailable: Mapping[str, str] | None = None,
     found: list[Candidate] | None = None,
+    measured: Mapping[str, Measurement] | None = None,
 ) -> Candidate:
     """The profile to run: `wanted` by id, or the best runnable one for `default`.
-    `found`: this model's `candidates` on `hw`, when the caller has them already."""
+    `found`: this model's `candidates` on `hw`, when the caller has them already;
+    `measured`: this machine's figures for the model, by profile id (`measured.load`)."""
     if found is None:
         found = candidates(model, hw, context, unavailable)
     if wanted != "default":
@@ -188,16 +269,18 @@ def select(
                 f"profile {wanted} cannot run here: {match.reason} (--force runs it anyway)"
             )
         return match
-    runnable = [c for c in found if c.runnable]
+    runnable = ranked(found, optimize, measured)
     if runnable:
-        return min(runnable, key=lambda c: rank_key(c, optimize))
+        return runnable[0]
     detail = "; ".join(f"{c.profile.id}: {c.reason}" for c in found)
     raise NoProfileError(
         f"no profile of {model.id} runs on this machine ({hw.summary()}): {detail}"
     )
 
 
-def best_by_goal(found: list[Candidate]) -> dict[str, str]:
+def best_by_goal(
+    found: list[Candidate], measured: Mapping[str, Measurement] | None = None
+) -> dict[str, str]:
     """The profile each `--optimize` goal would pick among the runnable ones."""
     runnable = [c for c in found if c.runnable]
     picks: dict[str, str] = {}
@@ -205,16 +288,72 @@ def best_by_goal(found: list[Candidate]) -> dict[str, str]:
         # What `select` would do with the goal (a GPU profile still comes first), as long as
         # some runnable profile is made for the goal at all.
         if any(c.profile.optimize == goal for c in runnable):
-            picks[goal] = min(runnable, key=lambda c: rank_key(c, goal)).profile.id
+            picks[goal] = ranked(found, goal, measured)[0].profile.id
     return picks
 
 
-def explain(chosen: Candidate, found: list[Candidate], optimize: str | None) -> str:
-    """Why `select` picked `chosen`, in one sentence a user can act on."""
+def figures(m: Measurement, profile: Profile, optimize: str | None) -> str:
+    """A measurement in the terms of a goal, for a sentence."""
+    if optimize == "throughput":
+        return f"{m.rate(profile.max_running):.0f} tok/s at {profile.max_running} running"
+    return (
+        f"{TYPICAL_PROMPT} in / {TYPICAL_OUTPUT} out in {m.single_user_ms() / 1000:.2f} s "
+        f"(first token {m.prompt_time(TYPICAL_PROMPT):.0f} ms, {m.rate(1):.0f} tok/s)"
+    )
+
+
+def _measured_why(
+    chosen: Candidate,
+    found: list[Candidate],
+    optimize: str | None,
+    measured: Mapping[str, Measurement],
+) -> str:
+    figures_here = usable(found, measured)
+    device = chosen.profile.requires.device
+    order = [c for c in ranked(found, optimize, measured) if c.profile.requires.device == device]
+    compared = [c for c in order if c.profile.id in figures_here]
+    goal = f"--optimize {optimize}" if optimize else "no --optimize given"
+    what = "fastest for one user" if optimize != "throughput" else "highest output rate"
+    parts = [
+        f"{c.profile.id} {figures(figures_here[c.profile.id], c.profile, optimize)}"
+        for c in compared
+    ]
+    text = (
+        f"{goal}: measured on this machine ({figures_here[chosen.profile.id].date}): "
+        f"{chosen.profile.id} is the {what}: {'; '.join(parts)}"
+    )
+    unmeasured = [c.profile.id for c in order if c.profile.id not in figures_here]
+    if unmeasured:
+        text += f" (not measured: {', '.join(unmeasured)})"
+    return text
+
+
+def explain(
+    chosen: Candidate,
+    found: list[Candidate],
+    optimize: str | None,
+    measured: Mapping[str, Measurement] | None = None,
+    *,
+    model: str = "MODEL",
+) -> str:
+    """Why `select` picked `chosen`, in one sentence a user can act on; it says whether
+    figures measured here decided, or the catalog's rules (and how to measure: `inferd tune`)."""
     p = chosen.profile
-    picks = best_by_goal(found)
+    picks = best_by_goal(found, measured)
     others = [f"--optimize {goal} picks {pid}" for goal, pid in picks.items() if pid != p.id]
     tail = f"; {', '.join(others)}" if others else ""
+    if sum(c.runnable for c in found) <= 1:
+        return _by_rules(chosen, found, optimize, tail)
+    if measured and by_measurement(chosen, found, measured):
+        return _measured_why(chosen, found, optimize, measured) + tail
+    return (
+        f"{_by_rules(chosen, found, optimize, tail)}; by the catalog's rules (not measured "
+        f"here: `inferd tune {model}`)"
+    )
+
+
+def _by_rules(chosen: Candidate, found: list[Candidate], optimize: str | None, tail: str) -> str:
+    p = chosen.profile
     what = f"{p.engine}, {p.precision}, made for {p.optimize}"
     if optimize is not None:
         if p.optimize != optimize:
@@ -239,6 +378,13 @@ def explain(chosen: Candidate, found: list[Candidate], optimize: str | None) -> 
     on_gpu = [c for c in found if c.runnable and c.profile.requires.device == "gpu"]
     if device == "gpu" and len(on_gpu) == 1:
         return f"no --optimize given: GPU profiles come first, and {p.id} ({what}) is the one{tail}"
+    if chosen.preferred:
+        return (
+            f"no --optimize given: {p.id} ({what}) runs the engine measured fastest for a single "
+            f"user on this {device} (ranks: {', '.join(ENGINE_RANK[device])}), and of its "
+            f"profiles the one measured faster on CPUs without "
+            f"{'/'.join(p.prefer_when_missing)}{tail}"
+        )
     return (
         f"no --optimize given: {p.id} ({what}) runs the engine measured fastest for a single "
         f"user on this {device} (ranks: {', '.join(ENGINE_RANK[device])}){tail}"

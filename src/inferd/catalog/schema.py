@@ -22,6 +22,8 @@ from pydantic import (
     model_validator,
 )
 
+from inferd.catalog.hardware import CPU_FEATURES
+
 Task = Literal["chat", "completion", "embedding", "rerank", "guard"]
 Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 Precision = Literal["fp32", "bf16", "fp16", "fp8", "int8", "int4", "awq", "q4_1", "q4_k_m", "q8_0"]
@@ -265,6 +267,16 @@ def tool_refusal(model: str, profile: Profile, payload: dict[str, Any]) -> tuple
     )
 
 
+class Reference(_Strict):
+    """A profile's speed measured on a named machine (as `inferd tune` measures it): what the
+    choice between a combined profile's engines uses where nothing was measured on the machine
+    itself. Prompt tokens -> ms to the first token alone; requests running -> ms per step."""
+
+    machine: str
+    prompt_ms: dict[int, float] = Field(min_length=1)
+    step_ms: dict[int, float] = Field(min_length=1)
+
+
 class Profile(_Strict):
     id: str
     description: str
@@ -274,6 +286,12 @@ class Profile(_Strict):
     # Order among profiles of one model with the same goal and engine, lower first, when a
     # measurement (in the notes) rather than the general rules decides between them.
     priority: int = Field(default=0, ge=0)
+    # CPU features (of `hardware.CPU_FEATURES`) whose absence makes this profile rank before the
+    # other profiles of its engine, whatever their `priority`: for a measurement that found it
+    # faster on CPUs without them (e.g. `[amx_tile]`: a Q8_0 GGUF prompts twice as fast as Q4_1
+    # without AMX). Said in the notes with the figures; figures measured on the machine itself
+    # (`inferd tune`) still come first.
+    prefer_when_missing: tuple[str, ...] = ()
     source: str
     # What the engine loads: files as the source ships them, or converted first.
     format: Literal["gguf", "safetensors"]
@@ -295,9 +313,20 @@ class Profile(_Strict):
     engine_env: dict[str, str] = {}
     # Why each setting is what it is: shown by `inferd profiles` and in the docs.
     notes: str = ""
+    # Speed figures from a named machine, for routing between engines (`Reference`).
+    reference: Reference | None = None
     # Tool calling: the model's `tools` (ModelEntry.tools), copied here when the entry is
     # loaded so the engine and the front see them with the profile; a profile may state its own.
     tools: Tools | None = None
+
+    @field_validator("prefer_when_missing")
+    @classmethod
+    def _known_features(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        # A misspelt feature would be missing everywhere and so prefer the profile everywhere.
+        unknown = [f for f in value if f not in CPU_FEATURES]
+        if unknown:
+            raise ValueError(f"unknown CPU features {unknown}; known: {', '.join(CPU_FEATURES)}")
+        return value
 
     @property
     def gpus(self) -> int:
@@ -314,6 +343,27 @@ class Profile(_Strict):
             "tp": str(self.tp),
             "pp": str(self.pp),
         }
+
+
+class Combined(_Strict):
+    """Several engines behind one model id: each request goes to the engine that will finish it
+    soonest (`server.routing`). `engines` in start order: the first answers while the others
+    start (at a lower CPU priority) and join when ready. Each engine runs this model's best
+    runnable profile for it on the machine (the first by the latency rules, the others by the
+    throughput rules: `catalog.combined`)."""
+
+    id: str
+    description: str
+    engines: tuple[Literal["vllm", "llamacpp"], ...] = Field(min_length=2)
+    device: Literal["cpu", "gpu"] = "cpu"
+    notes: str = ""
+
+    @field_validator("engines")
+    @classmethod
+    def _distinct(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(value)) != len(value):
+            raise ValueError("each engine is named once")
+        return value
 
 
 class Embedding(_Strict):
@@ -343,6 +393,8 @@ class ModelEntry(_Strict):
     embedding: Embedding | None = None
     # Chat models: what `tools`/`tool_choice` each engine honours (absent: only "none").
     tools: Tools | None = None
+    # Profiles that run several engines behind the model (`Combined`).
+    combined: tuple[Combined, ...] = ()
 
     @model_validator(mode="after")
     def _profiles_name_known_sources(self) -> ModelEntry:
@@ -357,6 +409,14 @@ class ModelEntry(_Strict):
                 )
         if len({p.id for p in self.profiles}) != len(self.profiles):
             raise ValueError("profile ids must be unique within a model")
+        for c in self.combined:
+            if self.profile(c.id) is not None:
+                raise ValueError(f"combined profile {c.id} has the id of a profile")
+            for engine in c.engines:
+                if not any(
+                    p.engine == engine and p.requires.device == c.device for p in self.profiles
+                ):
+                    raise ValueError(f"combined profile {c.id}: no {c.device} {engine} profile")
         if self.tools is not None and self.task != "chat":
             raise ValueError("only chat models describe `tools`")
         if self.tools is not None:
@@ -378,3 +438,6 @@ class ModelEntry(_Strict):
 
     def profile(self, profile_id: str) -> Profile | None:
         return next((p for p in self.profiles if p.id == profile_id), None)
+
+    def combination(self, profile_id: str) -> Combined | None:
+        return next((c for c in self.combined if c.id == profile_id), None)

@@ -9,19 +9,12 @@ import time
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    SpinnerColumn,
-    TextColumn,
-    TimeElapsedColumn,
-)
 from rich.table import Table
 
 from inferd.bench import report
 from inferd.bench.runner import BenchRun, BenchSpec, environment, run_level
 from inferd.cache import ModelStore
+from inferd.cli import progress as progress_bars
 from inferd.config import Settings
 from inferd.errors import UsageError
 
@@ -64,14 +57,7 @@ def run(spec: BenchSpec, out: Path, *, as_json: bool) -> int:
     levels = spec.levels()
     results = []
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    columns = [
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-    ]
-    with Progress(*columns, console=console) as progress:
+    with progress_bars.steps(console) as progress:
         task = progress.add_task(f"bench {spec.url} ({spec.model})", total=len(levels))
         for level in levels:
             progress.update(task, description=f"bench {report.level_name(level)}")

@@ -1,4 +1,9 @@
-"""`inferd cache ...`: pull, list, verify, rm, export, import. Tables for people, `--json`."""
+"""`inferd cache ...`: pull, list, verify, sign, rm, export, import. Tables for people, `--json`.
+
+Models and the LoRA adapters kept for them (`cache.adapter_store`) alike: where a command takes
+a MODEL, a cached adapter's id (or `BASE/ID`, `ID-DIGEST`) names that adapter instead, unless a
+catalog model has that id.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +14,14 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from inferd.cache import ModelStore, adapter_store, prepare, signing
-from inferd.cache.archive import export, import_
-from inferd.cache.store import hash_tree
+from inferd.cache import ModelStore, adapter_archive, adapter_store, prepare, signing
+from inferd.cache.adapters import FILES
+from inferd.cache.archive import export, format_of, import_
+from inferd.cache.store import CachedModel, hash_tree
 from inferd.cli.plan import catalog, resolve
 from inferd.cli.progress import RichReporter
 from inferd.config import Settings
-from inferd.errors import IntegrityError, UsageError
+from inferd.errors import IntegrityError, UnknownModelError, UsageError
 
 
 def _console() -> Console:
@@ -66,8 +72,10 @@ def list_cached(settings: Settings, *, as_json: bool) -> int:
         }
         for m in store.cached()
     ]
+    adapters = [adapter_store.describe(a) for a in adapter_store.cached(store)]
     if as_json:
-        print(json.dumps({"root": str(store.root), "models": rows}, indent=2))
+        out = {"root": str(store.root), "models": rows, "adapters": adapters}
+        print(json.dumps(out, indent=2))
         return 0
     table = Table(
         "model",
@@ -86,13 +94,56 @@ def list_cached(settings: Settings, *, as_json: bool) -> int:
             r["created"] or "?",
             r["source"] or "?",
         )
-    Console().print(table if rows else f"the cache at {store.root} holds no model")
+    console = Console()
+    console.print(table if rows else f"the cache at {store.root} holds no model")
+    if adapters:
+        console.print(_adapter_table(adapters))
     return 0
 
 
+def _adapter_table(adapters: list[dict[str, Any]]) -> Table:
+    table = Table("adapter", "base model", "digest", "rank", "size", "forms", "signed")
+    table.title, table.title_justify = "LoRA adapters", "left"
+    for a in adapters:
+        table.add_row(
+            a["adapter"],
+            a["base"],
+            a["digest"] or "?",
+            str(a["rank"] or "?"),
+            f"{a['size_bytes'] / 2**20:,.1f} MiB",
+            "PEFT + GGUF" if a["gguf"] else "PEFT",
+            "yes" if a["signed"] else "no",
+        )
+    return table
+
+
+def _adapter(settings: Settings, ref: str | None) -> CachedModel | None:
+    """The cached adapter `ref` names, if it names one and no catalog model has that id."""
+    if not ref or ref in {e.id for e in catalog(settings)}:
+        return None
+    store = ModelStore(settings.cache_path)
+    return adapter_store.one(store, ref) if adapter_store.named(store, ref) else None
+
+
+def _neither(exc: UnknownModelError) -> UnknownModelError:
+    return UnknownModelError(
+        f"{exc.message}; nor is it a LoRA adapter in the cache (`inferd cache list`)"
+    )
+
+
 def sign(settings: Settings, model_id: str, key: Path, signature: Path | None) -> int:
-    """Sign the folder the model's selected profile uses (it must be in the cache)."""
-    plan = resolve(settings, model_id)
+    """Sign the folder the model's selected profile uses (it must be in the cache), or a
+    cached adapter's folder."""
+    adapter = _adapter(settings, model_id)
+    if adapter is not None:
+        written = signing.sign(adapter.path, key, signature)
+        name = adapter_store.adapter_name(adapter)
+        print(f"signed adapter {name} ({adapter.model}/{adapter.path.name}): {written}")
+        return 0
+    try:
+        plan = resolve(settings, model_id)
+    except UnknownModelError as exc:
+        raise _neither(exc) from None
     folder = plan.model_dir
     if not folder.is_dir():
         raise UsageError(f"{model_id} ({folder.name}) is not in the cache; `inferd cache pull` it")
@@ -106,7 +157,8 @@ def _verify_signature(settings: Settings, model_id: str | None, signature: Path 
         raise UsageError("--signature needs a MODEL")
     if settings.signing_public_key is None:
         raise UsageError("--signature needs --signing-public-key (INFERD_SIGNING_PUBLIC_KEY)")
-    folder = resolve(settings, model_id).model_dir
+    adapter = _adapter(settings, model_id)
+    folder = adapter.path if adapter is not None else resolve(settings, model_id).model_dir
     return signing.verify(folder, settings.signing_public_key, signature)
 
 
@@ -126,12 +178,20 @@ def verify(
         if not as_json:
             print(f"{model_id}: signature {checked} verified")
     store = ModelStore(settings.cache_path)
-    if model_id:
-        catalog(settings).get(model_id)  # an unknown id is a usage error, not "nothing cached"
+    adapter = _adapter(settings, model_id)
+    if adapter is not None:
+        folders = [adapter]
+    else:
+        if model_id:
+            try:  # an unknown id is a usage error, not "nothing cached"
+                catalog(settings).get(model_id)
+            except UnknownModelError as exc:
+                raise _neither(exc) from None
+        # Models, then LoRA adapters kept for them (cache.adapter_store).
+        folders = [*store.cached(model_id), *adapter_store.cached(store, model_id)]
     results: list[dict[str, Any]] = []
     reporter = RichReporter(_console())
-    # Models, then LoRA adapters kept for them (cache.adapter_store).
-    for m in [*store.cached(model_id), *adapter_store.cached(store, model_id)]:
+    for m in folders:
         expected: dict[str, str] = m.provenance.get("outputs", {})
         actual = hash_tree(m.path, reporter)
         bad = sorted(k for k in expected.keys() | actual.keys() if expected.get(k) != actual.get(k))
@@ -176,7 +236,21 @@ def remove(settings: Settings, model_id: str) -> int:
 
 def export_cmd(settings: Settings, model_id: str, target: Path) -> int:
     store = ModelStore(settings.cache_path)
-    manifest = export(model_id, target, store, catalog(settings), RichReporter(_console()))
+    reporter = RichReporter(_console())
+    adapter = _adapter(settings, model_id)
+    if adapter is not None:
+        manifest = adapter_archive.export(adapter, target, store, reporter)
+        forms = "PEFT + GGUF" if adapter_store.GGUF in manifest["provenance"]["outputs"] else "PEFT"
+        signed = "signed" if manifest["signed"] else "unsigned"
+        print(
+            f"exported adapter {manifest['adapter']} for {adapter.model} ({forms}, {signed}) "
+            f"to {target}"
+        )
+        return 0
+    try:
+        manifest = export(model_id, target, store, catalog(settings), reporter)
+    except UnknownModelError as exc:
+        raise _neither(exc) from None
     print(
         f"exported {model_id} ({', '.join(f['variant'] for f in manifest['folders'])}) to {target}"
     )
@@ -184,15 +258,44 @@ def export_cmd(settings: Settings, model_id: str, target: Path) -> int:
 
 
 def import_cmd(settings: Settings, archive: Path) -> int:
+    reporter = RichReporter(_console())
+    if format_of(archive) == adapter_archive.FORMAT:
+        return _import_adapter(settings, archive, reporter)
     manifest = import_(
         archive,
         _store(settings),
         catalog(settings),
-        RichReporter(_console()),
+        reporter,
         public_key=settings.signing_public_key,
     )
     print(
         f"imported {manifest['model']} "
         f"({', '.join(f['variant'] for f in manifest['folders'])}) into {settings.cache_path}"
     )
+    return 0
+
+
+def _import_adapter(settings: Settings, archive: Path, reporter: RichReporter) -> int:
+    done = adapter_archive.import_(
+        archive,
+        _store(settings),
+        reporter,
+        public_key=settings.signing_public_key,
+        lora_path=settings.lora_path,
+    )
+    forms = "PEFT + GGUF" if done.gguf else "PEFT"
+    signature = {
+        "verified": f"signature verified with {settings.signing_public_key}",
+        "not checked": "signed (not checked here: no --signing-public-key)",
+        "none": "unsigned",
+    }[done.signature]
+    print(f"imported adapter {done.name} for {done.base} ({forms}, {signature}) into {done.path}")
+    if done.placed is not None:
+        lora = done.placed.parent
+        print(f"placed at {done.placed}: `inferd serve --lora-path {lora}` serves it")
+    else:
+        print(
+            "to serve it, import with --lora-path DIR (INFERD_LORA_PATH), or copy its "
+            f"{' and '.join(FILES)} into DIR/{done.name}/"
+        )
     return 0

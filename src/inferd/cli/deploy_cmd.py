@@ -36,8 +36,8 @@ def spec_from(settings: Settings, args: Any) -> DeploySpec:
     catalog = Catalog.load(extra=settings.catalog_path)
     entry = catalog.get(args.model)  # UnknownModelError names the known ones
     profile = args.profile or "default"
-    if profile != "default" and entry.profile(profile) is None:
-        known = ", ".join(p.id for p in entry.profiles)
+    if profile != "default" and entry.profile(profile) is None and not entry.combination(profile):
+        known = ", ".join([*(p.id for p in entry.profiles), *(c.id for c in entry.combined)])
         raise UsageError(f"--profile {profile}: {entry.id} has no such profile (it has: {known})")
     gpus = args.gpus
     if gpus is None:

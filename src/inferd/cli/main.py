@@ -3,6 +3,7 @@
     inferd serve [MODEL] [--dry-run [--json]]      run the service (or show what would run)
     inferd models [--json]                         the catalog
     inferd profiles [MODEL] [--hardware PATH]      each profile: runnable, smaller context, why not
+    inferd tune MODEL [--profile ID ...]           measure its profiles here; selection uses them
     inferd cache pull|list|verify|sign|rm|export|import the model cache
     inferd keys create|list|revoke                 API keys
     inferd bench --url URL ... / bench report RUN.json ... --plot FILE.png
@@ -107,6 +108,19 @@ def build_parser() -> argparse.ArgumentParser:
     # A model given by path: its generated entry is kept in the cache.
     _add_settings(prof, SELECTION - {"profile", "force"} | {"cache_path", "served_model_name"})
 
+    tune = sub.add_parser("tune", help="measure a model's profiles on this machine")
+    tune.add_argument("model", help="catalog id or path")
+    tune.add_argument(
+        "--profile",
+        dest="tune_profiles",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="measure this profile (repeatable; default: every profile runnable here)",
+    )
+    _json_flag(tune)
+    _add_settings(tune, CACHE | {"engine_ready_timeout_s", "served_model_name"})
+
     cache = sub.add_parser("cache", help="manage the model cache").add_subparsers(
         dest="cache_command", required=True, parser_class=_Parser
     )
@@ -114,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("model", help="catalog id or path")
     _json_flag(pull)
     _add_settings(pull, CACHE | SELECTION | {"log_level", "served_model_name"})
-    listing = cache.add_parser("list", help="the models in the cache")
+    listing = cache.add_parser("list", help="the models and LoRA adapters in the cache")
     _json_flag(listing)
     _add_settings(listing, {"cache_path"})
     verify = cache.add_parser("verify", help="re-hash cached files; exit 1 naming any that differ")
@@ -129,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _json_flag(verify)
     _add_settings(verify, CACHE | SELECTION | {"signing_public_key"})
-    sign = cache.add_parser("sign", help="sign a cached model (OpenSSF model signing, EC key)")
+    sign = cache.add_parser("sign", help="sign a cached model or adapter (OpenSSF signing, EC key)")
     sign.add_argument("model")
     sign.add_argument("--key", type=Path, required=True, help="private key (PEM)")
     sign.add_argument("--signature", type=Path, default=None, help="where (default: beside it)")
@@ -137,13 +151,14 @@ def build_parser() -> argparse.ArgumentParser:
     rm = cache.add_parser("rm", help="remove a model (and source files nothing else uses)")
     rm.add_argument("model")
     _add_settings(rm, {"cache_path", "catalog_path"})
-    exp = cache.add_parser("export", help="write a model and its manifest into one file")
+    exp = cache.add_parser("export", help="write a model or adapter and its manifest into one file")
     exp.add_argument("model")
     exp.add_argument("file", type=Path)
     _add_settings(exp, {"cache_path", "catalog_path"})
-    imp = cache.add_parser("import", help="bring a model exported elsewhere into this cache")
+    imp = cache.add_parser("import", help="bring an exported model or adapter into this cache")
     imp.add_argument("file", type=Path)
-    _add_settings(imp, {"cache_path", "catalog_path", "signing_public_key"})
+    # An adapter's export is also placed in the adapter folder, when one is given.
+    _add_settings(imp, {"cache_path", "catalog_path", "signing_public_key", "lora_path"})
 
     keys = sub.add_parser("keys", help="manage API keys").add_subparsers(
         dest="keys_command", required=True, parser_class=_Parser
@@ -414,6 +429,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from inferd.cli.deploy_cmd import deploy
 
         return deploy(settings, args)
+    if args.command == "tune":
+        from inferd.cli import tune_cmd
+
+        return tune_cmd.run(settings, args.model, args.tune_profiles, as_json=args.json)
     if args.command == "profiles":
         from inferd.cli.listing import list_profiles
 

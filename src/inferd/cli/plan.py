@@ -11,7 +11,7 @@ then its entry is generated from the files (`catalog.local_model`) and kept in t
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,16 +21,16 @@ from inferd import engines
 from inferd.cache import ModelStore
 from inferd.cache.local import entry_for, fetch_hub
 from inferd.cache.prepare import variant
-from inferd.catalog import Catalog, hardware, profiles
+from inferd.catalog import Catalog, combined, hardware, measured, profiles
 from inferd.catalog.estimate import Estimate, GiB
 from inferd.catalog.hardware import Hardware
 from inferd.catalog.local_model import model_id_for
 from inferd.catalog.profiles import Candidate
-from inferd.catalog.schema import ModelEntry
+from inferd.catalog.schema import Combined, ModelEntry, Profile
 from inferd.cli.progress import RichReporter
 from inferd.config import Settings
 from inferd.engines import Engine, engine_for
-from inferd.errors import UnknownModelError, UsageError
+from inferd.errors import NoProfileError, UnknownModelError, UsageError
 
 HUB = "hf://"
 MODEL_ID = re.compile(r"^[a-z0-9][a-z0-9.\-]*$")
@@ -45,24 +45,42 @@ class Plan:
     why: str  # why this profile, in a sentence (shown by serve and --dry-run)
     # For a model given by path whose files are a catalog model's: which (the better path).
     note: str = ""
+    # A combined profile (several engines behind the model): it, and each engine's profile in
+    # start order (`chosen` is the first).
+    combined: Combined | None = None
+    parts: tuple[Candidate, ...] = ()
 
     @property
     def context(self) -> int:
         return self.chosen.estimate.context if self.chosen.estimate else self.chosen.profile.context
 
     @property
+    def profile_id(self) -> str:
+        return self.combined.id if self.combined else self.chosen.profile.id
+
+    @property
+    def engines_run(self) -> tuple[Candidate, ...]:
+        """Every profile this plan runs an engine for, the first engine first."""
+        return self.parts or (self.chosen,)
+
+    @property
     def model_dir(self) -> Path:
         return self.store.model_dir(self.entry.id, variant(self.chosen.profile))
 
-    def engine(self, settings: Settings, model_dir: Path | None = None) -> Engine:
-        profile = self.chosen.profile
+    def engine(
+        self, settings: Settings, model_dir: Path | None = None, profile: Profile | None = None
+    ) -> Engine:
+        """The engine for `profile` (default: the chosen one), its model in `model_dir`."""
+        profile = profile or self.chosen.profile
+        if model_dir is None:
+            model_dir = self.store.model_dir(self.entry.id, variant(profile))
         if settings.max_running is not None:
             # Engines with a fixed number of sequence slots (llama-server) get one per request
             # admission control lets through: no slot idles, no admitted request waits inside.
             profile = profile.model_copy(update={"max_running": settings.max_running})
         return engine_for(profile)(
             self.entry.id,
-            model_dir or self.model_dir,
+            model_dir,
             profile,
             settings.engine_argv(),
             self.store.engine_dir(profile.engine),
@@ -168,14 +186,87 @@ def resolve(
     found = profiles.candidates(
         entry, hw, settings.max_model_len, unavailable_engines(settings, hw)
     )
+    store, note = ModelStore(settings.cache_path), catalog_match(entry, cat)
+    figures = measured.load(store, measured.fingerprint(hw), entry.id)
+    pick = _pick(entry, hw, figures)
+    combo = entry.combination(wanted)
+    if combo is not None:
+        parts = _combined_parts(settings, entry, combo, found, pick)
+        why = f"--profile {wanted} asked for it: {combined.describe(combo, parts)}"
+        return Plan(entry, hw, parts[0], store, why, note, combo, tuple(parts))
     chosen = profiles.select(
-        entry, hw, wanted, optimize=optimize, force=settings.force, found=found
+        entry, hw, wanted, optimize=optimize, force=settings.force, found=found, measured=figures
     )
     if wanted != "default":
         why = f"--profile {wanted} asked for it"
     else:
-        why = profiles.explain(chosen, found, optimize)
-    return Plan(entry, hw, chosen, ModelStore(settings.cache_path), why, catalog_match(entry, cat))
+        why = profiles.explain(chosen, found, optimize, figures, model=entry.id)
+        default = _default_combination(settings, entry, chosen, found, optimize, pick)
+        if default is not None:
+            combo, parts = default
+            why = (
+                f"no --optimize given: {combined.describe(combo, parts)}, both engines behind "
+                f"one model (a single user on {parts[0].profile.engine}, a crowd spills over "
+                f"to {parts[-1].profile.engine}); --optimize latency or throughput pins one "
+                f"engine. Each engine's profile: {why}"
+            )
+            return Plan(entry, hw, parts[0], store, why, note, combo, tuple(parts))
+    return Plan(entry, hw, chosen, store, why, note)
+
+
+def _pick(
+    entry: ModelEntry, hw: Hardware, figures: Mapping[str, measured.Measurement]
+) -> combined.Pick:
+    """Each engine's profile for a combination: as `select` ranks them (measured here first)."""
+
+    def pick(found: list[Candidate], goal: str) -> Candidate:
+        return profiles.select(entry, hw, optimize=goal, found=found, measured=figures)
+
+    return pick
+
+
+def _combined_parts(
+    settings: Settings,
+    entry: ModelEntry,
+    combo: Combined,
+    found: list[Candidate],
+    pick: combined.Pick,
+) -> list[Candidate]:
+    """The profiles of a combined profile asked for by name; refused where it cannot run."""
+    if settings.on_demand or settings.lora_path is not None:
+        what = "models on demand" if settings.on_demand else "LoRA adapters (--lora-path)"
+        raise UsageError(
+            f"profile {combo.id} runs several engines behind one model and does not serve "
+            f"{what} yet; name a single-engine profile (`inferd profiles {entry.id}`)"
+        )
+    return combined.parts(combo, found, pick)
+
+
+def _default_combination(
+    settings: Settings,
+    entry: ModelEntry,
+    chosen: Candidate,
+    found: list[Candidate],
+    optimize: str | None,
+    pick: combined.Pick,
+) -> tuple[Combined, list[Candidate]] | None:
+    """The combined profile the default runs instead of `chosen`, if any: with no --optimize,
+    on the device the single best profile runs on, where every engine of it can run here, and
+    with nothing asked that it does not serve (models on demand, adapters)."""
+    if optimize is not None or settings.on_demand or settings.lora_path is not None:
+        return None
+    for combo in entry.combined:
+        if combo.device != chosen.profile.requires.device:
+            continue
+        try:
+            parts = combined.parts(combo, found, pick)
+        except NoProfileError:
+            continue
+        estimates = [p.estimate for p in parts if p.estimate is not None]
+        if estimates and sum(e.total for e in estimates) > estimates[0].available:
+            continue  # each engine fits alone, not both (the default stays one engine)
+        return combo, parts
+    return None
 
 
 def resolve_all(settings: Settings) -> list[Plan]:
@@ -248,7 +339,11 @@ def profile_choices(text: str, entries: list[ModelEntry]) -> dict[str, str]:
                 )
             chosen[model] = profile
             continue
-        owners = [e.id for e in entries if any(p.id == profile for p in e.profiles)]
+        owners = [
+            e.id
+            for e in entries
+            if any(p.id == profile for p in e.profiles) or e.combination(profile) is not None
+        ]
         if len(owners) != 1:
             raise UsageError(
                 f"--profile {profile!r} belongs to {'none' if not owners else 'more than one'} of "
@@ -271,9 +366,10 @@ def check_fit_together(plans: list[Plan]) -> None:
     """
     by_device: dict[str, list[tuple[Plan, Estimate]]] = {}
     for plan in plans:
-        if plan.chosen.estimate is not None:
-            on = plan.chosen.profile.requires.device
-            by_device.setdefault(on, []).append((plan, plan.chosen.estimate))
+        for part in plan.engines_run:  # a combined profile's engines all take room
+            if part.estimate is not None:
+                on = part.profile.requires.device
+                by_device.setdefault(on, []).append((plan, part.estimate))
     for device, group in by_device.items():
         if len(group) < 2:
             continue

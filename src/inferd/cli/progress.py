@@ -17,11 +17,24 @@ from rich.progress import (
     Progress,
     SpinnerColumn,
     TextColumn,
+    TimeElapsedColumn,
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
 
 from inferd.cache.reporting import Advance
+
+
+def steps(console: Console) -> Progress:
+    """A bar over counted steps (benchmark levels, tuning steps): done of all, time taken."""
+    columns = (
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    return Progress(*columns, console=console)
 
 
 class RichReporter:

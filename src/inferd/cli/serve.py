@@ -21,6 +21,7 @@ from rich.markup import escape
 from inferd import __version__
 from inferd.cache import prepare, signing
 from inferd.cache.prepare import intact
+from inferd.catalog import measured
 from inferd.cli.plan import Plan, fit_check, resolve_all
 from inferd.cli.progress import RichReporter
 from inferd.config import Settings
@@ -36,7 +37,8 @@ from inferd.server.adapters import Adapters
 from inferd.server.app import create_app
 from inferd.server.engine_link import RuntimeFolder
 from inferd.server.keys import KeyRing
-from inferd.server.served import ServedModel
+from inferd.server.routing import Router, Speed, Table
+from inferd.server.served import Backend, ServedModel
 from inferd.server.supervisor import Supervisor
 
 
@@ -90,9 +92,14 @@ def serve(settings: Settings) -> int:
     console.print(f"  keys     {auth}; TLS {settings.ssl_mode}")
     if guards is not None:
         console.print(f"  rails    {describe_rails(guards)} ({settings.guardrails_config})")
-    engines = ", ".join(m.supervisor.engine.name for m in served)
+    engines = ", ".join("+".join(b.name for b in m.backends) for m in served)
     if settings.on_demand:
         console.print(f"  engine   {engines}, {_on_demand(settings, served)}")
+    elif any(m.others for m in served):
+        console.print(
+            f"  engine   {engines} starting (live now, ready when each model's first engine "
+            "answers; the others join when they are ready)"
+        )
     else:
         console.print(f"  engine   {engines} starting (live now, ready when every engine answers)")
 
@@ -103,34 +110,91 @@ def serve(settings: Settings) -> int:
 
 
 def _prepare(plan: Plan, settings: Settings, console: Console, *, several: bool) -> ServedModel:
-    """Fetch and verify one model into the cache and build its supervised engine."""
+    """Fetch and verify one model into the cache and build its supervised engine (each engine
+    of a combined profile)."""
     entry, profile = plan.entry, plan.chosen.profile
     head = f"  {entry.id}\n  " if several else "  "
     tags = " ".join(f"{k}={v}" for k, v in profile.tags.items())
-    console.print(f"{head}profile  {profile.id} ({tags}), context {plan.context}")
+    if plan.combined is not None:
+        tags = f"engines {' + '.join(p.profile.id for p in plan.parts)}"
+    console.print(f"{head}profile  {plan.profile_id} ({tags}), context {plan.context}")
     console.print(f"  why      {escape(plan.why)}")
     if plan.note:  # a model given by path that the catalog ships: say the better way
         console.print(f"[yellow]  better   {escape(plan.note)}[/yellow]")
     if not plan.chosen.runnable:
         console.print(f"[yellow]  forced: {escape(plan.chosen.reason)}[/yellow]")
-    prepared = prepare(
+    backends = []
+    for index, part in enumerate(plan.engines_run):
+        prepared = prepare(
+            entry,
+            part.profile,
+            plan.store,
+            index_url=settings.pypi_index_url,
+            offline=settings.offline,
+            reporter=RichReporter(console),
+        )
+        console.print(f"  model    {prepared.path} ({'reused' if prepared.reused else 'built'})")
+        if settings.require_signed:
+            assert settings.signing_public_key is not None
+            # Checked after the cache's own hash check: that trusts provenance.json, this
+            # does not.
+            checked = signing.verify(prepared.path, settings.signing_public_key)
+            console.print(f"  signed   {checked} verified with {settings.signing_public_key}")
+        engine = plan.engine(settings, prepared.path, part.profile)
+        engine.cache_dir.mkdir(parents=True, exist_ok=True)
+        # A combined profile's later engines start behind the first at a lower CPU priority.
+        supervisor = Supervisor(
+            engine,
+            ready_timeout_s=settings.engine_ready_timeout_s,
+            nice=BEHIND_NICE if index else 0,
+        )
+        backends.append((Backend(part.profile, supervisor), prepared))
+    (first, prepared), *others = backends
+    if plan.combined is None:
+        return ServedModel(
+            entry, profile, first.supervisor, prepared.license_text, prepared.provenance
+        )
+    router, said = _router(plan)
+    console.print(f"  routing  {escape(said)}")
+    return ServedModel(
         entry,
         profile,
-        plan.store,
-        index_url=settings.pypi_index_url,
-        offline=settings.offline,
-        reporter=RichReporter(console),
+        first.supervisor,
+        prepared.license_text,
+        prepared.provenance,
+        others=tuple(b for b, _ in others),
+        combined=plan.combined.id,
+        router=router,
     )
-    console.print(f"  model    {prepared.path} ({'reused' if prepared.reused else 'built'})")
-    if settings.require_signed:
-        assert settings.signing_public_key is not None
-        # Checked after the cache's own hash check: that trusts provenance.json, this does not.
-        checked = signing.verify(prepared.path, settings.signing_public_key)
-        console.print(f"  signed   {checked} verified with {settings.signing_public_key}")
-    engine = plan.engine(settings, prepared.path)
-    engine.cache_dir.mkdir(parents=True, exist_ok=True)
-    supervisor = Supervisor(engine, ready_timeout_s=settings.engine_ready_timeout_s)
-    return ServedModel(entry, profile, supervisor, prepared.license_text, prepared.provenance)
+
+
+# How much lower a combined profile's later engines run while they start (nice, 0-19): enough
+# that the first engine's users keep its speed while vLLM compiles (benchmarks/RESULTS.md).
+BEHIND_NICE = 10
+
+
+def _router(plan: Plan) -> tuple[Router, str]:
+    """The router of a combined profile, from each engine's speed measured on this machine
+    (`inferd tune`), else the catalog's reference figures; and where they came from."""
+    found = measured.load(plan.store, measured.fingerprint(plan.hardware), plan.entry.id)
+    speeds: list[Speed] = []
+    said = []
+    for part in plan.parts:
+        profile = part.profile
+        m = found.get(profile.id)
+        if m is not None:
+            speeds.append(m)
+            said.append(f"{profile.id} measured here {m.date}")
+        elif profile.reference is not None:
+            ref = profile.reference
+            speeds.append(Table(ref.prompt_ms, ref.step_ms))
+            said.append(f"{profile.id} by the catalog's figures ({ref.machine})")
+        else:
+            raise ConfigError(
+                f"profile {plan.profile_id} routes by each engine's measured speed, and "
+                f"{profile.id} has none: measure it with `inferd tune {plan.entry.id}`"
+            )
+    return Router(speeds), "by speed: " + "; ".join(said)
 
 
 def _on_demand(settings: Settings, served: list[ServedModel]) -> str:
@@ -225,10 +289,21 @@ def describe(plan: Plan, settings: Settings) -> dict[str, Any]:
     present = folder.is_dir()
     ok = present and intact(folder, plan.entry.source(profile.source)) is not None
     command = plan.engine(settings).command(RuntimeFolder.planned(plan.entry.id))
+    engines = [
+        {
+            "name": part.profile.engine,
+            "profile": part.profile.id,
+            "argv": plan.engine(settings, profile=part.profile)
+            .command(RuntimeFolder.planned(plan.entry.id))
+            .argv,
+        }
+        for part in plan.parts
+    ]
     return {
         "model": plan.entry.id,
+        **({"engines": engines} if engines else {}),
         "profile": {
-            "id": profile.id,
+            "id": plan.profile_id,
             "tags": profile.tags,
             "status": plan.chosen.status,
             "reason": plan.chosen.reason or None,
@@ -317,3 +392,8 @@ def _print_plan(console: Console, plan: Plan, info: dict[str, Any], settings: Se
     console.print(f"cache    {c['model_dir']} ({state})")
     env = " ".join(f"{k}={shlex.quote(v)}" for k, v in info["engine"]["env"].items())
     console.print(f"engine   {escape(env)} {escape(shlex.join(info['engine']['argv']))}")
+    for later in info.get("engines", [])[1:]:  # a combined profile's others, started behind
+        console.print(
+            f"then     {escape(shlex.join(later['argv']))} (once the first is ready, at nice "
+            f"{BEHIND_NICE})"
+        )

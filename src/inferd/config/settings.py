@@ -115,6 +115,11 @@ class Settings:
         None, "Requests waiting for a slot at most, more get 503 at once (default: 2 x running)."
     )
     queue_timeout_s: float = _setting(30.0, "Seconds a request may wait for a slot (then 503).")
+    tune_in_background: bool = _setting(
+        True,
+        "Once ready, measure the served models' quick-starting (llama.cpp) profiles not yet "
+        "measured on this machine, only while no request runs (as `inferd tune` does).",
+    )
     # --- models on demand (issue 17): any of the first three turns it on ---
     max_loaded: int | None = _setting(
         None,

@@ -1,9 +1,15 @@
-"""`python -m inferd.engines.launch PARENT_PID -- CMD...`: exec an engine that dies with inferd.
+"""`python -m inferd.engines.launch PARENT_PID [NICE] -- CMD...`: exec an engine that dies with
+inferd.
 
 The supervisor starts every engine through this tiny shim. It asks Linux to send SIGKILL to the
 engine if inferd's process dies for any reason (even SIGKILL, where no clean-up code runs), then
 replaces itself with the engine (`exec`), so no extra process stays around. The engine's own
 children are in its process group, which the supervisor kills as a whole on a normal stop.
+NICE, when given, lowers the engine's CPU priority by that much and runs it in Linux's idle
+scheduling class (SCHED_IDLE: it runs only on a core nothing else wants), for an engine that
+starts behind another one already serving (`server.supervisor`). Nice alone was not enough:
+vLLM's compile at nice 10 took a single llama.cpp user from 137 to 17 tok/s on 2 cores, its
+threads waiting at each other's barrier whenever one core went to vLLM.
 """
 
 from __future__ import annotations
@@ -17,9 +23,15 @@ PR_SET_PDEATHSIG = 1
 
 
 def main() -> None:
-    parent, sep, *cmd = sys.argv[1:]
-    if sep != "--" or not cmd:
-        sys.exit("usage: python -m inferd.engines.launch PARENT_PID -- CMD...")
+    parent, *rest = sys.argv[1:] or [""]
+    nice = rest.pop(0) if rest and rest[0] != "--" else "0"
+    sep, *cmd = rest or [""]
+    if sep != "--" or not cmd or not nice.isdigit():
+        sys.exit("usage: python -m inferd.engines.launch PARENT_PID [NICE] -- CMD...")
+    if int(nice):
+        os.nice(int(nice))
+        if hasattr(os, "SCHED_IDLE"):
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     if sys.platform == "linux":
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)

@@ -90,6 +90,22 @@ class EngineLoad:
     cache_info: Labels | None = None
 
 
+def together(loads: Sequence[EngineLoad]) -> EngineLoad:
+    """The load of a model served by several engines (a combined profile), as one: requests
+    queued and running add up, the KV cache is as full as the fullest, the first engine's
+    LoRA and cache series stand for the model."""
+    if len(loads) == 1:
+        return loads[0]
+    kv = [x.kv_usage for x in loads if x.kv_usage is not None]
+    return EngineLoad(
+        waiting=sum(x.waiting for x in loads),
+        running=sum(x.running for x in loads),
+        kv_usage=max(kv) if kv else None,
+        lora=next((x.lora for x in loads if x.lora is not None), None),
+        cache_info=next((x.cache_info for x in loads if x.cache_info is not None), None),
+    )
+
+
 @dataclass(frozen=True)
 class ModelLoad:
     """One served model's protocol series: the engine's load plus what inferd holds for it."""

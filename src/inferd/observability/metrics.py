@@ -150,6 +150,12 @@ class Metrics:
             "Times the model's engine was restarted after exiting.",
             engine,
         )
+        # A model served by several engines (a combined profile): each one's share.
+        self.engine_requests = counter(
+            "inferd_engine_requests",
+            "Requests given to each of the model's engines (several: a combined profile).",
+            engine,
+        )
         # Models on demand (server.loading): engines started on a request, stopped when idle
         # or to make room.
         self.model_loads = counter("inferd_model_loads", "Times a model was loaded on demand.")
@@ -198,6 +204,7 @@ class Metrics:
             family.labels(model)
         self.engine_ready.labels(model, engine).set(0)
         self.engine_restarts.labels(model, engine).set(0)
+        self.engine_requests.labels(model, engine)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

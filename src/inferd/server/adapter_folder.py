@@ -39,12 +39,18 @@ class Found:
 
 class AdapterFolder:
     def __init__(
-        self, folder: Path, models: list[ServedModel], store: ModelStore, max_rank: int
+        self,
+        folder: Path,
+        models: list[ServedModel],
+        store: ModelStore,
+        max_rank: int,
+        public_key: Path | None = None,
     ) -> None:
         self.folder = folder
         self.models = models
         self.store = store
         self.max_rank = max_rank
+        self.public_key = public_key  # set: only adapters signed by this key are served
         self.seen: dict[str, Found] = {}
 
     def scan(self) -> dict[str, Found]:
@@ -83,6 +89,7 @@ class AdapterFolder:
                 self.store,
                 gguf_base=engine.model_dir if gguf else None,
                 converter=llamacpp_build.find_converter() if gguf else None,
+                public_key=self.public_key,
             )
         except CacheError as exc:
             return Found(signature, None, None, exc.message)

@@ -92,6 +92,7 @@ class AdapterSlot(Slot):
     def __init__(self, slot: Slot, adapter: ServedAdapter) -> None:
         self._slot = slot
         self._adapter: ServedAdapter | None = adapter
+        self.lane = slot.lane
 
     def release(self) -> None:
         self._slot.release()
@@ -112,13 +113,14 @@ class Adapters:
         refresh_s: float = 0.0,
         max_rank: int = 64,
         max_loras: int = 4,
+        public_key: Path | None = None,
     ) -> None:
         self.folder = folder
         self.refresh_s = refresh_s
         chat = [m for m in models or [] if m.entry.task in ("chat", "completion")]
         self._reader: AdapterFolder | None = None
         if folder is not None and store is not None:
-            self._reader = AdapterFolder(folder, chat, store, max_rank)
+            self._reader = AdapterFolder(folder, chat, store, max_rank, public_key)
         self.served: dict[str, ServedAdapter] = {}
         self.refused: dict[str, str] = {}
         self._gates: dict[str, asyncio.Event] = {}
@@ -146,6 +148,8 @@ class Adapters:
             refresh_s=settings.lora_refresh_s,
             max_rank=settings.max_lora_rank,
             max_loras=settings.max_loras,
+            # INFERD_REQUIRE_SIGNED: each adapter's cached copy must be signed, as models are.
+            public_key=settings.signing_public_key if settings.require_signed else None,
         )
         adapters.load()
         return adapters

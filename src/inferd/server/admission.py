@@ -9,6 +9,13 @@ A request that finds every slot taken and the queue full is refused at once (503
 `close` (the drain) refuses every waiter at once and queues nobody afterwards: a request still
 gets a slot that is free right away (it arrived before the drain, which waits for it), but none
 waits for one, so no slot is handed on to work the drain would only cut.
+
+A model served by several engines (a combined profile) has one `Lane` per engine, each with its
+own slots; the model's capacity is their sum, and the queue and the 503 come only beyond it. A
+request names the lanes that can serve it (`Want`) and gets a slot in one of them: the lane
+`choose` picks among those with a free slot and a ready engine (`server.routing`: the engine
+that will finish it soonest). A slot freed in a lane goes to the oldest waiter that lane can
+serve; `wake` hands out slots of a lane whose engine has just become ready.
 """
 
 from __future__ import annotations
@@ -16,7 +23,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from prometheus_client import Gauge
 
@@ -30,28 +38,80 @@ class Limits:
     queue_timeout_s: float
 
 
-class Slot:
-    """A held place at the engine; `release()` is idempotent."""
+@dataclass
+class Lane:
+    """One engine of a model, as admission sees it: its slots and whether it takes requests."""
 
-    def __init__(self, admission: Admission) -> None:
+    name: str
+    max_running: int
+    # Whether the engine takes requests now (ready); a model with one lane leaves that to
+    # `ServedModel.require_ready` and always says yes here.
+    usable: Callable[[], bool] = field(default=lambda: True)
+    running: int = 0
+    taken: int = 0  # requests given to this lane so far (its share)
+
+    @property
+    def free(self) -> bool:
+        return self.running < self.max_running and self.usable()
+
+
+@dataclass(frozen=True)
+class Want:
+    """What one request needs of admission: the lanes that can serve it (None: any), and its
+    size for the choice between them (prompt and output tokens, estimated)."""
+
+    lanes: frozenset[int] | None = None
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+
+    def allows(self, lane: int) -> bool:
+        return self.lanes is None or lane in self.lanes
+
+
+ANY = Want()
+# Which of the free lanes (indices, at least one) takes a request: `server.routing.Router`.
+Choose = Callable[[list[Lane], list[int], Want], int]
+
+
+def _first(lanes: list[Lane], free: list[int], want: Want) -> int:
+    return free[0]
+
+
+class Slot:
+    """A held place at one of the model's engines (`lane`); `release()` is idempotent."""
+
+    def __init__(self, admission: Admission, lane: int = 0) -> None:
         self._admission = admission
         self._held = True
+        self.lane = lane
 
     def release(self) -> None:
         if self._held:
             self._held = False
-            self._admission._release()
+            self._admission._release(self.lane)
 
 
 class Admission:
     """A FIFO of waiters in front of `max_running` slots; a freed slot passes straight to the
     oldest waiter, so nobody is overtaken and the running count never dips in between."""
 
-    def __init__(self, model: str, limits: Limits, running: Gauge, waiting: Gauge) -> None:
+    def __init__(
+        self,
+        model: str,
+        limits: Limits,
+        running: Gauge,
+        waiting: Gauge,
+        *,
+        lanes: list[Lane] | None = None,
+        choose: Choose = _first,
+    ) -> None:
         self.model = model
+        # One lane (one engine) unless given: then `limits.max_running` is the sum of the lanes'.
+        self.lanes = lanes or [Lane("engine", limits.max_running)]
         self.limits = limits
+        self._choose = choose
         self._running = 0
-        self._queue: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._queue: collections.deque[tuple[asyncio.Future[int], Want]] = collections.deque()
         self._closed: str | None = None  # why nobody may queue any more (the drain)
         self._running_gauge = running.labels(model)
         self._waiting_gauge = waiting.labels(model)
@@ -77,35 +137,54 @@ class Admission:
         """Refuse every waiter now (503 `shutting_down`, with `reason`), and queue nobody again."""
         self._closed = reason
         while self._queue:
-            waiter = self._queue.popleft()
+            waiter, _ = self._queue.popleft()
             if not waiter.done():
                 waiter.set_exception(DrainingError(reason))
 
-    async def acquire(self) -> Slot:
-        if self._running < self.limits.max_running and not self._queue:
+    def _free(self, want: Want) -> list[int]:
+        return [i for i, lane in enumerate(self.lanes) if lane.free and want.allows(i)]
+
+    def _take(self, lane: int) -> None:
+        self.lanes[lane].running += 1
+        self.lanes[lane].taken += 1
+
+    def _unclaimed(self, free: list[int]) -> list[int]:
+        """The free lanes no waiter could use: a new request may take one without overtaking."""
+        return [i for i in free if not any(want.allows(i) for _, want in self._queue)]
+
+    async def acquire(self, want: Want = ANY) -> Slot:
+        free = self._free(want)
+        if free and self._queue:
+            free = self._unclaimed(free)
+        if free:
+            lane = self._choose(self.lanes, free, want) if len(free) > 1 else free[0]
+            self._take(lane)
             self._running += 1
             self._running_gauge.inc()
-            return Slot(self)
+            return Slot(self, lane)
+        if want.lanes is not None and not want.lanes:
+            raise self._refuse("has no engine that can serve this request")
         if self._closed is not None:
             raise DrainingError(self._closed)
         if len(self._queue) >= self.limits.max_queue:
             raise self._refuse(
                 f"is at capacity ({self._running} running, {len(self._queue)} queued)"
             )
-        handed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.append(handed)
+        handed: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        entry = (handed, want)
+        self._queue.append(entry)
         self._waiting_gauge.inc()
         try:
-            await asyncio.wait_for(asyncio.shield(handed), self.limits.queue_timeout_s)
+            lane = await asyncio.wait_for(asyncio.shield(handed), self.limits.queue_timeout_s)
         except (TimeoutError, asyncio.CancelledError) as exc:
             if handed.done() and not handed.cancelled() and handed.exception() is None:
                 if isinstance(exc, TimeoutError):
-                    return Slot(self)  # the slot arrived as time ran out: use it
-                self._release()  # the client left; pass the slot on
+                    return Slot(self, handed.result())  # it arrived as time ran out: use it
+                self._release(handed.result())  # the client left; pass the slot on
                 raise
             handed.cancel()
-            if handed in self._queue:
-                self._queue.remove(handed)
+            if entry in self._queue:
+                self._queue.remove(entry)
             if isinstance(exc, TimeoutError):
                 raise self._refuse(
                     f"had no free slot within {self.limits.queue_timeout_s:g} s"
@@ -113,13 +192,28 @@ class Admission:
             raise
         finally:
             self._waiting_gauge.dec()
-        return Slot(self)
+        return Slot(self, lane)
 
-    def _release(self) -> None:
-        while self._queue:
-            waiter = self._queue.popleft()
-            if not waiter.done():
-                waiter.set_result(None)  # the slot moves on; the running count is unchanged
-                return
+    def _release(self, lane: int) -> None:
+        self.lanes[lane].running -= 1
         self._running -= 1
         self._running_gauge.dec()
+        self.wake()
+
+    def wake(self) -> None:
+        """Hand free slots to waiters, oldest first, each in a lane it can use (called when a
+        slot is freed, and when an engine becomes ready)."""
+        for entry in list(self._queue):
+            waiter, want = entry
+            if waiter.done():
+                self._queue.remove(entry)
+                continue
+            free = self._free(want)
+            if not free:
+                continue
+            lane = self._choose(self.lanes, free, want) if len(free) > 1 else free[0]
+            self._queue.remove(entry)
+            self._take(lane)
+            self._running += 1
+            self._running_gauge.inc()
+            waiter.set_result(lane)  # the slot moves on

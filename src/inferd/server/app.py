@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator
 
@@ -25,9 +26,9 @@ from inferd.guardrails.config import GuardrailsConfig
 from inferd.guardrails.jailbreak import Training
 from inferd.guardrails.rails import Guardrails
 from inferd.observability.metrics import Metrics
-from inferd.server import errors, routes
+from inferd.server import errors, routes, tuning
 from inferd.server.adapters import Adapters
-from inferd.server.admission import Admission, Limits
+from inferd.server.admission import Admission, Lane, Limits
 from inferd.server.apis.response_store import ResponseStore
 from inferd.server.context import RequestIdMiddleware
 from inferd.server.guard_models import ServiceGuardModels
@@ -36,6 +37,7 @@ from inferd.server.loading import FitCheck, ModelPool, Policy
 from inferd.server.management import API_VERSION, PROMETHEUS_TEXT, Front
 from inferd.server.proxy import Proxy
 from inferd.server.served import ModelTable, ServedModel
+from inferd.server.supervisor import State, Supervisor
 
 __all__ = ["API_VERSION", "PROMETHEUS_TEXT", "create_app"]
 log = logging.getLogger("inferd.guardrails")
@@ -64,11 +66,9 @@ def create_app(
     if guards.jailbreak_model is not None and jailbreak_training is None:
         raise ValueError("the jailbreak rail needs jailbreak_training")
     for m in table:
-        metrics.add_model(m.id, m.supervisor.engine.name)
-        running = settings.max_running or m.profile.max_running
-        queue = settings.max_queue if settings.max_queue is not None else 2 * running
-        limits = Limits(running, queue, settings.queue_timeout_s)
-        m.admission = Admission(m.id, limits, metrics.requests_running, metrics.requests_waiting)
+        for b in m.backends:
+            metrics.add_model(m.id, b.name)
+        m.admission = _admission(m, settings, metrics)
     pool = _pool(table, settings, guards, metrics, fits)
     store = ResponseStore(
         max_entries=settings.responses_max_stored, max_bytes=settings.responses_max_bytes
@@ -100,13 +100,21 @@ def create_app(
         else:
             for m in table:
                 m.supervisor.start()
+        joining = [asyncio.create_task(_join(m)) for m in table if m.others]
         training = None
         if jailbreak_training is not None and guards.jailbreak_model is not None:
             training = asyncio.create_task(_prepare_jailbreak(jailbreak_training))
         proxy.adapters.start()  # re-reads INFERD_LORA_PATH, when a refresh period is set
+        # Measures quick-starting profiles not measured here yet, while no request is in.
+        idle = lambda: all(m.admission.running + m.admission.waiting == 0 for m in table)  # noqa: E731
+        tuner = tuning.background(table, settings, idle) if pool is None else None
         try:
             yield
         finally:
+            await tuning.stop(tuner)
+            for task in joining:
+                task.cancel()
+            await asyncio.gather(*joining, return_exceptions=True)
             await proxy.adapters.stop()
             if training is not None:
                 training.cancel()
@@ -114,7 +122,7 @@ def create_app(
                     await training
             if pool is not None:
                 await pool.shutdown()
-            await asyncio.gather(*(m.supervisor.stop() for m in table))
+            await asyncio.gather(*(b.supervisor.stop() for m in table for b in m.backends))
             await proxy.close()
 
     async def _prepare_jailbreak(training: Training) -> None:
@@ -153,6 +161,57 @@ def create_app(
 
     routes.install(app, [m.id for m in table])
     return app
+
+
+def _admission(m: ServedModel, settings: Settings, metrics: Metrics) -> Admission:
+    """The model's slots and queue; a model with several engines gets a lane per engine (its
+    capacity their sum) and its router's choice between them."""
+    if not m.others:
+        running = settings.max_running or m.profile.max_running
+        queue = settings.max_queue if settings.max_queue is not None else 2 * running
+        limits = Limits(running, queue, settings.queue_timeout_s)
+        return Admission(m.id, limits, metrics.requests_running, metrics.requests_waiting)
+    lanes = [
+        Lane(
+            b.name,
+            settings.max_running or b.profile.max_running,
+            usable=functools.partial(_usable, b.supervisor),
+        )
+        for b in m.backends
+    ]
+    running = sum(lane.max_running for lane in lanes)
+    queue = settings.max_queue if settings.max_queue is not None else 2 * running
+    limits = Limits(running, queue, settings.queue_timeout_s)
+    assert m.router is not None, "a model with several engines is served with its router"
+    admission = Admission(
+        m.id,
+        limits,
+        metrics.requests_running,
+        metrics.requests_waiting,
+        lanes=lanes,
+        choose=m.router.choose,
+    )
+    for b in m.backends:  # a lane whose engine becomes ready takes waiters at once
+        b.supervisor.on_ready.append(admission.wake)
+    return admission
+
+
+def _usable(supervisor: Supervisor) -> bool:
+    return supervisor.state is State.READY
+
+
+async def _join(m: ServedModel) -> None:
+    """Start a combined profile's other engines once its first answers (or has failed): they
+    start at a lower CPU priority (`Supervisor.nice`) and take requests when ready."""
+    first = asyncio.ensure_future(m.supervisor.ready.wait())
+    failed = asyncio.ensure_future(m.supervisor.failed.wait())
+    try:
+        await asyncio.wait({first, failed}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        first.cancel()
+        failed.cancel()
+    for b in m.others:
+        b.supervisor.start()
 
 
 def _pool(

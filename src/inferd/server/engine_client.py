@@ -26,6 +26,7 @@ from inferd.errors import EngineUnavailableError, InvalidRequestError
 from inferd.server.engine_link import EngineLink
 from inferd.server.errors import from_engine
 from inferd.server.served import ServedModel
+from inferd.server.supervisor import Supervisor
 
 log = logging.getLogger("inferd.requests")
 
@@ -64,19 +65,23 @@ class EngineSessions:
 
 
 class EngineClient:
-    """One served model's engine, as the front speaks to it."""
+    """One engine of a served model, as the front speaks to it (`supervisor`: which of its
+    engines, for a model with several; its first by default)."""
 
-    def __init__(self, served: ServedModel, sessions: EngineSessions) -> None:
+    def __init__(
+        self, served: ServedModel, sessions: EngineSessions, supervisor: Supervisor | None = None
+    ) -> None:
         self.served = served
         self.sessions = sessions
+        self.supervisor = supervisor or served.supervisor
 
     @property
     def engine(self) -> Engine:
-        return self.served.supervisor.engine
+        return self.supervisor.engine
 
     def link(self) -> EngineLink:
         """The pools to the engine's current start; EngineUnavailableError between starts."""
-        link = self.served.supervisor.link
+        link = self.supervisor.link
         if link is None:
             raise EngineUnavailableError(f"the engine of {self.served.id} is not running")
         return link
@@ -103,7 +108,7 @@ class EngineClient:
         headers = {
             "Content-Type": "application/json",
             "X-Request-Id": rid,
-            **self.served.supervisor.auth_headers(),
+            **self.supervisor.auth_headers(),
         }
         timeout = self.sessions.timeout
         try:
@@ -121,7 +126,7 @@ class EngineClient:
                 fresh = self.link().fresh
                 return await fresh.post(url, data=body, headers=headers, timeout=timeout)
         except (TimeoutError, aiohttp.ClientError) as exc:
-            self.served.supervisor.report_failure(f"a request could not reach the engine: {exc}")
+            self.supervisor.report_failure(f"a request could not reach the engine: {exc}")
             raise EngineUnavailableError(
                 f"engine for {self.served.id} is unreachable: {exc}"
             ) from None
@@ -202,7 +207,7 @@ class EngineClient:
                 data=self.encode("/tokenize", dict(query)),
                 headers={
                     "Content-Type": "application/json",
-                    **self.served.supervisor.auth_headers(),
+                    **self.supervisor.auth_headers(),
                 },
                 timeout=aiohttp.ClientTimeout(total=10),
             ) as resp:

@@ -63,7 +63,8 @@ class ServiceGuardModels:
         served.require_ready()
         slot = await served.admission.acquire() if self.admit else None
         try:
-            return await self.proxy.client(served.id).json(path, payload)
+            lane = slot.lane if slot is not None else 0
+            return await self.proxy.client(served.id, lane).json(path, payload)
         finally:
             if slot is not None:
                 slot.release()

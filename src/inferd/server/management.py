@@ -75,7 +75,7 @@ def _model_info(m: ServedModel) -> dict[str, Any]:
         "license_url": m.entry.license_url or None,
         "parameters": m.entry.parameters,
         "profile": {
-            "id": m.profile.id,
+            "id": m.profile_id,
             "tags": m.profile.tags,
             "description": m.profile.description,
         },
@@ -84,9 +84,29 @@ def _model_info(m: ServedModel) -> dict[str, Any]:
             "version": sup.engine_version,
             "state": sup.state.value,
         },
+        **({"engines": _engines(m)} if m.others else {}),
         "source": m.provenance.get("source"),
         **retrieval.describe(m.entry),
     }
+
+
+def _engines(m: ServedModel) -> list[dict[str, Any]]:
+    """A combined profile's engines: each one's profile, state and share of the requests."""
+    lanes = m.admission.lanes
+    total = sum(lane.taken for lane in lanes) or 1
+    return [
+        {
+            "name": b.name,
+            "profile": b.profile.id,
+            "version": b.supervisor.engine_version,
+            "state": b.supervisor.state.value,
+            "running": lane.running,
+            "max_running": lane.max_running,
+            "requests": lane.taken,
+            "share": round(lane.taken / total, 3),
+        }
+        for b, lane in zip(m.backends, lanes, strict=True)
+    ]
 
 
 def _with_state(f: Front, m: ServedModel, info: dict[str, Any]) -> dict[str, Any]:
@@ -100,10 +120,11 @@ def _with_state(f: Front, m: ServedModel, info: dict[str, Any]) -> dict[str, Any
 
 async def _engine_model(f: Front, m: ServedModel) -> dict[str, Any] | None:
     """The model as its engine lists it (its `max_model_len` and ownership), in OpenAI's
-    `Model` shape; None while its engine is not ready."""
-    if m.supervisor.state is not State.READY:
+    `Model` shape; None while no engine of it is ready (the first ready one answers)."""
+    sup = next((b.supervisor for b in m.backends if b.supervisor.state is State.READY), None)
+    if sup is None:
         return None
-    answer = await m.supervisor.fetch("/v1/models", limit_s=5)
+    answer = await sup.fetch("/v1/models", limit_s=5)
     if answer is not None and answer[0] == 200:
         with contextlib.suppress(ValueError, AttributeError):
             for item in json.loads(answer[1]).get("data", []):
@@ -185,15 +206,13 @@ async def ready(request: Request) -> JSONResponse:
             "running": m.admission.running,
             "waiting": m.admission.waiting,
             **(f.pool.describe(m.id) if f.pool is not None else {}),
+            # Several engines: each one's state; the model is ready when one of them is.
+            **({"engines": [b.supervisor.describe() for b in m.backends]} if m.others else {}),
         }
         for m in f.models
     }
     needed = [m for m in f.models if not m.on_demand]
-    ok = (
-        not f.proxy.draining
-        and all(m.supervisor.state is State.READY for m in needed)
-        and f.guards.ready
-    )
+    ok = not f.proxy.draining and all(m.ready for m in needed) and f.guards.ready
     status = "draining" if f.proxy.draining else "ready" if ok else "not_ready"
     body: dict[str, Any] = {"status": status, "models": states}
     if f.guards.config.configured:
@@ -238,30 +257,36 @@ async def metrics_text(request: Request) -> Response:
     if f.settings.metrics_auth:
         f.proxy.authorize(request)
     for m in f.models:
-        sup = m.supervisor
-        f.metrics.engine_ready.labels(m.id, sup.engine.name).set(sup.state is State.READY)
-        f.metrics.engine_restarts.labels(m.id, sup.engine.name).set(sup.restarts)
+        for b in m.backends:
+            sup = b.supervisor
+            f.metrics.engine_ready.labels(m.id, b.name).set(sup.state is State.READY)
+            f.metrics.engine_restarts.labels(m.id, b.name).set(sup.restarts)
     parts = [f.metrics.render()]
-    ready = [m for m in f.models if m.supervisor.state is State.READY]
+    ready = [
+        (m, b.supervisor) for m in f.models for b in m.backends if b.supervisor.state is State.READY
+    ]
     # Engine metrics pass through, less the inference gateway's families, which are written
     # again with inferd's queue added (`gateway_metrics`); a slow engine costs 2 s at most.
     scraped = await asyncio.gather(
         *(
             gateway_metrics.scrape(
-                functools.partial(m.supervisor.fetch, limit_s=2),
-                m.supervisor.engine.name,
-                m.supervisor.engine.metrics_path,
+                functools.partial(sup.fetch, limit_s=2), sup.engine.name, sup.engine.metrics_path
             )
-            for m in ready
+            for _, sup in ready
         )
     )
-    loads = []
-    for m, (body, load) in zip(ready, scraped, strict=True):
+    by_model: dict[str, list[gateway_metrics.EngineLoad]] = {}
+    for (m, _), (body, load) in zip(ready, scraped, strict=True):
         parts.append(body)
         if load is not None:
+            by_model.setdefault(m.id, []).append(load)
+    loads = []
+    for m in f.models:
+        if m.id in by_model:
             engine = m.supervisor.engine  # its LoRA adapters, all loaded at its start
             adapters = tuple(a.name for a in engine.adapters)
             limit = engine.lora.max_loras if engine.lora else 0
+            load = gateway_metrics.together(by_model[m.id])
             loads.append(
                 gateway_metrics.ModelLoad(m.id, m.admission.waiting, load, adapters, (), limit)
             )
@@ -321,7 +346,7 @@ async def count_tokens(request: Request) -> JSONResponse:
     served.require_ready()
     slot = await served.acquire()  # it runs on the engine like any request
     try:
-        count = await f.proxy.client(served.id).count_chat(query)
+        count = await f.proxy.client(served.id, slot.lane).count_chat(query)
     finally:
         slot.release()
     return JSONResponse(messages_api.count_tokens_answer(count))

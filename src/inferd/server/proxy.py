@@ -41,7 +41,7 @@ from inferd.errors import (
 )
 from inferd.guardrails.rails import Guardrails
 from inferd.observability.metrics import Metrics
-from inferd.server import limits, retrieval
+from inferd.server import limits, retrieval, routing
 from inferd.server.adapters import Adapters
 from inferd.server.apis import conform, schemas
 from inferd.server.apis.translation import Translation
@@ -130,6 +130,33 @@ def _check(
         raise
 
 
+def _lanes(
+    path: str,
+    payload: dict[str, Any],
+    served: ServedModel,
+    clients: list[EngineClient],
+    translation: Translation | None,
+) -> frozenset[int] | None:
+    """The engines (lanes) that can serve the request, for a model with several: those whose
+    checks it passes (a tool choice only vLLM honours goes to vLLM); the first engine's refusal
+    when none can. None (any) for a model with one engine, after its checks."""
+    if len(clients) == 1:
+        _check(path, payload, served, clients[0].engine, translation)
+        return None
+    passed, refusal = [], None
+    for lane, client in enumerate(clients):
+        try:
+            _check(path, payload, served, client.engine, translation)
+        except InvalidRequestError as exc:
+            refusal = refusal or exc
+            continue
+        passed.append(lane)
+    if not passed:
+        assert refusal is not None
+        raise refusal
+    return frozenset(passed)
+
+
 # OpenAI's published default for a completion's `max_tokens`. Without it llama-server generates
 # until its context is full, and vLLM reads an explicit null the same way: one request would hold
 # a slot for thousands of tokens nobody asked for (a request that hung the adversarial suite).
@@ -199,7 +226,10 @@ class Proxy:
         self.sessions = EngineSessions(engine_read_timeout_s)
         self.max_answer_bytes = max_answer_bytes
         self.adapters = adapters or Adapters()  # LoRA adapters by id (server.adapters)
-        self.clients = {m.id: EngineClient(m, self.sessions) for m in models}
+        # One client per engine of each model, in lane order (`ServedModel.backends`).
+        self.clients = {
+            m.id: [EngineClient(m, self.sessions, b.supervisor) for b in m.backends] for m in models
+        }
         self.draining = False
         self.active: set[Call] = set()
         self._idle: asyncio.Event | None = None  # set when draining and nothing is in flight
@@ -214,8 +244,8 @@ class Proxy:
     async def close(self) -> None:
         await self.sessions.close()
 
-    def client(self, model: str) -> EngineClient:
-        return self.clients[model]
+    def client(self, model: str, lane: int = 0) -> EngineClient:
+        return self.clients[model][lane]
 
     # ------------------------------------------------------------------ guards
 
@@ -267,13 +297,12 @@ class Proxy:
             payload = translation.request()
         retrieval.check_route(served.entry, path, request.url.path)
         stream = _stream_flag(payload)
-        client = self.clients[served.id]
-        engine = client.engine
+        clients = self.clients[served.id]
         reshape_answer = None
         if route.shape is not None:
             # NIM's request format in the engine's terms (see server.retrieval).
             payload, reshape_answer = route.shape(payload, served.entry)
-        _check(path, payload, served, engine, translation)
+        lanes = _lanes(path, payload, served, clients, translation)
         await self.adapters.gate(served)  # while its engine restarts for new adapters
         served.require_ready()
         guarded = False
@@ -281,16 +310,27 @@ class Proxy:
             # Long texts: the PII rail off the event loop.
             offload = len(body) > GUARD_INLINE_BYTES
             guarded = await self.guards.guard_request(route.text, payload, offload)
-        adapted = engine.adapt_request(path, payload)  # after the rails: they read the client's
-        adapted = _default_max_tokens(path, payload) or adapted
+        defaulted = _default_max_tokens(path, payload)
+        # Every route waits for a slot (tokenize too: it runs on the engine like the rest), and
+        # with models on demand for its model to load first. A model with several engines
+        # gives the slot of the one that will finish the request soonest (`server.routing`).
+        want = routing.want_of(payload, len(body), lanes)
+        await self.adapters.gate(served)
+        slot = await served.acquire(want)
+        client = clients[slot.lane]
+        engine = client.engine
+        if len(clients) > 1:
+            self.metrics.engine_requests.labels(served.id, engine.name).inc()
+        try:
+            # After the rails (they read the client's terms) and once the engine is known.
+            adapted = engine.adapt_request(path, payload) or defaulted
+        except BaseException:
+            slot.release()
+            raise
         rewritten = guarded or adapted or route.shape is not None or translation is not None
         if self.log_requests:  # what the engine gets: after the input rails
             shown = json.dumps(payload) if rewritten else body.decode("utf-8", "replace")
             log.info("request body: %s", shown)
-        # Every route waits for a slot (tokenize too: it runs on the engine like the rest), and
-        # with models on demand for its model to load first.
-        await self.adapters.gate(served)
-        slot = await served.acquire()
         if adapter is not None:  # after the slot: its engine is not restarting under it
             slot = adapter.use(slot, payload)
             rewritten = True
@@ -353,11 +393,11 @@ class Proxy:
         payload: dict[str, Any],
         translation: Translation | None,
     ) -> Response:
-        served, path = client.served, route.engine_path
+        path = route.engine_path
         resp = await client.post(path, body, call.engine_rid)
         call.upstream = resp
         if not stream or resp.status != 200:
-            data = await self._read(resp, call, served)
+            data = await self._read(resp, call, client)
             if resp.status >= 400:
                 # An engine's own server error is, seen from the front, a failed upstream: 502.
                 status = resp.status
@@ -397,7 +437,7 @@ class Proxy:
             resp.close()
             self._end(call, 499)  # a no-op when the relay already recorded how it ended
 
-        events = chat_events(resp, call, served, self._end, self.max_answer_bytes)
+        events = chat_events(resp, call, client.supervisor, self._end, self.max_answer_bytes)
         if translation is not None:
             events = translated_events(events, translation)
         return RelayResponse(
@@ -407,7 +447,8 @@ class Proxy:
             on_close=release,
         )
 
-    async def _read(self, resp: aiohttp.ClientResponse, call: Call, served: ServedModel) -> bytes:
+    async def _read(self, resp: aiohttp.ClientResponse, call: Call, client: EngineClient) -> bytes:
+        served = client.served
         try:
             return await read_bounded(resp, self.max_answer_bytes)
         except AnswerTooLargeError as exc:
@@ -416,7 +457,7 @@ class Proxy:
         except (TimeoutError, aiohttp.ClientError) as exc:
             if call.abort_reason:
                 raise DrainingError(call.abort_reason) from None
-            served.supervisor.report_failure(f"the engine failed mid-answer: {exc}")
+            client.supervisor.report_failure(f"the engine failed mid-answer: {exc}")
             raise EngineUnavailableError(
                 f"engine for {served.id} failed mid-answer: {exc}"
             ) from None

@@ -24,7 +24,7 @@ from inferd.server.apis import conform
 from inferd.server.apis.translation import Translation
 from inferd.server.call import Call
 from inferd.server.errors import envelope
-from inferd.server.served import ServedModel
+from inferd.server.supervisor import Supervisor
 
 DONE = b"data: [DONE]"
 
@@ -68,7 +68,7 @@ async def read_bounded(resp: aiohttp.ClientResponse, limit: int) -> bytes:
 async def chat_events(
     resp: aiohttp.ClientResponse,
     call: Call,
-    served: ServedModel,
+    supervisor: Supervisor,
     end: Callable[[Call, int], None],
     max_event_bytes: int = 64 * 2**20,
 ) -> AsyncIterator[bytes]:
@@ -122,7 +122,7 @@ async def chat_events(
             status, err = 503, envelope(call.abort_reason, "server_error", "shutting_down")
         else:
             reason = f"the engine stopped mid-stream: {exc}"
-            served.supervisor.report_failure(reason)
+            supervisor.report_failure(reason)
             status, err = 502, envelope(reason, "server_error", "engine_unavailable")
         yield b"data: " + json.dumps(err).encode() + b"\n\n" + DONE + b"\n\n"
     finally:

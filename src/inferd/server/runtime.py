@@ -78,6 +78,30 @@ async def _all_ready(models: list[ServedModel], guards: Guardrails) -> None:
     await guards.prepared.wait()
 
 
+async def _all_failed(m: ServedModel) -> None:
+    """Until every engine of the model has failed for good: with several (a combined profile),
+    the ones left serve, and the one that failed is logged."""
+    waits = {asyncio.ensure_future(b.supervisor.failed.wait()): b for b in m.backends}
+    try:
+        pending = set(waits)
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            if pending:
+                for task in done:
+                    sup = waits[task].supervisor
+                    tail = "\n".join(list(sup.tail)[-25:])
+                    log.error(
+                        "the %s engine of %s failed (its other engines go on serving): %s\n%s",
+                        sup.engine.name,
+                        m.id,
+                        sup.last_error,
+                        tail,
+                    )
+    finally:
+        for task in waits:
+            task.cancel()
+
+
 async def _watch(
     models: list[ServedModel],
     guards: Guardrails,
@@ -90,7 +114,7 @@ async def _watch(
     rails, fails for good."""
     ready = asyncio.create_task(_all_ready(models, guards))
     failures: dict[asyncio.Task[Any], ServedModel | None] = {
-        asyncio.create_task(m.supervisor.failed.wait()): m for m in models
+        asyncio.create_task(_all_failed(m)): m for m in models
     }
     failures[asyncio.create_task(guards.failed.wait())] = None
     pending: set[asyncio.Task[Any]] = {ready, *failures}
@@ -105,8 +129,12 @@ async def _watch(
                     if m is None:
                         log.error("guardrails %s", guards.state)
                         continue
-                    tail = "\n".join(list(m.supervisor.tail)[-25:])
-                    log.error("engine for %s failed: %s\n%s", m.id, m.supervisor.last_error, tail)
+                    sup = next(
+                        (b.supervisor for b in m.backends if b.supervisor.failed.is_set()),
+                        m.supervisor,
+                    )
+                    tail = "\n".join(list(sup.tail)[-25:])
+                    log.error("engine for %s failed: %s\n%s", m.id, sup.last_error, tail)
                 outcome.exit_code = 1
                 server.should_exit = True
                 return

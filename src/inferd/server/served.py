@@ -4,6 +4,8 @@
 the engine's supervisor) and hands the list to `create_app`; the front never looks anything up in
 the catalog or cache itself. `ServedModel.acquire` is how a request gets to the engine: with
 models on demand (`server.loading`) a hold on the model loaded first, then an admission slot.
+A model with a combined profile has several engines (`backends`, the first one's profile and
+supervisor also as `profile` and `supervisor`); its slot says which engine the request got.
 """
 
 from __future__ import annotations
@@ -14,11 +16,24 @@ from typing import TYPE_CHECKING, Any
 
 from inferd.catalog.schema import ModelEntry, Profile
 from inferd.errors import EngineNotReadyError, InvalidRequestError, ModelNotFoundError
-from inferd.server.admission import Admission, Slot
+from inferd.server.admission import ANY, Admission, Slot, Want
+from inferd.server.routing import Router
 from inferd.server.supervisor import State, Supervisor
 
 if TYPE_CHECKING:  # the pool holds served models; a served model asks its pool
     from inferd.server.loading import Lease, ModelPool
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One engine of a served model: the profile it runs and its supervisor."""
+
+    profile: Profile
+    supervisor: Supervisor
+
+    @property
+    def name(self) -> str:
+        return self.supervisor.engine.name
 
 
 @dataclass
@@ -28,6 +43,11 @@ class ServedModel:
     supervisor: Supervisor
     license_text: str = ""
     provenance: dict[str, Any] = field(default_factory=dict)
+    # A combined profile's other engines, in start order (they start once the first is ready),
+    # and its id; empty for a single engine.
+    others: tuple[Backend, ...] = ()
+    combined: str | None = None
+    router: Router | None = None  # which engine takes a request, with several
     # Set by `create_app`, which owns the metrics the admission gauges belong to.
     admission: Admission = field(init=False)
     # Set by `create_app` when models load on demand: the pool that starts and stops this one.
@@ -36,6 +56,21 @@ class ServedModel:
     @property
     def id(self) -> str:
         return self.entry.id
+
+    @property
+    def backends(self) -> tuple[Backend, ...]:
+        """Every engine of the model, the first (`supervisor`) first; lane i is backends[i]."""
+        return (Backend(self.profile, self.supervisor), *self.others)
+
+    @property
+    def profile_id(self) -> str:
+        return self.combined or self.profile.id
+
+    @property
+    def ready(self) -> bool:
+        """Some engine of the model takes requests (with several, the others may be starting,
+        restarting or failed: the one that answers serves)."""
+        return any(b.supervisor.state is State.READY for b in self.backends)
 
     @property
     def on_demand(self) -> bool:
@@ -50,21 +85,22 @@ class ServedModel:
         self._check_ready()
 
     def _check_ready(self) -> None:
-        if self.supervisor.state is not State.READY:
+        if not self.ready:
             raise EngineNotReadyError(
                 f"model {self.id} is not ready yet (engine {self.supervisor.state.value}); "
                 "retry shortly"
             )
 
-    async def acquire(self) -> Slot:
-        """A place at the engine for one request: the model held loaded (models on demand,
-        waiting while it loads), then an admission slot. Released by `Call.finish`."""
+    async def acquire(self, want: Want = ANY) -> Slot:
+        """A place at an engine for one request: the model held loaded (models on demand,
+        waiting while it loads), then an admission slot (in the lane of the engine it gets).
+        Released by `Call.finish`."""
         if self.pool is None:
-            return await self.admission.acquire()
+            return await self.admission.acquire(want)
         lease = await self.pool.use(self)
         try:
             self._check_ready()  # loaded, but its engine may be restarting after a crash
-            slot = await self.admission.acquire()
+            slot = await self.admission.acquire(want)
         except BaseException:
             lease.release()
             raise
@@ -78,6 +114,7 @@ class HeldSlot(Slot):
     def __init__(self, slot: Slot, lease: Lease) -> None:
         self._slot = slot
         self._lease = lease
+        self.lane = slot.lane
 
     def release(self) -> None:
         self._slot.release()

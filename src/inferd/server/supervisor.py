@@ -26,9 +26,11 @@ import secrets
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
+import psutil
 
 from inferd.engines.base import Engine
 from inferd.errors import EngineStartError
@@ -102,6 +104,16 @@ class _LineCutter:
         return line
 
 
+def _threads_of_group(pgid: int) -> list[int]:
+    """The thread ids of every process in process group `pgid` (the engine's group)."""
+    tids: list[int] = []
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, OSError):
+            if os.getpgid(proc.pid) == pgid:
+                tids.extend(t.id for t in proc.threads())
+    return tids
+
+
 class Supervisor:
     def __init__(
         self,
@@ -109,8 +121,15 @@ class Supervisor:
         *,
         ready_timeout_s: float,
         backoff_s: tuple[float, ...] = BACKOFF_S,
+        nice: int = 0,
     ) -> None:
         self.engine = engine
+        # Lower CPU priority while the engine starts (one that starts behind an engine already
+        # serving: a combined profile's second engine compiles without slowing the first's
+        # users); given back once it is ready, where the system allows (`_unnice`).
+        self.nice = nice
+        # Called each time the engine becomes ready (admission hands out the new engine's slots).
+        self.on_ready: list[Callable[[], None]] = []
         self.backoff_s = backoff_s
         self.ready_timeout_s = ready_timeout_s
         # The current start's socket, and the pools to it once the engine holds it.
@@ -173,7 +192,16 @@ class Supervisor:
         self.socket = self._folder.socket(self._starts)
         self._secret = secrets.token_urlsafe(32)
         cmd = self.engine.command(self.socket)
-        argv = [sys.executable, "-m", "inferd.engines.launch", str(os.getpid()), "--", *cmd.argv]
+        niced = [str(self.nice)] if self.nice else []
+        argv = [
+            sys.executable,
+            "-m",
+            "inferd.engines.launch",
+            str(os.getpid()),
+            *niced,
+            "--",
+            *cmd.argv,
+        ]
         log.info(
             "starting %s engine for %s on %s",
             self.engine.name,
@@ -275,8 +303,8 @@ class Supervisor:
             ever_ready = True
             self.ready_seconds = time.monotonic() - begun
             await self._read_version()
-            self.state = State.READY
-            self.ready.set()
+            self._unnice(proc.pid)
+            self._became_ready()
             up_since = time.monotonic()
             code = await self._exited(proc)
             self.ready.clear()
@@ -319,8 +347,29 @@ class Supervisor:
         healthy = answer is not None and answer[0] == 200
         alive = self._proc is not None and self._proc.returncode is None
         if healthy and alive and self.state is State.SUSPECT:
-            self.state = State.READY
-            self.ready.set()
+            self._became_ready()
+
+    def _became_ready(self) -> None:
+        self.state = State.READY
+        self.ready.set()
+        for callback in self.on_ready:
+            callback()
+
+    def _unnice(self, pid: int) -> None:
+        """Give an engine started behind another (`nice`: niced, in the idle scheduling class)
+        its normal priority back now that it is ready: every thread of every process of its
+        group. Raising a priority needs CAP_SYS_NICE (or a RLIMIT_NICE allowing it); without,
+        the engine stays low, running on what the first engine leaves idle: it still takes a
+        crowd once the first engine's requests are done (`server.routing`)."""
+        if not self.nice:
+            return
+        try:
+            os.setpriority(os.PRIO_PGRP, pid, 0)
+            for tid in _threads_of_group(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
+        except OSError as exc:
+            log.info("%s engine keeps its lower priority: %s", self.engine.name, exc)
 
     @staticmethod
     async def _exited(proc: asyncio.subprocess.Process) -> int:
