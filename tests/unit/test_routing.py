@@ -11,10 +11,14 @@ from inferd.errors import OverloadedError
 from inferd.server.admission import Admission, Lane, Limits, Want
 from inferd.server.routing import DEFAULT_OUTPUT_TOKENS, Router, Table, want_of
 
-# The shapes measured on a 2-core CPU (catalog reference figures of smollm2-135m-instruct):
-# llama.cpp fast alone, its steps growing steeply; vLLM slow alone, its steps nearly flat.
-LLAMA = Table({32: 80, 128: 277, 512: 1100}, {1: 12.5, 2: 18, 4: 30})
-VLLM = Table({32: 120, 128: 234, 512: 700}, {1: 33, 4: 40, 8: 44, 16: 45, 32: 62})
+# Measured by `inferd tune` on a quiet 2-core EPYC (the catalog's reference figures of
+# smollm2-135m-instruct): llama.cpp fast alone, its steps growing steeply; vLLM slower alone,
+# its steps nearly flat.
+LLAMA = Table({32: 91, 128: 155, 512: 643, 1024: 1475}, {1: 7.5, 2: 16.5, 4: 27.1})
+VLLM = Table(
+    {32: 36, 128: 64, 512: 196, 1024: 431},
+    {1: 20.0, 2: 19.9, 4: 20.0, 8: 21.5, 16: 25.8, 32: 34.2},
+)
 
 
 def _lanes(llama: int = 0, vllm: int = 0) -> list[Lane]:
@@ -22,44 +26,56 @@ def _lanes(llama: int = 0, vllm: int = 0) -> list[Lane]:
 
 
 def test_tables_interpolate_and_extend() -> None:
-    assert LLAMA.step_time(3) == pytest.approx(24.0)
-    assert LLAMA.step_time(6) == pytest.approx(42.0)  # past the last point, along the last line
+    assert LLAMA.step_time(3) == pytest.approx(21.8)
+    assert LLAMA.step_time(6) == pytest.approx(37.7)  # past the last point, along the last line
     assert LLAMA.step_time(0) == 0.0
-    assert VLLM.prompt_time(320) == pytest.approx(467.0)
+    assert VLLM.prompt_time(320) == pytest.approx(130.0)
 
 
-def test_one_user_goes_to_the_fastest_single_stream() -> None:
+def test_the_best_split_of_a_load() -> None:
+    router = Router([LLAMA, VLLM])
+    # One or two requests: llama.cpp's steps are shorter; three and more: all on vLLM.
+    assert router.best_split(_lanes(), 1) == [1, 0]
+    assert router.best_split(_lanes(), 2) == [2, 0]
+    assert router.best_split(_lanes(), 3) == [0, 3]
+    assert router.best_split(_lanes(), 16) == [0, 16]
+    assert router.best_split(_lanes(), 40) == [4, 32]  # past vLLM's slots: both full
+
+
+def test_one_user_and_a_second_go_to_llamacpp() -> None:
     router = Router([LLAMA, VLLM])
     assert router.choose(_lanes(), [0, 1], Want(None, 128, 128)) == 0
-
-
-def test_a_few_users_fill_the_first_engine() -> None:
-    router = Router([LLAMA, VLLM])
-    # A second and third request cost llama.cpp's round 5.5 and 6 ms: less than vLLM's 33.
     assert router.choose(_lanes(llama=1), [0, 1], Want(None, 128, 128)) == 0
-    assert router.choose(_lanes(llama=2), [0, 1], Want(None, 128, 128)) == 0
 
 
-def test_a_crowd_drains_the_first_engine() -> None:
+def test_a_third_user_and_a_crowd_go_to_vllm_and_llamacpp_drains() -> None:
     router = Router([LLAMA, VLLM])
-    # vLLM busy: one more request there costs its round 0.1 ms, one more on llama.cpp 6.
-    assert router.choose(_lanes(llama=3, vllm=12), [0, 1], Want(None, 128, 128)) == 1
-    # Even once llama.cpp is empty: starting it adds a whole step to everyone's round.
+    assert router.choose(_lanes(llama=2), [0, 1], Want(None, 128, 128)) == 1
+    # A llama.cpp slot free while vLLM runs a crowd: vLLM still (llama.cpp drains).
+    assert router.choose(_lanes(llama=1, vllm=12), [0, 1], Want(None, 128, 128)) == 1
     assert router.choose(_lanes(llama=0, vllm=15), [0, 1], Want(None, 128, 128)) == 1
+    # After the crowd, one user alone: llama.cpp again.
+    assert router.choose(_lanes(), [0, 1], Want(None, 128, 128)) == 0
 
 
 def test_a_prompt_heavy_request_goes_where_prompts_are_fastest() -> None:
     router = Router([LLAMA, VLLM])
-    assert router.choose(_lanes(), [0, 1], Want(None, 512, 1)) == 1
-    assert router.choose(_lanes(), [0, 1], Want(None, 512, 256)) == 0
+    assert router.choose(_lanes(), [0, 1], Want(None, 1024, 1)) == 1
+    assert router.choose(_lanes(), [0, 1], Want(None, 1024, 256)) == 0
+
+
+def test_only_free_lanes_are_offered() -> None:
+    router = Router([LLAMA, VLLM])
+    assert router.choose(_lanes(llama=2), [0], Want(None, 128, 128)) == 0  # vLLM not ready
+    assert router.choose(_lanes(llama=4), [1], Want(None, 128, 128)) == 1
 
 
 def test_want_reads_the_output_limit_and_estimates_the_prompt() -> None:
     want = want_of({"max_completion_tokens": 12, "max_tokens": 99}, 400, frozenset({1}))
     assert (want.prompt_tokens, want.output_tokens, want.lanes) == (100, 12, frozenset({1}))
     assert want_of({"max_tokens": True}, 8, None).output_tokens == 0
-    assert Router([LLAMA]).cost(0, 0, Want()) == pytest.approx(
-        LLAMA.prompt_time(0) + DEFAULT_OUTPUT_TOKENS * 12.5
+    assert Router([LLAMA, VLLM]).cost(0, _lanes(), Want()) == pytest.approx(
+        LLAMA.prompt_time(0) + DEFAULT_OUTPUT_TOKENS * 7.5
     )
 
 
