@@ -191,13 +191,10 @@ def start(tmp: Path, *args: str, cache: Path | None = None) -> Served:
     port = free_port()
     log = tmp / f"inferd-{port}.log"
     # No background tuning (server.tuning): it would start extra engines beside the tests'.
-    # One engine by default (llama.cpp, the latency pick): the default `cpu-both` would start
-    # vLLM behind every test's server; tests of it name it (`--profile cpu-both`).
     env = {
         **os.environ,
         "INFERD_CACHE_PATH": str(cache or cache_path()),
         "INFERD_TUNE_IN_BACKGROUND": "0",
-        "INFERD_OPTIMIZE": "latency",
     }
     with log.open("wb") as out:
         proc = subprocess.Popen(

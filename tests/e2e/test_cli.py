@@ -123,11 +123,8 @@ def test_dry_run_prints_the_engine_command() -> None:
     argv = plan["engine"]["argv"]
     assert Path(argv[0]).name == "llama-server"
     assert argv[argv.index("--parallel") + 1] == "4"
-    # On a CPU where both engines run, the default runs both behind the model (cpu-both):
-    # llama.cpp first (the command above), then vLLM.
-    assert plan["profile"]["id"] == "cpu-both"
-    assert [e["profile"] for e in plan["engines"]] == ["llamacpp-cpu-q8_0", "vllm-cpu-bf16"]
-    assert plan["engines"][1]["argv"][1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    assert plan["profile"]["id"] == "llamacpp-cpu-q8_0"
+    assert "engines" not in plan  # one engine (cpu-both is asked for by name)
     assert "no --optimize given" in plan["profile"]["why"]
 
     r = _run("serve", "--dry-run", "--json", "--optimize", "throughput")

@@ -9,8 +9,8 @@ import pytest
 
 from inferd.catalog import Catalog
 from inferd.catalog.estimate import GiB
-from inferd.cli.plan import check_fit_together, profile_choices, resolve_all
-from inferd.config import load_settings
+from inferd.cli.plan import check_fit_together, profile_choices, resolve, resolve_all
+from inferd.config import Settings, load_settings
 from inferd.errors import UsageError
 from tests.conftest import FIXTURES
 
@@ -109,3 +109,30 @@ def test_gpu_engines_must_share_each_gpu(tmp_path: Path) -> None:
     # Each fits the 80 GB card alone, but each vLLM engine claims 0.9 of it.
     with pytest.raises(UsageError, match=r"would claim 1\.80 of each GPU together"):
         resolve_all(settings)
+
+
+def _settings(tmp_path: Path, **flags: str) -> Settings:
+    return load_settings(
+        {"model": CHAT.id, "hardware": str(EPYC), "cache_path": str(tmp_path), **flags}, env={}
+    )
+
+
+def test_a_combined_profile_runs_by_name_with_each_engines_profile(tmp_path: Path) -> None:
+    plan = resolve(_settings(tmp_path, profile="cpu-both"), entry=CHAT)
+    assert plan.profile_id == "cpu-both" and plan.combined is not None
+    assert [p.profile.id for p in plan.engines_run] == ["llamacpp-cpu-q8_0", "vllm-cpu-bf16"]
+    with pytest.raises(UsageError, match="does not serve LoRA adapters"):
+        resolve(_settings(tmp_path, profile="cpu-both", lora_path=str(tmp_path)), entry=CHAT)
+
+
+def test_the_default_runs_a_combined_profile_only_where_the_catalog_says(tmp_path: Path) -> None:
+    # cpu-both is not the default model's default (its benchmark does not hold on 2 cores).
+    assert resolve(_settings(tmp_path), entry=CHAT).profile_id == "llamacpp-cpu-q8_0"
+    marked = CHAT.model_copy(
+        update={"combined": tuple(c.model_copy(update={"default": True}) for c in CHAT.combined)}
+    )
+    plan = resolve(_settings(tmp_path), entry=marked)
+    assert plan.profile_id == "cpu-both" and "both engines behind one model" in plan.why
+    # A goal pins one engine; models on demand need one engine per model.
+    assert resolve(_settings(tmp_path, optimize="latency"), entry=marked).combined is None
+    assert resolve(_settings(tmp_path, max_loaded="1"), entry=marked).combined is None

@@ -32,27 +32,24 @@ def test_tables_interpolate_and_extend() -> None:
     assert VLLM.prompt_time(320) == pytest.approx(130.0)
 
 
-def test_the_best_split_of_a_load() -> None:
-    router = Router([LLAMA, VLLM])
-    # One or two requests: llama.cpp's steps are shorter; three and more: all on vLLM.
-    assert router.best_split(_lanes(), 1) == [1, 0]
-    assert router.best_split(_lanes(), 2) == [2, 0]
-    assert router.best_split(_lanes(), 3) == [0, 3]
-    assert router.best_split(_lanes(), 16) == [0, 16]
-    assert router.best_split(_lanes(), 40) == [4, 32]  # past vLLM's slots: both full
-
-
-def test_one_user_and_a_second_go_to_llamacpp() -> None:
+def test_one_user_goes_to_the_fastest_single_stream() -> None:
     router = Router([LLAMA, VLLM])
     assert router.choose(_lanes(), [0, 1], Want(None, 128, 128)) == 0
-    assert router.choose(_lanes(llama=1), [0, 1], Want(None, 128, 128)) == 0
 
 
-def test_a_third_user_and_a_crowd_go_to_vllm_and_llamacpp_drains() -> None:
+def test_users_stay_on_the_running_engine_until_it_is_full() -> None:
     router = Router([LLAMA, VLLM])
-    assert router.choose(_lanes(llama=2), [0, 1], Want(None, 128, 128)) == 1
-    # A llama.cpp slot free while vLLM runs a crowd: vLLM still (llama.cpp drains).
-    assert router.choose(_lanes(llama=1, vllm=12), [0, 1], Want(None, 128, 128)) == 1
+    # Starting vLLM adds a whole 20 ms step; one more on llama.cpp 9, 5.3, 5.3 ms.
+    for running in (1, 2, 3):
+        assert router.choose(_lanes(llama=running), [0, 1], Want(None, 128, 128)) == 0
+    assert router.choose(_lanes(llama=4), [1], Want(None, 128, 128)) == 1  # full: spill
+
+
+def test_a_crowd_drains_the_first_engine() -> None:
+    router = Router([LLAMA, VLLM])
+    # vLLM busy: one more request there costs its round 0.3 ms, one more on llama.cpp 5.3.
+    assert router.choose(_lanes(llama=3, vllm=12), [0, 1], Want(None, 128, 128)) == 1
+    # Even once llama.cpp is empty: starting it adds a whole step to everyone's round.
     assert router.choose(_lanes(llama=0, vllm=15), [0, 1], Want(None, 128, 128)) == 1
     # After the crowd, one user alone: llama.cpp again.
     assert router.choose(_lanes(), [0, 1], Want(None, 128, 128)) == 0
@@ -64,17 +61,11 @@ def test_a_prompt_heavy_request_goes_where_prompts_are_fastest() -> None:
     assert router.choose(_lanes(), [0, 1], Want(None, 1024, 256)) == 0
 
 
-def test_only_free_lanes_are_offered() -> None:
-    router = Router([LLAMA, VLLM])
-    assert router.choose(_lanes(llama=2), [0], Want(None, 128, 128)) == 0  # vLLM not ready
-    assert router.choose(_lanes(llama=4), [1], Want(None, 128, 128)) == 1
-
-
 def test_want_reads_the_output_limit_and_estimates_the_prompt() -> None:
     want = want_of({"max_completion_tokens": 12, "max_tokens": 99}, 400, frozenset({1}))
     assert (want.prompt_tokens, want.output_tokens, want.lanes) == (100, 12, frozenset({1}))
     assert want_of({"max_tokens": True}, 8, None).output_tokens == 0
-    assert Router([LLAMA, VLLM]).cost(0, _lanes(), Want()) == pytest.approx(
+    assert Router([LLAMA]).cost(0, 0, Want()) == pytest.approx(
         LLAMA.prompt_time(0) + DEFAULT_OUTPUT_TOKENS * 7.5
     )
 

@@ -356,6 +356,9 @@ class Combined(_Strict):
     description: str
     engines: tuple[Literal["vllm", "llamacpp"], ...] = Field(min_length=2)
     device: Literal["cpu", "gpu"] = "cpu"
+    # Whether the default runs it (where it can) instead of the best single profile: only once
+    # its benchmark shows it at least as good as each engine alone (the notes say).
+    default: bool = False
     notes: str = ""
 
     @field_validator("engines")

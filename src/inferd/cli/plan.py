@@ -250,13 +250,14 @@ def _default_combination(
     optimize: str | None,
     pick: combined.Pick,
 ) -> tuple[Combined, list[Candidate]] | None:
-    """The combined profile the default runs instead of `chosen`, if any: with no --optimize,
-    on the device the single best profile runs on, where every engine of it can run here, and
-    with nothing asked that it does not serve (models on demand, adapters)."""
+    """The combined profile the default runs instead of `chosen`, if any: one marked `default`
+    in the catalog, with no --optimize, on the device the single best profile runs on, where
+    every engine of it can run here and all fit together, and with nothing asked that it does
+    not serve (models on demand, adapters)."""
     if optimize is not None or settings.on_demand or settings.lora_path is not None:
         return None
     for combo in entry.combined:
-        if combo.device != chosen.profile.requires.device:
+        if not combo.default or combo.device != chosen.profile.requires.device:
             continue
         try:
             parts = combined.parts(combo, found, pick)

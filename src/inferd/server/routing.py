@@ -3,22 +3,27 @@
 The engines share the machine's cores, so the model of the machine is one of turns: every
 engine with requests running does one decoding step in turn, a step of engine e with n requests
 taking `step_e(n)` (measured: `inferd tune`, or the catalog's reference figures). Every running
-request then gets one token per round of `R = sum of step_e(n_e)`, and the machine's output
-rate is `(requests running) / R`. For the load there will be once a request joins (N requests),
-the best split of N between the engines is the one with the shortest round `R*`; measured on a
-2-core EPYC: one or two requests on llama.cpp (7.5 and 16.5 ms a step, against vLLM's 20), three
-and more all on vLLM (20 ms for 3, 26 for 16, where llama.cpp takes 22 for 3).
+request then gets one token per round of `R = sum of step_e(n_e)`. A new request that joins
+engine e lengthens the round by `step_e(n_e + 1) - step_e(n_e)`, for itself and for everyone
+else, and waits `prompt_e(tokens)` for its first token. So the engine that finishes it soonest
+(R is the same whichever engine takes it) is the one with the smallest
 
-A request goes to the engine with the smallest
+    prompt_e(prompt tokens) + output tokens * (step_e(n_e + 1) - step_e(n_e))
 
-    prompt_e(prompt tokens) + output tokens * round
+which is also the choice that slows everyone else least. What it gives: one user goes to
+the engine with the fastest single stream (llama.cpp on CPUs); more users fill it while a
+request there costs the round less than one on the other engine; past that (in practice: once
+it is full), requests go to the engine whose steps grow slowest with more requests (vLLM's
+batches), and the first engine drains, so a crowd gets the batching engine's throughput rather
+than two engines fighting over the cores. Prompt-heavy requests with few output tokens go where
+prompts are fastest.
 
-where the round is `R*` on the engine the best split adds it to (the others drain towards the
-split as their requests end), and the round it would make on any other engine (held away from
-the best split for as long as it runs). So one user goes to llama.cpp; a crowd goes to vLLM's
-batches and llama.cpp drains, rather than two engines fighting over the cores; a prompt-heavy
-request with few output tokens goes where prompts are fastest; and an engine that is full or not
-ready is not offered (admission offers only lanes with a free slot and a ready engine).
+Starting an idle engine costs a whole step, which keeps requests on the engine already running
+them: on purpose. Measured on the 2-core EPYC, the two engines busy at once are much slower
+than the sum of their steps (2 requests on each: 8.5 s for 128 tokens where the sum of steps
+says 4.7, and 2.6 on vLLM alone), so a rule that moved a small load to vLLM early (the best
+split of the load: vLLM from three requests on) gave four users 42-64 tok/s where llama.cpp
+alone gives 130 and vLLM alone 206 (benchmarks/RESULTS.md).
 
 Only the choice is made here; `admission.Admission` keeps the slots and the queue, and calls
 `Router.choose` with the lanes that have a free slot and a ready engine.
@@ -88,57 +93,19 @@ class Router:
     def __init__(self, speeds: Sequence[Speed]) -> None:
         self.speeds = list(speeds)
 
-    def _step(self, lane: int, running: int) -> float:
-        return self.speeds[lane].step_time(running) if running > 0 else 0.0
-
-    def round(self, counts: Sequence[int]) -> float:
-        """Milliseconds of one round with `counts[i]` requests on lane i."""
-        return sum(self._step(i, n) for i, n in enumerate(counts))
-
-    def best_split(self, lanes: list[Lane], total: int) -> list[int]:
-        """The requests per lane that make the shortest round for `total` requests, the lanes'
-        slots allowing (ties: more on the earlier lanes). Two lanes (llama.cpp and vLLM): every
-        split is tried; more: filled a request at a time where it lengthens the round least."""
-        caps = [lane.max_running for lane in lanes]
-        total = min(total, sum(caps))
-        if len(lanes) == 2:
-            splits = [
-                [k, total - k] for k in range(min(total, caps[0]), -1, -1) if total - k <= caps[1]
-            ]
-            return min(splits, key=self.round)  # the first of equals: most on lane 0
-        counts = [0] * len(lanes)
-        for _ in range(total):
-            room = [i for i in range(len(lanes)) if counts[i] < caps[i]]
-            nxt = min(room, key=lambda i: self._step(i, counts[i] + 1) - self._step(i, counts[i]))
-            counts[nxt] += 1
-        return counts
-
-    def cost(self, lane: int, lanes: list[Lane], want: Want, target: int | None = None) -> float:
-        """The milliseconds `want` takes on lane `lane`: its prompt, then its output tokens
-        at the round it will see (see the module's docstring)."""
+    def cost(self, lane: int, running: int, want: Want) -> float:
+        """The milliseconds `want` adds on lane `lane` running `running` requests: its prompt,
+        and its output tokens times the longer round."""
+        speed = self.speeds[lane]
         output = want.output_tokens or DEFAULT_OUTPUT_TOKENS
-        counts = [lane_.running for lane_ in lanes]
-        if target is None:
-            target = self._target(lanes, counts)
-        if lane == target:
-            split = self.best_split(lanes, sum(counts) + 1)
-            per_token = self.round(split)
-        else:
-            counts[lane] += 1
-            per_token = self.round(counts)
-        return self.speeds[lane].prompt_time(want.prompt_tokens) + output * per_token
-
-    def _target(self, lanes: list[Lane], counts: list[int]) -> int:
-        """The lane the best split for one more request adds it to: the first lane below its
-        share of that split."""
-        split = self.best_split(lanes, sum(counts) + 1)
-        short = [i for i, n in enumerate(counts) if n < split[i]]
-        return short[0] if short else 0
+        # An idle engine adds a whole step to the round; a busy one what one more request adds.
+        before = speed.step_time(running) if running > 0 else 0.0
+        step = max(0.0, speed.step_time(running + 1) - before)
+        return speed.prompt_time(want.prompt_tokens) + output * step
 
     def choose(self, lanes: list[Lane], free: list[int], want: Want) -> int:
-        target = self._target(lanes, [lane.running for lane in lanes])
         # Ties go to the earlier lane (the engine that starts first).
-        return min(free, key=lambda i: (self.cost(i, lanes, want, target), i))
+        return min(free, key=lambda i: (self.cost(i, lanes[i].running, want), i))
 
 
 def want_of(payload: Mapping[str, object], body_bytes: int, lanes: frozenset[int] | None) -> Want:
