@@ -16,6 +16,7 @@ import contextlib
 import functools
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -153,6 +154,26 @@ class Served:
             for p in [*self.descendants(), psutil.Process(self.proc.pid)]:
                 p.kill()
             raise
+
+
+LLAMACPP_VARIANT = "gguf-q8_0"  # the cache folder of LLAMACPP_PROFILE
+
+
+def cli(cache: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """`inferd ARGS` on the cache `cache`, its output captured."""
+    env = {**os.environ, "INFERD_CACHE_PATH": str(cache)}
+    return subprocess.run([INFERD, *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def cache_with_model(root: Path) -> Path:
+    """`root` made a cache of its own holding the default model's llama.cpp folder, copied
+    from the suite's (pulled there first if need be), for tests that alter a cache."""
+    source = cache_path() / "models" / MODEL / LLAMACPP_VARIANT
+    if not source.is_dir():  # the suite's cache is filled by the first serve; fill it here
+        done = cli(cache_path(), "cache", "pull", MODEL, "--profile", LLAMACPP_PROFILE, timeout=900)
+        assert done.returncode == 0, done.stderr
+    shutil.copytree(source, root / "models" / MODEL / LLAMACPP_VARIANT)
+    return root
 
 
 def engine_socket(

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import shutil
 import subprocess
 import tarfile
@@ -27,37 +26,25 @@ import openai
 import pytest
 
 from tests.adapters import train_lora
-from tests.e2e.conftest import INFERD, LLAMACPP_PROFILE, MODEL, Served, cache_path, start
+from tests.e2e.conftest import (
+    LLAMACPP_PROFILE,
+    MODEL,
+    Served,
+    cache_with_model,
+    cli,
+    start,
+)
 from tests.e2e.test_adapters import base_folder
 from tests.signing_keys import write_keys
 
 pytestmark = pytest.mark.e2e
 ADAPTER = train_lora.ADAPTER_NAME
 PROMPTS = [prompt for prompt, _ in train_lora.held_out(3)]
-VARIANT = "gguf-q8_0"
 
 
 @pytest.fixture(scope="module")
 def adapter() -> Path:
     return train_lora.cached_adapter(base_folder())
-
-
-def _cache_with_model(root: Path) -> Path:
-    """A cache of its own holding the default model's llama.cpp folder (copied from the
-    suite's, pulled there first if need be)."""
-    source = cache_path() / "models" / MODEL / VARIANT
-    if not source.is_dir():
-        done = _run(
-            cache_path(), "cache", "pull", MODEL, "--profile", LLAMACPP_PROFILE, timeout=900
-        )
-        assert done.returncode == 0, done.stderr
-    shutil.copytree(source, root / "models" / MODEL / VARIANT)
-    return root
-
-
-def _run(cache: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "INFERD_CACHE_PATH": str(cache)}
-    return subprocess.run([INFERD, *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def _error(done: subprocess.CompletedProcess[str]) -> list[str]:
@@ -108,7 +95,7 @@ def test_an_adapter_moves_signed_to_another_cache_and_is_served_there_as_it_was(
 ) -> None:
     private, public = write_keys(tmp_path, "site")
     other_private, _ = write_keys(tmp_path, "other")
-    a, b = _cache_with_model(tmp_path / "a"), _cache_with_model(tmp_path / "b")
+    a, b = cache_with_model(tmp_path / "a"), cache_with_model(tmp_path / "b")
     lora_a, lora_b = tmp_path / "lora-a", tmp_path / "lora-b"
     for name in (ADAPTER, "other-key"):
         shutil.copytree(adapter, lora_a / name)
@@ -117,7 +104,7 @@ def test_an_adapter_moves_signed_to_another_cache_and_is_served_there_as_it_was(
     with _serving(a, tmp_path, "--lora-path", str(lora_a)) as served:
         before = _answers(served)
     assert all(train_lora.parse_label(reply) for reply in before), before  # the adapter's format
-    listed = json.loads(_run(a, "cache", "list", "--json").stdout)["adapters"]
+    listed = json.loads(cli(a, "cache", "list", "--json").stdout)["adapters"]
     assert {(x["adapter"], x["base"], x["gguf"], x["signed"]) for x in listed} == {
         (ADAPTER, MODEL, True, False),
         ("other-key", MODEL, True, False),
@@ -125,28 +112,28 @@ def test_an_adapter_moves_signed_to_another_cache_and_is_served_there_as_it_was(
 
     # Signed (one by another key) and exported.
     for name, key in ((ADAPTER, private), ("other-key", other_private)):
-        done = _run(a, "cache", "sign", name, "--key", str(key))
+        done = cli(a, "cache", "sign", name, "--key", str(key))
         assert done.returncode == 0 and done.stdout.startswith(f"signed adapter {name}"), done
-        done = _run(a, "cache", "export", name, str(tmp_path / f"{name}.tar"))
+        done = cli(a, "cache", "export", name, str(tmp_path / f"{name}.tar"))
         assert done.returncode == 0 and "PEFT + GGUF, signed" in done.stdout, done.stderr
 
     # A tampered file: one line, nothing imported.
     bad = _tampered(tmp_path / f"{ADAPTER}.tar", tmp_path / "bad.tar", "/adapter.gguf")
-    done = _run(b, "cache", "import", str(bad), "--lora-path", str(tmp_path))
+    done = cli(b, "cache", "import", str(bad), "--lora-path", str(tmp_path))
     assert done.returncode == 1 and len(_error(done)) == 1, done.stderr
     assert "adapter.gguf missing or altered" in _error(done)[0]
     assert not (b / "adapters").exists() and not (tmp_path / ADAPTER).exists()
 
     # Imported into cache b and its adapter folder; beside them an adapter never signed here.
     lora_b.mkdir()
-    done = _run(b, "cache", "import", str(tmp_path / f"{ADAPTER}.tar"),
+    done = cli(b, "cache", "import", str(tmp_path / f"{ADAPTER}.tar"),
                 "--lora-path", str(lora_b), "--signing-public-key", str(public))  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "signature verified" in done.stdout and f"placed at {lora_b / ADAPTER}" in done.stdout
-    done = _run(b, "cache", "import", str(tmp_path / "other-key.tar"), "--lora-path", str(lora_b))
+    done = cli(b, "cache", "import", str(tmp_path / "other-key.tar"), "--lora-path", str(lora_b))
     assert done.returncode == 0 and "not checked here" in done.stdout, done.stderr
     shutil.copytree(adapter, lora_b / "unsigned")
-    done = _run(b, "cache", "sign", MODEL, "--key", str(private), "--profile", LLAMACPP_PROFILE)
+    done = cli(b, "cache", "sign", MODEL, "--key", str(private), "--profile", LLAMACPP_PROFILE)
     assert done.returncode == 0, done.stderr
 
     # Served there, signatures required: the signed adapter as it was, the others refused.

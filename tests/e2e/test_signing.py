@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -16,10 +15,16 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.conftest import INFERD, LLAMACPP_PROFILE, MODEL, cache_path, free_port
+from tests.e2e.conftest import (
+    INFERD,
+    LLAMACPP_PROFILE,
+    LLAMACPP_VARIANT,
+    MODEL,
+    cache_with_model,
+    cli,
+    free_port,
+)
 from tests.signing_keys import write_keys
-
-VARIANT = "gguf-q8_0"
 
 
 def _keys(folder: Path, name: str) -> tuple[Path, Path]:
@@ -30,22 +35,7 @@ def _keys(folder: Path, name: str) -> tuple[Path, Path]:
 def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A cache of its own holding the default model (copied from the suite's: this test alters
     it), so the shared cache is never touched."""
-    root = tmp_path_factory.mktemp("signed-cache")
-    source = cache_path() / "models" / MODEL / VARIANT
-    if not source.is_dir():  # the suite's cache is filled by the first serve; fill it here
-        done = subprocess.run(
-            [INFERD, "cache", "pull", MODEL, "--profile", LLAMACPP_PROFILE],
-            env={**os.environ, "INFERD_CACHE_PATH": str(cache_path())},
-            capture_output=True, text=True, timeout=900,
-        )  # fmt: skip
-        assert done.returncode == 0, done.stderr
-    shutil.copytree(source, root / "models" / MODEL / VARIANT)
-    return root
-
-
-def _run(cache: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "INFERD_CACHE_PATH": str(cache)}
-    return subprocess.run([INFERD, *args], env=env, capture_output=True, text=True, timeout=timeout)
+    return cache_with_model(tmp_path_factory.mktemp("signed-cache"))
 
 
 def _serve_until_ready_or_exit(cache: Path, public: Path, log: Path) -> tuple[int | None, str]:
@@ -82,23 +72,23 @@ def _serve_until_ready_or_exit(cache: Path, public: Path, log: Path) -> tuple[in
 def test_signed_models_serve_and_anything_else_is_refused(cache: Path, tmp_path: Path) -> None:
     private, public = _keys(tmp_path, "ours")
     _, stranger = _keys(tmp_path, "theirs")
-    folder = cache / "models" / MODEL / VARIANT
+    folder = cache / "models" / MODEL / LLAMACPP_VARIANT
     select = ("--profile", LLAMACPP_PROFILE)
 
     # Unsigned: refused, saying so (exit 1, one line at the end of the start-up output).
     code, out = _serve_until_ready_or_exit(cache, public, tmp_path / "unsigned.log")
     assert code == 1 and "is not signed" in out, out[-2000:]
 
-    signed = _run(cache, "cache", "sign", MODEL, *select, "--key", str(private))
+    signed = cli(cache, "cache", "sign", MODEL, *select, "--key", str(private))
     assert signed.returncode == 0, signed.stderr
-    signature = folder.parent / f"{VARIANT}.sig"
+    signature = folder.parent / f"{LLAMACPP_VARIANT}.sig"
     assert signature.is_file() and str(signature) in signed.stdout
 
-    ok = _run(cache, "cache", "verify", MODEL, *select, "--signature",
+    ok = cli(cache, "cache", "verify", MODEL, *select, "--signature",
               "--signing-public-key", str(public), "--json")  # fmt: skip
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["signature"]["verified"] is True
-    wrong = _run(cache, "cache", "verify", MODEL, *select, "--signature",
+    wrong = cli(cache, "cache", "verify", MODEL, *select, "--signature",
                  "--signing-public-key", str(stranger))  # fmt: skip
     assert wrong.returncode == 1 and "Key mismatch" in wrong.stderr
 
@@ -115,8 +105,8 @@ def test_signed_models_serve_and_anything_else_is_refused(cache: Path, tmp_path:
     record = json.loads((folder / "provenance.json").read_text())
     record["outputs"][weights.name] = hashlib.sha256(data).hexdigest()
     (folder / "provenance.json").write_text(json.dumps(record))
-    assert _run(cache, "cache", "verify", MODEL).returncode == 0  # provenance alone: fooled
-    bad = _run(cache, "cache", "verify", MODEL, *select, "--signature",
+    assert cli(cache, "cache", "verify", MODEL).returncode == 0  # provenance alone: fooled
+    bad = cli(cache, "cache", "verify", MODEL, *select, "--signature",
                "--signing-public-key", str(public))  # fmt: skip
     assert bad.returncode == 1 and f"changed since signing: {weights.name}" in bad.stderr
     code, out = _serve_until_ready_or_exit(cache, public, tmp_path / "altered.log")
@@ -124,6 +114,6 @@ def test_signed_models_serve_and_anything_else_is_refused(cache: Path, tmp_path:
 
 
 def test_require_signed_without_a_key_is_a_usage_error(cache: Path) -> None:
-    done = _run(cache, "serve", "--require-signed", "--port", str(free_port()), timeout=60)
+    done = cli(cache, "serve", "--require-signed", "--port", str(free_port()), timeout=60)
     assert done.returncode == 2
     assert "INFERD_SIGNING_PUBLIC_KEY" in done.stderr and len(done.stderr.splitlines()) == 1

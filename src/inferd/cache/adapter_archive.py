@@ -34,7 +34,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from inferd import __version__
-from inferd.cache import archive, signing
+from inferd.cache import signing
 from inferd.cache.adapter_store import GGUF, adapter_name, adapters_dir, digest_of, source_hashes
 from inferd.cache.adapter_store import verify as verify_folder
 from inferd.cache.adapters import CONFIG, FILES, MAX_CONFIG_BYTES, NAME, WEIGHTS, read_header
@@ -43,6 +43,7 @@ from inferd.cache.archive import (
     MAX_SIGNATURE_BYTES,
     extract_member,
     opened,
+    write,
 )
 from inferd.cache.fetch import disk_errors
 from inferd.cache.reporting import SILENT, Reporter
@@ -96,7 +97,8 @@ def export(
         "provenance": record,
         "signed": sig.is_file(),
     }
-    archive.write(target, manifest, members, store, reporter, f"export {manifest['adapter']}")
+    # The adapter's members as a model's export writes them: one writer for both formats.
+    write(target, manifest, members, store, reporter, f"export {manifest['adapter']}")
     return manifest
 
 

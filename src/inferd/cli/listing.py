@@ -110,7 +110,6 @@ def list_profiles(settings: Settings, model_id: str | None, *, as_json: bool) ->
     # A catalog id, or a model given by path (its entry generated from the files).
     entries = [model_entry(settings, model_id, models)] if model_id else list(models)
     hw = hardware.detect(settings.hardware)
-    optimize = None if settings.optimize == "auto" else settings.optimize
     missing = unavailable_engines(settings, hw)
     store, fp = ModelStore(settings.cache_path), measured.fingerprint(hw)
     report = []
@@ -122,14 +121,11 @@ def list_profiles(settings: Settings, model_id: str | None, *, as_json: bool) ->
         ranked_by = "catalog"
         combos: list[dict[str, Any]] = []
         try:
-            chosen = profiles.select(entry, hw, optimize=optimize, found=found, measured=figures)
-            selected = chosen.profile.id
-            why = profiles.explain(chosen, found, optimize, figures, model=entry.id)
-            if profiles.by_measurement(chosen, found, figures):
-                ranked_by = "measurements"
-            # What serve itself would run (a combined profile, by default where it can).
+            # What serve itself would run (a combined profile, where the catalog makes it so).
             served = plan.resolve(settings, entry=entry, hw=hw, profile="default")
             selected, why = served.profile_id, served.why
+            if profiles.by_measurement(served.chosen, found, figures):
+                ranked_by = "measurements"
         except NoProfileError:
             pass
         for combo in entry.combined:

@@ -70,7 +70,9 @@ class ServedModel:
     def ready(self) -> bool:
         """Some engine of the model takes requests (with several, the others may be starting,
         restarting or failed: the one that answers serves)."""
-        return any(b.supervisor.state is State.READY for b in self.backends)
+        if self.supervisor.state is State.READY:  # every request asks: the common case first
+            return True
+        return any(b.supervisor.state is State.READY for b in self.others)
 
     @property
     def on_demand(self) -> bool:
