@@ -202,9 +202,13 @@ def engine_sockets(served: Served) -> dict[str, tuple[Path, str]]:
 
 
 def engine_client(socket: Path, key: str | None = None) -> httpx.Client:
-    """A client of an engine on its socket, with `key` (or none)."""
+    """A client of an engine on its socket, with `key` (or none). Every request on a connection
+    of its own: the engines close idle connections after 5 s, and a request sent on one at the
+    moment it closes fails with "Server disconnected" (seen once on CI). inferd's own engine
+    link retries those on a fresh connection; a test's client has no such retry."""
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    transport = httpx.HTTPTransport(uds=str(socket))
+    fresh = httpx.Limits(max_keepalive_connections=0)
+    transport = httpx.HTTPTransport(uds=str(socket), limits=fresh)
     return httpx.Client(base_url="http://engine", transport=transport, headers=headers, timeout=60)
 
 

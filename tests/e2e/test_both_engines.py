@@ -1,6 +1,6 @@
-"""Both CPU engines behind one model (`--profile cpu-both`, the default on a CPU with both):
-llama.cpp answers first, vLLM starts behind it at a lower priority and joins; requests go to the
-engine that finishes them soonest, a crowd spills over to vLLM with nothing refused, a request
+"""Both CPU engines behind one model (`--profile cpu-both`): llama.cpp answers first, vLLM
+starts behind it at a lower priority, paused while a user streams from llama.cpp, and joins;
+the engines take turns: one user on llama.cpp, a crowd on vLLM with nothing refused, a request
 only vLLM can serve goes there, and a crash of either engine leaves the other serving.
 
 One real `inferd serve` for the module (the shared `server` fixture runs the API, tools and rails
@@ -10,6 +10,7 @@ tests on this profile too); requests through the real HTTP front with the OpenAI
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import os
 import subprocess
@@ -37,6 +38,10 @@ class Seen:
     health: dict[str, Any] = field(default_factory=dict)
     nice_while_starting: set[int] = field(default_factory=set)
     policy_while_starting: set[int] = field(default_factory=set)
+    # vLLM's process states while one user streams from llama.cpp, and once the stream is done.
+    while_serving: set[str] = field(default_factory=set)
+    after_serving: set[str] = field(default_factory=set)
+    not_stopped: set[str] = field(default_factory=set)  # which, if any, ran while serving
 
 
 def _engines(served: Served) -> dict[str, dict[str, Any]]:
@@ -94,8 +99,45 @@ def both(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Served, See
                     continue
             time.sleep(0.2)
         seen.nice_while_starting = niced
+        if _engines(served)["vllm"]["state"] != "ready":
+            _stream_watching_vllm(served, seen)
         _wait_joined(served)
         yield served, seen
+
+
+def _statuses(served: Served, running: set[str] | None = None) -> set[str]:
+    """The states of vLLM's processes; those not stopped named in `running`."""
+    found = set()
+    for p in _vllm_tree(served):
+        with contextlib.suppress(psutil.Error):
+            found.add(p.status())
+            if running is not None and p.status() != psutil.STATUS_STOPPED:
+                running.add(f"{p.name()} pid {p.pid} pgid {os.getpgid(p.pid)}: {p.status()}")
+    return found
+
+
+def _stream_watching_vllm(served: Served, seen: Seen) -> None:
+    """One user's stream from llama.cpp while vLLM starts: vLLM's start is paused meanwhile
+    (server.warmup), and goes on once the stream is done."""
+    stream = _chat(served).chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Write a long story about a lighthouse keeper."}],
+        max_tokens=96,
+        temperature=0,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    for i, _ in enumerate(stream):
+        # Not near the end: the front frees the slot (and vLLM goes on) once llama.cpp has
+        # sent its last token, while the client is still reading the last events.
+        if 4 <= i <= 64 and i % 8 == 0:
+            seen.while_serving |= _statuses(served, seen.not_stopped)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and (
+        not seen.after_serving or "stopped" in seen.after_serving
+    ):
+        time.sleep(0.2)
+        seen.after_serving = _statuses(served)
 
 
 def _chat(served: Served) -> openai.OpenAI:
@@ -111,6 +153,9 @@ def test_ready_on_the_first_engine_while_vllm_starts_niced(
     assert states["llamacpp"] == "ready" and states["vllm"] in {"stopped", "starting"}
     assert seen.nice_while_starting and min(seen.nice_while_starting) >= 10
     assert seen.policy_while_starting == {os.SCHED_IDLE}
+    # While a user streamed from llama.cpp, vLLM's start was stopped; then it went on.
+    assert seen.while_serving == {psutil.STATUS_STOPPED}, seen
+    assert seen.after_serving and psutil.STATUS_STOPPED not in seen.after_serving, seen
     # Ready now: both engines listed, vLLM given its normal priority back (the tests run as a
     # user allowed to raise it; elsewhere it stays niced, as the log says).
     assert {n: e["state"] for n, e in _engines(served).items()} == {

@@ -3,6 +3,7 @@ the engine's key, and its socket taken by another process."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socketserver
@@ -16,6 +17,7 @@ import psutil
 import pytest
 
 from inferd.server.engine_link import RuntimeFolder
+from inferd.server.supervisor import State, Supervisor
 from tests.integration.conftest import MODEL, served_model, start_front, stop_front
 
 
@@ -168,3 +170,47 @@ def test_a_socket_taken_by_another_process_is_refused(
         for squatter in squatters:
             squatter.shutdown()
             squatter.server_close()
+
+
+async def test_a_start_behind_another_engine_pauses_and_its_deadline_waits(
+    tmp_path: Path,
+) -> None:
+    # Ready 1.5 s after it starts; the deadline (6 s: the start runs in the idle scheduling
+    # class, slow on a busy machine) is shorter than the time it is held.
+    served = served_model(tmp_path, "--ready-after", "1.5")
+    engine = served.supervisor.engine
+    supervisor = Supervisor(engine, ready_timeout_s=6, backoff_s=(0.2,), nice=10)
+    supervisor.pause()  # asked before the process exists: it is stopped once spawned
+    supervisor.start()
+    try:
+        while supervisor.pid is None:  # noqa: ASYNC110 (no event marks the spawn)
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.3)
+        group = [psutil.Process(supervisor.pid)]
+        assert all(p.status() == psutil.STATUS_STOPPED for p in group)
+        await asyncio.sleep(7.0)  # held past its ready time and past its deadline
+        assert supervisor.state is State.STARTING and supervisor.describe()["paused"] is True
+        supervisor.resume()
+        await asyncio.wait_for(supervisor.ready.wait(), 20)
+        assert supervisor.paused_s >= 7.0 and supervisor.restarts == 0
+        assert psutil.Process(supervisor.pid).status() != psutil.STATUS_STOPPED
+        supervisor.pause()  # an engine serving is never paused
+        assert not supervisor.paused
+        assert psutil.Process(supervisor.pid).status() != psutil.STATUS_STOPPED
+    finally:
+        await supervisor.stop()
+    assert supervisor.state is State.STOPPED
+
+
+async def test_a_paused_start_is_stopped_at_once(tmp_path: Path) -> None:
+    served = served_model(tmp_path, "--ready-after", "30")
+    supervisor = Supervisor(served.supervisor.engine, ready_timeout_s=60, nice=10)
+    supervisor.start()
+    while supervisor.pid is None:  # noqa: ASYNC110 (no event marks the spawn)
+        await asyncio.sleep(0.02)
+    pid = supervisor.pid
+    supervisor.pause()
+    began = time.monotonic()
+    await supervisor.stop()  # a stopped process takes SIGTERM only once continued
+    assert time.monotonic() - began < 5
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE

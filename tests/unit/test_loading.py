@@ -176,6 +176,23 @@ async def test_a_slow_load_answers_503_with_retry_after_and_goes_on() -> None:
     await pool.shutdown()
 
 
+async def test_retry_after_is_what_is_left_of_the_load_under_way() -> None:
+    sups = {"a": FakeSupervisor(load_s=60)}
+    pool, models, _ = _pool(sups, timeout_s=0.05)
+    with pytest.raises(EngineNotReadyError) as info:  # a first load: its time is unknown
+        await pool.use(models["a"])
+    assert info.value.headers()["Retry-After"] == "5"
+    # Had a load taken 30 s, one under way for 10 s has 20 s left (not 30 more).
+    loading = pool._residents["a"]
+    assert loading.state is LoadState.LOADING and loading.load_began is not None
+    loading.load_seconds = 30.0
+    loading.load_began -= 10
+    assert pool._retry_after(loading) == 20
+    loading.load_began -= 25  # overdue: ask again shortly
+    assert pool._retry_after(loading) == 5
+    await pool.shutdown()
+
+
 async def test_a_failed_load_is_refused_with_the_reason_and_retried_later() -> None:
     sups = {"a": FakeSupervisor(fail=True)}
     pool, models, metrics = _pool(sups)

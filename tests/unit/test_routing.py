@@ -8,6 +8,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Gauge
 
 from inferd.errors import OverloadedError
+from inferd.server import warmup
 from inferd.server.admission import Admission, Lane, Limits, Want
 from inferd.server.routing import DEFAULT_OUTPUT_TOKENS, Router, Table, want_of
 
@@ -34,38 +35,55 @@ def test_tables_interpolate_and_extend() -> None:
 
 def test_one_user_goes_to_the_fastest_single_stream() -> None:
     router = Router([LLAMA, VLLM])
-    assert router.choose(_lanes(), [0, 1], Want(None, 128, 128)) == 0
+    assert router.choose(_lanes(), [0, 1], Want(None, 128, 128), 1) == 0
 
 
-def test_users_stay_on_the_running_engine_until_it_is_full() -> None:
+def test_a_few_users_stay_on_llamacpp() -> None:
     router = Router([LLAMA, VLLM])
-    # Starting vLLM adds a whole 20 ms step; one more on llama.cpp 9, 5.3, 5.3 ms.
-    for running in (1, 2, 3):
-        assert router.choose(_lanes(llama=running), [0, 1], Want(None, 128, 128)) == 0
-    assert router.choose(_lanes(llama=4), [1], Want(None, 128, 128)) == 1  # full: spill
+    # Rates at 2 and 3 requests: llama.cpp 0.121 and 0.138 tokens/ms, vLLM 0.101 and 0.150
+    # (not 1.25 times better): they join llama.cpp.
+    for running in (1, 2):
+        assert router.choose(_lanes(llama=running), [0, 1], Want(None, 128, 128), running + 1) == 0
 
 
-def test_a_crowd_drains_the_first_engine() -> None:
+def test_four_users_end_llamacpps_turn_and_wait_for_its_drain() -> None:
     router = Router([LLAMA, VLLM])
-    # vLLM busy: one more request there costs its round 0.3 ms, one more on llama.cpp 5.3.
-    assert router.choose(_lanes(llama=3, vllm=12), [0, 1], Want(None, 128, 128)) == 1
-    # Even once llama.cpp is empty: starting it adds a whole step to everyone's round.
-    assert router.choose(_lanes(llama=0, vllm=15), [0, 1], Want(None, 128, 128)) == 1
-    # After the crowd, one user alone: llama.cpp again.
-    assert router.choose(_lanes(), [0, 1], Want(None, 128, 128)) == 0
+    # At four, vLLM's 0.200 beats 1.25 x llama.cpp's 0.148: the fourth waits, as do all
+    # after it, until llama.cpp's three are done; then vLLM takes them all.
+    assert router.turn(_lanes(llama=3), [0, 1], Want(None, 128, 128), 4) == 1
+    assert router.choose(_lanes(llama=3), [0, 1], Want(None, 128, 128), 4) is None
+    assert router.choose(_lanes(llama=1), [0, 1], Want(None, 128, 128), 8) is None
+    assert router.choose(_lanes(), [0, 1], Want(None, 128, 128), 8) == 1
+
+
+def test_a_crowd_stays_on_vllm_until_one_user_is_left() -> None:
+    router = Router([LLAMA, VLLM])
+    assert router.choose(_lanes(vllm=15), [0, 1], Want(None, 128, 128), 16) == 1
+    # Two left: llama.cpp's 0.121 is not 1.25 x vLLM's 0.101: vLLM keeps its turn.
+    assert router.choose(_lanes(vllm=1), [0, 1], Want(None, 128, 128), 2) == 1
+    # One alone: llama.cpp again.
+    assert router.choose(_lanes(), [0, 1], Want(None, 128, 128), 1) == 0
+
+
+def test_a_full_engine_makes_its_requests_wait() -> None:
+    router = Router([LLAMA, VLLM])
+    # llama.cpp full and only it may serve (vLLM still starting: not ready): wait for a slot.
+    assert router.choose(_lanes(llama=4), [0], Want(None, 128, 128), 5) is None
+    # vLLM ready but llama.cpp still running: vLLM's turn waits for the drain.
+    assert router.choose(_lanes(llama=4), [1], Want(frozenset({1}), 8, 8), 5) is None
 
 
 def test_a_prompt_heavy_request_goes_where_prompts_are_fastest() -> None:
     router = Router([LLAMA, VLLM])
-    assert router.choose(_lanes(), [0, 1], Want(None, 1024, 1)) == 1
-    assert router.choose(_lanes(), [0, 1], Want(None, 1024, 256)) == 0
+    assert router.choose(_lanes(), [0, 1], Want(None, 1024, 1), 1) == 1
+    assert router.choose(_lanes(), [0, 1], Want(None, 1024, 256), 1) == 0
 
 
 def test_want_reads_the_output_limit_and_estimates_the_prompt() -> None:
     want = want_of({"max_completion_tokens": 12, "max_tokens": 99}, 400, frozenset({1}))
     assert (want.prompt_tokens, want.output_tokens, want.lanes) == (100, 12, frozenset({1}))
     assert want_of({"max_tokens": True}, 8, None).output_tokens == 0
-    assert Router([LLAMA]).cost(0, 0, Want()) == pytest.approx(
+    assert Router([LLAMA]).cost(0, Want()) == pytest.approx(
         LLAMA.prompt_time(0) + DEFAULT_OUTPUT_TOKENS * 7.5
     )
 
@@ -80,36 +98,62 @@ def _admission(lanes: list[Lane], queue: int = 4, timeout: float = 5.0) -> Admis
     )
 
 
-async def test_capacity_is_the_sum_of_the_lanes_and_the_queue_comes_after() -> None:
+async def test_the_queue_is_sized_from_both_engines_and_the_503_comes_after_it() -> None:
     lanes = [Lane("llamacpp", 1), Lane("vllm", 2)]
     admission = _admission(lanes, queue=1, timeout=5)
-    slots = [await admission.acquire(Want(None, 128, 128)) for _ in range(3)]
-    assert [s.lane for s in slots] == [0, 1, 1]
+    first = await admission.acquire(Want(None, 128, 128))
+    assert first.lane == 0  # alone: llama.cpp
+    # Two: llama.cpp's one slot (0.133 tokens/ms) against vLLM's 0.101 at two: it stays
+    # llama.cpp's turn, and the second waits for its slot.
     waiter = asyncio.create_task(admission.acquire(Want(None, 128, 128)))
     await asyncio.sleep(0)
     assert admission.waiting == 1
-    with pytest.raises(OverloadedError):
+    with pytest.raises(OverloadedError, match="at capacity"):  # the queue of one is full
         await admission.acquire()
-    slots[1].release()  # a vLLM slot frees: the waiter gets it
-    assert (await waiter).lane == 1
-    assert [lane.running for lane in lanes] == [1, 2] and admission.running == 3
+    first.release()
+    assert (await waiter).lane == 0
+    assert admission.running == 1 and admission.waiting == 0
+
+
+async def test_waiters_keep_their_order_across_a_change_of_turn() -> None:
+    lanes = [Lane("llamacpp", 4), Lane("vllm", 32)]
+    admission = _admission(lanes, queue=16)
+    want = Want(None, 128, 128)
+    held = [await admission.acquire(want) for _ in range(3)]  # three users: llama.cpp
+    assert [s.lane for s in held] == [0, 0, 0]
+    order: list[int] = []
+
+    async def take(i: int) -> int:
+        slot = await admission.acquire(want)
+        order.append(i)
+        return slot.lane
+
+    # A crowd arrives: vLLM's turn; none joins llama.cpp, though it has a free slot.
+    crowd = [asyncio.create_task(take(i)) for i in range(8)]
+    await asyncio.sleep(0)
+    assert admission.waiting == 8 and lanes[0].running == 3
+    for slot in held:
+        slot.release()
+    assert await asyncio.gather(*crowd) == [1] * 8
+    assert order == list(range(8)) and lanes[1].running == 8
 
 
 async def test_a_request_only_one_engine_serves_waits_for_that_engine() -> None:
     lanes = [Lane("llamacpp", 1), Lane("vllm", 1)]
     admission = _admission(lanes)
-    vllm_only = Want(frozenset({1}), 8, 8)
-    first = await admission.acquire(vllm_only)
-    assert first.lane == 1
-    waiter = asyncio.create_task(admission.acquire(vllm_only))
+    llama = await admission.acquire(Want(None, 128, 128))
+    assert llama.lane == 0
+    vllm_only = asyncio.create_task(admission.acquire(Want(frozenset({1}), 8, 8)))
     await asyncio.sleep(0)
-    # The llama.cpp lane is free and the waiter cannot use it: a new request takes it at once.
-    other = await admission.acquire(Want(None, 8, 8))
-    assert other.lane == 0
-    other.release()  # nobody waiting can use it: it stays free
-    assert not waiter.done() and lanes[0].running == 0
-    first.release()
-    assert (await waiter).lane == 1
+    # The vLLM lane is free, but llama.cpp runs: vLLM's turn comes when llama.cpp is done,
+    # and a newcomer does not overtake the waiter.
+    later = asyncio.create_task(admission.acquire(Want(None, 128, 128)))
+    await asyncio.sleep(0)
+    assert not vllm_only.done() and not later.done() and admission.waiting == 2
+    llama.release()
+    assert (await vllm_only).lane == 1
+    await asyncio.sleep(0)
+    assert not later.done()  # vLLM's one slot is taken, and it keeps its turn at load 2
 
 
 async def test_an_engine_that_becomes_ready_takes_the_waiters() -> None:
@@ -118,16 +162,52 @@ async def test_an_engine_that_becomes_ready_takes_the_waiters() -> None:
     admission = _admission(lanes)
     held = await admission.acquire()
     assert held.lane == 0
-    waiters = [asyncio.create_task(admission.acquire()) for _ in range(2)]
+    waiters = [asyncio.create_task(admission.acquire()) for _ in range(4)]
     await asyncio.sleep(0)
-    assert admission.waiting == 2
+    assert admission.waiting == 4
+    # vLLM ready: at five requests its turn (0.245 tokens/ms against llama.cpp's one slot at
+    # 0.133); it starts once llama.cpp has drained.
     ready["vllm"] = True
     admission.wake()
-    assert [(await w).lane for w in waiters] == [1, 1]
-    assert lanes[1].taken == 2 and admission.waiting == 0
+    await asyncio.sleep(0)
+    assert admission.waiting == 4
+    held.release()
+    assert [(await w).lane for w in waiters] == [1, 1, 1, 1]
+    assert lanes[1].taken == 4 and admission.waiting == 0
 
 
 async def test_no_lane_can_serve_it_is_refused() -> None:
     admission = _admission([Lane("llamacpp", 1), Lane("vllm", 1)])
     with pytest.raises(OverloadedError, match="no engine"):
         await admission.acquire(Want(frozenset(), 8, 8))
+
+
+class _Start:
+    """What `warmup.Yield` asks of a starting engine's supervisor: pause and resume."""
+
+    def __init__(self) -> None:
+        self.paused = False
+
+    def pause(self) -> None:
+        self.paused = True
+
+    def resume(self) -> None:
+        self.paused = False
+
+
+async def test_a_starting_engine_yields_while_the_first_serves_and_runs_for_a_crowd() -> None:
+    vllm_ready = {"now": False}
+    lanes = [Lane("llamacpp", 1), Lane("vllm", 4, usable=lambda: vllm_ready["now"])]
+    admission = _admission(lanes, queue=4)
+    start = _Start()
+    admission.watchers.append(warmup.Yield(admission, [start]))
+    one = await admission.acquire()
+    assert start.paused  # one user on llama.cpp: the start holds
+    crowd = asyncio.create_task(admission.acquire())
+    await asyncio.sleep(0)
+    assert not start.paused  # someone waits: the start goes on
+    one.release()
+    second = await crowd
+    assert start.paused  # the waiter runs alone again
+    second.release()
+    assert not start.paused  # idle: the start goes on

@@ -270,3 +270,20 @@ def test_an_engine_built_for_the_other_device_is_named_only_where_the_device_exi
     fp8 = next(c for c in on_h100 if c.profile.id == "vllm-hopper-fp8-tp1")
     # Missing engine and a shorter context that fits: both said.
     assert fp8.reason == "vLLM is not installed; fits with --max-model-len 16384"
+
+
+def test_vllm_runs_on_a_cpu_with_avx2_and_no_avx512() -> None:
+    # vLLM 0.32's CPU build brings AVX2 kernels (served on this Zen 3, 2026-12-02): its CPU
+    # profiles run there; a CPU without AVX2 has none.
+    zen3 = hardware.from_captures(FIXTURES / "hardware" / "cpu-epyc-zen3-2core")
+    assert "avx2" in zen3.cpu.features and "avx512f" not in zen3.cpu.features
+    table = _table("smollm2-135m-instruct", zen3)
+    assert table["vllm-cpu-bf16"] == RUNNABLE
+    no_avx2 = replace(zen3, cpu=replace(zen3.cpu, features=frozenset({"fma"})))
+    assert _table("smollm2-135m-instruct", no_avx2)["vllm-cpu-bf16"] == INCOMPATIBLE
+    for model in ("all-minilm-l6-v2", "gemma-3-270m", "qwen2.5-coder-0.5b-instruct"):
+        vllm_cpu = [
+            c for c in profiles.candidates(CATALOG.get(model), zen3) if c.profile.engine == "vllm"
+            and c.profile.requires.device == "cpu"
+        ]  # fmt: skip
+        assert vllm_cpu and all(c.status == RUNNABLE for c in vllm_cpu), model

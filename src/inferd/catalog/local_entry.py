@@ -128,7 +128,8 @@ def _vllm(model: LocalModel, context: int) -> list[Profile]:
                 format="safetensors",
                 context=context,
                 max_running=32,
-                requires=Requirements(device="cpu", arch=("x86_64",), cpu_features=("avx512f",)),
+                # vLLM's CPU build has AVX2 kernels for CPUs without AVX-512.
+                requires=Requirements(device="cpu", arch=("x86_64",), cpu_features=("avx2",)),
                 engine_args={"kv-cache-memory-bytes": VLLM_CPU_KV_BYTES},
                 engine_env={"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"},
                 notes=NOT_MEASURED,

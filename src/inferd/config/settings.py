@@ -134,7 +134,9 @@ class Settings:
         "Models (comma-separated) loaded at start and never stopped, when models load on demand.",
     )
     load_timeout_s: float = _setting(
-        120.0,
+        # vLLM's start on a 2-core CPU takes 2-5 minutes (compiling); 600 s is also the
+        # official OpenAI client's default timeout.
+        600.0,
         "Seconds a request waits for its model to load (models on demand), then 503 with "
         "Retry-After; the load goes on.",
     )

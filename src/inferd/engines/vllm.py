@@ -22,7 +22,16 @@ BASE_ENV = {
     "DO_NOT_TRACK": "1",
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
+    # inferd's supervisor owns the start's deadline (`engine_ready_timeout_s`, 900 s, not
+    # counting time the start spends paused behind another engine's users:
+    # `Supervisor.pause`); vLLM's own wait for its engine core (600 s) would cut it short.
+    "VLLM_ENGINE_READY_TIMEOUT_S": "86400",
 }
+# On the CPU: no AOT compile. vLLM 0.32 with torch 2.13 cannot load its own AOT artifacts on
+# the CPU ("'function' object has no attribute 'finalize_loading'") and compiles the model
+# again at every start; without AOT, torch.compile's cache in VLLM_CACHE_ROOT serves the later
+# starts (164 s against 259 s for a start on the loaded 2-core Zen 3; benchmarks/RESULTS.md).
+CPU_ENV = {"VLLM_USE_AOT_COMPILE": "0"}
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 # The request fields vLLM 0.32's OpenAI server reads (its protocol models' fields). vLLM
@@ -247,7 +256,13 @@ class VllmEngine(Engine):
             *self.adapter_flags(),
             *self.extra_args,
         ]
-        env = {**BASE_ENV, "VLLM_CACHE_ROOT": str(self.cache_dir), **self.profile.engine_env}
+        on_cpu = CPU_ENV if self.profile.requires.device == "cpu" else {}
+        env = {
+            **BASE_ENV,
+            **on_cpu,
+            "VLLM_CACHE_ROOT": str(self.cache_dir),
+            **self.profile.engine_env,
+        }
         return EngineCommand(argv=argv, env={**env, **self.adapter_env()})
 
     # LoRA adapters: loaded at start (`--lora-modules`) and at run time through vLLM's

@@ -12,10 +12,13 @@ waits for one, so no slot is handed on to work the drain would only cut.
 
 A model served by several engines (a combined profile) has one `Lane` per engine, each with its
 own slots; the model's capacity is their sum, and the queue and the 503 come only beyond it. A
-request names the lanes that can serve it (`Want`) and gets a slot in one of them: the lane
-`choose` picks among those with a free slot and a ready engine (`server.routing`: the engine
-that will finish it soonest). A slot freed in a lane goes to the oldest waiter that lane can
-serve; `wake` hands out slots of a lane whose engine has just become ready.
+request names the lanes that can serve it (`Want`) and gets a slot in one of them: `choose`
+(`server.routing.Router.choose`) picks it among the lanes it allows whose engine is ready, or
+says it must wait (its lane is full, or its engine's turn has not come: the engines take turns
+on a machine's cores). Waiters are served in order: nobody overtakes a waiter that has a ready
+engine to wait for, so a pending turn is not starved by newcomers; a waiter whose engines are
+all still starting (or down) holds nobody back. `wake` runs that on every freed slot and when an
+engine becomes ready; a new request goes through it too, behind everyone already waiting.
 """
 
 from __future__ import annotations
@@ -69,12 +72,15 @@ class Want:
 
 
 ANY = Want()
-# Which of the free lanes (indices, at least one) takes a request: `server.routing.Router`.
-Choose = Callable[[list[Lane], list[int], Want], int]
+# Which lane takes a request now, given every lane, the ready lanes it allows (at least one),
+# the request and the model's load (requests running and waiting, this one included); None:
+# it waits. `server.routing.Router.choose`.
+Choose = Callable[[list[Lane], list[int], Want, int], "int | None"]
 
 
-def _first(lanes: list[Lane], free: list[int], want: Want) -> int:
-    return free[0]
+def _first(lanes: list[Lane], ready: list[int], want: Want, load: int) -> int | None:
+    """One engine (or lanes without turns): the first ready lane with a free slot."""
+    return next((i for i in ready if lanes[i].running < lanes[i].max_running), None)
 
 
 class Slot:
@@ -115,6 +121,8 @@ class Admission:
         self._closed: str | None = None  # why nobody may queue any more (the drain)
         self._running_gauge = running.labels(model)
         self._waiting_gauge = waiting.labels(model)
+        # Told after every change of what runs or waits (`server.warmup`).
+        self.watchers: list[Callable[[], None]] = []
 
     @property
     def running(self) -> int:
@@ -141,39 +149,32 @@ class Admission:
             if not waiter.done():
                 waiter.set_exception(DrainingError(reason))
 
-    def _free(self, want: Want) -> list[int]:
-        return [i for i, lane in enumerate(self.lanes) if lane.free and want.allows(i)]
-
     def _take(self, lane: int) -> None:
         self.lanes[lane].running += 1
         self.lanes[lane].taken += 1
-
-    def _unclaimed(self, free: list[int]) -> list[int]:
-        """The free lanes no waiter could use: a new request may take one without overtaking."""
-        return [i for i in free if not any(want.allows(i) for _, want in self._queue)]
+        self._running += 1
+        self._running_gauge.inc()
 
     async def acquire(self, want: Want = ANY) -> Slot:
-        free = self._free(want)
-        if free and self._queue:
-            free = self._unclaimed(free)
-        if free:
-            lane = self._choose(self.lanes, free, want) if len(free) > 1 else free[0]
-            self._take(lane)
-            self._running += 1
-            self._running_gauge.inc()
-            return Slot(self, lane)
         if want.lanes is not None and not want.lanes:
             raise self._refuse("has no engine that can serve this request")
+        handed: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        entry = (handed, want)
+        # In line behind everyone waiting: a slot free for it now is handed at once.
+        self._queue.append(entry)
+        self.wake()
+        if handed.done():
+            return Slot(self, handed.result())
+        self._queue.remove(entry)
         if self._closed is not None:
             raise DrainingError(self._closed)
         if len(self._queue) >= self.limits.max_queue:
             raise self._refuse(
                 f"is at capacity ({self._running} running, {len(self._queue)} queued)"
             )
-        handed: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        entry = (handed, want)
         self._queue.append(entry)
         self._waiting_gauge.inc()
+        self._changed()
         try:
             lane = await asyncio.wait_for(asyncio.shield(handed), self.limits.queue_timeout_s)
         except (TimeoutError, asyncio.CancelledError) as exc:
@@ -192,6 +193,7 @@ class Admission:
             raise
         finally:
             self._waiting_gauge.dec()
+            self._changed()
         return Slot(self, lane)
 
     def _release(self, lane: int) -> None:
@@ -201,19 +203,25 @@ class Admission:
         self.wake()
 
     def wake(self) -> None:
-        """Hand free slots to waiters, oldest first, each in a lane it can use (called when a
-        slot is freed, and when an engine becomes ready)."""
-        for entry in list(self._queue):
+        """Hand slots to waiters in order (called when a slot is freed, when an engine becomes
+        ready, and for each new request): each gets the lane `choose` picks; the first that
+        must wait with a ready engine stops the round, so nobody overtakes it."""
+        live = [entry for entry in self._queue if not entry[0].done()]
+        self._queue = collections.deque(live)
+        load = self._running + len(live)
+        for entry in live:
             waiter, want = entry
-            if waiter.done():
-                self._queue.remove(entry)
-                continue
-            free = self._free(want)
-            if not free:
-                continue
-            lane = self._choose(self.lanes, free, want) if len(free) > 1 else free[0]
+            ready = [i for i, lane in enumerate(self.lanes) if want.allows(i) and lane.usable()]
+            if not ready:
+                continue  # its engines are starting (or down): it holds nobody back
+            lane = self._choose(self.lanes, ready, want, load)
+            if lane is None:
+                break
             self._queue.remove(entry)
             self._take(lane)
-            self._running += 1
-            self._running_gauge.inc()
             waiter.set_result(lane)  # the slot moves on
+        self._changed()
+
+    def _changed(self) -> None:
+        for watcher in self.watchers:
+            watcher()

@@ -26,7 +26,7 @@ from inferd.guardrails.config import GuardrailsConfig
 from inferd.guardrails.jailbreak import Training
 from inferd.guardrails.rails import Guardrails
 from inferd.observability.metrics import Metrics
-from inferd.server import errors, routes, tuning
+from inferd.server import errors, routes, tuning, warmup
 from inferd.server.adapters import Adapters
 from inferd.server.admission import Admission, Lane, Limits
 from inferd.server.apis.response_store import ResponseStore
@@ -193,6 +193,8 @@ def _admission(m: ServedModel, settings: Settings, metrics: Metrics) -> Admissio
     )
     for b in m.backends:  # a lane whose engine becomes ready takes waiters at once
         b.supervisor.on_ready.append(admission.wake)
+    # The later engines' starts yield the cores while the first engine serves (server.warmup).
+    admission.watchers.append(warmup.Yield(admission, [b.supervisor for b in m.others]))
     return admission
 
 

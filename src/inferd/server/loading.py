@@ -40,6 +40,9 @@ log = logging.getLogger("inferd.loading")
 # estimates: `cli.plan.check_fit_together`).
 FitCheck = Callable[[list[str]], str | None]
 
+# Retry-After (s) when how long a load takes is not known yet (its first load) or it is overdue.
+RETRY_AFTER_S = 5
+
 
 class LoadState(enum.StrEnum):
     UNLOADED = "unloaded"
@@ -67,6 +70,7 @@ class Resident:
         self.failures = 0  # loads that failed so far; a waiter gives up when it grows
         self.error: str | None = None  # why the last load failed
         self.load_seconds: float | None = None  # how long the last load took
+        self.load_began: float | None = None  # when the load under way began (monotonic)
         self.task: asyncio.Task[None] | None = None  # the load under way
         self.engine_started = False  # its engine is running or starting (takes room)
 
@@ -205,8 +209,15 @@ class ModelPool:
         self._changed()
 
     def _retry_after(self, r: Resident) -> int:
-        # About one load's time: the last one's, when known.
-        return max(1, math.ceil(r.load_seconds)) if r.load_seconds else 5
+        # What is left of the load under way, by the last load's time: a request refused after
+        # waiting `load_timeout_s` for a vLLM that loads in 220 s is told the ~100 s left, not
+        # 220 s more. Unknown (a first load) or already overdue: a short wait, then ask again.
+        if not r.load_seconds:
+            return RETRY_AFTER_S
+        left = r.load_seconds
+        if r.state is LoadState.LOADING and r.load_began is not None:
+            left -= time.monotonic() - r.load_began
+        return math.ceil(left) if left >= 1 else RETRY_AFTER_S
 
     # ------------------------------------------------------------------ loading
 
@@ -220,7 +231,7 @@ class ModelPool:
         self._changed()
 
     async def _load(self, r: Resident) -> None:
-        begun = time.monotonic()
+        r.load_began = begun = time.monotonic()
         sup = r.model.supervisor
         try:
             async with self._room:

@@ -78,13 +78,18 @@ async def chat_events(
     status = 499  # if the generator is closed early, the client went away
     try:
         async for chunk in resp.content.iter_any():
-            pending += chunk
-            cut = pending.rfind(b"\n\n")
-            if cut < 0:
-                if len(pending) > max_event_bytes:
-                    raise AnswerTooLargeError(f"an engine event exceeds {max_event_bytes} bytes")
-                continue
-            complete, pending = pending[: cut + 2], pending[cut + 2 :]
+            if not pending and chunk.endswith(b"\n\n"):
+                complete = chunk  # the common read: whole events, nothing held back
+            else:
+                pending += chunk
+                cut = pending.rfind(b"\n\n")
+                if cut < 0:
+                    if len(pending) > max_event_bytes:
+                        raise AnswerTooLargeError(
+                            f"an engine event exceeds {max_event_bytes} bytes"
+                        )
+                    continue
+                complete, pending = pending[: cut + 2], pending[cut + 2 :]
             # OpenAI's published shape (conform), after the engine's own reshaping and the
             # usage split (observe_events), before the rails read it.
             out = conform.stream_events(call.path, call.observe_events(complete))

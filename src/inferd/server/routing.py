@@ -1,32 +1,29 @@
 """Which engine takes a request, for a model served by several (a combined profile).
 
-The engines share the machine's cores, so the model of the machine is one of turns: every
-engine with requests running does one decoding step in turn, a step of engine e with n requests
-taking `step_e(n)` (measured: `inferd tune`, or the catalog's reference figures). Every running
-request then gets one token per round of `R = sum of step_e(n_e)`. A new request that joins
-engine e lengthens the round by `step_e(n_e + 1) - step_e(n_e)`, for itself and for everyone
-else, and waits `prompt_e(tokens)` for its first token. So the engine that finishes it soonest
-(R is the same whichever engine takes it) is the one with the smallest
+The engines share the machine's cores, and two engines busy at once are much slower than
+either alone: measured on the 2-core EPYC, two requests on each took 8.5 s for 128 tokens
+where the sum of their steps says 4.7, and vLLM alone ran all four in 2.6 (benchmarks/
+RESULTS.md). So the engines take turns: requests run on one engine at a time, and a change of
+engine waits for the one running to finish what it has (its drain), with the requests that
+arrive meanwhile waiting in admission's queue, in order.
 
-    prompt_e(prompt tokens) + output tokens * (step_e(n_e + 1) - step_e(n_e))
+Which engine's turn it is follows the load (requests running and waiting, this one included)
+and the engines' speed on this machine (`inferd tune`'s figures, or the catalog's reference
+ones): the rate of an engine at load L is `min(L, slots) / step(min(L, slots))` tokens per
+millisecond for everyone together.
+- When no engine runs anything, one request alone goes to the engine that finishes it soonest,
+  `prompt(prompt tokens) + output tokens * step(1)` (llama.cpp for a chat answer on a CPU,
+  vLLM's faster prompts for a long prompt with a short answer); more (a burst, or waiters at a
+  change of turn) go to the engine with the best rate at that load.
+- While an engine runs requests, newcomers join it, unless another engine's rate at the load is
+  more than `SWITCH_MARGIN` times its own: then its turn ends (it takes no more and drains). The
+  margin keeps a load near the crossing from switching back and forth, each switch costing a
+  drain. On the EPYC's figures: one to three users stay on llama.cpp; four and more move to
+  vLLM's batches; back to one, llama.cpp again.
+- A request only some engines can serve (`tool_choice: required`: vLLM) waits for one of
+  them; as nobody overtakes a waiter, the turn passes to its engine once the other drains.
 
-which is also the choice that slows everyone else least. What it gives: one user goes to
-the engine with the fastest single stream (llama.cpp on CPUs); more users fill it while a
-request there costs the round less than one on the other engine; past that (in practice: once
-it is full), requests go to the engine whose steps grow slowest with more requests (vLLM's
-batches), and the first engine drains, so a crowd gets the batching engine's throughput rather
-than two engines fighting over the cores. Prompt-heavy requests with few output tokens go where
-prompts are fastest.
-
-Starting an idle engine costs a whole step, which keeps requests on the engine already running
-them: on purpose. Measured on the 2-core EPYC, the two engines busy at once are much slower
-than the sum of their steps (2 requests on each: 8.5 s for 128 tokens where the sum of steps
-says 4.7, and 2.6 on vLLM alone), so a rule that moved a small load to vLLM early (the best
-split of the load: vLLM from three requests on) gave four users 42-64 tok/s where llama.cpp
-alone gives 130 and vLLM alone 206 (benchmarks/RESULTS.md).
-
-Only the choice is made here; `admission.Admission` keeps the slots and the queue, and calls
-`Router.choose` with the lanes that have a free slot and a ready engine.
+Only the choice is made here; `admission.Admission` keeps the slots, the queue and its order.
 """
 
 from __future__ import annotations
@@ -42,6 +39,9 @@ DEFAULT_OUTPUT_TOKENS = 256
 # Bytes of request body per prompt token, for the prompt-size estimate (English text and JSON
 # average about 4; the estimate only weighs prompt time against decoding time).
 BYTES_PER_TOKEN = 4
+# How much faster (in tokens per second at the present load) another engine must be for the
+# running engine's turn to end: each change costs a drain.
+SWITCH_MARGIN = 1.25
 
 
 class Speed(Protocol):
@@ -87,25 +87,46 @@ def _interpolate(points: Mapping[int, float], x: float) -> float:
 
 
 class Router:
-    """Picks, among a model's engines with a free slot, the one that finishes a request
-    soonest (see the module's docstring). `speeds`: one per lane, in lane order."""
+    """Picks which engine's turn it is and whether a request may start now (see the module's
+    docstring). `speeds`: one per lane, in lane order."""
 
     def __init__(self, speeds: Sequence[Speed]) -> None:
         self.speeds = list(speeds)
 
-    def cost(self, lane: int, running: int, want: Want) -> float:
-        """The milliseconds `want` adds on lane `lane` running `running` requests: its prompt,
-        and its output tokens times the longer round."""
+    def cost(self, lane: int, want: Want) -> float:
+        """The milliseconds `want` takes alone on lane `lane`: its prompt, then its output."""
         speed = self.speeds[lane]
         output = want.output_tokens or DEFAULT_OUTPUT_TOKENS
-        # An idle engine adds a whole step to the round; a busy one what one more request adds.
-        before = speed.step_time(running) if running > 0 else 0.0
-        step = max(0.0, speed.step_time(running + 1) - before)
-        return speed.prompt_time(want.prompt_tokens) + output * step
+        return speed.prompt_time(want.prompt_tokens) + output * speed.step_time(1)
 
-    def choose(self, lanes: list[Lane], free: list[int], want: Want) -> int:
-        # Ties go to the earlier lane (the engine that starts first).
-        return min(free, key=lambda i: (self.cost(i, lanes[i].running, want), i))
+    def rate(self, lane: Lane, index: int, load: int) -> float:
+        """Tokens per millisecond lane `index` gives `load` requests together (as many as it
+        has slots for running)."""
+        n = max(1, min(load, lane.max_running))
+        step = self.speeds[index].step_time(n)
+        return n / step if step > 0 else float("inf")
+
+    def turn(self, lanes: list[Lane], ready: list[int], want: Want, load: int) -> int:
+        """The lane (of `ready`) whose turn it is for `want` at `load`."""
+        busy = [i for i, lane in enumerate(lanes) if lane.running > 0]
+        current = next((i for i in busy if i in ready), None)
+        if current is None:
+            if load <= 1:  # ties go to the earlier lane (the engine that starts first)
+                return min(ready, key=lambda i: (self.cost(i, want), i))
+            return max(ready, key=lambda i: (self.rate(lanes[i], i, load), -i))
+        best = max(ready, key=lambda i: (self.rate(lanes[i], i, load), -i))
+        mine = self.rate(lanes[current], current, load)
+        return best if self.rate(lanes[best], best, load) > SWITCH_MARGIN * mine else current
+
+    def choose(self, lanes: list[Lane], ready: list[int], want: Want, load: int) -> int | None:
+        """The lane that takes `want` now, or None: it waits (its engine is full, or another
+        engine must drain before its turn)."""
+        lane = self.turn(lanes, ready, want, load)
+        if lanes[lane].running >= lanes[lane].max_running:
+            return None
+        if any(other.running > 0 for i, other in enumerate(lanes) if i != lane):
+            return None
+        return lane
 
 
 def want_of(payload: Mapping[str, object], body_bytes: int, lanes: frozenset[int] | None) -> Want:

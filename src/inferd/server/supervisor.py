@@ -104,6 +104,19 @@ class _LineCutter:
         return line
 
 
+def _signal_tree(pid: int, sig: signal.Signals) -> None:
+    """`sig` to every process of the engine: its process group, and its descendants wherever
+    they are (a compile worker may run in a session of its own)."""
+    pids = {pid}
+    with contextlib.suppress(psutil.Error):
+        pids.update(p.pid for p in psutil.Process(pid).children(recursive=True))
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)
+    for each in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(each, sig)
+
+
 def _threads_of_group(pgid: int) -> list[int]:
     """The thread ids of every process in process group `pgid` (the engine's group)."""
     tids: list[int] = []
@@ -128,6 +141,12 @@ class Supervisor:
         # serving: a combined profile's second engine compiles without slowing the first's
         # users); given back once it is ready, where the system allows (`_unnice`).
         self.nice = nice
+        # A start behind another engine may be paused (SIGSTOP to its group) while the first
+        # engine's users need the cores (`pause`, `server.warmup`); the time paused does not
+        # count against the start's deadline.
+        self._hold = False  # paused wanted (`pause`)
+        self._paused_at: float | None = None  # when the running start was stopped
+        self.paused_s = 0.0
         # Called each time the engine becomes ready (admission hands out the new engine's slots).
         self.on_ready: list[Callable[[], None]] = []
         self.backoff_s = backoff_s
@@ -239,7 +258,11 @@ class Supervisor:
         a file there that is not that socket fails the start (`engine_link.listening`)."""
         assert self._folder is not None and self.socket is not None
         deadline = time.monotonic() + self.ready_timeout_s
-        while time.monotonic() < deadline:
+        paused_before = self._paused_total()
+        while time.monotonic() < deadline + self._paused_total() - paused_before:
+            if self._paused_at is not None:
+                await asyncio.sleep(HEALTH_POLL_S)  # a stopped engine answers nothing
+                continue
             if proc.returncode is not None:
                 raise EngineStartError(
                     f"engine exited with code {proc.returncode} before it was ready"
@@ -281,8 +304,11 @@ class Supervisor:
         ever_ready = False
         while not self._stopping:
             self.state = State.STARTING if not ever_ready else State.RESTARTING
+            self._continue_start()  # a stop belongs to one process (a crash may have ended it)
             begun = time.monotonic()
             proc = self._proc = await self._spawn()
+            if self._hold:
+                self._stop_start()
             pump = asyncio.create_task(self._pump_output(proc))
             try:
                 await self._wait_ready(proc)
@@ -355,6 +381,50 @@ class Supervisor:
         for callback in self.on_ready:
             callback()
 
+    def _paused_total(self) -> float:
+        now = time.monotonic()
+        return self.paused_s + (now - self._paused_at if self._paused_at is not None else 0.0)
+
+    @property
+    def paused(self) -> bool:
+        return self._paused_at is not None
+
+    def pause(self) -> None:
+        """Hold this engine's start (SIGSTOP to every process of it: vLLM's server, engine core
+        and compile workers) while another engine's users need the cores; a start not
+        yet spawned is stopped as soon as it is. Only a start behind another (`nice`) that is
+        not ready yet: an engine serving is never paused. Measured on the 2-core EPYC: a
+        CPU-bound process beside llama.cpp's single stream slowed it 8-25x even in the idle
+        scheduling class or at nice 19; only not running at all leaves the cores to it."""
+        if not self.nice:
+            return
+        self._hold = True
+        self._stop_start()
+
+    def resume(self) -> None:
+        """Let a held start go on (SIGCONT to its group)."""
+        self._hold = False
+        self._continue_start()
+
+    def _stop_start(self) -> None:
+        proc = self._proc
+        if (
+            self._paused_at is None
+            and self.state in (State.STARTING, State.RESTARTING)
+            and proc is not None
+            and proc.returncode is None
+        ):
+            _signal_tree(proc.pid, signal.SIGSTOP)
+            self._paused_at = time.monotonic()
+
+    def _continue_start(self) -> None:
+        if self._paused_at is None:
+            return
+        self.paused_s += time.monotonic() - self._paused_at
+        self._paused_at = None
+        if self._proc is not None:
+            _signal_tree(self._proc.pid, signal.SIGCONT)
+
     def _unnice(self, pid: int) -> None:
         """Give an engine started behind another (`nice`: niced, in the idle scheduling class)
         its normal priority back now that it is ready: every thread of every process of its
@@ -386,6 +456,7 @@ class Supervisor:
 
     async def _terminate(self, proc: asyncio.subprocess.Process) -> None:
         """SIGTERM to the engine's whole process group, SIGKILL after a grace period."""
+        self._continue_start()  # a stopped process would only take SIGTERM once continued
         if proc.returncode is not None:
             self._kill_group(proc.pid, signal.SIGKILL)  # stragglers of a dead leader
             return
@@ -427,4 +498,10 @@ class Supervisor:
             "seconds_since_start": round(time.monotonic() - self.started_at, 1)
             if self.started_at
             else None,
+            # A start behind another engine: how long it has yielded the cores to its users.
+            **(
+                {"paused": self.paused, "paused_s": round(self._paused_total(), 1)}
+                if self.nice
+                else {}
+            ),
         }

@@ -258,23 +258,41 @@ def answer(route: str, body: dict[str, Any]) -> dict[str, Any]:
 
 # --- stream events, on the raw bytes -----------------------------------------------------------
 
+
+def _trie(words: list[bytes]) -> bytes:
+    """A regular expression matching exactly `words`, as a tree of their common prefixes: a
+    failed attempt costs one test per character rather than one per word (Python's engine tries
+    the branches of `a|b|c` one after the other). On the stream's hot path: it halves the time
+    of a search over a token event."""
+    if words == [b""]:
+        return b""
+    ends = b"" in words
+    heads: dict[bytes, list[bytes]] = {}
+    for w in words:
+        if w:
+            heads.setdefault(w[:1], []).append(w[1:])
+    branches = [re.escape(h) + _trie(rest) for h, rest in sorted(heads.items())]
+    if len(branches) == 1 and not ends:
+        return branches[0]
+    return b"(?:" + b"|".join(branches) + (b")?" if ends else b")")
+
+
 # Private fields vLLM streams as `null` in (nearly) every event, removed without parsing, as
 # `,"k":null` before `,` or `}`. A private key that comes first in its object (never seen) is
 # left to the parse below. One regular expression with a literal prefix, one pass: cheaper than
 # a parse (a loop of `in`s, or a look-behind, is not).
-_PRIVATE_KEYS = b"|".join(
-    re.escape(k.encode()) for k in sorted((_CHOICE | _ANSWER) - {"completion_probabilities"})
-)
-_NULL_PRIVATE = re.compile(rb',"(?:' + _PRIVATE_KEYS + rb')":null(?=[,}])')
+_PRIVATE_KEYS = sorted(k.encode() for k in (_CHOICE | _ANSWER) - {"completion_probabilities"})
+_NULL_PRIVATE = re.compile(rb',"' + _trie([k + b'":null' for k in _PRIVATE_KEYS]) + rb"(?=[,}])")
 # What still needs a parse once those are gone: a private field with a value, a null the
 # document refuses, chat logprobs without `refusal` (llama-server's and vLLM's alike: with
 # logprobs on, every chat event is parsed). Token events of both engines carry none of these.
-_NULLABLE_NOT = b"|".join(
-    re.escape(k.encode())
-    for k in sorted(_NOT_NULL_DELTA | _EXTENSIONS_IF_SET | _NOT_NULL_USAGE | _NOT_NULL_TOP)
+_NULLABLE_NOT = sorted(
+    k.encode() for k in _NOT_NULL_DELTA | _EXTENSIONS_IF_SET | _NOT_NULL_USAGE | _NOT_NULL_TOP
 )
-_ALL_PRIVATE = b"|".join(re.escape(k.encode()) for k in sorted(_CHOICE | _ANSWER))
-_MARKERS = re.compile(rb'"(?:' + _ALL_PRIVATE + rb')":|"(?:' + _NULLABLE_NOT + rb')":null')
+_ALL_PRIVATE = sorted(k.encode() for k in _CHOICE | _ANSWER)
+_MARKERS = re.compile(
+    b'"' + _trie([k + b'":' for k in _ALL_PRIVATE] + [k + b'":null' for k in _NULLABLE_NOT])
+)
 _LOGPROBS = b'"logprobs":{'
 _REFUSAL = b'"refusal":'
 
