@@ -192,11 +192,12 @@ async def measure(depth: str, tokens: int, streams: int, yield_per_event: bool) 
     events = llama_server_stream(tokens)
     metrics = Metrics()
     app = build_app(fake_upstream(events, yield_per_event), metrics)
-    run = (
-        (lambda: relay_once(events, metrics, yield_per_event))
-        if depth == "relay"
-        else (lambda: asgi_once(app))
-    )
+
+    def run() -> Awaitable[bytes]:
+        if depth == "relay":
+            return relay_once(events, metrics, yield_per_event)
+        return asgi_once(app)
+
     await run()  # warm: imports, regex caches, first-call paths
     start = time.process_time()
     for _ in range(streams):

@@ -107,7 +107,7 @@ def both(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Served, See
 
 def _statuses(served: Served, running: set[str] | None = None) -> set[str]:
     """The states of vLLM's processes; those not stopped named in `running`."""
-    found = set()
+    found: set[str] = set()
     for p in _vllm_tree(served):
         with contextlib.suppress(psutil.Error):
             found.add(p.status())

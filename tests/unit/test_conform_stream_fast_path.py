@@ -5,6 +5,7 @@ hit every key, null or not, first, in the middle or last in its object."""
 from __future__ import annotations
 
 import itertools
+import json
 import re
 from pathlib import Path
 
@@ -54,12 +55,12 @@ def _old_stream_events(route: str, chunk: bytes) -> bytes:
         )
         if event.startswith(b"data: {") and needs:
             try:
-                data = conform.json.loads(event[6:])
+                data = json.loads(event[6:])
             except ValueError:
                 out.append(event)
                 continue
             if isinstance(data, dict):
-                event = b"data: " + conform.json.dumps(fix(data), separators=(",", ":")).encode()
+                event = b"data: " + json.dumps(fix(data), separators=(",", ":")).encode()
         out.append(event)
     return b"\n\n".join(out)
 
