@@ -10,9 +10,9 @@ templates the training never saw, so the score measures the adapter, not a memor
 `score(replies, labels)` is the task's metric (the share of replies that are exactly one JSON
 object with the right label); `held_out(n)` gives the evaluation prompts. Training takes a few
 minutes on two CPU cores (LoRA rank 8 on the attention and MLP projections, 14 steps of 8
-examples, bf16 matmuls over fp32 weights, 2 threads), is deterministic for a seed, and writes
-PEFT's format (`adapter_config.json` + `adapter_model.safetensors`) with
-`base_model_name_or_path` set to the upstream model's name.
+examples, bf16 matmuls over fp32 weights where the CPU has bf16, else fp32, 2 threads), is
+deterministic for a seed, and writes PEFT's format (`adapter_config.json` +
+`adapter_model.safetensors`) with `base_model_name_or_path` set to the upstream model's name.
 Tests get it through `cached_adapter(base_dir)`, which trains once per (this script, base model)
 into ~/.cache/inferd-tests/adapters/<hash>/topic-labels.
 
@@ -139,10 +139,12 @@ def train(base: Path, out: Path, seed: int = SEED, steps: int = STEPS) -> None:
     batches = _batches(tok, training_set(steps * BATCH, seed))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LEARNING_RATE)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 4))
+    # bf16 matmuls where the CPU has them (AVX512-BF16, AMX), fp32 master weights; fp32
+    # throughout elsewhere: emulated bf16 on an AVX2 CPU (a Zen 3) took over 15 minutes.
+    native_bf16 = torch.cpu._is_avx512_bf16_supported()
     started = time.monotonic()
     for step, (ids, mask, labels) in enumerate(batches):
-        # bf16 matmuls (the CPU's AVX512-BF16/AMX where present), fp32 master weights.
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=native_bf16):
             loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         opt.step()
