@@ -211,3 +211,34 @@ async def test_a_starting_engine_yields_while_the_first_serves_and_runs_for_a_cr
     assert start.paused  # the waiter runs alone again
     second.release()
     assert not start.paused  # idle: the start goes on
+
+
+async def test_a_change_of_turn_waits_for_the_drain_only_so_long() -> None:
+    registry = CollectorRegistry()
+    running = Gauge("running", "", ["model"], registry=registry)
+    waiting = Gauge("waiting", "", ["model"], registry=registry)
+    lanes = [Lane("llamacpp", 4), Lane("vllm", 32)]
+    limits = Limits(36, 16, 5.0)
+    admission = Admission(
+        "m", limits, running, waiting, lanes=lanes, choose=Router([LLAMA, VLLM]).choose,
+        turn_wait_s=0.2,
+    )  # fmt: skip
+    held = [await admission.acquire(Want(None, 128, 128)) for _ in range(3)]
+    crowd = [asyncio.create_task(admission.acquire(Want(None, 128, 128))) for _ in range(5)]
+    await asyncio.sleep(0.05)
+    assert admission.waiting == 5  # vLLM's turn, waiting for llama.cpp's three
+    # llama.cpp does not drain in time (long answers, a busy machine): vLLM starts beside it.
+    started = [(await w).lane for w in crowd]
+    assert started == [1] * 5 and lanes[0].running == 3
+    for slot in held:
+        slot.release()
+
+
+def test_a_waiter_out_of_patience_takes_any_free_slot() -> None:
+    router = Router([LLAMA, VLLM])
+    # vLLM's turn and full, llama.cpp with room: patient, it waits; out of patience, llama.cpp.
+    lanes = [Lane("llamacpp", 4, running=3), Lane("vllm", 32, running=32)]
+    assert router.choose(lanes, [0, 1], Want(None, 128, 128), 38) is None
+    assert router.choose(lanes, [0, 1], Want(None, 128, 128), 38, patient=False) == 0
+    full = [Lane("llamacpp", 4, running=4), Lane("vllm", 32, running=32)]
+    assert router.choose(full, [0, 1], Want(None, 128, 128), 38, patient=False) is None

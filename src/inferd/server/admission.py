@@ -73,12 +73,15 @@ class Want:
 
 ANY = Want()
 # Which lane takes a request now, given every lane, the ready lanes it allows (at least one),
-# the request and the model's load (requests running and waiting, this one included); None:
-# it waits. `server.routing.Router.choose`.
-Choose = Callable[[list[Lane], list[int], Want, int], "int | None"]
+# the request, the model's load (requests running and waiting, this one included) and whether
+# it still waits for another engine's drain (patient) or starts beside it; None: it waits.
+# `server.routing.Router.choose`.
+Choose = Callable[[list[Lane], list[int], Want, int, bool], "int | None"]
 
 
-def _first(lanes: list[Lane], ready: list[int], want: Want, load: int) -> int | None:
+def _first(
+    lanes: list[Lane], ready: list[int], want: Want, load: int, patient: bool = True
+) -> int | None:
     """One engine (or lanes without turns): the first ready lane with a free slot."""
     return next((i for i in ready if lanes[i].running < lanes[i].max_running), None)
 
@@ -110,6 +113,7 @@ class Admission:
         *,
         lanes: list[Lane] | None = None,
         choose: Choose = _first,
+        turn_wait_s: float | None = None,
     ) -> None:
         self.model = model
         # One lane (one engine) unless given: then `limits.max_running` is the sum of the lanes'.
@@ -117,7 +121,14 @@ class Admission:
         self.limits = limits
         self._choose = choose
         self._running = 0
-        self._queue: collections.deque[tuple[asyncio.Future[int], Want]] = collections.deque()
+        # Waiters in order: (their slot's future, what they need, when they began to wait).
+        self._queue: collections.deque[tuple[asyncio.Future[int], Want, float]] = (
+            collections.deque()
+        )
+        # How long a waiter waits for another engine to drain before its own starts anyway
+        # (`server.routing.TURN_WAIT_S`; None: one engine, no turns).
+        self.turn_wait_s = turn_wait_s
+        self._rewake: asyncio.TimerHandle | None = None
         self._closed: str | None = None  # why nobody may queue any more (the drain)
         self._running_gauge = running.labels(model)
         self._waiting_gauge = waiting.labels(model)
@@ -145,7 +156,7 @@ class Admission:
         """Refuse every waiter now (503 `shutting_down`, with `reason`), and queue nobody again."""
         self._closed = reason
         while self._queue:
-            waiter, _ = self._queue.popleft()
+            waiter, _, _ = self._queue.popleft()
             if not waiter.done():
                 waiter.set_exception(DrainingError(reason))
 
@@ -158,8 +169,9 @@ class Admission:
     async def acquire(self, want: Want = ANY) -> Slot:
         if want.lanes is not None and not want.lanes:
             raise self._refuse("has no engine that can serve this request")
-        handed: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        entry = (handed, want)
+        loop = asyncio.get_running_loop()
+        handed: asyncio.Future[int] = loop.create_future()
+        entry = (handed, want, loop.time())
         # In line behind everyone waiting: a slot free for it now is handed at once.
         self._queue.append(entry)
         self.wake()
@@ -205,22 +217,39 @@ class Admission:
     def wake(self) -> None:
         """Hand slots to waiters in order (called when a slot is freed, when an engine becomes
         ready, and for each new request): each gets the lane `choose` picks; the first that
-        must wait with a ready engine stops the round, so nobody overtakes it."""
+        must wait with a ready engine stops the round, so nobody overtakes it. One that has
+        waited `turn_wait_s` for another engine to drain may start beside it."""
         live = [entry for entry in self._queue if not entry[0].done()]
         self._queue = collections.deque(live)
         load = self._running + len(live)
+        now = asyncio.get_running_loop().time() if live else 0.0
         for entry in live:
-            waiter, want = entry
+            waiter, want, since = entry
             ready = [i for i, lane in enumerate(self.lanes) if want.allows(i) and lane.usable()]
             if not ready:
                 continue  # its engines are starting (or down): it holds nobody back
-            lane = self._choose(self.lanes, ready, want, load)
+            patient = self.turn_wait_s is None or now - since < self.turn_wait_s
+            lane = self._choose(self.lanes, ready, want, load, patient)
             if lane is None:
+                if patient and self.turn_wait_s is not None:
+                    self._wake_at(since + self.turn_wait_s)
                 break
             self._queue.remove(entry)
             self._take(lane)
             waiter.set_result(lane)  # the slot moves on
         self._changed()
+
+    def _wake_at(self, when: float) -> None:
+        """Look again at `when` (a waiter's patience runs out then), if nothing else has."""
+        if self._rewake is not None:
+            if self._rewake.when() <= when:
+                return
+            self._rewake.cancel()
+        self._rewake = asyncio.get_running_loop().call_at(when, self._rewoken)
+
+    def _rewoken(self) -> None:
+        self._rewake = None
+        self.wake()
 
     def _changed(self) -> None:
         for watcher in self.watchers:

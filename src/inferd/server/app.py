@@ -26,7 +26,7 @@ from inferd.guardrails.config import GuardrailsConfig
 from inferd.guardrails.jailbreak import Training
 from inferd.guardrails.rails import Guardrails
 from inferd.observability.metrics import Metrics
-from inferd.server import errors, routes, tuning, warmup
+from inferd.server import errors, routes, routing, tuning, warmup
 from inferd.server.adapters import Adapters
 from inferd.server.admission import Admission, Lane, Limits
 from inferd.server.apis.response_store import ResponseStore
@@ -190,6 +190,7 @@ def _admission(m: ServedModel, settings: Settings, metrics: Metrics) -> Admissio
         metrics.requests_waiting,
         lanes=lanes,
         choose=m.router.choose,
+        turn_wait_s=routing.TURN_WAIT_S,
     )
     for b in m.backends:  # a lane whose engine becomes ready takes waiters at once
         b.supervisor.on_ready.append(admission.wake)

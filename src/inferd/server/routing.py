@@ -22,6 +22,10 @@ millisecond for everyone together.
   vLLM's batches; back to one, llama.cpp again.
 - A request only some engines can serve (`tool_choice: required`: vLLM) waits for one of
   them; as nobody overtakes a waiter, the turn passes to its engine once the other drains.
+- A change of turn waits at most `TURN_WAIT_S` for the drain; then the new engine starts
+  beside the old one's last requests, and a waiter whose engine is full takes a free slot of
+  the other: the model's capacity is the sum of its engines' slots, as admission's queue is
+  sized, and nobody waits out the queue's limit while an engine has room.
 
 Only the choice is made here; `admission.Admission` keeps the slots, the queue and its order.
 """
@@ -42,6 +46,12 @@ BYTES_PER_TOKEN = 4
 # How much faster (in tokens per second at the present load) another engine must be for the
 # running engine's turn to end: each change costs a drain.
 SWITCH_MARGIN = 1.25
+# How long a waiter keeps to the turns: a change of turn waits this long for the running engine
+# to drain, a full engine's waiter this long for its slot; past it, the new engine starts
+# beside the old one's last requests, or the waiter takes the other engine's free slot (both
+# slower meanwhile), so that a slow drain (long answers, or a machine busy with other work)
+# never makes a crowd wait out the queue's limit while an engine has room.
+TURN_WAIT_S = 5.0
 
 
 class Speed(Protocol):
@@ -118,13 +128,21 @@ class Router:
         mine = self.rate(lanes[current], current, load)
         return best if self.rate(lanes[best], best, load) > SWITCH_MARGIN * mine else current
 
-    def choose(self, lanes: list[Lane], ready: list[int], want: Want, load: int) -> int | None:
+    def choose(
+        self, lanes: list[Lane], ready: list[int], want: Want, load: int, patient: bool = True
+    ) -> int | None:
         """The lane that takes `want` now, or None: it waits (its engine is full, or another
-        engine must drain before its turn)."""
+        engine must drain before its turn; not once it has waited `TURN_WAIT_S`)."""
         lane = self.turn(lanes, ready, want, load)
         if lanes[lane].running >= lanes[lane].max_running:
-            return None
-        if any(other.running > 0 for i, other in enumerate(lanes) if i != lane):
+            if patient:
+                return None
+            # Waited long enough: any engine with a free slot (capacity is their sum).
+            spare = [i for i in ready if lanes[i].running < lanes[i].max_running]
+            if not spare:
+                return None
+            return max(spare, key=lambda i: (self.rate(lanes[i], i, load), -i))
+        if patient and any(other.running > 0 for i, other in enumerate(lanes) if i != lane):
             return None
         return lane
 
