@@ -10,6 +10,7 @@ cache) and its held-out figures are checked.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import re
 import subprocess
@@ -160,18 +161,38 @@ def test_check_route_verdicts_are_the_guard_models_own(
     assert list(verdicts) == ["pii", "jailbreak", "content_safety", "topic_control"]
     assert all(v["ms"] > 0 for v in verdicts.values())
     assert not verdicts["jailbreak"]["blocked"] and verdicts["jailbreak"]["score"] < 0.5
-    safety = judges.parse_safety(
-        _ask(engine, judges.safety_messages(messages[0]["content"], messages[1]["content"]),
-             judges.safety_schema(True), 200),
-        response=True,
-    )  # fmt: skip
-    assert verdicts["content_safety"]["blocked"] == safety.unsafe
-    assert verdicts["content_safety"]["categories"] == safety.categories
-    topic = judges.parse_topic(
-        _ask(engine, judges.topic_messages(TOPICS, messages[:1]), judges.TOPIC_SCHEMA, 12)
+    # The route asks both guard prompts at once, so llama-server batches them; greedy answers
+    # in a batch of two can differ from one asked alone (other kernels' rounding: seen on an
+    # AVX2 Zen 3). So the guard model is asked both ways, alone and the two together, and the
+    # route's verdicts must be what it said one way or the other.
+    safety_ask = (
+        judges.safety_messages(messages[0]["content"], messages[1]["content"]),
+        judges.safety_schema(True),
+        200,
     )
-    assert verdicts["topic_control"]["blocked"] == topic.unsafe
-    assert r.json()["blocked"] == (safety.unsafe or topic.unsafe)
+    topic_ask = (judges.topic_messages(TOPICS, messages[:1]), judges.TOPIC_SCHEMA, 12)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        together = list(pool.map(lambda a: _ask(engine, *a), (safety_ask, topic_ask)))
+    answers = [(_ask(engine, *safety_ask), _ask(engine, *topic_ask)), tuple(together)]
+    seen = []
+    for safety_text, topic_text in answers:
+        safety = judges.parse_safety(safety_text, response=True)
+        topic = judges.parse_topic(topic_text)
+        seen.append(
+            (
+                safety.unsafe,
+                safety.categories,
+                topic.unsafe,
+                safety.unsafe or topic.unsafe,
+            )
+        )
+    route = (
+        verdicts["content_safety"]["blocked"],
+        verdicts["content_safety"]["categories"],
+        verdicts["topic_control"]["blocked"],
+        r.json()["blocked"],
+    )
+    assert route in seen, (route, seen)
 
 
 def _answer(engine: httpx.Client, question: str) -> str:
