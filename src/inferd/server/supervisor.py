@@ -104,19 +104,6 @@ class _LineCutter:
         return line
 
 
-def _signal_tree(pid: int, sig: signal.Signals) -> None:
-    """`sig` to every process of the engine: its process group, and its descendants wherever
-    they are (a compile worker may run in a session of its own)."""
-    pids = {pid}
-    with contextlib.suppress(psutil.Error):
-        pids.update(p.pid for p in psutil.Process(pid).children(recursive=True))
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, sig)
-    for each in pids:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(each, sig)
-
-
 def _threads_of_group(pgid: int) -> list[int]:
     """The thread ids of every process in process group `pgid` (the engine's group)."""
     tids: list[int] = []
@@ -414,7 +401,7 @@ class Supervisor:
             and proc is not None
             and proc.returncode is None
         ):
-            _signal_tree(proc.pid, signal.SIGSTOP)
+            self._signal_tree(proc.pid, signal.SIGSTOP)
             self._paused_at = time.monotonic()
 
     def _continue_start(self) -> None:
@@ -423,7 +410,7 @@ class Supervisor:
         self.paused_s += time.monotonic() - self._paused_at
         self._paused_at = None
         if self._proc is not None:
-            _signal_tree(self._proc.pid, signal.SIGCONT)
+            self._signal_tree(self._proc.pid, signal.SIGCONT)
 
     def _unnice(self, pid: int) -> None:
         """Give an engine started behind another (`nice`: niced, in the idle scheduling class)
@@ -472,6 +459,16 @@ class Supervisor:
     def _kill_group(pid: int, sig: signal.Signals) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, sig)
+
+    @classmethod
+    def _signal_tree(cls, pid: int, sig: signal.Signals) -> None:
+        """`sig` to every process of the engine: its process group, and its descendants wherever
+        they are (a compile worker may run in a session of its own)."""
+        cls._kill_group(pid, sig)
+        with contextlib.suppress(psutil.Error):
+            for child in psutil.Process(pid).children(recursive=True):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(child.pid, sig)
 
     async def stop(self) -> None:
         self._stopping = True
