@@ -56,7 +56,7 @@ e2e: install
 	$(VENV)/bin/pytest tests/e2e $(PYTEST_ARGS)
 
 test: lint
-	$(VENV)/bin/pytest tests --ignore=tests/image $(PYTEST_ARGS)
+	$(VENV)/bin/pytest tests --ignore=tests/image --durations=40 $(PYTEST_ARGS)
 
 # The default model's image, model baked in (needs root, buildah and debootstrap; about 10
 # minutes): build/image is the context, localhost/inferd:VERSION the image. IMAGE_PROFILE picks

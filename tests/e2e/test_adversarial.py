@@ -110,12 +110,13 @@ def declared_fields(operation: Any) -> frozenset[str]:
 def bound(case: Any, mode: GenerationMode) -> Any:
     """Make a generated request cheap for the engine, and aim valid ones at the served model.
 
-    Output length and `n` are capped (a valid request without a length gets one: left to the
-    engine, a 135M model may write thousands of tokens). In positive mode the body keeps only the
-    fields the document declares and names the served model, so it passes the front's checks of
-    unknown fields and models and reaches what lies behind them. In negative mode a model named
-    by some string becomes the served one too (a wrong type stays: it may be the mutation), or
-    most invalid requests would stop at the first check, the model's name."""
+    Output length and `n` are capped (a valid request without a length, or with a null one, gets
+    one: left to the engine, a 135M model may write thousands of tokens). In positive mode the
+    body keeps only the fields the document declares and names the served model, so it passes
+    the front's checks of unknown fields and models and reaches what lies behind them. In
+    negative mode a model named by some string becomes the served one too (a wrong type stays:
+    it may be the mutation), or most invalid requests would stop at the first check, the
+    model's name."""
     positive = mode is GenerationMode.POSITIVE
     if positive and "model" in (case.path_parameters or {}):
         case.path_parameters["model"] = MODEL
@@ -132,7 +133,11 @@ def bound(case: Any, mode: GenerationMode) -> Any:
     present = [n for n in LENGTH_FIELDS if n in body]
     for name in present:
         value = body[name]
-        if isinstance(value, int) and not isinstance(value, bool) and value > MAX_OUTPUT:
+        # null means "no limit" to the document as to the engines: left so, a 135M model given
+        # garbage may write until its context is full (over a minute on a busy 2-core machine).
+        if value is None or (
+            isinstance(value, int) and not isinstance(value, bool) and value > MAX_OUTPUT
+        ):
             body[name] = MAX_OUTPUT
     if not present and case.path != "/embeddings":
         body["max_output_tokens" if case.path == "/responses" else "max_tokens"] = MAX_OUTPUT
