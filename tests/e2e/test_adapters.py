@@ -6,8 +6,9 @@ Shown on llama.cpp (the adapter converted to GGUF by llama.cpp's own converter, 
 request) and on vLLM (loaded through its LoRA support), with the official SDKs: the listing
 (`parent`), the adapter's effect on held-out prompts (its task score far above the base
 model's) through chat, completions, Responses and Messages, base and adapter requests at once
-without mixing, an adapter added and removed while requests run, and the refusals, while the
-service goes on serving. One server per engine for the module (vLLM starts slowly). Both
+without mixing, an adapter added and another removed while requests run (the one left keeps its
+own weights; llama-server is restarted without the removed one), and the refusals, while the
+service goes on serving; with models on demand, an adapter loads and reloads with its model. One server per engine for the module (vLLM starts slowly). Both
 engines behind the model (`cpu-both`) do not serve adapters yet: that profile refuses
 `--lora-path` by name at start, and its tests here are skipped.
 """
@@ -18,6 +19,7 @@ import concurrent.futures
 import contextlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -133,6 +135,38 @@ def test_both_engines_refuse_adapters_by_name(lora_dir: Path) -> None:
     assert BOTH_PROFILE in line and "LoRA adapters (--lora-path)" in line, line
 
 
+def test_an_adapter_loads_with_its_model_on_demand(lora_dir: Path, tmp_path: Path) -> None:
+    """Models on demand with adapters (llama.cpp): the adapter is listed while its base model is
+    unloaded, in its base model's state; its first request loads the base model with it; once
+    another model's request has evicted the base model (`--max-loaded 1`), the adapter's next
+    request loads it again, adapter and all, and base requests on it stay plain."""
+    other = "qwen2.5-coder-0.5b-instruct"
+    args = (
+        *(MODEL, other, "--max-loaded", "1", "--lora-path", str(lora_dir)),
+        *("--profile", f"{MODEL}={LLAMACPP_PROFILE},{other}=llamacpp-cpu-q4_k_m"),
+        *("--load-timeout-s", "300"),
+    )
+
+    def states() -> dict[str, str | None]:
+        data = httpx.get(service.url + "/v1/models", timeout=10).json()["data"]
+        return {m["id"]: m.get("state") for m in data}
+
+    with serving_inferd(tmp_path, *args) as service:
+        client = openai.OpenAI(
+            base_url=service.url + "/v1", api_key="-", max_retries=0, timeout=400
+        )
+        listed = states()
+        assert listed[ADAPTER] == listed[MODEL] == "unloaded", listed
+        (p1, label1), (p2, label2) = PROMPTS[1], PROMPTS[2]
+        assert train_lora.parse_label(chat(client, ADAPTER, p1)) == label1
+        assert states()[ADAPTER] == states()[MODEL] == "loaded"
+        assert chat(client, other, "Say hello.")
+        assert (states()[MODEL], states()[other]) == ("unloaded", "loaded")
+        assert train_lora.parse_label(chat(client, ADAPTER, p2)) == label2
+        assert train_lora.parse_label(chat(client, MODEL, p2)) is None
+        assert states()[MODEL] == "loaded"
+
+
 def test_adapters_are_listed_and_the_wrong_ones_refused(served: Served, oai: openai.OpenAI) -> None:
     listed = {m.id: m for m in oai.models.list().data}
     assert set(listed) == {MODEL, ADAPTER}
@@ -215,36 +249,77 @@ def test_base_and_adapter_requests_at_once_do_not_mix(oai: openai.OpenAI) -> Non
     assert base_format == 0, replies
 
 
-def test_refresh_adds_and_removes_an_adapter_while_requests_run(
-    lora_dir: Path, oai: openai.OpenAI
+def _zeroed(adapter: Path, out: Path) -> Path:
+    """A copy of `adapter` whose LoRA B matrices are zero: a valid adapter with no effect, so
+    its answers are the base model's (never the task's JSON labels)."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(adapter, out)
+    weights = out / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    save_file({k: v.zero_() if "lora_B" in k else v for k, v in tensors.items()}, weights)
+    return out
+
+
+def _listed(oai: openai.OpenAI) -> set[str]:
+    return {m.id for m in oai.models.list().data}
+
+
+def _loaded_on_llama_server(served: Served) -> str:
+    """The `--lora-scaled` files of the running llama-server (empty on vLLM)."""
+    lines = [" ".join(p.cmdline()) for p in served.descendants() if p.name() == "llama-server"]
+    return " ".join(lines)
+
+
+def test_refresh_adds_and_removes_adapters_while_requests_run(
+    lora_dir: Path, served: Served, oai: openai.OpenAI, tmp_path: Path
 ) -> None:
-    second = "topic-labels-copy"
+    """An adapter added while requests run is served; the first of two removed while the other
+    is asked: the other keeps its own weights (llama-server names adapters by their place in its
+    list, so a removal must not shift them) and, on llama.cpp, the removed one is unloaded."""
+    second = "topic-labels-zeroed"
     stop = time.monotonic() + 600
     outcomes: list[str] = []
+    asking = [ADAPTER]
 
     def keep_asking() -> None:
         prompt, label = PROMPTS[1]
         while time.monotonic() < stop:
-            reply = chat(oai, ADAPTER, prompt)
-            outcomes.append("ok" if train_lora.parse_label(reply) == label else reply)
+            model = asking[0]
+            reply = chat(oai, model, prompt)
+            got = train_lora.parse_label(reply)
+            ok = got == label if model == ADAPTER else got is None
+            outcomes.append("ok" if ok else f"{model}: {reply}")
             chat(oai, MODEL, prompt)
 
+    parked = tmp_path / "parked"
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         running = [pool.submit(keep_asking) for _ in range(2)]
         try:
-            shutil.copytree(lora_dir / ADAPTER, lora_dir / second)
-            _wait_for(lambda: second in {m.id for m in oai.models.list().data})
-            prompt, label = PROMPTS[2]
-            assert train_lora.parse_label(chat(oai, second, prompt)) == label
-            shutil.rmtree(lora_dir / second)
-            _wait_for(lambda: second not in {m.id for m in oai.models.list().data})
+            _zeroed(lora_dir / ADAPTER, lora_dir / second)
+            _wait_for(lambda: second in _listed(oai))
+            prompt, _ = PROMPTS[2]
+            assert train_lora.parse_label(chat(oai, second, prompt)) is None
+            asking[0] = second
+            shutil.move(lora_dir / ADAPTER, parked)
+            _wait_for(lambda: ADAPTER not in _listed(oai))
             with pytest.raises(openai.NotFoundError):
-                chat(oai, second, prompt)
+                chat(oai, ADAPTER, prompt)
+            time.sleep(3)  # the remaining adapter asked again after the change
         finally:
             stop = time.monotonic()
             for future in running:
                 future.result()  # no request failed while the set changed
     assert outcomes and all(o == "ok" for o in outcomes), outcomes
+    if LLAMACPP_PROFILE in served.log.read_text():
+        loaded = _loaded_on_llama_server(served)
+        # The cache keeps each adapter as NAME-DIGEST/adapter.gguf.
+        assert re.search(rf"/{second}-[0-9a-f]{{16}}/", loaded), loaded
+        assert not re.search(rf"/{ADAPTER}-[0-9a-f]{{16}}/", loaded), loaded
+    # The module's other tests (on the next engine) need the folder as it was.
+    shutil.move(parked, lora_dir / ADAPTER)
+    shutil.rmtree(lora_dir / second)
+    _wait_for(lambda: ADAPTER in _listed(oai) and second not in _listed(oai))
 
 
 def _wait_for(condition: object, timeout: float = 120) -> None:

@@ -337,7 +337,7 @@ class LlamaCppEngine(Engine):
         return ["--device", names, "--n-gpu-layers", "all"]
 
     # LoRA adapters: loaded at start only (llama-server has no API to add one), so
-    # `server.adapters` drains and restarts the engine when the set grows.
+    # `server.adapters` drains and restarts the engine when the set changes.
     adapter_format = "gguf"
 
     def adapter_flags(self) -> list[str]:

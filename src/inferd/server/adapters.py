@@ -8,14 +8,16 @@ shapes, its rank, its files), placed on the served model it fits, and kept in th
 reason, in the log and in `/v1/metadata`, and the service serves the rest. With
 `INFERD_LORA_REFRESH_S` the folder is read again on that period: a new (or changed) adapter is
 added, a removed one is refused at once (404) and unloaded once its requests in flight have
-finished.
+finished (on llama-server by the restart below, which gives its memory back).
 
 How an engine takes a new adapter is the engine's (`Engine.runtime_adapters`): vLLM loads it
 through its load route while serving; llama-server only loads adapters at start, so its engine
-is drained and restarted: new requests wait at `gate` (then in admission), the ones in flight
-finish, the engine starts again with the new list (1-2 s for llama-server), and the waiting
-requests go on. `server.proxy` asks `find` for a request's `model`, waits at `gate`, and after
-taking its slot lets `ServedAdapter.use` put the adapter into the request (`Engine.use_adapter`).
+is drained and restarted, when adapters come and when they go: new requests wait at `gate`
+(then in admission), the ones in flight finish, the engine starts again with the new list (1-2 s
+for llama-server), and the waiting requests go on. Until that restart the list stays the one the
+running engine loaded, because llama-server names adapters by their place in it.
+`server.proxy` asks `find` for a request's `model`, waits at `gate`, and after taking its slot
+lets `ServedAdapter.use` put the adapter into the request (`Engine.use_adapter`).
 """
 
 from __future__ import annotations
@@ -279,8 +281,9 @@ class Adapters:
                 for n, f in found.items()
                 if f.stored is not None and f.base is not None and n not in self.served
             ]
-            for base in {a.base.id: a.base for a in new}.values():
-                await self._add(base, [a for a in new if a.base is base])
+            touched = [*gone, *changed, *new]
+            for base in {a.base.id: a.base for a in touched}.values():
+                await self._apply(base, [a for a in new if a.base is base])
 
     async def _retire(self, adapter: ServedAdapter) -> None:
         """Refuse it from now on; unload it once its requests in flight are done."""
@@ -291,16 +294,23 @@ class Adapters:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(adapter.idle.wait(), DRAIN_S)
         engine = adapter.base.supervisor.engine
+        if not engine.runtime_adapters:
+            # The list changes when the engine restarts (`_apply`): until then the requests of
+            # the other adapters are still given the ids the running engine loaded them under.
+            return
         engine.adapters = tuple(a for a in engine.adapters if a.name != adapter.name)
-        if engine.runtime_adapters and adapter.base.supervisor.state is State.READY:
+        if adapter.base.supervisor.state is State.READY:
             await self._post(adapter.base, "/v1/unload_lora_adapter", {"lora_name": adapter.name})
-        # llama-server keeps it loaded (unused: nothing asks for it) until its next start.
 
-    async def _add(self, base: ServedModel, new: list[ServedAdapter]) -> None:
+    async def _apply(self, base: ServedModel, new: list[ServedAdapter]) -> None:
+        """Give `base`'s engine its new adapter set: `new` added, the retired ones gone."""
         engine = base.supervisor.engine
-        engine.adapters = (*engine.adapters, *(a.engine_adapter for a in new))
         running = base.supervisor.state is not State.STOPPED
-        if engine.runtime_adapters and running:
+        if engine.runtime_adapters:
+            engine.adapters = (*engine.adapters, *(a.engine_adapter for a in new))
+            if not running:
+                self.served.update((a.name, a) for a in new)
+                return
             await self._until_ready(base)  # a start under way has its command line already
             for a in new:
                 body = {"lora_name": a.name, "lora_path": str(a.stored.path)}
@@ -311,8 +321,15 @@ class Adapters:
                 engine.adapters = tuple(x for x in engine.adapters if x.name != a.name)
                 self._seen.pop(a.name, None)
             return
-        if running:
-            await self._restart(base)
+        # Loaded at start only (llama-server): one restart with the whole new list, so a removed
+        # adapter's memory is given back and every id matches what the new engine loaded.
+        kept = [a for a in self.served.values() if a.base is base]
+        wanted = tuple(a.engine_adapter for a in [*kept, *new])
+        if wanted != engine.adapters:
+            if running:
+                await self._restart(base, wanted)
+            else:
+                engine.adapters = wanted
         for a in new:
             self.served[a.name] = a
 
@@ -330,8 +347,8 @@ class Adapters:
             for waiter in (ready, failed):
                 waiter.cancel()
 
-    async def _restart(self, base: ServedModel) -> None:
-        """Drain `base`'s engine and start it again with its new adapter list."""
+    async def _restart(self, base: ServedModel, adapters: tuple[Adapter, ...]) -> None:
+        """Drain `base`'s engine and start it again with `adapters`."""
         gate = self._gates[base.id] = asyncio.Event()
         started = time.monotonic()
         try:
@@ -341,6 +358,7 @@ class Adapters:
                     break
                 await asyncio.sleep(0.05)
             await base.supervisor.stop()
+            base.supervisor.engine.adapters = adapters
             base.supervisor.start()
             await self._until_ready(base)
             log.info(

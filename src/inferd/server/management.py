@@ -161,6 +161,13 @@ async def _listed(f: Front, m: ServedModel) -> dict[str, Any] | None:
     return None if found is None else _with_state(f, m, found)
 
 
+def _adapter_state(f: Front, adapter: dict[str, Any]) -> dict[str, Any]:
+    """On demand, an adapter is as loaded as its base model (it starts with it)."""
+    return (
+        adapter if f.pool is None else {**adapter, "state": f.pool.state(adapter["parent"]).value}
+    )
+
+
 async def list_models(request: Request) -> JSONResponse:
     """Every ready model, as its engine describes it; on demand, every model served."""
     f = front(request)
@@ -168,7 +175,7 @@ async def list_models(request: Request) -> JSONResponse:
     found = await asyncio.gather(*(_listed(f, m) for m in f.models))
     data = [m for m in found if m is not None]
     if data:  # adapters, each with its base model as `parent` (server.adapters)
-        data += f.proxy.adapters.models_listed()
+        data += [_adapter_state(f, a) for a in f.proxy.adapters.models_listed()]
     if not data:
         raise EngineNotReadyError("no model is ready yet; retry shortly")
     return JSONResponse({"object": "list", "data": data})
@@ -181,7 +188,7 @@ async def retrieve_model(request: Request) -> JSONResponse:
     model_id = request.path_params["model"]
     for adapter in f.proxy.adapters.models_listed():
         if adapter["id"] == model_id:
-            return JSONResponse(adapter)
+            return JSONResponse(_adapter_state(f, adapter))
     served = f.models.lookup(model_id)  # 404 model_not_found for a model not served here
     found = await _listed(f, served)
     if found is None:

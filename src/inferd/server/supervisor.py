@@ -44,6 +44,9 @@ MAX_START_FAILURES = 3
 BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
 STABLE_S = 300.0
 HEALTH_POLL_S = 0.5
+# A start is polled from this interval up, doubling to HEALTH_POLL_S: llama-server is often ready
+# within a second, and a fixed half-second poll added a quarter of a second to it on average.
+FIRST_POLL_S = 0.05
 EXIT_POLL_S = 0.2
 STOP_GRACE_S = 10.0
 LOG_TAIL_LINES = 200
@@ -246,6 +249,7 @@ class Supervisor:
         assert self._folder is not None and self.socket is not None
         deadline = time.monotonic() + self.ready_timeout_s
         paused_before = self._paused_total()
+        poll = FIRST_POLL_S
         while time.monotonic() < deadline + self._paused_total() - paused_before:
             if self._paused_at is not None:
                 await asyncio.sleep(HEALTH_POLL_S)  # a stopped engine answers nothing
@@ -261,7 +265,8 @@ class Supervisor:
             answer = await self.fetch(self.engine.health_path)
             if answer is not None and answer[0] == 200:
                 return
-            await asyncio.sleep(HEALTH_POLL_S)
+            await asyncio.sleep(poll)
+            poll = min(poll * 2, HEALTH_POLL_S)
         raise EngineStartError(f"engine was not ready after {self.ready_timeout_s:g} s")
 
     async def _read_version(self) -> None:
