@@ -8,9 +8,10 @@ request) and on vLLM (loaded through its LoRA support), with the official SDKs: 
 model's) through chat, completions, Responses and Messages, base and adapter requests at once
 without mixing, an adapter added and another removed while requests run (the one left keeps its
 own weights; llama-server is restarted without the removed one), and the refusals, while the
-service goes on serving; with models on demand, an adapter loads and reloads with its model. One server per engine for the module (vLLM starts slowly). Both
-engines behind the model (`cpu-both`) do not serve adapters yet: that profile refuses
-`--lora-path` by name at start, and its tests here are skipped.
+service goes on serving; with models on demand, an adapter loads and reloads with its model.
+One server per engine for the module (vLLM starts slowly). Both engines behind the model
+(`cpu-both`) do not serve adapters yet: that profile refuses `--lora-path` by name at start, and
+its tests here are skipped.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import pytest
 from tests.adapters import train_lora
 from tests.e2e.conftest import (
     BOTH_PROFILE,
+    EAGER,
     INFERD,
     LLAMACPP_PROFILE,
     MODEL,
@@ -94,6 +96,7 @@ def served(
     args = (
         *("--profile", request.param, "--lora-path", str(lora_dir), "--lora-refresh-s", "1"),
         *("--queue-timeout-s", "300"),  # on a loaded CI machine: wait, never 503
+        EAGER,
     )
     with serving_inferd(tmp_path_factory.mktemp("serve"), *args) as server:
         yield server
@@ -296,7 +299,9 @@ def test_refresh_adds_and_removes_adapters_while_requests_run(
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         running = [pool.submit(keep_asking) for _ in range(2)]
         try:
-            _zeroed(lora_dir / ADAPTER, lora_dir / second)
+            # Made beside the folder and moved in whole, as a user should: a copy made in place
+            # is read while half written (served with the copied weights, then changed).
+            shutil.move(_zeroed(lora_dir / ADAPTER, tmp_path / second), lora_dir / second)
             _wait_for(lambda: second in _listed(oai))
             prompt, _ = PROMPTS[2]
             assert train_lora.parse_label(chat(oai, second, prompt)) is None

@@ -24,6 +24,7 @@ import pytest
 
 from inferd.guardrails import judges
 from tests.e2e.conftest import (
+    EAGER,
     INFERD,
     LLAMACPP_PROFILE,
     MODEL,
@@ -71,6 +72,7 @@ def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         *(MODEL, EMBEDDER),
         *("--profile", f"{MODEL}={LLAMACPP_PROFILE}"),
         *("--guardrails-config", str(tmp / "rails.yaml")),
+        EAGER,
     ) as served:
         yield served
 

@@ -17,17 +17,24 @@ import httpx
 import psutil
 import pytest
 
-from tests.e2e.conftest import BOTH_PROFILE, LLAMACPP_PROFILE, MODEL, VLLM_PROFILE, Served, start
+from tests.e2e.conftest import (
+    BOTH_PROFILE,
+    EAGER,
+    LLAMACPP_PROFILE,
+    MODEL,
+    VLLM_PROFILE,
+    Served,
+    start,
+)
 
 pytestmark = pytest.mark.e2e
 
 
-# Per profile, extra flags (`--engine-args` would go to each engine of several: vLLM's flag
-# would stop llama-server, so both run vLLM compiled, as it is served).
+# Per profile, extra flags: vLLM uncompiled (conftest.EAGER), alone and beside llama.cpp.
 FLAGS = {
     LLAMACPP_PROFILE: (),
-    VLLM_PROFILE: ("--engine-args=--enforce-eager",),
-    BOTH_PROFILE: (),
+    VLLM_PROFILE: (EAGER,),
+    BOTH_PROFILE: (EAGER,),
 }
 # Per engine: its gauge of running requests, how to spot its process. vLLM's name is also the
 # inference gateway's (`gateway_metrics`), which inferd writes for the model: with several

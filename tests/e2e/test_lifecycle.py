@@ -14,10 +14,10 @@ import openai
 import psutil
 import pytest
 
-from tests.e2e.conftest import MODEL, VLLM, Served, start
+from tests.e2e.conftest import EAGER, MODEL, VLLM, Served, start
 
 pytestmark = pytest.mark.e2e
-EAGER = (*VLLM, "--engine-args=--enforce-eager")
+EAGER_VLLM = (*VLLM, EAGER)
 
 
 def _wait_for_engine_processes(served: Served, timeout: float = 300) -> list[psutil.Process]:
@@ -38,7 +38,7 @@ def _gone(processes: list[psutil.Process], timeout: float = 5) -> list[psutil.Pr
 
 
 def test_sigterm_when_ready_stops_everything(tmp_path: Path) -> None:
-    served = start(tmp_path, *EAGER)
+    served = start(tmp_path, *EAGER_VLLM)
     served.wait_ready()
     client = openai.OpenAI(base_url=served.url + "/v1", api_key="unused", max_retries=0)
     r = client.chat.completions.create(
@@ -52,7 +52,7 @@ def test_sigterm_when_ready_stops_everything(tmp_path: Path) -> None:
 
 
 def test_ctrl_c_while_the_engine_starts_stops_everything(tmp_path: Path) -> None:
-    served = start(tmp_path, *EAGER)
+    served = start(tmp_path, *EAGER_VLLM)
     children = _wait_for_engine_processes(served)
     assert served.stop(signal.SIGINT) == 0
     assert not _gone(children)

@@ -20,7 +20,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.e2e.conftest import INFERD, MODEL, Served, cache_path, serving
+from tests.e2e.conftest import EAGER, INFERD, MODEL, Served, cache_path, serving
 
 pytestmark = pytest.mark.e2e
 
@@ -127,7 +127,8 @@ def test_the_converted_folder_is_served_by_path_on_vllm(
     converted_folder: Path, tmp_path: Path
 ) -> None:
     name = "smollm2-folder"
-    with serving(tmp_path, str(converted_folder), "--served-model-name", name) as served:
+    args = (str(converted_folder), "--served-model-name", name, EAGER)
+    with serving(tmp_path, *args) as served:
         answer = _chat(served, name)
     assert answer.choices[0].message.content
     assert answer.usage is not None and 0 < answer.usage.completion_tokens <= 8
@@ -141,7 +142,7 @@ def test_a_model_of_another_architecture_is_served_by_path_on_vllm(
     assert r.returncode == 0, r.stderr
     plan = json.loads(r.stdout)
     assert (plan["model"], plan["profile"]["id"]) == ("tiny-qwen2", "vllm-cpu-bf16")
-    with serving(tmp_path, str(tiny_qwen2)) as served:
+    with serving(tmp_path, str(tiny_qwen2), EAGER) as served:
         answer = _chat(served, "tiny-qwen2", max_tokens=8)
     choice = answer.choices[0]
     assert choice.finish_reason in ("length", "stop")

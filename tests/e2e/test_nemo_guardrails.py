@@ -21,7 +21,7 @@ import yaml
 from nemoguardrails import LLMRails, RailsConfig
 
 from inferd.guardrails import judges
-from tests.e2e.conftest import LLAMACPP_PROFILE, MODEL, Served, serving
+from tests.e2e.conftest import EAGER, LLAMACPP_PROFILE, MODEL, Served, serving
 
 EMBEDDER = "all-minilm-l6-v2"
 REFUSAL = "I'm sorry, I can't respond to that."
@@ -43,6 +43,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         *(MODEL, EMBEDDER),
         *("--profile", f"{MODEL}={LLAMACPP_PROFILE}"),
         *("--guardrails-config", str(tmp / "rails.yaml")),
+        EAGER,
     ) as served:
         yield served
 

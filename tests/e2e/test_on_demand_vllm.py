@@ -22,7 +22,7 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.conftest import MODEL, VLLM_PROFILE, Served, serving
+from tests.e2e.conftest import EAGER, MODEL, VLLM_PROFILE, Served, serving
 from tests.e2e.test_on_demand import QWEN, _complete, _states, _tree_rss
 
 pytestmark = pytest.mark.e2e
@@ -37,7 +37,7 @@ REQUEST_TIMEOUT_S = LOAD_TIMEOUT_S + 60
 
 @pytest.fixture(scope="module")
 def on_demand(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    args = ("--profile", PROFILES, "--max-loaded", "1")
+    args = ("--profile", PROFILES, "--max-loaded", "1", EAGER)
     with serving(tmp_path_factory.mktemp("vllm-on-demand"), MODEL, QWEN, *args) as s:
         yield s
         engines = _tree(s)

@@ -20,7 +20,7 @@ import openai
 import pytest
 
 from inferd.catalog import Catalog
-from tests.e2e.conftest import LLAMACPP_PROFILE, MODEL, Served, cache_path, serving
+from tests.e2e.conftest import EAGER, LLAMACPP_PROFILE, MODEL, Served, cache_path, serving
 
 EMBEDDER = "all-minilm-l6-v2"
 RERANKER = "ms-marco-minilm-l-12-v2"
@@ -47,6 +47,7 @@ def both(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         tmp_path_factory.mktemp("retrieval"),
         *(MODEL, EMBEDDER, RERANKER),
         *("--profile", f"{MODEL}={LLAMACPP_PROFILE}"),
+        EAGER,
     ) as served:
         yield served
 

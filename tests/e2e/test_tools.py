@@ -25,7 +25,7 @@ from openai.types.chat import (
     ChatCompletionToolParam,
 )
 
-from tests.e2e.conftest import MODEL, Served, serving
+from tests.e2e.conftest import EAGER, MODEL, Served, serving
 
 pytestmark = pytest.mark.e2e
 
@@ -168,7 +168,7 @@ def tool_server(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Served]:
     tmp: Path = tmp_path_factory.mktemp("tools")
-    with serving(tmp, TOOL_MODEL, "--profile", request.param) as served:
+    with serving(tmp, TOOL_MODEL, "--profile", request.param, EAGER) as served:
         yield served
 
 

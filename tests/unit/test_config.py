@@ -76,6 +76,21 @@ def test_engine_args_are_shell_split() -> None:
     assert s.engine_argv() == ["--max-model-len", "2048", "--chat-template", "{{ x }}"]
 
 
+def test_engine_args_sections_go_to_their_engine_only() -> None:
+    s = load_settings(
+        {"engine_args": "--seed 1 vllm: --enforce-eager llamacpp: --mlock 'a b:'"}, env={}
+    )
+    assert s.engine_argv("vllm") == ["--seed", "1", "--enforce-eager"]
+    assert s.engine_argv("llamacpp") == ["--seed", "1", "--mlock", "a b:"]
+    assert s.engine_argv("other") == ["--seed", "1"]
+    assert s.engine_argv() == ["--seed", "1", "--enforce-eager", "--mlock", "a b:"]
+
+
+def test_a_key_in_an_engines_section_is_refused_too() -> None:
+    with pytest.raises(ConfigError, match="inferd's to set"):
+        load_settings({"engine_args": "vllm: --api-key=x"}, env={})
+
+
 def test_names_are_derived_from_fields() -> None:
     assert env_name("cache_path") == "INFERD_CACHE_PATH"
     assert flag_name("cache_path") == "--cache-path"

@@ -69,6 +69,22 @@ def test_what_cannot_apply_to_several_models_is_refused(
         _plans(tmp_path, model, **flags)
 
 
+def test_engine_args_in_an_engines_section_go_to_each_of_its_models(tmp_path: Path) -> None:
+    settings = load_settings(
+        {
+            "model": f"{CHAT.id},{EMBED.id}",
+            "profile": f"{CHAT.id}=llamacpp-cpu-q8_0",
+            "hardware": str(EPYC),
+            "cache_path": str(tmp_path),
+            "engine_args": "vllm: --enforce-eager llamacpp: --mlock",
+        },
+        env={},
+    )
+    chat, embed = resolve_all(settings)
+    assert chat.engine(settings).extra_args == ["--mlock"]
+    assert embed.engine(settings).extra_args == ["--enforce-eager"]
+
+
 def test_models_that_fit_alone_but_not_together_are_refused_with_the_estimate(
     tmp_path: Path,
 ) -> None:

@@ -30,7 +30,7 @@ from inferd.catalog.schema import Combined, ModelEntry, Profile
 from inferd.cli.progress import RichReporter
 from inferd.config import Settings
 from inferd.engines import Engine, engine_for
-from inferd.errors import NoProfileError, UnknownModelError, UsageError
+from inferd.errors import ConfigError, NoProfileError, UnknownModelError, UsageError
 
 HUB = "hf://"
 MODEL_ID = re.compile(r"^[a-z0-9][a-z0-9.\-]*$")
@@ -78,11 +78,17 @@ class Plan:
             # Engines with a fixed number of sequence slots (llama-server) get one per request
             # admission control lets through: no slot idles, no admitted request waits inside.
             profile = profile.model_copy(update={"max_running": settings.max_running})
+        unknown = sorted(set(settings.engine_arg_sections()) - {"", *engines.ENGINES})
+        if unknown:
+            raise ConfigError(
+                f"INFERD_ENGINE_ARGS / --engine-args: {unknown[0]}: names no engine "
+                f"(engines: {', '.join(sorted(engines.ENGINES))})"
+            )
         return engine_for(profile)(
             self.entry.id,
             model_dir,
             profile,
-            settings.engine_argv(),
+            settings.engine_argv(profile.engine),
             self.store.engine_dir(profile.engine),
             self.context,
         )
@@ -277,8 +283,10 @@ def resolve_all(settings: Settings) -> list[Plan]:
         raise UsageError(f"a model is named twice: {', '.join(ids)}")
     if len(ids) > 1:
         # Engines differ in their flags and models in their context: these name one model.
+        # `--engine-args` in an engine's section (`vllm: --enforce-eager`) names that engine,
+        # every model's: only arguments outside any section are refused here.
         for flag, value in (
-            ("--engine-args", settings.engine_args),
+            ("--engine-args", settings.engine_arg_sections()[""]),
             ("--max-model-len", settings.max_model_len),
             ("--served-model-name", settings.served_model_name),
         ):

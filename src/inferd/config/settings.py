@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -88,7 +89,9 @@ class Settings:
         False, "Log each request's prompt and parameters (off: prompts are never logged)."
     )
     engine_args: str = _setting(
-        "", "Extra engine command-line arguments, passed through as written (shell quoting)."
+        "",
+        "Extra engine command-line arguments, passed through as written (shell quoting); "
+        "after `ENGINE:` (`vllm:`, `llamacpp:`) only to that engine, for profiles that run both.",
     )
     engine_read_timeout_s: float = _setting(
         600.0,
@@ -235,12 +238,31 @@ class Settings:
         """Whether models load on their first request (any of the on-demand settings given)."""
         return self.max_loaded is not None or self.idle_unload_s is not None or bool(self.pinned)
 
-    def engine_argv(self) -> list[str]:
+    def engine_argv(self, engine: str | None = None) -> list[str]:
+        """The pass-through arguments `engine` gets: those before any `ENGINE:` section, then
+        its own section's. With no engine: every argument, to check them all."""
+        sections = self.engine_arg_sections()
+        if engine is None:
+            return [a for argv in sections.values() for a in argv]
+        return sections.get("", []) + sections.get(engine, [])
+
+    def engine_arg_sections(self) -> dict[str, list[str]]:
+        """`--engine-args` by section: "" for the arguments every engine gets, then one per
+        `ENGINE:` marker (a word and a colon, alone: a combined profile runs engines whose flags
+        differ, such as vLLM's `--enforce-eager`, which would stop llama-server)."""
         try:
-            argv = shlex.split(self.engine_args)
+            words = shlex.split(self.engine_args)
         except ValueError as exc:
             raise ConfigError(f"INFERD_ENGINE_ARGS / --engine-args: {exc}") from exc
-        for arg in argv:
+        sections: dict[str, list[str]] = {"": []}
+        current = ""
+        for word in words:
+            if _SECTION.fullmatch(word):
+                current = word[:-1]
+                sections.setdefault(current, [])
+            else:
+                sections[current].append(word)
+        for arg in (a for argv in sections.values() for a in argv):
             # Each engine start gets a secret key of inferd's own; one given here would replace
             # it (vLLM) or open a second way in (llama.cpp). Clients' keys are inferd's keys.
             if arg.split("=", 1)[0] in ("--api-key", "--api-key-file"):
@@ -248,8 +270,11 @@ class Settings:
                     f"INFERD_ENGINE_ARGS / --engine-args: {arg.split('=', 1)[0]} is inferd's to "
                     "set (a secret per engine start); give clients keys with `inferd keys`"
                 )
-        return argv
+        return sections
 
+
+# An `--engine-args` section marker: an engine's name and a colon, as a word of its own.
+_SECTION = re.compile(r"[a-z][a-z0-9_]*:")
 
 SETTINGS_FIELDS: tuple[dataclasses.Field[Any], ...] = dataclasses.fields(Settings)
 _BY_NAME = {f.name: f for f in SETTINGS_FIELDS}
