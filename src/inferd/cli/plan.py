@@ -78,12 +78,6 @@ class Plan:
             # Engines with a fixed number of sequence slots (llama-server) get one per request
             # admission control lets through: no slot idles, no admitted request waits inside.
             profile = profile.model_copy(update={"max_running": settings.max_running})
-        unknown = sorted(set(settings.engine_arg_sections()) - {"", *engines.ENGINES})
-        if unknown:
-            raise ConfigError(
-                f"INFERD_ENGINE_ARGS / --engine-args: {unknown[0]}: names no engine "
-                f"(engines: {', '.join(sorted(engines.ENGINES))})"
-            )
         return engine_for(profile)(
             self.entry.id,
             model_dir,
@@ -281,6 +275,13 @@ def resolve_all(settings: Settings) -> list[Plan]:
     ids = settings.models
     if len(set(ids)) != len(ids):
         raise UsageError(f"a model is named twice: {', '.join(ids)}")
+    # Checked here, once, rather than in `config`, which does not know the engines.
+    unknown = sorted(set(settings.engine_arg_sections()) - {"", *engines.ENGINES})
+    if unknown:
+        raise ConfigError(
+            f"INFERD_ENGINE_ARGS / --engine-args: {unknown[0]}: names no engine "
+            f"(engines: {', '.join(sorted(engines.ENGINES))})"
+        )
     if len(ids) > 1:
         # Engines differ in their flags and models in their context: these name one model.
         # `--engine-args` in an engine's section (`vllm: --enforce-eager`) names that engine,
