@@ -61,7 +61,7 @@ def _vllm_tree(served: Served) -> list[psutil.Process]:
         try:
             line = " ".join(p.cmdline())
             if p.name().startswith("VLLM") or (
-                "vllm.entrypoints" in line and "inferd.engines.launch" not in line
+                "vllm.entrypoints" in line and "engines/launch.py" not in line
             ):
                 found.append(p)
         except psutil.Error:

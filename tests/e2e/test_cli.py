@@ -64,12 +64,14 @@ def test_unknown_flag() -> None:
     assert "--prot" in _one_line(r)
 
 
-def test_listings_have_json() -> None:
+def test_listings_have_json(tmp_path: Path) -> None:
     import json
 
-    models = json.loads(_run("models", "--json").stdout)
+    # A cache of its own: no `inferd tune` figures of this machine, so the catalog's rules.
+    env = {**os.environ, "INFERD_CACHE_PATH": str(tmp_path)}
+    models = json.loads(_run("models", "--json", env=env).stdout)
     assert any(m["id"] == "smollm2-135m-instruct" for m in models)
-    profiles = json.loads(_run("profiles", "smollm2-135m-instruct", "--json").stdout)
+    profiles = json.loads(_run("profiles", "smollm2-135m-instruct", "--json", env=env).stdout)
     # This machine (an AMD EPYC) has no AMX: Q8_0 first (`prefer_when_missing`).
     assert profiles["selected"] == "llamacpp-cpu-q8_0"
     assert profiles["profiles"][0]["id"] == "llamacpp-cpu-q4_1"
@@ -78,7 +80,7 @@ def test_listings_have_json() -> None:
         "throughput": "vllm-cpu-bf16",
     }
     assert "no --optimize given" in profiles["why"]
-    table = _run("profiles", "smollm2-135m-instruct").stdout
+    table = _run("profiles", "smollm2-135m-instruct", env=env).stdout
     assert "why: no --optimize given" in table and "--optimize throughput picks" in table
     assert _run("version").stdout.startswith("inferd ")
     assert subprocess.run(
@@ -114,10 +116,12 @@ def test_profiles_here_explain_why_no_gpu_profile_fits() -> None:
     assert "needs an NVIDIA GPU" in _one_line(r)
 
 
-def test_dry_run_prints_the_engine_command() -> None:
+def test_dry_run_prints_the_engine_command(tmp_path: Path) -> None:
     import json
 
-    r = _run("serve", "--dry-run", "--json")
+    # A cache of its own: no `inferd tune` figures of this machine, so the catalog's rules.
+    clean = {**os.environ, "INFERD_CACHE_PATH": str(tmp_path)}
+    r = _run("serve", "--dry-run", "--json", env=clean)
     assert r.returncode == 0, r.stderr
     plan = json.loads(r.stdout)
     argv = plan["engine"]["argv"]
@@ -127,7 +131,7 @@ def test_dry_run_prints_the_engine_command() -> None:
     assert "engines" not in plan  # one engine (cpu-both is asked for by name)
     assert "no --optimize given" in plan["profile"]["why"]
 
-    r = _run("serve", "--dry-run", "--json", "--optimize", "throughput")
+    r = _run("serve", "--dry-run", "--json", "--optimize", "throughput", env=clean)
     assert r.returncode == 0, r.stderr
     plan = json.loads(r.stdout)
     argv = plan["engine"]["argv"]
@@ -136,7 +140,7 @@ def test_dry_run_prints_the_engine_command() -> None:
     assert plan["profile"]["id"] == "vllm-cpu-bf16"
     assert plan["profile"]["why"].startswith("--optimize throughput")
 
-    env = {**os.environ, "INFERD_OPTIMIZE": "throughput"}
+    env = {**clean, "INFERD_OPTIMIZE": "throughput"}
     r = _run("serve", "--dry-run", "--json", env=env)
     assert json.loads(r.stdout)["profile"]["id"] == "vllm-cpu-bf16"
 

@@ -219,10 +219,10 @@ async def test_a_change_of_turn_waits_for_the_drain_only_so_long() -> None:
     waiting = Gauge("waiting", "", ["model"], registry=registry)
     lanes = [Lane("llamacpp", 4), Lane("vllm", 32)]
     limits = Limits(36, 16, 5.0)
+    router = Router([LLAMA, VLLM], queue_timeout_s=0.4)  # a change of turn waits 0.2 s
     admission = Admission(
-        "m", limits, running, waiting, lanes=lanes, choose=Router([LLAMA, VLLM]).choose,
-        turn_wait_s=0.2,
-    )  # fmt: skip
+        "m", limits, running, waiting, lanes=lanes, choose=router.choose, moments=router.moments
+    )
     held = [await admission.acquire(Want(None, 128, 128)) for _ in range(3)]
     crowd = [asyncio.create_task(admission.acquire(Want(None, 128, 128))) for _ in range(5)]
     await asyncio.sleep(0.05)
@@ -235,10 +235,48 @@ async def test_a_change_of_turn_waits_for_the_drain_only_so_long() -> None:
 
 
 def test_a_waiter_out_of_patience_takes_any_free_slot() -> None:
-    router = Router([LLAMA, VLLM])
+    router = Router([LLAMA, VLLM])  # the queue's limit: 30 s
     # vLLM's turn and full, llama.cpp with room: patient, it waits; out of patience, llama.cpp.
     lanes = [Lane("llamacpp", 4, running=3), Lane("vllm", 32, running=32)]
     assert router.choose(lanes, [0, 1], Want(None, 128, 128), 38) is None
-    assert router.choose(lanes, [0, 1], Want(None, 128, 128), 38, patient=False) == 0
+    # Past a change of turn's wait, still on its engine: moving would run both at once.
+    assert router.choose(lanes, [0, 1], Want(None, 128, 128), 38, waited_s=6.0) is None
+    assert router.choose(lanes, [0, 1], Want(None, 128, 128), 38, waited_s=15.0) == 0
     full = [Lane("llamacpp", 4, running=4), Lane("vllm", 32, running=32)]
-    assert router.choose(full, [0, 1], Want(None, 128, 128), 38, patient=False) is None
+    assert router.choose(full, [0, 1], Want(None, 128, 128), 38, waited_s=29.0) is None
+    assert router.moments == (5.0, 15.0)
+    # A short queue limit shortens both waits.
+    assert Router([LLAMA, VLLM], queue_timeout_s=4.0).moments == (2.0, 2.0)
+
+
+# Measured by `inferd tune` on a quiet 2-core Zen 3 (AVX2, no AVX512-BF16): vLLM's bf16 steps
+# grow with every request, so llama.cpp is faster at every load.
+LLAMA_ZEN3 = Table({32: 125, 128: 417, 512: 1735}, {1: 14.1, 2: 24.6, 4: 34.8})
+VLLM_ZEN3 = Table(
+    {32: 433, 128: 1511, 512: 6878},
+    {1: 35.9, 2: 45.5, 4: 78.8, 8: 163.5, 16: 268.0, 32: 568.7},
+)
+
+
+async def test_a_crowd_the_faster_engine_serves_alone_waits_for_it() -> None:
+    registry = CollectorRegistry()
+    running = Gauge("running", "", ["model"], registry=registry)
+    waiting = Gauge("waiting", "", ["model"], registry=registry)
+    lanes = [Lane("llamacpp", 4), Lane("vllm", 32)]
+    router = Router([LLAMA_ZEN3, VLLM_ZEN3], queue_timeout_s=0.6)  # a full engine: 0.3 s
+    admission = Admission(
+        "m", Limits(36, 72, 0.6), running, waiting, lanes=lanes, choose=router.choose,
+        moments=router.moments,
+    )  # fmt: skip
+    held = [await admission.acquire(Want(None, 128, 128)) for _ in range(4)]
+    assert [slot.lane for slot in held] == [0] * 4
+    crowd = [asyncio.create_task(admission.acquire(Want(None, 128, 128))) for _ in range(4)]
+    await asyncio.sleep(0.15)
+    # llama.cpp full, vLLM idle: still llama.cpp's (both busy at once is slower than either).
+    assert admission.waiting == 4 and lanes[1].running == 0
+    held.pop().release()
+    assert (await crowd[0]).lane == 0  # the freed slot goes to the first in line
+    # Past half the queue's limit, the rest take vLLM's free slots rather than be refused.
+    assert [(await w).lane for w in crowd[1:]] == [1, 1, 1]
+    for slot in held:
+        slot.release()

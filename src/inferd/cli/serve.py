@@ -8,38 +8,43 @@ what would run (model, profile, memory estimate, cache paths, the exact engine c
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import shlex
 import signal
 import time
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
 
 from inferd import __version__
-from inferd.cache import prepare, signing
-from inferd.cache.prepare import intact
+from inferd.cache import PreparedModel, prepare, signing
+from inferd.cache.prepare import intact, variant
+from inferd.cache.reporting import LogReporter, Reporter
 from inferd.catalog import measured
+from inferd.catalog.schema import Profile
 from inferd.cli.plan import Plan, fit_check, resolve_all
 from inferd.cli.progress import RichReporter
 from inferd.config import Settings
-from inferd.errors import ConfigError, UsageError
-from inferd.guardrails import config as guard_config
-from inferd.guardrails import jailbreak
-from inferd.guardrails.config import GuardrailsConfig
-from inferd.guardrails.jailbreak import Training
-from inferd.guardrails.rails import Guardrails
+from inferd.errors import CacheError, ConfigError, UsageError
 from inferd.observability import logs
-from inferd.server import runtime
+from inferd.server import boot
 from inferd.server.adapters import Adapters
-from inferd.server.app import create_app
 from inferd.server.engine_link import RuntimeFolder
 from inferd.server.keys import KeyRing
 from inferd.server.routing import Router, Speed, Table
 from inferd.server.served import Backend, ServedModel
 from inferd.server.supervisor import Supervisor
+
+# Not imported here: the web stack (server.app, server.runtime: FastAPI, uvicorn, aiohttp) and
+# the guardrails' numpy, about a second in all. `serve` starts the engines first and imports
+# them while the engines load (`server.boot`); guardrails only when configured.
+if TYPE_CHECKING:
+    from inferd.guardrails.config import GuardrailsConfig
+    from inferd.guardrails.jailbreak import Training
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -65,7 +70,7 @@ def serve(settings: Settings) -> int:
     keys = KeyRing(settings.api_keys_file)
     _refuse_open_bind(settings, keys)
     plans[0].store.ensure_writable()
-    sock = runtime.bind(settings.host, settings.port)
+    sock = boot.bind(settings.host, settings.port)
 
     names = ", ".join(p.entry.id for p in plans)
     console.print(f"[bold]inferd {__version__}[/bold] serving [bold]{names}[/bold]")
@@ -78,7 +83,6 @@ def serve(settings: Settings) -> int:
     adapters = Adapters.from_settings(settings, served, plans[0].store)
     if settings.lora_path is not None:
         console.print(f"  adapters {escape(adapters.summary())}")
-    app = create_app(served, settings, keys, guards, training, fits=fits, adapters=adapters)
 
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     scheme = "http" if settings.ssl_mode == "disabled" else "https"
@@ -106,7 +110,18 @@ def serve(settings: Settings) -> int:
     def on_ready(seconds: float) -> None:
         console.print(f"[green]ready[/green] in {seconds:.1f} s: {url}/v1 serves {names}")
 
-    return runtime.run(app, sock, served, settings, on_ready=on_ready, started=started)
+    async def front() -> int:
+        # Imported here, while the engines started by `boot.run` load their models.
+        from inferd.server import runtime
+        from inferd.server.app import create_app
+
+        app = create_app(served, settings, keys, guards, training, fits=fits, adapters=adapters)
+        return await runtime.serve(app, sock, served, settings, on_ready=on_ready, started=started)
+
+    # Each model's first engine starts at once (a combined profile's others once it is ready;
+    # models on demand on their first request, or with the pool: both from the front).
+    first = [] if settings.on_demand else [m.supervisor for m in served]
+    return boot.run(first, front)
 
 
 def _prepare(plan: Plan, settings: Settings, console: Console, *, several: bool) -> ServedModel:
@@ -123,48 +138,78 @@ def _prepare(plan: Plan, settings: Settings, console: Console, *, several: bool)
         console.print(f"[yellow]  better   {escape(plan.note)}[/yellow]")
     if not plan.chosen.runnable:
         console.print(f"[yellow]  forced: {escape(plan.chosen.reason)}[/yellow]")
-    backends = []
-    for index, part in enumerate(plan.engines_run):
-        prepared = prepare(
-            entry,
-            part.profile,
-            plan.store,
-            index_url=settings.pypi_index_url,
-            offline=settings.offline,
-            reporter=RichReporter(console),
-        )
-        console.print(f"  model    {prepared.path} ({'reused' if prepared.reused else 'built'})")
-        if settings.require_signed:
-            assert settings.signing_public_key is not None
-            # Checked after the cache's own hash check: that trusts provenance.json, this
-            # does not.
-            checked = signing.verify(prepared.path, settings.signing_public_key)
-            console.print(f"  signed   {checked} verified with {settings.signing_public_key}")
-        engine = plan.engine(settings, prepared.path, part.profile)
-        engine.cache_dir.mkdir(parents=True, exist_ok=True)
-        # A combined profile's later engines start behind the first at a lower CPU priority.
-        supervisor = Supervisor(
-            engine,
-            ready_timeout_s=settings.engine_ready_timeout_s,
-            nice=BEHIND_NICE if index else 0,
-        )
-        backends.append((Backend(part.profile, supervisor), prepared))
-    (first, prepared), *others = backends
+    first_part, *later = plan.engines_run
+    prepared = _checked(plan, first_part.profile, settings, RichReporter(console))
+    console.print(f"  model    {prepared.path} ({'reused' if prepared.reused else 'built'})")
+    if settings.require_signed:
+        console.print(f"  signed   {prepared.path} verified with {settings.signing_public_key}")
+    first = _supervisor(plan, settings, prepared.path, first_part.profile, behind=False)
     if plan.combined is None:
-        return ServedModel(
-            entry, profile, first.supervisor, prepared.license_text, prepared.provenance
-        )
-    router, said = _router(plan)
+        return ServedModel(entry, profile, first, prepared.license_text, prepared.provenance)
+    others = []
+    for part in later:
+        folder = plan.store.model_dir(entry.id, variant(part.profile))
+        check = None
+        if folder.is_dir():
+            # In the cache: checked once the first engine serves, just before this one starts
+            # (`Backend.check`), so the hash of vLLM's 273 MB is not in the way of readiness.
+            console.print(f"  model    {folder} (checked once the first engine is ready)")
+            check = functools.partial(_checked, plan, part.profile, settings, LogReporter(), folder)
+        else:  # fetched or converted now, with its progress bars (a first run)
+            built = _checked(plan, part.profile, settings, RichReporter(console), folder)
+            console.print(f"  model    {built.path} (built)")
+        supervisor = _supervisor(plan, settings, folder, part.profile, behind=True)
+        others.append(Backend(part.profile, supervisor, check=check))
+    router, said = _router(plan, settings)
     console.print(f"  routing  {escape(said)}")
     return ServedModel(
         entry,
         profile,
-        first.supervisor,
+        first,
         prepared.license_text,
         prepared.provenance,
-        others=tuple(b for b, _ in others),
+        others=tuple(others),
         combined=plan.combined.id,
         router=router,
+    )
+
+
+def _checked(
+    plan: Plan,
+    profile: Profile,
+    settings: Settings,
+    reporter: Reporter,
+    folder: Path | None = None,
+) -> PreparedModel:
+    """One engine's model, fetched, built or reused from the cache and its hashes checked; its
+    signature too under INFERD_REQUIRE_SIGNED. `folder`: where the engine was told it is."""
+    prepared = prepare(
+        plan.entry,
+        profile,
+        plan.store,
+        index_url=settings.pypi_index_url,
+        offline=settings.offline,
+        reporter=reporter,
+    )
+    if folder is not None and prepared.path != folder:
+        raise CacheError(f"{profile.id}'s model was prepared in {prepared.path}, not {folder}")
+    if settings.require_signed:
+        assert settings.signing_public_key is not None
+        # Checked after the cache's own hash check: that trusts provenance.json, this does not.
+        signing.verify(prepared.path, settings.signing_public_key)
+    return prepared
+
+
+def _supervisor(
+    plan: Plan, settings: Settings, folder: Path, profile: Profile, *, behind: bool
+) -> Supervisor:
+    engine = plan.engine(settings, folder, profile)
+    engine.cache_dir.mkdir(parents=True, exist_ok=True)
+    # A combined profile's later engines start behind the first at a lower CPU priority.
+    return Supervisor(
+        engine,
+        ready_timeout_s=settings.engine_ready_timeout_s,
+        nice=BEHIND_NICE if behind else 0,
     )
 
 
@@ -173,7 +218,7 @@ def _prepare(plan: Plan, settings: Settings, console: Console, *, several: bool)
 BEHIND_NICE = 10
 
 
-def _router(plan: Plan) -> tuple[Router, str]:
+def _router(plan: Plan, settings: Settings) -> tuple[Router, str]:
     """The router of a combined profile, from each engine's speed measured on this machine
     (`inferd tune`), else the catalog's reference figures; and where they came from."""
     found = measured.load(plan.store, measured.fingerprint(plan.hardware), plan.entry.id)
@@ -194,7 +239,7 @@ def _router(plan: Plan) -> tuple[Router, str]:
                 f"profile {plan.profile_id} routes by each engine's measured speed, and "
                 f"{profile.id} has none: measure it with `inferd tune {plan.entry.id}`"
             )
-    return Router(speeds), "by speed: " + "; ".join(said)
+    return Router(speeds, queue_timeout_s=settings.queue_timeout_s), "by speed: " + "; ".join(said)
 
 
 def _on_demand(settings: Settings, served: list[ServedModel]) -> str:
@@ -220,6 +265,9 @@ def _guardrails(settings: Settings, plans: list[Plan]) -> GuardrailsConfig | Non
     starts (a mistake stops start-up); every model-backed rail's model named."""
     if not settings.guardrails_config:
         return None
+    from inferd.guardrails import config as guard_config
+    from inferd.guardrails.rails import Guardrails
+
     config = guard_config.load(settings.guardrails_config)
     return Guardrails(config, served={p.entry.id: p.entry.task for p in plans}).config
 
@@ -236,6 +284,9 @@ def _jailbreak_training(
     rail = config.input.jailbreak if config is not None else None
     if rail is None:
         return None
+    from inferd.guardrails import jailbreak
+    from inferd.guardrails.jailbreak import Training
+
     embedder = next(m for m in served if m.id == rail.model)  # named by `_guardrails`
     identity = json.dumps(embedder.provenance.get("source"), sort_keys=True)
     training = Training(jailbreak.probe_path(plan.store, embedder.id, identity))

@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from prometheus_client import Gauge
@@ -73,14 +73,13 @@ class Want:
 
 ANY = Want()
 # Which lane takes a request now, given every lane, the ready lanes it allows (at least one),
-# the request, the model's load (requests running and waiting, this one included) and whether
-# it still waits for another engine's drain (patient) or starts beside it; None: it waits.
-# `server.routing.Router.choose`.
-Choose = Callable[[list[Lane], list[int], Want, int, bool], "int | None"]
+# the request, the model's load (requests running and waiting, this one included) and how long
+# it has waited (seconds); None: it waits. `server.routing.Router.choose`.
+Choose = Callable[[list[Lane], list[int], Want, int, float], "int | None"]
 
 
 def _first(
-    lanes: list[Lane], ready: list[int], want: Want, load: int, patient: bool = True
+    lanes: list[Lane], ready: list[int], want: Want, load: int, waited_s: float = 0.0
 ) -> int | None:
     """One engine (or lanes without turns): the first ready lane with a free slot."""
     return next((i for i in ready if lanes[i].running < lanes[i].max_running), None)
@@ -113,7 +112,7 @@ class Admission:
         *,
         lanes: list[Lane] | None = None,
         choose: Choose = _first,
-        turn_wait_s: float | None = None,
+        moments: Sequence[float] = (),
     ) -> None:
         self.model = model
         # One lane (one engine) unless given: then `limits.max_running` is the sum of the lanes'.
@@ -125,9 +124,10 @@ class Admission:
         self._queue: collections.deque[tuple[asyncio.Future[int], Want, float]] = (
             collections.deque()
         )
-        # How long a waiter waits for another engine to drain before its own starts anyway
-        # (`server.routing.TURN_WAIT_S`; None: one engine, no turns).
-        self.turn_wait_s = turn_wait_s
+        # How long into a wait `choose` may answer differently (`server.routing.Router.moments`:
+        # a change of turn stops waiting for the drain, a full engine's waiter moves; none for
+        # one engine): a waiter refused a lane is looked at again then.
+        self.moments = tuple(moments)
         self._rewake: asyncio.TimerHandle | None = None
         self._closed: str | None = None  # why nobody may queue any more (the drain)
         self._running_gauge = running.labels(model)
@@ -217,8 +217,8 @@ class Admission:
     def wake(self) -> None:
         """Hand slots to waiters in order (called when a slot is freed, when an engine becomes
         ready, and for each new request): each gets the lane `choose` picks; the first that
-        must wait with a ready engine stops the round, so nobody overtakes it. One that has
-        waited `turn_wait_s` for another engine to drain may start beside it."""
+        must wait with a ready engine stops the round, so nobody overtakes it, and is looked
+        at again at its next `moments`."""
         live = [entry for entry in self._queue if not entry[0].done()]
         self._queue = collections.deque(live)
         load = self._running + len(live)
@@ -228,11 +228,12 @@ class Admission:
             ready = [i for i, lane in enumerate(self.lanes) if want.allows(i) and lane.usable()]
             if not ready:
                 continue  # its engines are starting (or down): it holds nobody back
-            patient = self.turn_wait_s is None or now - since < self.turn_wait_s
-            lane = self._choose(self.lanes, ready, want, load, patient)
+            waited = now - since
+            lane = self._choose(self.lanes, ready, want, load, waited)
             if lane is None:
-                if patient and self.turn_wait_s is not None:
-                    self._wake_at(since + self.turn_wait_s)
+                later = [moment for moment in self.moments if moment > waited]
+                if later:
+                    self._wake_at(since + min(later))
                 break
             self._queue.remove(entry)
             self._take(lane)

@@ -26,7 +26,7 @@ from inferd.guardrails.config import GuardrailsConfig
 from inferd.guardrails.jailbreak import Training
 from inferd.guardrails.rails import Guardrails
 from inferd.observability.metrics import Metrics
-from inferd.server import errors, routes, routing, tuning, warmup
+from inferd.server import errors, routes, tuning, warmup
 from inferd.server.adapters import Adapters
 from inferd.server.admission import Admission, Lane, Limits
 from inferd.server.apis.response_store import ResponseStore
@@ -99,7 +99,8 @@ def create_app(
             pool.open()
         else:
             for m in table:
-                m.supervisor.start()
+                if not m.supervisor.started:  # `inferd serve` starts them first (server.boot)
+                    m.supervisor.start()
         joining = [asyncio.create_task(_join(m)) for m in table if m.others]
         training = None
         if jailbreak_training is not None and guards.jailbreak_model is not None:
@@ -190,7 +191,7 @@ def _admission(m: ServedModel, settings: Settings, metrics: Metrics) -> Admissio
         metrics.requests_waiting,
         lanes=lanes,
         choose=m.router.choose,
-        turn_wait_s=routing.TURN_WAIT_S,
+        moments=m.router.moments,
     )
     for b in m.backends:  # a lane whose engine becomes ready takes waiters at once
         b.supervisor.on_ready.append(admission.wake)
@@ -204,8 +205,9 @@ def _usable(supervisor: Supervisor) -> bool:
 
 
 async def _join(m: ServedModel) -> None:
-    """Start a combined profile's other engines once its first answers (or has failed): they
-    start at a lower CPU priority (`Supervisor.nice`) and take requests when ready."""
+    """Start a combined profile's other engines once its first answers (or has failed), each
+    after its model's check (`Backend.check`): they start at a lower CPU priority
+    (`Supervisor.nice`) and take requests when ready."""
     first = asyncio.ensure_future(m.supervisor.ready.wait())
     failed = asyncio.ensure_future(m.supervisor.failed.wait())
     try:
@@ -214,6 +216,12 @@ async def _join(m: ServedModel) -> None:
         first.cancel()
         failed.cancel()
     for b in m.others:
+        if b.check is not None:
+            try:
+                await asyncio.to_thread(b.check)
+            except Exception as exc:  # this engine fails; the first goes on serving
+                b.supervisor.fail(f"its model could not be prepared: {exc}")
+                continue
         b.supervisor.start()
 
 

@@ -23,7 +23,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import aiohttp
 import psutil
 
 from inferd.errors import EngineStartError
@@ -165,6 +164,11 @@ class EngineLink:
     `server.engine_client` gives its requests the front's read timeout."""
 
     def __init__(self, socket: Path) -> None:
+        # aiohttp (about 0.3 s to import) comes in with the first link, once an engine is
+        # running: `inferd serve` starts its engines before it imports the web stack, so the
+        # two overlap (`server.boot`).
+        import aiohttp
+
         self.socket = socket
         # No pool limit: admission control decides how many requests reach an engine, not the
         # connection pool. No total timeout: a long generation is not an error.

@@ -23,9 +23,15 @@ millisecond for everyone together.
 - A request only some engines can serve (`tool_choice: required`: vLLM) waits for one of
   them; as nobody overtakes a waiter, the turn passes to its engine once the other drains.
 - A change of turn waits at most `TURN_WAIT_S` for the drain; then the new engine starts
-  beside the old one's last requests, and a waiter whose engine is full takes a free slot of
-  the other: the model's capacity is the sum of its engines' slots, as admission's queue is
-  sized, and nobody waits out the queue's limit while an engine has room.
+  beside the old one's last requests.
+- A waiter whose engine is full waits for it, however long the other engine's free slots
+  stay free, until it has waited half the queue's limit (`spill_wait_s`): then it takes a
+  free slot of the other engine. The model's capacity is the sum of its engines' slots, as
+  admission's queue is sized, and nobody waits out the queue's limit while an engine has room;
+  but a waiter moved sooner would run both engines at once, which on a small CPU slows
+  everyone many times over: measured on a 2-core Zen 3, where llama.cpp is faster than vLLM at
+  every load, eight users with the waiters moved after 5 s took 48 s per 128-token answer
+  (benchmarks/RESULTS.md).
 
 Only the choice is made here; `admission.Admission` keeps the slots, the queue and its order.
 """
@@ -46,12 +52,15 @@ BYTES_PER_TOKEN = 4
 # How much faster (in tokens per second at the present load) another engine must be for the
 # running engine's turn to end: each change costs a drain.
 SWITCH_MARGIN = 1.25
-# How long a waiter keeps to the turns: a change of turn waits this long for the running engine
-# to drain, a full engine's waiter this long for its slot; past it, the new engine starts
-# beside the old one's last requests, or the waiter takes the other engine's free slot (both
-# slower meanwhile), so that a slow drain (long answers, or a machine busy with other work)
-# never makes a crowd wait out the queue's limit while an engine has room.
+# How long a change of turn waits for the running engine to drain; past it, the new engine
+# starts beside the old one's last requests (both slower meanwhile), so that a slow drain (long
+# answers, or a machine busy with other work) never makes a crowd wait out the queue's limit
+# while the new engine has room.
 TURN_WAIT_S = 5.0
+# How long a waiter whose engine is full waits for it before it takes another engine's free
+# slot, as a share of the queue's limit: late enough that a crowd the turn's engine serves
+# faster alone stays on it (see the module's docstring), early enough that nobody is refused.
+SPILL_SHARE = 0.5
 
 
 class Speed(Protocol):
@@ -100,8 +109,15 @@ class Router:
     """Picks which engine's turn it is and whether a request may start now (see the module's
     docstring). `speeds`: one per lane, in lane order."""
 
-    def __init__(self, speeds: Sequence[Speed]) -> None:
+    def __init__(self, speeds: Sequence[Speed], *, queue_timeout_s: float = 30.0) -> None:
         self.speeds = list(speeds)
+        self.spill_wait_s = SPILL_SHARE * queue_timeout_s
+        self.turn_wait_s = min(TURN_WAIT_S, self.spill_wait_s)
+
+    @property
+    def moments(self) -> tuple[float, float]:
+        """How long into a wait `choose` may answer differently (admission looks again then)."""
+        return self.turn_wait_s, self.spill_wait_s
 
     def cost(self, lane: int, want: Want) -> float:
         """The milliseconds `want` takes alone on lane `lane`: its prompt, then its output."""
@@ -129,20 +145,22 @@ class Router:
         return best if self.rate(lanes[best], best, load) > SWITCH_MARGIN * mine else current
 
     def choose(
-        self, lanes: list[Lane], ready: list[int], want: Want, load: int, patient: bool = True
+        self, lanes: list[Lane], ready: list[int], want: Want, load: int, waited_s: float = 0.0
     ) -> int | None:
-        """The lane that takes `want` now, or None: it waits (its engine is full, or another
-        engine must drain before its turn; not once it has waited `TURN_WAIT_S`)."""
+        """The lane that takes `want` now, having waited `waited_s`, or None: it waits (its
+        engine is full, until `spill_wait_s`; another engine must drain before its turn, until
+        `turn_wait_s`)."""
         lane = self.turn(lanes, ready, want, load)
         if lanes[lane].running >= lanes[lane].max_running:
-            if patient:
+            if waited_s < self.spill_wait_s:
                 return None
             # Waited long enough: any engine with a free slot (capacity is their sum).
             spare = [i for i in ready if lanes[i].running < lanes[i].max_running]
             if not spare:
                 return None
             return max(spare, key=lambda i: (self.rate(lanes[i], i, load), -i))
-        if patient and any(other.running > 0 for i, other in enumerate(lanes) if i != lane):
+        draining = any(other.running > 0 for i, other in enumerate(lanes) if i != lane)
+        if draining and waited_s < self.turn_wait_s:
             return None
         return lane
 

@@ -1,8 +1,7 @@
-"""Run the front: bind the listen socket, serve with uvicorn, report readiness, stop cleanly.
+"""Run the front: serve with uvicorn on the socket bound first (`server.boot`), report
+readiness, stop cleanly.
 
-The socket is bound before any slow work (model preparation, engine start) so that "port in use"
-is a clear error at once, and it is handed to uvicorn as is, so nothing can take the port between
-the check and the serving. uvicorn turns SIGTERM and Ctrl-C into a graceful shutdown, whose
+uvicorn turns SIGTERM and Ctrl-C into a graceful shutdown, whose
 lifespan exit stops every engine. If an engine cannot start at all, the service exits with code 1
 and the engine's last log lines instead of staying up unready forever.
 
@@ -17,12 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import itertools
 import json
 import logging
 import resource
-import signal
 import socket
 import ssl as _ssl
 import time
@@ -37,34 +34,13 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from inferd.config import Settings
-from inferd.errors import ConfigError, PortInUseError
 from inferd.guardrails.rails import Guardrails
+from inferd.server import boot
 from inferd.server.errors import envelope, type_for
 from inferd.server.proxy import Proxy
 from inferd.server.served import ServedModel
 
 log = logging.getLogger("inferd.server")
-
-
-def bind(host: str, port: int) -> socket.socket:
-    try:
-        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    except socket.gaierror as exc:
-        raise ConfigError(f"cannot listen on {host!r}: {exc.strerror}") from None
-    sock = socket.socket(family, kind, proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind(addr)
-    except OSError as exc:
-        sock.close()
-        if exc.errno == errno.EADDRINUSE:
-            raise PortInUseError(
-                f"port {port} on {host} is in use; choose another with --port or INFERD_PORT"
-            ) from None
-        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-    sock.listen(2048)
-    sock.set_inheritable(True)
-    return sock
 
 
 @dataclass
@@ -520,7 +496,7 @@ def make_server(app: FastAPI, settings: Settings) -> DrainingServer:
     )
 
 
-def run(
+async def serve(
     app: FastAPI,
     sock: socket.socket,
     models: list[ServedModel],
@@ -529,34 +505,25 @@ def run(
     on_ready: Callable[[float], None],
     started: float,
 ) -> int:
+    """Serve `app` on `sock` until stopped; the exit code. Runs on the loop that started the
+    engines (`server.boot.run`)."""
     server = make_server(app, settings)
     outcome = Outcome()
-
-    async def main() -> None:
-        # With models on demand, only the pinned ones start now: the rest fail (if they do)
-        # on their own request, not the service.
-        watched = [m for m in models if not m.on_demand]
-        watcher = asyncio.create_task(
-            _watch(watched, app.state.guards, server, outcome, on_ready, started)
-        )
-        try:
-            await server.serve(sockets=[sock])
-        finally:
-            watcher.cancel()
-
+    # With models on demand, only the pinned ones start now: the rest fail (if they do) on
+    # their own request, not the service.
+    watched = [m for m in models if not m.on_demand]
+    watcher = asyncio.create_task(
+        _watch(watched, app.state.guards, server, outcome, on_ready, started)
+    )
     # uvicorn re-raises the stopping signal, after shutdown, with the handler that was there
     # before it started. A clean stop is a success (exit 0), so that handler must do nothing;
     # it is a Python handler, not SIG_IGN, because an ignored signal would stay ignored in the
     # engines started afterwards.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, _stopped)
-    # uvicorn's loop choice (`auto`: uvloop where installed, as uvicorn[standard] does on
-    # Linux): the relay's per-token work is mostly event-loop and socket work, and with uvloop it
-    # costs about half the CPU, which on a small machine is taken from the engine's threads.
-    with asyncio.Runner(loop_factory=server.config.get_loop_factory()) as runner:
-        runner.run(main())
+    boot.quiet_stop_signals()
+    try:
+        await server.serve(sockets=[sock])
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
     return outcome.exit_code
-
-
-def _stopped(signum: int, frame: object) -> None:
-    log.debug("stopped by signal %d", signum)

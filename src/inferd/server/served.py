@@ -10,7 +10,7 @@ supervisor also as `profile` and `supervisor`); its slot says which engine the r
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +30,10 @@ class Backend:
 
     profile: Profile
     supervisor: Supervisor
+    # Run (in a thread) before the engine's first start, when its model is checked then rather
+    # than before the service starts: a combined profile's later engines (`inferd serve`); an
+    # error fails this engine alone.
+    check: Callable[[], object] | None = None
 
     @property
     def name(self) -> str:

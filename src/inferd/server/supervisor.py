@@ -29,9 +29,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import aiohttp
 import psutil
 
+from inferd.engines import launch
 from inferd.engines.base import Engine
 from inferd.errors import EngineStartError
 from inferd.server.engine_link import EngineLink, RuntimeFolder, listening
@@ -155,6 +155,9 @@ class Supervisor:
         self.tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
         self.ready = asyncio.Event()
         self.failed = asyncio.Event()
+        # Set once a start has its process (or has failed before one could run): the engine
+        # is loading from then on, whatever the event loop does (`server.boot`).
+        self.spawned = asyncio.Event()
         self._proc: asyncio.subprocess.Process | None = None
         # The key the running engine requires, new at every start (see `Engine.secret_env`).
         self._secret = ""
@@ -171,16 +174,25 @@ class Supervisor:
         """The header every request to the engine carries: the key of its current start."""
         return {"Authorization": f"Bearer {self._secret}"}
 
+    @property
+    def started(self) -> bool:
+        """Started and not stopped since: `inferd serve` starts its engines before the front's
+        lifespan would (`server.boot`), which then leaves them be."""
+        return self._task is not None
+
     def start(self) -> None:
         # A stopped supervisor may be started again (models on demand: `server.loading`).
         self._stopping = False
         self.failed.clear()
+        self.spawned.clear()
         self.started_at = time.monotonic()
         self._task = asyncio.create_task(self._run(), name=f"supervise {self.engine.served_name}")
 
     async def fetch(self, path: str, *, limit_s: float = 2.0) -> tuple[int, bytes] | None:
         """GET `path` from the engine's current start, with its key: (status, body), or None
         when it cannot be reached. For the front's own small asks (health, version, metrics)."""
+        import aiohttp  # with the first link, not the module (see `engine_link.EngineLink`)
+
         link = self.link
         if link is None:
             return None
@@ -202,10 +214,14 @@ class Supervisor:
         self._secret = secrets.token_urlsafe(32)
         cmd = self.engine.command(self.socket)
         niced = [str(self.nice)] if self.nice else []
+        # The shim is run as a file, not with `-m`: that would import the packages around it
+        # (inferd.engines: the catalog's schema, pydantic), a third of a second of every start.
+        # `-S -P`: nothing but the standard library on its path, which is all it needs.
         argv = [
             sys.executable,
-            "-m",
-            "inferd.engines.launch",
+            "-S",
+            "-P",
+            launch.__file__,
             str(os.getpid()),
             *niced,
             "--",
@@ -289,6 +305,7 @@ class Supervisor:
             self.last_error = f"{type(exc).__name__}: {exc}"
             self.state = State.FAILED
             self.failed.set()
+            self.spawned.set()
 
     async def _supervise(self) -> None:
         failures = 0  # failed starts in a row
@@ -299,6 +316,7 @@ class Supervisor:
             self._continue_start()  # a stop belongs to one process (a crash may have ended it)
             begun = time.monotonic()
             proc = self._proc = await self._spawn()
+            self.spawned.set()
             if self._hold:
                 self._stop_start()
             pump = asyncio.create_task(self._pump_output(proc))
@@ -346,6 +364,14 @@ class Supervisor:
             )
             await self._backoff(crashes)
         self.state = State.STOPPED
+
+    def fail(self, reason: str) -> None:
+        """Failed without a start: what it needed before one could not be had (`reason`)."""
+        log.error("%s engine for %s: %s", self.engine.name, self.engine.served_name, reason)
+        self.last_error = reason
+        self.state = State.FAILED
+        self.failed.set()
+        self.spawned.set()
 
     def report_failure(self, reason: str) -> None:
         """A request could not reach the engine: stop calling it ready at once, and look.
@@ -484,6 +510,7 @@ class Supervisor:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+            self._task = None
         await self._unlink()
         if self._folder is not None:
             self._folder.remove()  # and the socket in it
