@@ -237,9 +237,9 @@ def start(tmp: Path, *args: str, cache: Path | None = None) -> Served:
 
 
 @contextlib.contextmanager
-def serving(tmp: Path, *args: str) -> Iterator[Served]:
-    """`inferd serve ARGS`, ready, stopped afterwards."""
-    served = start(tmp, *args)
+def serving(tmp: Path, *args: str, cache: Path | None = None) -> Iterator[Served]:
+    """`inferd serve ARGS`, ready, stopped afterwards (on the shared test cache, or `cache`)."""
+    served = start(tmp, *args, cache=cache)
     try:
         served.wait_ready()
         yield served

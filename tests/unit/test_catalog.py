@@ -8,6 +8,7 @@ import pytest
 
 from inferd.catalog import Catalog
 from inferd.catalog.estimate import kv_bytes_per_token, parameters, weight_bytes
+from inferd.catalog.schema import Reference
 from inferd.errors import ConfigError, UnknownModelError
 
 CATALOG = Catalog.load()
@@ -98,3 +99,18 @@ def test_file_paths_cannot_escape_the_model_folder(tmp_path: Path) -> None:
     (tmp_path / "escape.yaml").write_text(text)
     with pytest.raises(ConfigError, match="relative path inside"):
         Catalog.load(tmp_path)
+
+
+def test_the_reference_figures_are_those_of_a_machine_with_the_same_features() -> None:
+    vllm = Catalog.load().get("smollm2-135m-instruct").profile("vllm-cpu-bf16")
+    assert vllm is not None
+    zen4 = vllm.reference_for(frozenset({"avx2", "avx512f", "avx512_bf16", "fma"}))
+    zen3 = vllm.reference_for(frozenset({"avx2", "fma", "f16c"}))
+    assert zen4 is not None and "Zen 4" in zen4.machine
+    assert zen3 is not None and "Zen 3" in zen3.machine
+    # Without AVX512-BF16 vLLM's bf16 steps grow with the batch; with it they stay nearly flat.
+    assert zen3.step_ms[16] > 5 * zen3.step_ms[1] and zen4.step_ms[16] < 2 * zen4.step_ms[1]
+    # A machine like neither (no AVX2 listed): the least capable figures, the last.
+    assert vllm.reference_for(frozenset()) is vllm.references[-1]
+    with pytest.raises(ValueError, match="unknown CPU features"):
+        Reference(machine="m", cpu_features=("avx513",), prompt_ms={1: 1.0}, step_ms={1: 1.0})

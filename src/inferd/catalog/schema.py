@@ -270,11 +270,23 @@ def tool_refusal(model: str, profile: Profile, payload: dict[str, Any]) -> tuple
 class Reference(_Strict):
     """A profile's speed measured on a named machine (as `inferd tune` measures it): what the
     choice between a combined profile's engines uses where nothing was measured on the machine
-    itself. Prompt tokens -> ms to the first token alone; requests running -> ms per step."""
+    itself. Prompt tokens -> ms to the first token alone; requests running -> ms per step.
+    `cpu_features`: those of `hardware.CPU_FEATURES` the machine had that the speed depends on
+    (vLLM's bf16 kernels run 3-17x slower without AVX512-BF16): the figures stand for a machine
+    that has them all."""
 
     machine: str
+    cpu_features: tuple[str, ...] = ()
     prompt_ms: dict[int, float] = Field(min_length=1)
     step_ms: dict[int, float] = Field(min_length=1)
+
+    @field_validator("cpu_features")
+    @classmethod
+    def _known_features(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [f for f in value if f not in CPU_FEATURES]
+        if unknown:
+            raise ValueError(f"unknown CPU features {unknown}; known: {', '.join(CPU_FEATURES)}")
+        return value
 
 
 class Profile(_Strict):
@@ -313,8 +325,9 @@ class Profile(_Strict):
     engine_env: dict[str, str] = {}
     # Why each setting is what it is: shown by `inferd profiles` and in the docs.
     notes: str = ""
-    # Speed figures from a named machine, for routing between engines (`Reference`).
-    reference: Reference | None = None
+    # Speed figures from named machines, for routing between engines (`Reference`), the most
+    # capable machine first: `reference_for` picks the first whose CPU features a machine has.
+    references: list[Reference] = []
     # Tool calling: the model's `tools` (ModelEntry.tools), copied here when the entry is
     # loaded so the engine and the front see them with the profile; a profile may state its own.
     tools: Tools | None = None
@@ -327,6 +340,12 @@ class Profile(_Strict):
         if unknown:
             raise ValueError(f"unknown CPU features {unknown}; known: {', '.join(CPU_FEATURES)}")
         return value
+
+    def reference_for(self, features: frozenset[str]) -> Reference | None:
+        """The figures that stand for a machine with these CPU features: the first reference
+        whose features it has all of, else the least capable (the last); None without any."""
+        fits = (r for r in self.references if set(r.cpu_features) <= features)
+        return next(fits, self.references[-1] if self.references else None)
 
     @property
     def gpus(self) -> int:

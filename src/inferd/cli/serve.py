@@ -230,8 +230,7 @@ def _router(plan: Plan, settings: Settings) -> tuple[Router, str]:
         if m is not None:
             speeds.append(m)
             said.append(f"{profile.id} measured here {m.date}")
-        elif profile.reference is not None:
-            ref = profile.reference
+        elif (ref := profile.reference_for(plan.hardware.cpu.features)) is not None:
             speeds.append(Table(ref.prompt_ms, ref.step_ms))
             said.append(f"{profile.id} by the catalog's figures ({ref.machine})")
         else:

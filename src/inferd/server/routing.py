@@ -25,13 +25,14 @@ millisecond for everyone together.
 - A change of turn waits at most `TURN_WAIT_S` for the drain; then the new engine starts
   beside the old one's last requests.
 - A waiter whose engine is full waits for it, however long the other engine's free slots
-  stay free, until it has waited half the queue's limit (`spill_wait_s`): then it takes a
-  free slot of the other engine. The model's capacity is the sum of its engines' slots, as
-  admission's queue is sized, and nobody waits out the queue's limit while an engine has room;
-  but a waiter moved sooner would run both engines at once, which on a small CPU slows
-  everyone many times over: measured on a 2-core Zen 3, where llama.cpp is faster than vLLM at
-  every load, eight users with the waiters moved after 5 s took 48 s per 128-token answer
-  (benchmarks/RESULTS.md).
+  stay free, until it has waited nine tenths of the queue's limit (`spill_wait_s`): then it
+  takes a free slot of the other engine rather than be refused. The model's capacity is the
+  sum of its engines' slots, as admission's queue is sized, and nobody waits out the queue's
+  limit while an engine has room; but a waiter moved sooner runs both engines at once, which on
+  a small CPU slows everyone many times over. Measured on a 2-core Zen 3, where llama.cpp is
+  faster than vLLM at every load (benchmarks/RESULTS.md): with waiters moved after 5 s, eight
+  users' 128-token answers took 48 s each; moved after 15 s, sixteen users' took 60-79 s once
+  they moved, where llama.cpp alone answers four every 5.5 s.
 
 Only the choice is made here; `admission.Admission` keeps the slots, the queue and its order.
 """
@@ -58,9 +59,10 @@ SWITCH_MARGIN = 1.25
 # while the new engine has room.
 TURN_WAIT_S = 5.0
 # How long a waiter whose engine is full waits for it before it takes another engine's free
-# slot, as a share of the queue's limit: late enough that a crowd the turn's engine serves
-# faster alone stays on it (see the module's docstring), early enough that nobody is refused.
-SPILL_SHARE = 0.5
+# slot, as a share of the queue's limit: only to avoid a refusal, as late as the queue's timer
+# allows (see the module's docstring: a crowd the turn's engine serves faster alone stays on
+# it).
+SPILL_SHARE = 0.9
 
 
 class Speed(Protocol):
