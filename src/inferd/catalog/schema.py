@@ -14,6 +14,7 @@ from pathlib import PurePosixPath
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -27,6 +28,19 @@ from inferd.catalog.hardware import CPU_FEATURES
 Task = Literal["chat", "completion", "embedding", "rerank", "guard"]
 Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 Precision = Literal["fp32", "bf16", "fp16", "fp8", "int8", "int4", "awq", "q4_1", "q4_k_m", "q8_0"]
+
+
+def _known_cpu_features(value: tuple[str, ...]) -> tuple[str, ...]:
+    # A misspelt feature would be missing everywhere (a profile preferred everywhere) or never
+    # had (figures that stand for no machine).
+    unknown = [f for f in value if f not in CPU_FEATURES]
+    if unknown:
+        raise ValueError(f"unknown CPU features {unknown}; known: {', '.join(CPU_FEATURES)}")
+    return value
+
+
+# Names of `hardware.CPU_FEATURES`, checked.
+CpuFeatures = Annotated[tuple[str, ...], AfterValidator(_known_cpu_features)]
 
 
 class _Strict(BaseModel):
@@ -276,17 +290,9 @@ class Reference(_Strict):
     that has them all."""
 
     machine: str
-    cpu_features: tuple[str, ...] = ()
+    cpu_features: CpuFeatures = ()
     prompt_ms: dict[int, float] = Field(min_length=1)
     step_ms: dict[int, float] = Field(min_length=1)
-
-    @field_validator("cpu_features")
-    @classmethod
-    def _known_features(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        unknown = [f for f in value if f not in CPU_FEATURES]
-        if unknown:
-            raise ValueError(f"unknown CPU features {unknown}; known: {', '.join(CPU_FEATURES)}")
-        return value
 
 
 class Profile(_Strict):
@@ -303,7 +309,7 @@ class Profile(_Strict):
     # faster on CPUs without them (e.g. `[amx_tile]`: a Q8_0 GGUF prompts twice as fast as Q4_1
     # without AMX). Said in the notes with the figures; figures measured on the machine itself
     # (`inferd tune`) still come first.
-    prefer_when_missing: tuple[str, ...] = ()
+    prefer_when_missing: CpuFeatures = ()
     source: str
     # What the engine loads: files as the source ships them, or converted first.
     format: Literal["gguf", "safetensors"]
@@ -331,15 +337,6 @@ class Profile(_Strict):
     # Tool calling: the model's `tools` (ModelEntry.tools), copied here when the entry is
     # loaded so the engine and the front see them with the profile; a profile may state its own.
     tools: Tools | None = None
-
-    @field_validator("prefer_when_missing")
-    @classmethod
-    def _known_features(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        # A misspelt feature would be missing everywhere and so prefer the profile everywhere.
-        unknown = [f for f in value if f not in CPU_FEATURES]
-        if unknown:
-            raise ValueError(f"unknown CPU features {unknown}; known: {', '.join(CPU_FEATURES)}")
-        return value
 
     def reference_for(self, features: frozenset[str]) -> Reference | None:
         """The figures that stand for a machine with these CPU features: the first reference

@@ -25,6 +25,9 @@ from types import FrameType
 from inferd.errors import ConfigError, PortInUseError
 from inferd.server.supervisor import Supervisor
 
+# How long `run` waits for the engines' processes to exist before it builds the front anyway.
+SPAWN_WAIT_S = 5.0
+
 
 def bind(host: str, port: int) -> socket.socket:
     try:
@@ -80,10 +83,6 @@ def run(engines: Sequence[Supervisor], front: Callable[[], Awaitable[int]]) -> i
     # interrupts like Ctrl-C, as it does the preparation before this.
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
         return runner.run(main())
-
-
-# How long `run` waits for the engines' processes to exist before it builds the front anyway.
-SPAWN_WAIT_S = 5.0
 
 
 async def _spawned(engines: Sequence[Supervisor]) -> None:

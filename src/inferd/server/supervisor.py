@@ -302,10 +302,7 @@ class Supervisor:
             await self._supervise()
         except Exception as exc:  # e.g. the engine's executable is missing: fail loudly, once
             log.exception("supervising the %s engine failed", self.engine.name)
-            self.last_error = f"{type(exc).__name__}: {exc}"
-            self.state = State.FAILED
-            self.failed.set()
-            self.spawned.set()
+            self._failed_for_good(f"{type(exc).__name__}: {exc}")
 
     async def _supervise(self) -> None:
         failures = 0  # failed starts in a row
@@ -368,10 +365,13 @@ class Supervisor:
     def fail(self, reason: str) -> None:
         """Failed without a start: what it needed before one could not be had (`reason`)."""
         log.error("%s engine for %s: %s", self.engine.name, self.engine.served_name, reason)
+        self._failed_for_good(reason)
+
+    def _failed_for_good(self, reason: str) -> None:
         self.last_error = reason
         self.state = State.FAILED
         self.failed.set()
-        self.spawned.set()
+        self.spawned.set()  # no process is coming: nobody waits for one
 
     def report_failure(self, reason: str) -> None:
         """A request could not reach the engine: stop calling it ready at once, and look.
