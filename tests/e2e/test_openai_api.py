@@ -99,6 +99,26 @@ def test_completions_stream_usage_comes_last_and_only_when_asked(client: openai.
     assert plain[-1].choices[0].finish_reason in ("stop", "length")
 
 
+def test_completions_of_several_prompts_at_once(client: openai.OpenAI) -> None:
+    """A list of prompts, whole and streamed: a choice per prompt and answer. llama-server opens
+    such a stream with a `null` event, which the SDK cannot read; inferd drops it."""
+    prompts = ["The sky is", "Two plus two is"]
+    whole = client.completions.create(model=MODEL, prompt=prompts, max_tokens=4, n=2)
+    assert sorted(c.index for c in whole.choices) == [0, 1, 2, 3]
+    chunks = list(client.completions.create(model=MODEL, prompt=prompts, max_tokens=4, stream=True))
+    assert {c.index for chunk in chunks for c in chunk.choices} == {0, 1}
+    assert all(isinstance(chunk, openai.types.Completion) for chunk in chunks)
+
+
+def test_an_empty_prompt_is_refused_on_every_engine(client: openai.OpenAI) -> None:
+    """vLLM refuses an empty prompt; llama-server, asked for two answers to one, never answered
+    (the adversarial suite's hang): the same 400 from either, at once."""
+    for prompt in ("", ["The sky is", ""]):
+        with pytest.raises(openai.BadRequestError) as info:
+            client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, n=2, timeout=10)
+        assert info.value.body is not None and "empty" in str(info.value.body)
+
+
 def test_n_returns_several_choices(client: openai.OpenAI) -> None:
     r = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=8, n=2)
     assert sorted(c.index for c in r.choices) == [0, 1]

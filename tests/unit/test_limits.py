@@ -150,3 +150,29 @@ def test_a_completion_without_max_tokens_gets_openais_default(given: dict[str, A
     set_by_client: dict[str, Any] = {"model": "m", "prompt": "hi", "max_tokens": 100}
     assert not _default_max_tokens("/v1/completions", set_by_client)
     assert set_by_client["max_tokens"] == 100
+
+
+@pytest.mark.parametrize(
+    ("prompt", "n", "says"),
+    [
+        ("", 1, "prompt is empty"),
+        ([], 1, "must not be an empty list"),
+        (["a", ""], 2, r"prompt\[1\] is empty"),
+        ([[1, 2], []], 1, r"prompt\[1\] is empty"),
+        (["a"] * 33, 2, "66 completions; at most 64"),
+        (["a"] * 65, 1, "65 completions"),
+    ],
+)
+def test_completions_prompts_are_not_empty_and_bounded(prompt: Any, n: int, says: str) -> None:
+    """An empty prompt: vLLM refuses it, llama-server hangs on it with n > 1 (adversarial
+    suite); so both engines get the same 400."""
+    payload = {"model": "m", "prompt": prompt, "n": n}
+    with pytest.raises(InvalidRequestError, match=says) as info:
+        _check(payload, "/v1/completions")
+    assert info.value.param == "prompt"
+
+
+@pytest.mark.parametrize("prompt", ["x", ["a", "b"], [1, 2, 3], [[1], [2, 3]], ["a"] * 64, None, 7])
+def test_completions_prompts_that_pass(prompt: Any) -> None:
+    _check({"model": "m", "prompt": prompt}, "/v1/completions")
+    _check({"model": "m", "messages": [{"role": "user", "content": ""}]})  # chat: not a prompt

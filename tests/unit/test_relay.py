@@ -135,3 +135,12 @@ def test_usage_on_a_token_event_is_dropped_when_the_client_did_not_ask() -> None
     assert len(events) == 1 and "usage" not in events[0]
     assert events[0]["choices"][0]["finish_reason"] == "length"  # type: ignore[index]
     assert call.completion_tokens == 3  # still counted
+
+
+def test_an_empty_event_is_dropped() -> None:
+    """llama-server (the vendored commit, /v1/completions with a list of prompts) opens a
+    stream with `data: null`, which OpenAI's SDK cannot parse."""
+    call, _ = _call()
+    assert call.observe_events(b"data: null\n\n" + TOKEN) == TOKEN
+    assert call.observe_events(TOKEN + b"data: null\n\n" + DONE) == TOKEN + DONE
+    assert call.observe_events(b"data: null\n\n") == b""

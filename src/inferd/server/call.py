@@ -32,6 +32,9 @@ _LOGPROBS = b'"logprobs":{'
 # Fields of a stream event that every event of one answer shares.
 _ENVELOPE = ("id", "object", "created", "model", "system_fingerprint")
 _ERROR = b'{"error"'
+# An event that carries nothing: llama-server opens a stream of several prompts with one, which
+# OpenAI's clients cannot parse (the SDK fails on a chunk that is not an object).
+_NULL_EVENT = b"data: null"
 _FINISH = re.compile(rb'"finish_reason"\s*:\s*"([^"]*)"')
 
 
@@ -98,6 +101,8 @@ class Call:
             self.finish_reason = reasons[-1].decode("ascii", "replace")
         if self.adapt_event is not None and _LOGPROBS in chunk:
             chunk = self._adapt_events(chunk)
+        if _NULL_EVENT in chunk:
+            chunk = b"".join(e + b"\n\n" for e in chunk.split(b"\n\n") if e and e != _NULL_EVENT)
         if _USAGE not in chunk and _ERROR not in chunk:
             return chunk  # the common case: plain token events, forwarded untouched
         kept: list[bytes] = []

@@ -1,15 +1,15 @@
 """Input limits, checked before a request costs the engine anything: a clear 400 naming the field.
 
 Checked here: `n`, `max_tokens` / `max_completion_tokens` against the served context, the number
-of messages and stop sequences, `logprobs` / `top_logprobs`, every other numeric field either
-engine accepts against one table of bounds (`NUMBERS`: llama.cpp's `n_probs` unbounded makes the
-engine write megabytes per token; a penalty window or a kept prefix beyond the context costs
-work and memory for nothing), the length of every list or map field (`LISTS`), and parameters
-the engine would silently ignore (refused by name instead: an ignored `response_format` or
-`tools` produces an answer the client did not ask for). The body size is checked from
-`Content-Length` before the body is read (413). A prompt longer than the context is refused by
-the engine, which knows the token count; its message (with both counts) comes back in the OpenAI
-envelope.
+of messages and stop sequences, /v1/completions' prompts (none empty, prompts x n bounded),
+`logprobs` / `top_logprobs`, every other numeric field either engine accepts against one table
+of bounds (`NUMBERS`: llama.cpp's `n_probs` unbounded makes the engine write megabytes per
+token; a penalty window or a kept prefix beyond the context costs work and memory for nothing),
+the length of every list or map field (`LISTS`), and parameters the engine would silently
+ignore (refused by name instead: an ignored `response_format` or `tools` produces an answer the
+client did not ask for). The body size is checked from `Content-Length` before the body is read
+(413). A prompt longer than the context is refused by the engine, which knows the token count;
+its message (with both counts) comes back in the OpenAI envelope.
 """
 
 from __future__ import annotations
@@ -19,6 +19,9 @@ from typing import Any
 from inferd.errors import InvalidRequestError
 
 MAX_N = 16  # completions per request: each is a full generation
+# Completions in one /v1/completions request in all (prompts x n): each is a full generation, and
+# the whole request holds one admission slot.
+MAX_CHOICES = 64
 MAX_MESSAGES = 2048
 MAX_STOP = 16
 MAX_LOGPROBS = 20  # OpenAI's own limit for top_logprobs
@@ -128,6 +131,41 @@ def _bounded(payload: dict[str, Any], context: int) -> None:
             )
 
 
+def _prompts(payload: dict[str, Any]) -> None:
+    """/v1/completions' prompt: a string, a list of strings, a list of token ids or a list of
+    those, none of them empty, and prompts x n at most `MAX_CHOICES`. vLLM refuses an empty
+    prompt with 400; llama-server answers one with nothing, and with `n` above 1 never answers
+    at all (found by the adversarial suite), so both engines get the same 400. A prompt of the
+    wrong type is left to the engine's own 400."""
+    prompt = payload.get("prompt")
+    if isinstance(prompt, str):
+        prompts: list[Any] = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+        prompts = [prompt]  # one prompt as token ids
+    elif isinstance(prompt, list):
+        prompts = prompt
+    else:
+        return
+    if not prompts:
+        raise InvalidRequestError("prompt must not be an empty list", param="prompt")
+    for i, one in enumerate(prompts):
+        if one == "" or one == []:
+            where = "prompt" if len(prompts) == 1 and prompt is not prompts else f"prompt[{i}]"
+            raise InvalidRequestError(f"{where} is empty; give at least one token", param="prompt")
+    answers = max(_count(payload, "n"), _count(payload, "best_of"))
+    if len(prompts) * answers > MAX_CHOICES:
+        raise InvalidRequestError(
+            f"{len(prompts)} prompts x {answers} answers each is {len(prompts) * answers} "
+            f"completions; at most {MAX_CHOICES} per request (send the rest in other requests)",
+            param="prompt",
+        )
+
+
+def _count(payload: dict[str, Any], name: str) -> int:
+    value = payload.get(name)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 1
+
+
 def _message_shapes(messages: list[Any]) -> None:
     """Each message an object, its content a string, null or a list of typed parts. The engines
     validate the rest, but llama-server answers a part without a `type` with a 500 (seen in the
@@ -171,6 +209,8 @@ def check(
             )
     _int_in(payload, "n", 1, max_n, f"the {engine} engine answers at most {max_n} per request")
     _bounded(payload, context)
+    if route.endswith("/completions") and not route.endswith("/chat/completions"):
+        _prompts(payload)
     for name in ("max_tokens", "max_completion_tokens"):
         _int_in(payload, name, 1, context, f"the served context is {context} tokens")
     messages = payload.get("messages")
