@@ -88,8 +88,10 @@ def test_waiting_and_running_move_with_the_load(server: Served) -> None:
                 model=MODEL,
                 messages=[{"role": "user", "content": "Tell a long story about a lighthouse."}],
                 # Long enough that every request is still in the pod when the last one arrives
-                # (with 16 tokens, vLLM's 32 slots finished some before: 26 of 34 at the peak).
-                max_tokens=96,
+                # (with 16 tokens, vLLM's 32 slots finished some before: 26 of 34 at the peak;
+                # 48 take vLLM 12 s and more at 32 running on 2 cores, and 96 took the whole
+                # test 88 s there).
+                max_tokens=48,
                 stream=True,
                 extra_body={"ignore_eos": True},
             )

@@ -43,6 +43,8 @@ def test_tune_measures_stores_and_the_ranking_says_so(tmp_path: Path) -> None:
     named = [word for profile in PROFILES for word in ("--profile", profile)]
     tuned = json.loads(_inferd("tune", MODEL, *named, "--json", cache=cache, timeout=600).stdout)
     assert [r["profile"] for r in tuned["profiles"]] == list(PROFILES)
+    # Measured again in turns when they came close for one user: both, or neither.
+    assert len({r["in_turns"] for r in tuned["profiles"]}) == 1
     for row in tuned["profiles"]:
         assert set(row["prompt_ms"]) == {"32", "128", "512", "1024"}
         assert set(row["step_ms"]) == {"1", "2", "4"}  # capped at the profiles' 4 slots

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 import pytest
 
 from inferd.bench import tune
+from inferd.catalog import measured
 from inferd.config import Settings
 from inferd.server import tuning
 
@@ -111,3 +115,65 @@ async def test_stopping_the_tuner_ends_the_step_it_runs(quick: None, tmp_path: P
     await asyncio.wait_for(running.wait(), 5)
     await tuning.stop(task)
     assert ended.is_set() and task.cancelled()
+
+
+def _figures(profile: str, prompt128: float, step1: float) -> measured.Measurement:
+    return measured.Measurement(
+        model="m",
+        profile=profile,
+        engine="llamacpp",
+        fingerprint="f" * 12,
+        prompt_ms={32: prompt128 / 3, 128: prompt128, 512: prompt128 * 4},
+        step_ms={1: step1, 4: step1 * 3},
+        ready_s=1.0,
+        measured_at="2026-12-03T00:00:00+00:00",
+    )
+
+
+def test_contenders_are_the_profiles_close_to_the_fastest_for_one_user() -> None:
+    # One user's 128/128: 400 + 127 * 11.7 = 1886 ms; 520 + 127 * 11.7 = 2006; 3000 + 1270.
+    q8 = _figures("q8", 400, 11.7)
+    q4 = _figures("q4", 520, 11.7)
+    slow = _figures("slow", 3000, 10.0)
+    assert tune.contenders({"q4": q4, "q8": q8, "slow": slow}) == ["q8", "q4"]
+    assert tune.contenders({"q8": q8, "slow": slow}) == []  # nobody close: nothing to redo
+    assert tune.contenders({"q8": q8}) == []
+
+
+def test_merged_keeps_the_median_of_the_first_run_and_the_turns() -> None:
+    first = _figures("q8", 417, 14.1)  # a slow spell during the first run's step
+    turns = [_figures("q8", 300, 11.6), _figures("q8", 310, 11.8), _figures("q8", 290, 11.7)]
+    out = tune.merged(first, turns)
+    assert out.prompt_ms[128] == 305 and out.step_ms[1] == pytest.approx(11.75)
+    assert out.prompt_ms[512] == first.prompt_ms[512] and out.step_ms[4] == first.step_ms[4]
+
+
+async def test_in_turns_measures_the_contenders_one_after_the_other(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    order: list[str] = []
+    started: list[str] = []
+
+    def start(pid: str) -> Callable[[], AbstractAsyncContextManager[tune.Started]]:
+        @contextlib.asynccontextmanager
+        async def engine() -> AsyncIterator[tune.Started]:
+            started.append(pid)
+            yield tune.Started(tune.Endpoint(Path(pid), {}, "m"), 1.0)
+
+        return engine
+
+    async def measure(
+        endpoint: tune.Endpoint, plan: list[tune.Step], **_: object
+    ) -> tuple[dict[int, float], dict[int, float]]:
+        assert [s.describe() for s in plan] == ["warm-up", "prompt 128 tokens", "1 running"]
+        order.append(str(endpoint.socket))
+        q8 = endpoint.socket == Path("q8")
+        return {128: 300.0 if q8 else 500.0}, {1: 11.7 if q8 else 11.6}
+
+    monkeypatch.setattr(tune, "measure", measure)
+    first = {"q8": _figures("q8", 417, 14.1), "q4": _figures("q4", 520, 11.67)}
+    out = await tune.in_turns({p: start(p) for p in first}, first, rounds=3)
+    assert order == ["q8", "q4"] * 3 and started == order  # restarted for every turn
+    assert out["q8"].step_ms[1] == pytest.approx(11.7) and out["q4"].step_ms[1] == 11.6
+    # With the turns, q8_0 is the faster for one user, as serving it showed.
+    assert out["q8"].single_user_ms() < out["q4"].single_user_ms()

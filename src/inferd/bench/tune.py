@@ -14,8 +14,16 @@ The benchmark, in `Step`s:
   `max_tokens` 1, the median of 3, each prompt new (no prefix cache can answer it);
 - step time at 1, 2, 4, 8, 16 and 32 requests at once, up to the profile's `max_running`: that
   many streams of 48 tokens (`ignore_eos`), the median gap between tokens after each stream's
-  first few (which overlap the others' prompts).
+  first few (which overlap the others' prompts); one stream alone three times, the median.
 Prompts are token ids (both engines take them), so their length is exact for any tokenizer.
+
+Profiles are measured one after another, so a slow spell of the machine (a neighbour's work on a
+shared host) can fall on one and not the other: on a 2-core Zen 3 one profile's step measured
+14.1 ms where serving it showed 11.7, and the ranking picked the slower profile. So where
+profiles come close for one user (`contenders`: within `CLOSE` of the best), `in_turns` measures
+their single-user figures again in turns (A, B, A, B, ...: each restarted, warmed up, its prompt
+and step measured), and each keeps the median of its runs (`merged`): a slow spell then costs
+every contender alike.
 `gate` runs each step: the background tuner uses it to run steps only while no request is being
 served, and to throw away and redo a step a request interrupted.
 """
@@ -28,7 +36,7 @@ import statistics
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -36,7 +44,7 @@ from typing import Any, Literal
 
 import aiohttp
 
-from inferd.catalog.measured import Measurement
+from inferd.catalog.measured import TYPICAL_PROMPT, Measurement
 from inferd.errors import InferdError
 
 PROMPT_TOKENS = (32, 128, 512, 1024)
@@ -51,6 +59,9 @@ DECODE_PROMPT = 32
 # every vocabulary has them (Qwen's and Llama's put their special tokens at the end).
 LOW_ID, HIGH_ID = 100, 32_000
 REQUEST_TIMEOUT_S = 300.0
+# Profiles whose one-user time is within this factor of the best are measured again in turns.
+CLOSE = 1.25
+TURNS = 3  # rounds of measuring the contenders in turns
 
 # Runs one step (returns what the step returns); the default runs it at once.
 Gate = Callable[[Callable[[], Awaitable[Any]]], Awaitable[Any]]
@@ -167,7 +178,14 @@ def _has_choice(data: bytes) -> bool:
 
 
 async def step_ms(driver: Driver, running: int) -> float:
-    """Median time between tokens with `running` streams at once."""
+    """Median time between tokens with `running` streams at once (one stream alone: the median
+    of `ROUNDS` streams, each a fraction of a second, which a hiccup could fill)."""
+    if running == 1:
+        return statistics.median([await _gaps_ms(driver, 1) for _ in range(ROUNDS)])
+    return await _gaps_ms(driver, running)
+
+
+async def _gaps_ms(driver: Driver, running: int) -> float:
     streams = await asyncio.gather(*(driver.token_times(OUTPUT_TOKENS) for _ in range(running)))
     gaps = [
         (later - earlier) * 1000
@@ -249,3 +267,57 @@ async def tune(
         ready_s=started.ready_s,
         measured_at=datetime.now(UTC).isoformat(timespec="seconds"),
     )
+
+
+# The steps of one turn: what one user's time depends on (`Measurement.single_user_ms`).
+TURN = [Step("warm-up", 1), Step("prompt", TYPICAL_PROMPT), Step("decode", 1)]
+
+
+def contenders(measurements: Mapping[str, Measurement], close: float = CLOSE) -> list[str]:
+    """The profiles within `close` of the fastest for one user (none when fewer than two)."""
+    if len(measurements) < 2:
+        return []
+    times = {pid: m.single_user_ms() for pid, m in measurements.items()}
+    best = min(times.values())
+    near = [pid for pid, t in sorted(times.items(), key=lambda kv: kv[1]) if t <= best * close]
+    return near if len(near) >= 2 else []
+
+
+def merged(m: Measurement, turns: list[Measurement]) -> Measurement:
+    """`m` with its single-user figures the median of its own and those of its `turns`."""
+    prompts = [m.prompt_time(TYPICAL_PROMPT), *(t.prompt_ms[TYPICAL_PROMPT] for t in turns)]
+    steps = [m.step_time(1), *(t.step_ms[1] for t in turns)]
+    return replace(
+        m,
+        prompt_ms={**m.prompt_ms, TYPICAL_PROMPT: statistics.median(prompts)},
+        step_ms={**m.step_ms, 1: statistics.median(steps)},
+    )
+
+
+async def in_turns(
+    starts: Mapping[str, Callable[[], AbstractAsyncContextManager[Started]]],
+    measurements: Mapping[str, Measurement],
+    *,
+    rounds: int = TURNS,
+    gate: Gate = _now,
+    advance: Callable[[str], object] = lambda profile: None,
+) -> dict[str, Measurement]:
+    """The profiles of `starts` measured again in turns, `rounds` times each (`TURN`), their
+    `measurements` `merged` with what the turns found."""
+    found: dict[str, list[Measurement]] = {pid: [] for pid in starts}
+    for _ in range(rounds):
+        for pid, start in starts.items():
+            m = measurements[pid]
+            found[pid].append(
+                await tune(
+                    start,
+                    model=m.model,
+                    profile=pid,
+                    engine=m.engine,
+                    fingerprint=m.fingerprint,
+                    plan=TURN,
+                    gate=gate,
+                )
+            )
+            advance(pid)
+    return {pid: merged(measurements[pid], turns) for pid, turns in found.items()}

@@ -33,6 +33,9 @@ FORMAT = 1
 # What ranking by measurements compares (documented in docs/profiles.md): one user's
 # end-to-end time for 128 prompt tokens and 128 output tokens.
 TYPICAL_PROMPT, TYPICAL_OUTPUT = 128, 128
+# And, between files of one engine, that of this many users arriving together (fewer where the
+# profile runs fewer at once): see `catalog.profiles`.
+CROWD = 4
 
 
 class Rooted(Protocol):
@@ -114,6 +117,13 @@ class Measurement:
     def single_user_ms(self, prompt: int = TYPICAL_PROMPT, output: int = TYPICAL_OUTPUT) -> float:
         """One request alone, start to last token: prompt, then a step per further token."""
         return self.prompt_time(prompt) + (output - 1) * self.step_time(1)
+
+    def together_ms(
+        self, users: int, prompt: int = TYPICAL_PROMPT, output: int = TYPICAL_OUTPUT
+    ) -> float:
+        """`users` requests arriving together, start to last token: their prompts as one batch
+        (the engines batch them), then a step of `users` running per further token."""
+        return self.prompt_time(users * prompt) + (output - 1) * self.step_time(users)
 
     @property
     def date(self) -> str:

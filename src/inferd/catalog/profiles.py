@@ -20,9 +20,15 @@ Measured here beats measured elsewhere: where `inferd tune` (or `serve`, in the 
 measured two or more runnable profiles of one device on this machine (`catalog.measured`), those
 take the places the rules gave them in the order their figures give: one user's end-to-end time
 for 128 in / 128 out (the default and `--optimize latency`), or the output rate at the
-profile's `max_running` (`--optimize throughput`). Profiles not measured keep their places, so
-an unmeasured vLLM profile still heads `--optimize throughput`. The caller reads the figures and
-passes them in (`measured=`): this module does no I/O.
+profile's `max_running` (`--optimize throughput`). For one user, the files of one engine (its
+quantisations) are then ordered among their own places by one user's time plus that of four
+users arriving together (`_with_crowd`): their one-user times differ by a few percent, within
+what a short benchmark on a shared machine can tell apart, where their prompt times (which every
+further user meets) differ by half and stably. On a 2-core Zen 3, tune's one-user figures put
+Q4_1 and Q8_0 within 1-3% of each other, in either order from run to run, while serving them
+gave Q8_0 16% more at one user and 30% more at four (benchmarks/RESULTS.md). Profiles not
+measured keep their places, so an unmeasured vLLM profile still heads `--optimize throughput`.
+The caller reads the figures and passes them in (`measured=`): this module does no I/O.
 A profile named with `--profile` is honoured or refused with its reasons; `--force` runs it anyway.
 """
 
@@ -33,7 +39,7 @@ from dataclasses import dataclass, replace
 
 from inferd.catalog.estimate import Estimate, estimate
 from inferd.catalog.hardware import Hardware
-from inferd.catalog.measured import TYPICAL_OUTPUT, TYPICAL_PROMPT, Measurement
+from inferd.catalog.measured import CROWD, TYPICAL_OUTPUT, TYPICAL_PROMPT, Measurement
 from inferd.catalog.schema import ModelEntry, Profile
 from inferd.errors import NoProfileError
 
@@ -188,6 +194,11 @@ def rank_key(c: Candidate, optimize: str | None) -> tuple[int, ...]:
     )
 
 
+def _with_crowd(m: Measurement, profile: Profile) -> float:
+    """Between files of one engine, for one user: one user's time and `CROWD`'s together."""
+    return m.single_user_ms() + m.together_ms(min(CROWD, profile.max_running))
+
+
 def _score(m: Measurement, profile: Profile, optimize: str | None) -> float:
     """Lower is better: one user's 128 in / 128 out time, or minus the rate at the profile's
     own concurrency limit for throughput."""
@@ -228,6 +239,16 @@ def ranked(
         )
         for i, c in zip(places, by_figure, strict=True):
             order[i] = c
+        if optimize == "throughput":
+            continue
+        for engine in {order[i].profile.engine for i in places}:
+            mine = [i for i in places if order[i].profile.engine == engine]
+            files = sorted(
+                (order[i] for i in mine),
+                key=lambda c: _with_crowd(figures[c.profile.id], c.profile),
+            )
+            for i, c in zip(mine, files, strict=True):
+                order[i] = c
     return order
 
 
@@ -296,9 +317,11 @@ def figures(m: Measurement, profile: Profile, optimize: str | None) -> str:
     """A measurement in the terms of a goal, for a sentence."""
     if optimize == "throughput":
         return f"{m.rate(profile.max_running):.0f} tok/s at {profile.max_running} running"
+    crowd = min(CROWD, profile.max_running)
     return (
         f"{TYPICAL_PROMPT} in / {TYPICAL_OUTPUT} out in {m.single_user_ms() / 1000:.2f} s "
-        f"(first token {m.prompt_time(TYPICAL_PROMPT):.0f} ms, {m.rate(1):.0f} tok/s)"
+        f"(first token {m.prompt_time(TYPICAL_PROMPT):.0f} ms, {m.rate(1):.0f} tok/s), "
+        f"{crowd} at once in {m.together_ms(crowd) / 1000:.2f} s"
     )
 
 

@@ -3,7 +3,9 @@
 Each profile (every runnable one, or those named with `--profile`) is prepared in the cache,
 its engine started afresh and measured with `bench.tune`'s short fixed benchmark through
 `server.tuning.started`, then stopped; the figures go into the cache under this machine's
-fingerprint (`catalog.measured`), where `serve`, `profiles` and `--dry-run` find them. The
+fingerprint (`catalog.measured`), where `serve`, `profiles` and `--dry-run` find them. Profiles
+that come close for one user and start in seconds are then measured again in turns
+(`bench.tune.in_turns`), so a slow spell of the machine does not decide between them. The
 table shows each profile's figures and what `serve` would now pick, and why.
 """
 
@@ -13,6 +15,8 @@ import asyncio
 import json
 import os
 import time
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 from rich.console import Console
@@ -31,6 +35,7 @@ from inferd.cli import progress as progress_bars
 from inferd.cli.plan import catalog, model_entry, resolve, unavailable_engines
 from inferd.cli.progress import RichReporter
 from inferd.config import Settings
+from inferd.engines import Engine
 from inferd.errors import NoProfileError, UsageError
 from inferd.server import tuning
 
@@ -55,25 +60,27 @@ def _chosen(entry: ModelEntry, found: list[Candidate], wanted: list[str]) -> lis
     return picked
 
 
-def _measure(
-    settings: Settings,
-    entry: ModelEntry,
-    c: Candidate,
-    store: ModelStore,
-    fp: measured.Fingerprint,
-    console: Console,
-) -> Measurement:
-    profile = c.profile
+def _engine(
+    settings: Settings, entry: ModelEntry, c: Candidate, store: ModelStore, console: Console
+) -> Engine:
+    """The profile's engine, its files prepared in the cache (with bars)."""
     prepared = prepare(
         entry,
-        profile,
+        c.profile,
         store,
         index_url=settings.pypi_index_url,
         offline=settings.offline,
         reporter=RichReporter(console),
     )
-    engine = tuning.engine_of(entry, profile, store, prepared.path)
+    engine = tuning.engine_of(entry, c.profile, store, prepared.path)
     engine.cache_dir.mkdir(parents=True, exist_ok=True)
+    return engine
+
+
+def _measure(
+    settings: Settings, model: str, engine: Engine, fp: measured.Fingerprint, console: Console
+) -> Measurement:
+    profile = engine.profile
     plan = tune.steps(profile.max_running, profile.context)
     with progress_bars.steps(console) as progress:
         task = progress.add_task(f"{profile.id}: starting {profile.engine}", total=len(plan))
@@ -84,11 +91,47 @@ def _measure(
         return asyncio.run(
             tune.tune(
                 lambda: tuning.started(engine, settings.engine_ready_timeout_s),
-                model=entry.id,
+                model=model,
                 profile=profile.id,
                 engine=profile.engine,
                 fingerprint=fp.id,
                 plan=plan,
+                advance=advance,
+            )
+        )
+
+
+def _in_turns(
+    settings: Settings,
+    engines: dict[str, Engine],
+    figures: dict[str, Measurement],
+    console: Console,
+) -> dict[str, Measurement]:
+    """The contenders (`tune.contenders`) among the profiles whose engines start in seconds,
+    measured again in turns; empty when none are close."""
+    close = tune.contenders(
+        {pid: m for pid, m in figures.items() if m.engine in tuning.STARTS_IN_SECONDS}
+    )
+    if not close:
+        return {}
+    console.print(
+        f"{' and '.join(close)} are within {tune.CLOSE:g}x of each other for one user: "
+        f"measuring them again in turns ({tune.TURNS} rounds)"
+    )
+
+    def start(pid: str) -> Callable[[], AbstractAsyncContextManager[tune.Started]]:
+        return lambda: tuning.started(engines[pid], settings.engine_ready_timeout_s)
+
+    with progress_bars.steps(console) as progress:
+        task = progress.add_task("in turns", total=tune.TURNS * len(close))
+
+        def advance(pid: str) -> None:
+            progress.update(task, advance=1, description=f"in turns: {pid}")
+
+        return asyncio.run(
+            tune.in_turns(
+                {pid: start(pid) for pid in close},
+                {pid: figures[pid] for pid in close},
                 advance=advance,
             )
         )
@@ -128,14 +171,24 @@ def run(settings: Settings, model_ref: str, wanted: list[str], *, as_json: bool)
             f"[yellow]this machine is busy (load {load:.1f} on {hw.cpu.usable_cores} usable "
             "cores): the figures will be noisy; tune again when it is quiet[/yellow]"
         )
-    rows = []
+    engines: dict[str, Engine] = {}
+    figures: dict[str, Measurement] = {}
+    took: dict[str, float] = {}
     for c in chosen:
         start = time.monotonic()
-        m = _measure(settings, entry, c, store, fp, console)
+        engines[c.profile.id] = _engine(settings, entry, c, store, console)
+        figures[c.profile.id] = _measure(settings, entry.id, engines[c.profile.id], fp, console)
+        measured.save(store, figures[c.profile.id], fp.description)
+        took[c.profile.id] = time.monotonic() - start
+    again = _in_turns(settings, engines, figures, console)
+    for m in again.values():
         measured.save(store, m, fp.description)
-        rows.append(_row(c, m, time.monotonic() - start))
+    figures.update(again)
+    rows = [
+        {**_row(c, figures[c.profile.id], took[c.profile.id]), "in_turns": c.profile.id in again}
+        for c in chosen
+    ]
     plan = resolve(settings, entry=entry, hw=hw)
-    took = time.monotonic() - began
     result = {
         "model": entry.id,
         "fingerprint": {"id": fp.id, "description": fp.description},
@@ -143,7 +196,7 @@ def run(settings: Settings, model_ref: str, wanted: list[str], *, as_json: bool)
         "profiles": rows,
         "selected": plan.profile_id,
         "why": plan.why,
-        "took_s": round(took, 1),
+        "took_s": round(time.monotonic() - began, 1),
         "load_average": [round(x, 2) for x in os.getloadavg()],
     }
     if as_json:
@@ -167,6 +220,12 @@ def _print(console: Console, result: dict[str, Any]) -> None:
             f"{r['took_s']:.0f}",
         )
     console.print(table)
+    again = [r["profile"] for r in result["profiles"] if r["in_turns"]]
+    if again:
+        console.print(
+            f"in turns {' and '.join(again)}: measured again one after the other "
+            f"({tune.TURNS} rounds); their one-user figures are the medians"
+        )
     fp = result["fingerprint"]
     console.print(f"machine  {escape(fp['description'])} (fingerprint {fp['id']})")
     console.print(f"stored   {result['stored']}")

@@ -9,12 +9,13 @@ for each served model, the profiles that start in seconds (`STARTS_IN_SECONDS`: 
 are runnable here, load the same source files as the profile served (so at most a conversion
 in the cache, never a download), fit in memory beside the served engine, and have no
 measurement for this machine's fingerprint yet, are measured with `bench.tune` and stored
-(`catalog.measured`), so the next `serve`, `profiles` and `--dry-run` rank by them. It works
-only while no request is being served (`idle`): every step waits for `QUIET_S` without one,
-and a step during which a request arrives is cancelled at once, thrown away and run again
-later, so a user pays at most one poll interval of shared CPU (an engine's start, two seconds,
-waits for quiet too but is not interrupted). The engine measured stays up while requests hold
-a step back. Failures are logged and skipped:
+(`catalog.measured`), so the next `serve`, `profiles` and `--dry-run` rank by them; those that
+come close for one user (with the ones measured before) are then measured again in turns
+(`bench.tune.in_turns`), as `inferd tune` does. It works only while no request is being served
+(`idle`): every step waits for `QUIET_S` without one, and a step during which a request arrives
+is cancelled at once, thrown away and run again later, so a user pays at most one poll interval
+of shared CPU (an engine's start, two seconds, waits for quiet too but is not interrupted). The
+engine measured stays up while requests hold a step back. Failures are logged and skipped:
 tuning is a nicety, never a reason for the service to fail.
 """
 
@@ -23,7 +24,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
@@ -124,8 +126,11 @@ class Tuner:
             self.thrown_away += 1
             log.debug("a request arrived during a tuning step; it will be run again")
 
-    def wanted(self, served: ServedModel, hw: Hardware, fp: measured.Fingerprint) -> list[Profile]:
-        """The served model's profiles to measure in the background (see the docstring)."""
+    def wanted(
+        self, served: ServedModel, hw: Hardware, fp: measured.Fingerprint, *, again: bool = False
+    ) -> list[Profile]:
+        """The served model's profiles to measure in the background (see the docstring);
+        `again`: those of them measured already instead (contenders for the turns)."""
         known = measured.load(self.store, fp, served.id)
         missing = engines.unavailable(tuple(g.compute_capability for g in hw.gpus))
         found = profiles.candidates(served.entry, hw, None, missing)
@@ -134,7 +139,7 @@ class Tuner:
         picked = []
         for c in found:
             p, est = c.profile, c.estimate
-            if not c.runnable or p.engine not in STARTS_IN_SECONDS or p.id in known:
+            if not c.runnable or p.engine not in STARTS_IN_SECONDS or (p.id in known) != again:
                 continue
             if p.source != served.profile.source:
                 continue  # would download other files
@@ -143,9 +148,7 @@ class Tuner:
             picked.append(p)
         return picked
 
-    async def _measure(
-        self, entry: ModelEntry, profile: Profile, fp: measured.Fingerprint
-    ) -> measured.Measurement:
+    async def _engine(self, entry: ModelEntry, profile: Profile) -> Engine:
         prepared = await asyncio.to_thread(
             prepare,
             entry,
@@ -156,9 +159,18 @@ class Tuner:
         )
         engine = engine_of(entry, profile, self.store, prepared.path)
         engine.cache_dir.mkdir(parents=True, exist_ok=True)
+        return engine
+
+    def _start(self, engine: Engine) -> Callable[[], AbstractAsyncContextManager[tune.Started]]:
+        return lambda: started(engine, TUNE_READY_TIMEOUT_S)
+
+    async def _measure(
+        self, entry: ModelEntry, engine: Engine, fp: measured.Fingerprint
+    ) -> measured.Measurement:
+        profile = engine.profile
         await self._quiet()  # no engine starts while requests run
         return await tune.tune(
-            lambda: started(engine, TUNE_READY_TIMEOUT_S),
+            self._start(engine),
             model=entry.id,
             profile=profile.id,
             engine=profile.engine,
@@ -166,6 +178,32 @@ class Tuner:
             plan=tune.steps(profile.max_running, profile.context),
             gate=self.gate,
         )
+
+    async def _in_turns(
+        self, served: ServedModel, engines: Mapping[str, Engine], fp: measured.Fingerprint
+    ) -> None:
+        """The contenders among the profiles just measured and those measured before (the
+        same that `wanted` would pick), measured again in turns (`bench.tune.in_turns`)."""
+        known = measured.load(self.store, fp, served.id)
+        pool = {pid: m for pid, m in known.items() if pid in engines}
+        close = tune.contenders(pool)
+        if not close:
+            return
+        log.info("measuring %s of %s again in turns", " and ".join(close), served.id)
+        again = await tune.in_turns(
+            {pid: self._start(engines[pid]) for pid in close},
+            {pid: pool[pid] for pid in close},
+            gate=self.gate,
+        )
+        for m in again.values():
+            measured.save(self.store, m, fp.description)
+            log.info(
+                "measured %s %s again in turns: %.0f tok/s alone, first token %.0f ms",
+                served.id,
+                m.profile,
+                m.rate(1),
+                m.prompt_time(128),
+            )
 
     async def run(self) -> None:
         if self.settings.hardware is not None:
@@ -177,10 +215,18 @@ class Tuner:
             # second engine while it compiles (its start is the first user's time to share).
             for backend in served.backends:
                 await backend.supervisor.ready.wait()
-            for profile in self.wanted(served, hw, fp):
+            new = self.wanted(served, hw, fp)
+            if not new:
+                continue  # all measured, and the turns were run when the figures were made
+            engines: dict[str, Engine] = {}
+            for profile in [*new, *self.wanted(served, hw, fp, again=True)]:
                 try:
-                    m = await self._measure(served.entry, profile, fp)
+                    engines[profile.id] = await self._engine(served.entry, profile)
+                    if profile.id not in {p.id for p in new}:
+                        continue  # measured before: a contender for the turns only
+                    m = await self._measure(served.entry, engines[profile.id], fp)
                 except Exception as exc:  # tuning must never take the service down
+                    engines.pop(profile.id, None)
                     log.warning("tuning %s on %s failed: %s", served.id, profile.id, exc)
                     continue
                 measured.save(self.store, m, fp.description)
@@ -191,6 +237,10 @@ class Tuner:
                     m.rate(1),
                     m.prompt_time(128),
                 )
+            try:
+                await self._in_turns(served, engines, fp)
+            except Exception as exc:  # as above
+                log.warning("tuning %s in turns failed: %s", served.id, exc)
 
 
 def background(
