@@ -336,7 +336,11 @@ def _measured_why(
     order = [c for c in ranked(found, optimize, measured) if c.profile.requires.device == device]
     compared = [c for c in order if c.profile.id in figures_here]
     goal = f"--optimize {optimize}" if optimize else "no --optimize given"
-    what = "fastest for one user" if optimize != "throughput" else "highest output rate"
+    what = (
+        "highest output rate"
+        if optimize == "throughput"
+        else "fastest for one user (of one engine's files: for one user and four together)"
+    )
     parts = [
         f"{c.profile.id} {figures(figures_here[c.profile.id], c.profile, optimize)}"
         for c in compared
