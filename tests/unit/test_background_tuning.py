@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -130,6 +131,21 @@ def _figures(profile: str, prompt128: float, step1: float) -> measured.Measureme
     )
 
 
+def test_a_turn_measures_what_the_ranking_reads() -> None:
+    assert [s.describe() for s in tune.turn(4, 8192)] == [
+        "warm-up",
+        "prompt 128 tokens",
+        "prompt 512 tokens",
+        "1 running",
+        "4 running",
+    ]
+    assert [s.describe() for s in tune.turn(1, 256)] == [
+        "warm-up",
+        "prompt 128 tokens",
+        "1 running",
+    ]
+
+
 def test_contenders_are_the_profiles_close_to_the_fastest_for_one_user() -> None:
     # One user's 128/128: 400 + 127 * 11.7 = 1886 ms; 520 + 127 * 11.7 = 2006; 3000 + 1270.
     q8 = _figures("q8", 400, 11.7)
@@ -142,10 +158,14 @@ def test_contenders_are_the_profiles_close_to_the_fastest_for_one_user() -> None
 
 def test_merged_keeps_the_median_of_the_first_run_and_the_turns() -> None:
     first = _figures("q8", 417, 14.1)  # a slow spell during the first run's step
-    turns = [_figures("q8", 300, 11.6), _figures("q8", 310, 11.8), _figures("q8", 290, 11.7)]
+    turns = [
+        replace(t, prompt_ms={128: t.prompt_ms[128], 512: t.prompt_ms[512]})
+        for t in (_figures("q8", 300, 11.6), _figures("q8", 310, 11.8), _figures("q8", 290, 11.7))
+    ]
     out = tune.merged(first, turns)
     assert out.prompt_ms[128] == 305 and out.step_ms[1] == pytest.approx(11.75)
-    assert out.prompt_ms[512] == first.prompt_ms[512] and out.step_ms[4] == first.step_ms[4]
+    assert out.prompt_ms[512] == 1220 and out.step_ms[4] == pytest.approx(35.25)
+    assert out.prompt_ms[32] == first.prompt_ms[32]  # not measured in the turns: kept
 
 
 async def test_in_turns_measures_the_contenders_one_after_the_other(
@@ -165,14 +185,18 @@ async def test_in_turns_measures_the_contenders_one_after_the_other(
     async def measure(
         endpoint: tune.Endpoint, plan: list[tune.Step], **_: object
     ) -> tuple[dict[int, float], dict[int, float]]:
-        assert [s.describe() for s in plan] == ["warm-up", "prompt 128 tokens", "1 running"]
+        assert plan == tune.turn(4, 8192)
         order.append(str(endpoint.socket))
         q8 = endpoint.socket == Path("q8")
-        return {128: 300.0 if q8 else 500.0}, {1: 11.7 if q8 else 11.6}
+        return {128: 300.0 if q8 else 500.0, 512: 1400.0 if q8 else 2100.0}, {
+            1: 11.7 if q8 else 11.6,
+            4: 26.0,
+        }
 
     monkeypatch.setattr(tune, "measure", measure)
     first = {"q8": _figures("q8", 417, 14.1), "q4": _figures("q4", 520, 11.67)}
-    out = await tune.in_turns({p: start(p) for p in first}, first, rounds=3)
+    plans = {p: tune.turn(4, 8192) for p in first}
+    out = await tune.in_turns({p: start(p) for p in first}, first, plans, rounds=3)
     assert order == ["q8", "q4"] * 3 and started == order  # restarted for every turn
     assert out["q8"].step_ms[1] == pytest.approx(11.7) and out["q4"].step_ms[1] == 11.6
     # With the turns, q8_0 is the faster for one user, as serving it showed.

@@ -21,9 +21,9 @@ Profiles are measured one after another, so a slow spell of the machine (a neigh
 shared host) can fall on one and not the other: on a 2-core Zen 3 one profile's step measured
 14.1 ms where serving it showed 11.7, and the ranking picked the slower profile. So where
 profiles come close for one user (`contenders`: within `CLOSE` of the best), `in_turns` measures
-their single-user figures again in turns (A, B, A, B, ...: each restarted, warmed up, its prompt
-and step measured), and each keeps the median of its runs (`merged`): a slow spell then costs
-every contender alike.
+what the ranking reads again in turns (A, B, A, B, ...: each restarted, warmed up, its prompt
+and step for one user and for four, `turn`), and each keeps the median of its runs (`merged`):
+a slow spell then costs every contender alike.
 `gate` runs each step: the background tuner uses it to run steps only while no request is being
 served, and to throw away and redo a step a request interrupted.
 """
@@ -44,7 +44,7 @@ from typing import Any, Literal
 
 import aiohttp
 
-from inferd.catalog.measured import TYPICAL_PROMPT, Measurement
+from inferd.catalog.measured import CROWD, TYPICAL_PROMPT, Measurement
 from inferd.errors import InferdError
 
 PROMPT_TOKENS = (32, 128, 512, 1024)
@@ -59,8 +59,9 @@ DECODE_PROMPT = 32
 # every vocabulary has them (Qwen's and Llama's put their special tokens at the end).
 LOW_ID, HIGH_ID = 100, 32_000
 REQUEST_TIMEOUT_S = 300.0
-# Profiles whose one-user time is within this factor of the best are measured again in turns.
-CLOSE = 1.25
+# Profiles whose one-user time is within this factor of the best are measured again in turns
+# (a slow spell made one 25% slower than it serves: 2.07 against 1.65 s, on a 2-core Zen 3).
+CLOSE = 1.5
 TURNS = 3  # rounds of measuring the contenders in turns
 
 # Runs one step (returns what the step returns); the default runs it at once.
@@ -269,8 +270,18 @@ async def tune(
     )
 
 
-# The steps of one turn: what one user's time depends on (`Measurement.single_user_ms`).
-TURN = [Step("warm-up", 1), Step("prompt", TYPICAL_PROMPT), Step("decode", 1)]
+def turn(max_running: int, context: int) -> list[Step]:
+    """The steps of one turn: what the ranking reads (`catalog.profiles`): one user's prompt and
+    step, and `CROWD` users' together (their prompts as one batch, their step)."""
+    crowd = min(CROWD, max_running)
+    prompts = [
+        n for n in dict.fromkeys((TYPICAL_PROMPT, crowd * TYPICAL_PROMPT)) if n + 2 <= context
+    ]
+    return [
+        Step("warm-up", 1),
+        *(Step("prompt", n) for n in prompts),
+        *(Step("decode", n) for n in dict.fromkeys((1, crowd))),
+    ]
 
 
 def contenders(measurements: Mapping[str, Measurement], close: float = CLOSE) -> list[str]:
@@ -284,26 +295,26 @@ def contenders(measurements: Mapping[str, Measurement], close: float = CLOSE) ->
 
 
 def merged(m: Measurement, turns: list[Measurement]) -> Measurement:
-    """`m` with its single-user figures the median of its own and those of its `turns`."""
-    prompts = [m.prompt_time(TYPICAL_PROMPT), *(t.prompt_ms[TYPICAL_PROMPT] for t in turns)]
-    steps = [m.step_time(1), *(t.step_ms[1] for t in turns)]
-    return replace(
-        m,
-        prompt_ms={**m.prompt_ms, TYPICAL_PROMPT: statistics.median(prompts)},
-        step_ms={**m.step_ms, 1: statistics.median(steps)},
-    )
+    """`m` with each point its turns measured the median of its own and theirs."""
+    prompts, steps = dict(m.prompt_ms), dict(m.step_ms)
+    for n in {n for t in turns for n in t.prompt_ms}:
+        prompts[n] = statistics.median([m.prompt_time(n), *(t.prompt_ms[n] for t in turns)])
+    for n in {n for t in turns for n in t.step_ms}:
+        steps[n] = statistics.median([m.step_time(n), *(t.step_ms[n] for t in turns)])
+    return replace(m, prompt_ms=prompts, step_ms=steps)
 
 
 async def in_turns(
     starts: Mapping[str, Callable[[], AbstractAsyncContextManager[Started]]],
     measurements: Mapping[str, Measurement],
+    plans: Mapping[str, list[Step]],
     *,
     rounds: int = TURNS,
     gate: Gate = _now,
     advance: Callable[[str], object] = lambda profile: None,
 ) -> dict[str, Measurement]:
-    """The profiles of `starts` measured again in turns, `rounds` times each (`TURN`), their
-    `measurements` `merged` with what the turns found."""
+    """The profiles of `starts` measured again in turns, `rounds` times each (each its `plans`
+    entry: `turn`), their `measurements` `merged` with what the turns found."""
     found: dict[str, list[Measurement]] = {pid: [] for pid in starts}
     for _ in range(rounds):
         for pid, start in starts.items():
@@ -315,7 +326,7 @@ async def in_turns(
                     profile=pid,
                     engine=m.engine,
                     fingerprint=m.fingerprint,
-                    plan=TURN,
+                    plan=plans[pid],
                     gate=gate,
                 )
             )

@@ -101,6 +101,10 @@ def _measure(
         )
 
 
+def _turn(engine: Engine) -> list[tune.Step]:
+    return tune.turn(engine.profile.max_running, engine.context)
+
+
 def _in_turns(
     settings: Settings,
     engines: dict[str, Engine],
@@ -132,6 +136,7 @@ def _in_turns(
             tune.in_turns(
                 {pid: start(pid) for pid in close},
                 {pid: figures[pid] for pid in close},
+                {pid: _turn(engines[pid]) for pid in close},
                 advance=advance,
             )
         )

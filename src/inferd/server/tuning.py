@@ -193,6 +193,10 @@ class Tuner:
         again = await tune.in_turns(
             {pid: self._start(engines[pid]) for pid in close},
             {pid: pool[pid] for pid in close},
+            {
+                pid: tune.turn(engines[pid].profile.max_running, engines[pid].context)
+                for pid in close
+            },
             gate=self.gate,
         )
         for m in again.values():
