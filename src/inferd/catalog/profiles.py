@@ -20,13 +20,15 @@ Measured here beats measured elsewhere: where `inferd tune` (or `serve`, in the 
 measured two or more runnable profiles of one device on this machine (`catalog.measured`), those
 take the places the rules gave them in the order their figures give: one user's end-to-end time
 for 128 in / 128 out (the default and `--optimize latency`), or the output rate at the
-profile's `max_running` (`--optimize throughput`). For one user, the files of one engine (its
-quantisations) are then ordered among their own places by one user's time plus that of four
-users arriving together (`_with_crowd`): their one-user times differ by a few percent, within
-what a short benchmark on a shared machine can tell apart, where their prompt times (which every
-further user meets) differ by half and stably. On a 2-core Zen 3, tune's one-user figures put
-Q4_1 and Q8_0 within 1-3% of each other, in either order from run to run, while serving them
-gave Q8_0 16% more at one user and 30% more at four (benchmarks/RESULTS.md). Profiles not
+profile's `max_running` (`--optimize throughput`). For one user, files of one engine (its
+quantisations) within `TIED` of its fastest for one user are then ordered among themselves by
+one user's time plus that of four users arriving together (`_with_crowd`): one-user times that
+close are within what a short benchmark on a shared machine can tell apart, where prompt times
+(which every further user meets) differ by half and stably. On a 2-core Zen 3, tune's one-user
+figures put Q4_1 and Q8_0 within 1-4% of each other, in either order from run to run, while
+serving them gave Q8_0 16% more at one user and 30% more at four (benchmarks/RESULTS.md); on a
+Zen 4, Q8_0 is 9% ahead for one user and stays first, though Q4_1 takes four users better.
+Profiles not
 measured keep their places, so an unmeasured vLLM profile still heads `--optimize throughput`.
 The caller reads the figures and passes them in (`measured=`): this module does no I/O.
 A profile named with `--profile` is honoured or refused with its reasons; `--force` runs it anyway.
@@ -44,6 +46,8 @@ from inferd.catalog.schema import ModelEntry, Profile
 from inferd.errors import NoProfileError
 
 RUNNABLE, SMALLER, INCOMPATIBLE = "runnable", "smaller-context", "incompatible"
+# Files of one engine this close for one user are a tie that four users' time breaks.
+TIED = 1.05
 # Engines by serving speed on each device for one user, fastest first (a lower rank wins).
 # CPU: llama.cpp decodes a single stream faster and starts in about a second (measured,
 # benchmarks/RESULTS.md); vLLM wins on batch throughput, which `--optimize throughput` asks for.
@@ -199,6 +203,20 @@ def _with_crowd(m: Measurement, profile: Profile) -> float:
     return m.single_user_ms() + m.together_ms(min(CROWD, profile.max_running))
 
 
+def _files_order(files: list[Candidate], figures: Mapping[str, Measurement]) -> list[Candidate]:
+    """One engine's files for one user: those within `TIED` of the fastest for one user by
+    `_with_crowd`, then the others by one user's time."""
+    alone = {c.profile.id: figures[c.profile.id].single_user_ms() for c in files}
+    best = min(alone.values())
+
+    def key(c: Candidate) -> tuple[int, float]:
+        if alone[c.profile.id] <= best * TIED:
+            return 0, _with_crowd(figures[c.profile.id], c.profile)
+        return 1, alone[c.profile.id]
+
+    return sorted(files, key=key)
+
+
 def _score(m: Measurement, profile: Profile, optimize: str | None) -> float:
     """Lower is better: one user's 128 in / 128 out time, or minus the rate at the profile's
     own concurrency limit for throughput."""
@@ -243,10 +261,7 @@ def ranked(
             continue
         for engine in {order[i].profile.engine for i in places}:
             mine = [i for i in places if order[i].profile.engine == engine]
-            files = sorted(
-                (order[i] for i in mine),
-                key=lambda c: _with_crowd(figures[c.profile.id], c.profile),
-            )
+            files = _files_order([order[i] for i in mine], figures)
             for i, c in zip(mine, files, strict=True):
                 order[i] = c
     return order
@@ -339,7 +354,7 @@ def _measured_why(
     what = (
         "highest output rate"
         if optimize == "throughput"
-        else "fastest for one user (of one engine's files: for one user and four together)"
+        else "fastest for one user (files of one engine within 5%: with four users too)"
     )
     parts = [
         f"{c.profile.id} {figures(figures_here[c.profile.id], c.profile, optimize)}"
