@@ -142,6 +142,11 @@ def _in_turns(
         )
 
 
+def _as_stored(m: Measurement) -> Measurement:
+    """`m` as the cache keeps it (rounded), so the table shows what `inferd profiles` will."""
+    return Measurement.from_json(m.model, m.profile, m.fingerprint, m.to_json())
+
+
 def _row(c: Candidate, m: Measurement, seconds: float) -> dict[str, Any]:
     top = c.profile.max_running
     return {
@@ -190,7 +195,10 @@ def run(settings: Settings, model_ref: str, wanted: list[str], *, as_json: bool)
         measured.save(store, m, fp.description)
     figures.update(again)
     rows = [
-        {**_row(c, figures[c.profile.id], took[c.profile.id]), "in_turns": c.profile.id in again}
+        {
+            **_row(c, _as_stored(figures[c.profile.id]), took[c.profile.id]),
+            "in_turns": c.profile.id in again,
+        }
         for c in chosen
     ]
     plan = resolve(settings, entry=entry, hw=hw)
