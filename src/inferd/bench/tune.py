@@ -202,7 +202,8 @@ async def prompt_ms(driver: Driver, tokens: int) -> float:
     return statistics.median([await driver.first_token_ms(tokens) for _ in range(ROUNDS)])
 
 
-async def _now(run: Callable[[], Awaitable[Any]]) -> Any:
+async def at_once(run: Callable[[], Awaitable[Any]]) -> Any:
+    """The gate that runs each step at once (`inferd tune`'s)."""
     return await run()
 
 
@@ -210,7 +211,7 @@ async def measure(
     endpoint: Endpoint,
     plan: list[Step],
     *,
-    gate: Gate = _now,
+    gate: Gate = at_once,
     advance: Callable[[Step], object] = lambda step: None,
 ) -> tuple[dict[int, float], dict[int, float]]:
     """Run `plan` against a started engine: (prompt ms by tokens, step ms by running)."""
@@ -252,7 +253,7 @@ async def tune(
     engine: str,
     fingerprint: str,
     plan: list[Step],
-    gate: Gate = _now,
+    gate: Gate = at_once,
     advance: Callable[[Step], object] = lambda step: None,
 ) -> Measurement:
     """Start the engine (through `start`), measure `plan`, stop it: the profile's figures."""
@@ -310,7 +311,7 @@ async def in_turns(
     plans: Mapping[str, list[Step]],
     *,
     rounds: int = TURNS,
-    gate: Gate = _now,
+    gate: Gate = at_once,
     advance: Callable[[str], object] = lambda profile: None,
 ) -> dict[str, Measurement]:
     """The profiles of `starts` measured again in turns, `rounds` times each (each its `plans`

@@ -15,8 +15,6 @@ import asyncio
 import json
 import os
 import time
-from collections.abc import Callable
-from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 from rich.console import Console
@@ -101,10 +99,6 @@ def _measure(
         )
 
 
-def _turn(engine: Engine) -> list[tune.Step]:
-    return tune.turn(engine.profile.max_running, engine.context)
-
-
 def _in_turns(
     settings: Settings,
     engines: dict[str, Engine],
@@ -123,9 +117,6 @@ def _in_turns(
         f"measuring them again in turns ({tune.TURNS} rounds)"
     )
 
-    def start(pid: str) -> Callable[[], AbstractAsyncContextManager[tune.Started]]:
-        return lambda: tuning.started(engines[pid], settings.engine_ready_timeout_s)
-
     with progress_bars.steps(console) as progress:
         task = progress.add_task("in turns", total=tune.TURNS * len(close))
 
@@ -133,10 +124,10 @@ def _in_turns(
             progress.update(task, advance=1, description=f"in turns: {pid}")
 
         return asyncio.run(
-            tune.in_turns(
-                {pid: start(pid) for pid in close},
-                {pid: figures[pid] for pid in close},
-                {pid: _turn(engines[pid]) for pid in close},
+            tuning.in_turns(
+                {pid: engines[pid] for pid in close},
+                figures,
+                settings.engine_ready_timeout_s,
                 advance=advance,
             )
         )
@@ -237,7 +228,7 @@ def _print(console: Console, result: dict[str, Any]) -> None:
     if again:
         console.print(
             f"in turns {' and '.join(again)}: measured again one after the other "
-            f"({tune.TURNS} rounds); their one-user figures are the medians"
+            f"({tune.TURNS} rounds); the figures the ranking reads are the medians"
         )
     fp = result["fingerprint"]
     console.print(f"machine  {escape(fp['description'])} (fingerprint {fp['id']})")

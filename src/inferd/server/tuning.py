@@ -75,6 +75,29 @@ async def started(engine: Engine, ready_timeout_s: float) -> AsyncIterator[tune.
         await supervisor.stop()
 
 
+async def in_turns(
+    engines: Mapping[str, Engine],
+    figures: Mapping[str, measured.Measurement],
+    ready_timeout_s: float,
+    *,
+    gate: tune.Gate = tune.at_once,
+    advance: Callable[[str], object] = lambda profile: None,
+) -> dict[str, measured.Measurement]:
+    """`bench.tune.in_turns` on these engines (each started afresh per turn, its `tune.turn`
+    plan): the profiles' `figures` merged with what the turns found."""
+
+    def start(engine: Engine) -> Callable[[], AbstractAsyncContextManager[tune.Started]]:
+        return lambda: started(engine, ready_timeout_s)
+
+    return await tune.in_turns(
+        {pid: start(engine) for pid, engine in engines.items()},
+        {pid: figures[pid] for pid in engines},
+        {pid: tune.turn(e.profile.max_running, e.context) for pid, e in engines.items()},
+        gate=gate,
+        advance=advance,
+    )
+
+
 def engine_of(entry: ModelEntry, profile: Profile, store: ModelStore, folder: Path) -> Engine:
     """The engine of `profile` as the catalog defines it (no --engine-args, its own limits)."""
     return engine_for(profile)(
@@ -190,14 +213,8 @@ class Tuner:
         if not close:
             return
         log.info("measuring %s of %s again in turns", " and ".join(close), served.id)
-        again = await tune.in_turns(
-            {pid: self._start(engines[pid]) for pid in close},
-            {pid: pool[pid] for pid in close},
-            {
-                pid: tune.turn(engines[pid].profile.max_running, engines[pid].context)
-                for pid in close
-            },
-            gate=self.gate,
+        again = await in_turns(
+            {pid: engines[pid] for pid in close}, pool, TUNE_READY_TIMEOUT_S, gate=self.gate
         )
         for m in again.values():
             measured.save(self.store, m, fp.description)
