@@ -30,7 +30,8 @@ import httpx
 import psutil
 import pytest
 
-from inferd.catalog import Catalog
+from inferd.cache import ModelStore
+from inferd.catalog import Catalog, hardware, measured
 
 MODEL = "smollm2-135m-instruct"
 LLAMACPP_PROFILE = "llamacpp-cpu-q8_0"
@@ -41,7 +42,7 @@ BOTH_PROFILE = "cpu-both"
 VLLM = ("--profile", VLLM_PROFILE)
 # vLLM without torch.compile, for servers that test inferd's behaviour rather than vLLM's speed:
 # it starts in about 50 s instead of 90 (300 on a cold compile cache, as on CI). The shared
-# `server[vllm]`, `test_both_engines` and the benchmarks run vLLM compiled, as it is served.
+# `server[vllm]` and the benchmarks run vLLM compiled, as it is served.
 EAGER = "--engine-args=vllm: --enforce-eager"
 INFERD = str(Path(sys.executable).with_name("inferd"))
 START_TIMEOUT_S = 900
@@ -178,6 +179,32 @@ def cache_with_model(root: Path) -> Path:
         assert done.returncode == 0, done.stderr
     shutil.copytree(source, root / "models" / MODEL / LLAMACPP_VARIANT)
     return root
+
+
+def cache_with_crowd_figures(root: Path) -> Path:
+    """For a test of both engines behind the model (`cpu-both`) where a crowd must reach vLLM.
+    A cache of the test's own: the shared test cache's models, blobs and engine caches
+    (linked), and speed figures for this machine that are the catalog's first reference (a Zen
+    4's: vLLM's steps nearly flat, so a crowd goes to vLLM). The routing tested is then the same
+    on every CPU; on an AVX2-only CPU the catalog's own figures for it (and `inferd tune`) keep
+    every load on llama.cpp, which `tests/unit/test_routing.py` covers."""
+    shared = cache_path()
+    cache = root / "cache"
+    cache.mkdir()
+    for name in ("blobs", "models", "engines", "locks", "tmp"):
+        (shared / name).mkdir(parents=True, exist_ok=True)
+        (cache / name).symlink_to(shared / name)
+    fp = measured.fingerprint(hardware.detect())
+    store = ModelStore(cache)
+    for profile in Catalog.load().get(MODEL).profiles:
+        if profile.references and profile.requires.device == "cpu":
+            ref = profile.references[0]
+            figures = measured.Measurement(
+                MODEL, profile.id, profile.engine, fp.id, ref.prompt_ms, ref.step_ms, 1.0,
+                "2026-12-02T00:00:00+00:00",
+            )  # fmt: skip
+            measured.save(store, figures, fp.description)
+    return cache
 
 
 def engine_socket(

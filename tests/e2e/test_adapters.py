@@ -9,9 +9,9 @@ model's) through chat, completions, Responses and Messages, base and adapter req
 without mixing, an adapter added and another removed while requests run (the one left keeps its
 own weights; llama-server is restarted without the removed one), and the refusals, while the
 service goes on serving; with models on demand, an adapter loads and reloads with its model.
-One server per engine for the module (vLLM starts slowly). Both engines behind the model
-(`cpu-both`) do not serve adapters yet: that profile refuses `--lora-path` by name at start, and
-its tests here are skipped.
+One server per engine for the module (vLLM starts slowly), and one with both engines behind the
+model (`cpu-both`), where every engine holds each adapter in its own format and a crowd of
+adapter requests is answered by both.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from pathlib import Path
 import anthropic
 import httpx
 import openai
+import psutil
 import pytest
 
 from tests.adapters import train_lora
@@ -42,6 +43,7 @@ from tests.e2e.conftest import (
     VLLM_PROFILE,
     Served,
     cache_path,
+    cache_with_crowd_figures,
 )
 from tests.e2e.conftest import serving as serving_inferd
 
@@ -91,14 +93,16 @@ def lora_dir(adapter: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def served(
     request: pytest.FixtureRequest, lora_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Served]:
-    if request.param == BOTH_PROFILE:
-        pytest.skip(f"{BOTH_PROFILE} does not serve LoRA adapters yet (refuses --lora-path)")
     args = (
         *("--profile", request.param, "--lora-path", str(lora_dir), "--lora-refresh-s", "1"),
         *("--queue-timeout-s", "300"),  # on a loaded CI machine: wait, never 503
         EAGER,
     )
-    with serving_inferd(tmp_path_factory.mktemp("serve"), *args) as server:
+    root = tmp_path_factory.mktemp("serve")
+    # Both engines: speed figures under which a crowd goes to vLLM too, on any CPU.
+    cache = cache_with_crowd_figures(root) if request.param == BOTH_PROFILE else None
+    with serving_inferd(root, *args, cache=cache) as server:
+        server.wait_all_engines()
         yield server
 
 
@@ -120,22 +124,6 @@ def chat(oai: openai.OpenAI, model: str, prompt: str) -> str:
 def score(oai: openai.OpenAI, model: str) -> float:
     replies = [chat(oai, model, prompt) for prompt, _ in PROMPTS]
     return train_lora.score(replies, [label for _, label in PROMPTS])
-
-
-def test_both_engines_refuse_adapters_by_name(lora_dir: Path) -> None:
-    """Until a combined profile gives each engine the adapters: one line and exit 2 at start."""
-    env = {**os.environ, "INFERD_CACHE_PATH": str(cache_path())}
-    done = subprocess.run(
-        [INFERD, "serve", "--profile", BOTH_PROFILE, "--lora-path", str(lora_dir)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert done.returncode == 2, done.stderr
-    [line] = done.stderr.strip().splitlines()
-    assert BOTH_PROFILE in line and "LoRA adapters (--lora-path)" in line, line
 
 
 def test_an_adapter_loads_with_its_model_on_demand(lora_dir: Path, tmp_path: Path) -> None:
@@ -252,6 +240,32 @@ def test_base_and_adapter_requests_at_once_do_not_mix(oai: openai.OpenAI) -> Non
     assert base_format == 0, replies
 
 
+def _engine_requests(served: Served) -> dict[str, float]:
+    """Requests each engine of the model has taken (`inferd_engine_requests_total`)."""
+    metrics = httpx.get(served.url + "/metrics", timeout=10).text
+    found = re.findall(
+        r'inferd_engine_requests_total\{engine="(\w+)",model="[^"]+"\} (\S+)', metrics
+    )
+    return {engine: float(count) for engine, count in found}
+
+
+def test_a_crowd_of_adapter_requests_is_answered_by_each_engine(
+    served: Served, oai: openai.OpenAI
+) -> None:
+    """With both engines behind the model, the router spreads a crowd over both: each holds the
+    adapter (llama.cpp as GGUF, vLLM as PEFT) and every answer is in the adapter's format."""
+    if served.profile != BOTH_PROFILE:
+        pytest.skip("one engine: the tests above show it")
+    before = _engine_requests(served)
+    jobs = [PROMPTS[i % len(PROMPTS)][0] for i in range(16)]
+    with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+        replies = list(pool.map(lambda prompt: chat(oai, ADAPTER, prompt), jobs))
+    assert all(train_lora.parse_label(r) in train_lora.TOPICS for r in replies), replies
+    after = _engine_requests(served)
+    gained = {engine: after[engine] - before.get(engine, 0) for engine in after}
+    assert gained.get("llamacpp", 0) >= 1 and gained.get("vllm", 0) >= 1, gained
+
+
 def _zeroed(adapter: Path, out: Path) -> Path:
     """A copy of `adapter` whose LoRA B matrices are zero: a valid adapter with no effect, so
     its answers are the base model's (never the task's JSON labels)."""
@@ -270,7 +284,11 @@ def _listed(oai: openai.OpenAI) -> set[str]:
 
 def _loaded_on_llama_server(served: Served) -> str:
     """The `--lora-scaled` files of the running llama-server (empty on vLLM)."""
-    lines = [" ".join(p.cmdline()) for p in served.descendants() if p.name() == "llama-server"]
+    lines = []
+    for p in served.descendants():
+        with contextlib.suppress(psutil.Error):  # one may end while looked at (a restart)
+            if p.name() == "llama-server":
+                lines.append(" ".join(p.cmdline()))
     return " ".join(lines)
 
 
@@ -317,10 +335,15 @@ def test_refresh_adds_and_removes_adapters_while_requests_run(
                 future.result()  # no request failed while the set changed
     assert outcomes and all(o == "ok" for o in outcomes), outcomes
     if LLAMACPP_PROFILE in served.log.read_text():
-        loaded = _loaded_on_llama_server(served)
-        # The cache keeps each adapter as NAME-DIGEST/adapter.gguf.
-        assert re.search(rf"/{second}-[0-9a-f]{{16}}/", loaded), loaded
-        assert not re.search(rf"/{ADAPTER}-[0-9a-f]{{16}}/", loaded), loaded
+        # The cache keeps each adapter as NAME-DIGEST/adapter.gguf. The removed one goes with
+        # llama-server's restart (with both engines, after vLLM has unloaded it).
+        def only_the_second() -> bool:
+            loaded = _loaded_on_llama_server(served)
+            return bool(re.search(rf"/{second}-[0-9a-f]{{16}}/", loaded)) and not re.search(
+                rf"/{ADAPTER}-[0-9a-f]{{16}}/", loaded
+            )
+
+        _wait_for(only_the_second, timeout=60)
     # The module's other tests (on the next engine) need the folder as it was.
     shutil.move(parked, lora_dir / ADAPTER)
     shutil.rmtree(lora_dir / second)

@@ -25,9 +25,15 @@ import openai
 import psutil
 import pytest
 
-from inferd.cache import ModelStore
-from inferd.catalog import Catalog, hardware, measured
-from tests.e2e.conftest import INFERD, MODEL, START_TIMEOUT_S, Served, cache_path, serving
+from tests.e2e.conftest import (
+    EAGER,
+    INFERD,
+    MODEL,
+    START_TIMEOUT_S,
+    Served,
+    cache_with_crowd_figures,
+    serving,
+)
 
 BOTH = "cpu-both"
 
@@ -80,36 +86,12 @@ def _wait_joined(served: Served, timeout: float = START_TIMEOUT_S) -> float:
     raise AssertionError(f"vLLM did not join in {timeout} s:\n{served.log_tail()}")
 
 
-def _cache_with_figures(root: Path) -> Path:
-    """A cache of the module's own: the shared test cache's models, blobs and engine caches
-    (linked), and speed figures for this machine that are the catalog's first reference (a Zen
-    4's: vLLM's steps nearly flat, so a crowd goes to vLLM). The routing tested is then the same
-    on every CPU; on an AVX2-only CPU the catalog's own figures for it (and `inferd tune`) keep
-    every load on llama.cpp, which `tests/unit/test_routing.py` covers."""
-    shared = cache_path()
-    cache = root / "cache"
-    cache.mkdir()
-    for name in ("blobs", "models", "engines", "locks", "tmp"):
-        (shared / name).mkdir(parents=True, exist_ok=True)
-        (cache / name).symlink_to(shared / name)
-    fp = measured.fingerprint(hardware.detect())
-    store = ModelStore(cache)
-    for profile in Catalog.load().get(MODEL).profiles:
-        if profile.references and profile.requires.device == "cpu":
-            ref = profile.references[0]
-            figures = measured.Measurement(
-                MODEL, profile.id, profile.engine, fp.id, ref.prompt_ms, ref.step_ms, 1.0,
-                "2026-12-02T00:00:00+00:00",
-            )  # fmt: skip
-            measured.save(store, figures, fp.description)
-    return cache
-
-
 @pytest.fixture(scope="module")
 def both(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Served, Seen]]:
     """The served profile, and what was seen while vLLM started behind llama.cpp."""
     root = tmp_path_factory.mktemp("both")
-    with serving(root, "--profile", BOTH, cache=_cache_with_figures(root)) as served:
+    args = ("--profile", BOTH, EAGER)
+    with serving(root, *args, cache=cache_with_crowd_figures(root)) as served:
         health = httpx.get(served.url + "/v1/health/ready", timeout=10)
         seen = Seen(health.status_code, health.json())
         # vLLM starts niced; look while it starts (it takes tens of seconds).

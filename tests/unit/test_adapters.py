@@ -4,6 +4,7 @@ the cache with provenance; and each engine is told how to load and apply it."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from safetensors.numpy import save_file
 
 from inferd.cache import adapter_store
 from inferd.cache import adapters as adapter_files
+from inferd.cache.adapter_store import StoredAdapter
 from inferd.cache.store import ModelStore
 from inferd.catalog import Catalog
 from inferd.catalog.schema import ModelEntry
@@ -21,8 +23,10 @@ from inferd.engines.base import Adapter, LoraLimits
 from inferd.engines.llamacpp import LlamaCppEngine
 from inferd.engines.vllm import VllmEngine
 from inferd.errors import AdapterError, ConfigError, IntegrityError
-from inferd.server.adapters import Adapters
-from inferd.server.served import ServedModel
+from inferd.observability.metrics import Metrics
+from inferd.server.adapters import Adapters, ServedAdapter
+from inferd.server.admission import Admission, Limits, Slot
+from inferd.server.served import Backend, ServedModel
 from inferd.server.supervisor import Supervisor
 
 BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -247,3 +251,47 @@ def test_the_service_places_each_adapter_on_its_base_and_refuses_the_rest(
         Adapters.from_settings(
             load_settings(env={"INFERD_LORA_PATH": str(tmp_path / "none")}), [served], store
         )
+
+
+def test_with_both_engines_behind_the_model_each_holds_and_applies_the_adapter(
+    tmp_path: Path, entry: ModelEntry
+) -> None:
+    """cpu-both: an adapter goes to llama.cpp (GGUF, by its place in the list) and to vLLM (by
+    name), and a request gets it in the terms of the engine its slot names."""
+    llama_profile, vllm_profile = entry.profile("llamacpp-cpu-q8_0"), entry.profile("vllm-cpu-bf16")
+    assert llama_profile is not None and vllm_profile is not None
+    llama = LlamaCppEngine(entry.id, tmp_path, llama_profile, [], tmp_path / "l", None)
+    vllm = VllmEngine(entry.id, tmp_path, vllm_profile, [], tmp_path / "v", None)
+    served = ServedModel(
+        entry,
+        llama_profile,
+        Supervisor(llama, ready_timeout_s=1),
+        others=(Backend(vllm_profile, Supervisor(vllm, ready_timeout_s=1)),),
+        combined="cpu-both",
+    )
+    store = ModelStore(tmp_path / "cache")
+    adapters = Adapters(tmp_path, [served], store, max_rank=16, max_loras=2)
+    assert llama.lora == vllm.lora == LoraLimits(16, 2)
+    path = tmp_path / "topic-0123456789abcdef"
+    stored = StoredAdapter("topic", entry.id, path, 8, {})
+    # Neither engine runs: each takes the adapter onto the list it starts with.
+    asyncio.run(adapters._apply(served, [ServedAdapter("topic", served, stored)]))
+    assert [a.name for a in llama.adapters] == [a.name for a in vllm.adapters] == ["topic"]
+    assert "--lora-scaled" in llama.adapter_flags() and "--enable-lora" in vllm.adapter_flags()
+    found = adapters.find("topic")
+    assert found is not None
+    metrics = Metrics()
+    running, waiting = metrics.requests_running, metrics.requests_waiting
+    admission = Admission(entry.id, Limits(2, 2, 1.0), running, waiting)
+    on_llama: dict[str, object] = {"model": "topic"}
+    found.use(Slot(admission, 0), on_llama)
+    assert on_llama["lora"] == [{"id": 0, "scale": 1.0}]
+    on_vllm: dict[str, object] = {"model": "topic"}
+    found.use(Slot(admission, 1), on_vllm)
+    assert on_vllm == {"model": "topic"}  # vLLM picks the adapter by `model`
+    base_on_llama: dict[str, object] = {"model": entry.id}
+    assert adapters.plain(served, Slot(admission, 0), base_on_llama)
+    assert base_on_llama["lora"] == [{"id": 0, "scale": 0.0}]
+    base_on_vllm: dict[str, object] = {"model": entry.id}
+    assert not adapters.plain(served, Slot(admission, 1), base_on_vllm)
+    assert base_on_vllm == {"model": entry.id}

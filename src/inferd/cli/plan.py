@@ -233,11 +233,10 @@ def _combined_parts(
     pick: combined.Pick,
 ) -> list[Candidate]:
     """The profiles of a combined profile asked for by name; refused where it cannot run."""
-    if settings.on_demand or settings.lora_path is not None:
-        what = "models on demand" if settings.on_demand else "LoRA adapters (--lora-path)"
+    if settings.on_demand:
         raise UsageError(
-            f"profile {combo.id} runs several engines behind one model and does not serve "
-            f"{what} yet; name a single-engine profile (`inferd profiles {entry.id}`)"
+            f"profile {combo.id} runs several engines behind one model and does not load "
+            f"models on demand yet; name a single-engine profile (`inferd profiles {entry.id}`)"
         )
     return combined.parts(combo, found, pick)
 
@@ -253,8 +252,8 @@ def _default_combination(
     """The combined profile the default runs instead of `chosen`, if any: one marked `default`
     in the catalog, with no --optimize, on the device the single best profile runs on, where
     every engine of it can run here and all fit together, and with nothing asked that it does
-    not serve (models on demand, adapters)."""
-    if optimize is not None or settings.on_demand or settings.lora_path is not None:
+    not serve (models on demand)."""
+    if optimize is not None or settings.on_demand:
         return None
     for combo in entry.combined:
         if not combo.default or combo.device != chosen.profile.requires.device:

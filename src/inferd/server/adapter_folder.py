@@ -4,7 +4,8 @@
 scan (same sizes and modification times) is not read again. A new or changed one is read and
 checked (`cache.adapters`), placed on the first served model it fits (the one it names first,
 then any whose architecture its tensors match), and kept in the cache
-(`cache.adapter_store`, which converts it to GGUF for a llama.cpp engine). Each comes back as a
+(`cache.adapter_store`, which converts it to GGUF for a llama.cpp engine, with several
+engines behind the model for its llama.cpp one). Each comes back as a
 `Found`: the stored adapter and its base model, or the reason it was refused. `server.adapters`
 turns scans into the set being served. Scans run in a worker thread: reading, hashing and
 converting take seconds.
@@ -79,16 +80,24 @@ class AdapterFolder:
             if any(m.id == spec.name for m in self.models):
                 raise AdapterError(f"adapter {spec.name}: a served model has that id")
             base = self._base_for(spec)
-            engine = base.supervisor.engine
-            gguf = engine.adapter_format == "gguf"
-            if gguf:
+            # A llama.cpp engine of the model (with several engines, any of them) takes it as
+            # GGUF; the PEFT folder is kept either way, for vLLM.
+            gguf = next(
+                (
+                    b.supervisor.engine
+                    for b in base.backends
+                    if b.supervisor.engine.adapter_format == "gguf"
+                ),
+                None,
+            )
+            if gguf is not None:
                 log.info("adapter %s: made into a GGUF LoRA for llama.cpp (once)", spec.name)
             stored = adapter_store.keep(
                 spec,
                 base.id,
                 self.store,
-                gguf_base=engine.model_dir if gguf else None,
-                converter=llamacpp_build.find_converter() if gguf else None,
+                gguf_base=gguf.model_dir if gguf is not None else None,
+                converter=llamacpp_build.find_converter() if gguf is not None else None,
                 public_key=self.public_key,
             )
         except CacheError as exc:

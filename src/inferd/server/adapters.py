@@ -13,11 +13,14 @@ finished (on llama-server by the restart below, which gives its memory back).
 How an engine takes a new adapter is the engine's (`Engine.runtime_adapters`): vLLM loads it
 through its load route while serving; llama-server only loads adapters at start, so its engine
 is drained and restarted, when adapters come and when they go: new requests wait at `gate`
-(then in admission), the ones in flight finish, the engine starts again with the new list (1-2 s
-for llama-server), and the waiting requests go on. Until that restart the list stays the one the
-running engine loaded, because llama-server names adapters by their place in it.
+(then in admission), the ones in flight on that engine finish, the engine starts again with the
+new list (1-2 s for llama-server), and the waiting requests go on. Until that restart the list
+stays the one the running engine loaded, because llama-server names adapters by their place in
+it. A model with several engines (a combined profile) gives every one of them each adapter, in
+its own format, so a request for an adapter may go to whichever engine the router picks.
 `server.proxy` asks `find` for a request's `model`, waits at `gate`, and after taking its slot
-lets `ServedAdapter.use` put the adapter into the request (`Engine.use_adapter`).
+lets `ServedAdapter.use` put the adapter into the request in the terms of the slot's engine
+(`Engine.use_adapter`).
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from inferd.engines.base import Adapter, LoraLimits
 from inferd.errors import ConfigError
 from inferd.server.adapter_folder import AdapterFolder, Found
 from inferd.server.admission import Slot
-from inferd.server.served import ServedModel
+from inferd.server.served import Backend, ServedModel
 from inferd.server.supervisor import State
 
 log = logging.getLogger("inferd.adapters")
@@ -67,8 +70,9 @@ class ServedAdapter:
         return Adapter(self.name, self.stored.path, self.stored.gguf)
 
     def use(self, slot: Slot, payload: dict[str, Any]) -> Slot:
-        """Run this request with the adapter (in place), counted in flight until its slot goes."""
-        self.base.supervisor.engine.use_adapter(payload, self.name)
+        """Run this request with the adapter (in place) on the slot's engine, counted in flight
+        until its slot goes."""
+        self.base.backends[slot.lane].supervisor.engine.use_adapter(payload, self.name)
         self.inflight += 1
         self.idle.clear()
         return AdapterSlot(slot, self)
@@ -130,7 +134,8 @@ class Adapters:
         self._lock = asyncio.Lock()
         if self._reader is not None:
             for m in chat:
-                m.supervisor.engine.lora = LoraLimits(max_rank, max_loras)
+                for backend in m.backends:
+                    backend.supervisor.engine.lora = LoraLimits(max_rank, max_loras)
 
     @classmethod
     def from_settings(
@@ -171,10 +176,12 @@ class Adapters:
             return None
         return self.served.get(model)
 
-    def plain(self, served: ServedModel, payload: dict[str, Any]) -> bool:
-        """A base-model request on an engine that holds adapters: none applied, in the
-        engine's terms (`Engine.use_base`); True when the payload changed."""
-        return self._reader is not None and served.supervisor.engine.use_base(payload)
+    def plain(self, served: ServedModel, slot: Slot, payload: dict[str, Any]) -> bool:
+        """A base-model request on an engine that holds adapters: none applied, in the terms
+        of the slot's engine (`Engine.use_base`); True when the payload changed."""
+        if self._reader is None:
+            return False
+        return served.backends[slot.lane].supervisor.engine.use_base(payload)
 
     async def gate(self, served: ServedModel) -> None:
         """Wait while `served`'s engine restarts to load new adapters."""
@@ -218,8 +225,9 @@ class Adapters:
             if found.stored is not None and found.base is not None:
                 adapter = ServedAdapter(name, found.base, found.stored)
                 self.served[name] = adapter
-                engine = found.base.supervisor.engine
-                engine.adapters = (*engine.adapters, adapter.engine_adapter)
+                for backend in found.base.backends:
+                    engine = backend.supervisor.engine
+                    engine.adapters = (*engine.adapters, adapter.engine_adapter)
 
     def _scan(self) -> dict[str, Found]:
         return {} if self._reader is None else self._reader.scan()
@@ -293,50 +301,67 @@ class Adapters:
                  adapter.inflight)  # fmt: skip
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(adapter.idle.wait(), DRAIN_S)
-        engine = adapter.base.supervisor.engine
-        if not engine.runtime_adapters:
-            # The list changes when the engine restarts (`_apply`): until then the requests of
-            # the other adapters are still given the ids the running engine loaded them under.
-            return
-        engine.adapters = tuple(a for a in engine.adapters if a.name != adapter.name)
-        if adapter.base.supervisor.state is State.READY:
-            await self._post(adapter.base, "/v1/unload_lora_adapter", {"lora_name": adapter.name})
+        for backend in adapter.base.backends:
+            engine = backend.supervisor.engine
+            if not engine.runtime_adapters:
+                # The list changes when the engine restarts (`_apply`): until then the requests
+                # of the other adapters are still given the ids the running engine loaded them
+                # under.
+                continue
+            engine.adapters = tuple(a for a in engine.adapters if a.name != adapter.name)
+            if backend.supervisor.state is State.READY:
+                body = {"lora_name": adapter.name}
+                if await self._post(adapter.base.id, backend, "/v1/unload_lora_adapter", body):
+                    log.info("adapter %s unloaded from %s", adapter.name, engine.name)
 
     async def _apply(self, base: ServedModel, new: list[ServedAdapter]) -> None:
-        """Give `base`'s engine its new adapter set: `new` added, the retired ones gone."""
-        engine = base.supervisor.engine
-        running = base.supervisor.state is not State.STOPPED
+        """Give each of `base`'s engines its new adapter set: `new` added, the retired ones
+        gone. An adapter is served once every engine of the model that can serve has it."""
+        loaded = {a.name for a in new}
+        for lane, backend in enumerate(base.backends):
+            if backend.supervisor.failed.is_set():
+                continue  # gone for good: the model's other engines serve
+            loaded &= await self._apply_on(base, lane, backend, new)
+        for a in new:
+            if a.name in loaded:
+                self.served[a.name] = a
+            else:
+                self._seen.pop(a.name, None)  # not served; forgotten, so the next scan retries
+
+    async def _apply_on(
+        self, base: ServedModel, lane: int, backend: Backend, new: list[ServedAdapter]
+    ) -> set[str]:
+        """One engine's new adapter set; the names of `new` it serves."""
+        engine = backend.supervisor.engine
+        running = backend.supervisor.state is not State.STOPPED
         if engine.runtime_adapters:
             engine.adapters = (*engine.adapters, *(a.engine_adapter for a in new))
             if not running:
-                self.served.update((a.name, a) for a in new)
-                return
-            await self._until_ready(base)  # a start under way has its command line already
+                return {a.name for a in new}  # it starts with them
+            await self._until_ready(backend)  # a start under way has its command line already
+            loaded: set[str] = set()
             for a in new:
                 body = {"lora_name": a.name, "lora_path": str(a.stored.path)}
-                if await self._post(base, "/v1/load_lora_adapter", body):
-                    self.served[a.name] = a
-                    continue
-                # Not served; forgotten, so the next scan tries it again.
-                engine.adapters = tuple(x for x in engine.adapters if x.name != a.name)
-                self._seen.pop(a.name, None)
-            return
+                if await self._post(base.id, backend, "/v1/load_lora_adapter", body):
+                    loaded.add(a.name)
+                else:
+                    engine.adapters = tuple(x for x in engine.adapters if x.name != a.name)
+            return loaded
         # Loaded at start only (llama-server): one restart with the whole new list, so a removed
         # adapter's memory is given back and every id matches what the new engine loaded.
         kept = [a for a in self.served.values() if a.base is base]
         wanted = tuple(a.engine_adapter for a in [*kept, *new])
         if wanted != engine.adapters:
             if running:
-                await self._restart(base, wanted)
+                await self._restart(base, lane, backend, wanted)
             else:
                 engine.adapters = wanted
-        for a in new:
-            self.served[a.name] = a
+        return {a.name for a in new}
 
     @staticmethod
-    async def _until_ready(base: ServedModel) -> None:
+    async def _until_ready(backend: Backend) -> None:
         """Until the engine is ready or has failed (bounded by its start-up limit)."""
-        sup = base.supervisor
+        sup = backend.supervisor
         ready = asyncio.ensure_future(sup.ready.wait())
         failed = asyncio.ensure_future(sup.failed.wait())
         try:
@@ -347,32 +372,38 @@ class Adapters:
             for waiter in (ready, failed):
                 waiter.cancel()
 
-    async def _restart(self, base: ServedModel, adapters: tuple[Adapter, ...]) -> None:
-        """Drain `base`'s engine and start it again with `adapters`."""
+    async def _restart(
+        self, base: ServedModel, lane: int, backend: Backend, adapters: tuple[Adapter, ...]
+    ) -> None:
+        """Drain one of `base`'s engines and start it again with `adapters`. With one engine,
+        the requests waiting in admission wait for it; with several, the router gives them the
+        others (this one is not ready while it restarts) and only its own requests drain."""
         gate = self._gates[base.id] = asyncio.Event()
         started = time.monotonic()
+        sup = backend.supervisor
         try:
             deadline = started + DRAIN_S
-            while base.admission.running or base.admission.waiting:
+            while _busy(base, lane):
                 if time.monotonic() > deadline:
                     break
                 await asyncio.sleep(0.05)
-            await base.supervisor.stop()
-            base.supervisor.engine.adapters = adapters
-            base.supervisor.start()
-            await self._until_ready(base)
+            await sup.stop()
+            sup.engine.adapters = adapters
+            sup.start()
+            await self._until_ready(backend)
             log.info(
-                "engine for %s restarted with %d adapter(s) in %.1f s",
+                "engine %s for %s restarted with %d adapter(s) in %.1f s",
+                sup.engine.name,
                 base.id,
-                len(base.supervisor.engine.adapters),
+                len(sup.engine.adapters),
                 time.monotonic() - started,
             )
         finally:
             del self._gates[base.id]
             gate.set()
 
-    async def _post(self, base: ServedModel, path: str, body: dict[str, Any]) -> bool:
-        sup = base.supervisor
+    async def _post(self, model: str, backend: Backend, path: str, body: dict[str, Any]) -> bool:
+        sup = backend.supervisor
         link = sup.link
         if link is None:
             return False
@@ -380,8 +411,16 @@ class Adapters:
             async with link.pool.post(link.url(path), json=body, headers=sup.auth_headers()) as r:
                 text = await r.text()
                 if r.status != 200:
-                    log.warning("%s %s: %s %s", base.id, path, r.status, text[:300])
+                    log.warning("%s %s: %s %s", model, path, r.status, text[:300])
                 return r.status == 200
         except Exception as exc:  # the engine went away: its restart loads engine.adapters
-            log.warning("%s %s failed: %s", base.id, path, exc)
+            log.warning("%s %s failed: %s", model, path, exc)
             return False
+
+
+def _busy(base: ServedModel, lane: int) -> bool:
+    """Whether engine `lane` of `base` still has requests to finish before it restarts."""
+    admission = base.admission
+    if len(admission.lanes) == 1:
+        return bool(admission.running or admission.waiting)
+    return admission.lanes[lane].running > 0

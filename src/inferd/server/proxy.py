@@ -334,7 +334,7 @@ class Proxy:
         if adapter is not None:  # after the slot: its engine is not restarting under it
             slot = adapter.use(slot, payload)
             rewritten = True
-        elif self.adapters.plain(served, payload):
+        elif self.adapters.plain(served, slot, payload):
             rewritten = True
         call = Call(
             model_id,
