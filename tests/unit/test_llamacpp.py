@@ -24,6 +24,7 @@ def _engine(tmp: Path, profile: str = "llamacpp-cpu-q8_0") -> LlamaCppEngine:
     return LlamaCppEngine(entry.id, tmp, p, ["--seed", "1"], tmp / "cache", None)
 
 
+@pytest.mark.built
 def test_command_serves_the_gguf_with_one_slot_per_admitted_request(tmp_path: Path) -> None:
     if find_binary() is None:
         pytest.skip("llama-server is not built (make install builds it)")
@@ -74,6 +75,7 @@ def test_requantized_file_names(shipped: str, precision: str, expected: str) -> 
     assert _requantized_name(shipped, precision) == expected
 
 
+@pytest.mark.built
 def test_requantize_refuses_unknown_types_and_reports_tool_failures(tmp_path: Path) -> None:
     with pytest.raises(CacheError, match="no GGUF quantization type"):
         run_requantize(tmp_path / "in.gguf", tmp_path / "out.gguf", "awq")
@@ -152,6 +154,7 @@ def test_cpu_profiles_stay_off_gpus_and_gpu_profiles_offload_everything(
     assert "--device" not in _engine(tmp_path).command(Path("/r/engine-1.sock")).argv
 
 
+@pytest.mark.built
 def test_gpu_support_reads_the_build_stamp_or_asks_the_binary(tmp_path: Path) -> None:
     binary = tmp_path / "llama-server"
     stamp = tmp_path / "llama-server.json"

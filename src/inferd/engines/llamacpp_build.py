@@ -35,6 +35,7 @@ compiled).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import re
@@ -320,6 +321,11 @@ def main() -> None:
         help="a llama.cpp source tree (default: the pinned sdist)",
     )
     args = parser.parse_args()
+    # What the build imports, imported now: `make install` runs it beside pip installing vLLM's
+    # dependencies into the same environment, which may replace packages these import.
+    importlib.import_module("inferd.cache.fetch")
+    importlib.import_module("inferd.config")
+    importlib.import_module("inferd.catalog.hardware")
     if args.source is not None and not (args.source / "CMakeLists.txt").is_file():
         sys.exit(f"[llama-server] --source {args.source}: not a llama.cpp source tree")
     cuda_archs = cuda_choice(args.cuda, args.cuda_arch)
