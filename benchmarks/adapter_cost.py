@@ -1,6 +1,7 @@
 """What a LoRA adapter costs: output rate with the adapter vs the base model, per engine.
 
-One `inferd serve --lora-path DIR` per engine profile (llama.cpp Q8_0, vLLM bf16), serving the
+One `inferd serve --lora-path DIR` per engine profile (llama.cpp Q8_0, vLLM bf16; `--profiles`
+adds `cpu-both`, both engines behind the model, measured once both have joined), serving the
 default model and the adapter trained by tests/adapters/train_lora.py (rank 8 on every attention
 and MLP projection). On that one server, vLLM's serving benchmark (128 in / 128 out tokens,
 ignore_eos) alternates between `model=<base>` and `model=<adapter>` at each concurrency, for
@@ -9,6 +10,7 @@ without `--lora-path` once per round (vLLM's CPU build turns torch.compile off w
 enabled, which costs base requests too), when `--plain-vllm` is given.
 
 Usage: python benchmarks/adapter_cost.py [--rounds 2] [--concurrency 1,16] [--plain-vllm]
+       [--profiles llamacpp-cpu-q8_0,vllm-cpu-bf16,cpu-both]
 Prints a markdown table (medians over rounds) and writes every raw result as JSON under --out.
 """
 
@@ -21,8 +23,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 from serve_overhead import MODEL, bench, environment, free_port, rounds_parser, stop, wait_http
 
@@ -52,14 +57,30 @@ def serve(
         )
     url = f"http://127.0.0.1:{port}"
     wait_http(url + "/v1/health/ready", proc, timeout=900)
+    _until_every_engine_ready(url, timeout=900)
     return proc, url
+
+
+def _until_every_engine_ready(url: str, timeout: float) -> None:
+    """With several engines behind the model, ready means the first: wait for the others too,
+    so the figures are those of the profile running whole."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        meta = httpx.get(url + "/v1/metadata", timeout=10).json()
+        engines = meta["models"][0].get("engines") or []
+        if all(e["state"] == "ready" for e in engines):
+            return
+        time.sleep(1)
+    raise SystemExit(f"not every engine of {url} was ready within {timeout:.0f} s")
 
 
 def main() -> None:
     parser = rounds_parser(__doc__)
     parser.set_defaults(rounds=2)
     parser.add_argument("--plain-vllm", action="store_true")
+    parser.add_argument("--profiles", default=",".join(PROFILES))
     args = parser.parse_args()
+    profiles = args.profiles.split(",")
     levels = [int(c) for c in args.concurrency.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
     base = args.cache_path / "models" / MODEL / "safetensors-bf16"
@@ -68,7 +89,7 @@ def main() -> None:
     shutil.copytree(adapter, lora / ADAPTER)
     rows: list[dict[str, Any]] = []
     for rnd in range(args.rounds):
-        setups: list[tuple[str, Path | None]] = [(p, lora) for p in PROFILES]
+        setups: list[tuple[str, Path | None]] = [(p, lora) for p in profiles]
         if args.plain_vllm:
             setups.append(("vllm-cpu-bf16", None))
         for profile, folder in setups:

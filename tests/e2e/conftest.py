@@ -183,7 +183,7 @@ def cache_with_model(root: Path) -> Path:
 
 def cache_with_crowd_figures(root: Path) -> Path:
     """For a test of both engines behind the model (`cpu-both`) where a crowd must reach vLLM.
-    A cache of the test's own: the shared test cache's models, blobs and engine caches
+    A cache of the test's own: the shared test cache's models, blobs, adapters and engine caches
     (linked), and speed figures for this machine that are the catalog's first reference (a Zen
     4's: vLLM's steps nearly flat, so a crowd goes to vLLM). The routing tested is then the same
     on every CPU; on an AVX2-only CPU the catalog's own figures for it (and `inferd tune`) keep
@@ -191,7 +191,7 @@ def cache_with_crowd_figures(root: Path) -> Path:
     shared = cache_path()
     cache = root / "cache"
     cache.mkdir()
-    for name in ("blobs", "models", "engines", "locks", "tmp"):
+    for name in ("blobs", "models", "adapters", "engines", "locks", "tmp"):
         (shared / name).mkdir(parents=True, exist_ok=True)
         (cache / name).symlink_to(shared / name)
     fp = measured.fingerprint(hardware.detect())

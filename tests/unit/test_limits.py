@@ -8,6 +8,7 @@ import pytest
 
 from inferd.errors import InvalidRequestError
 from inferd.server import limits
+from inferd.server.proxy import parse_body
 
 CHAT = "/v1/chat/completions"
 OK: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
@@ -176,3 +177,18 @@ def test_completions_prompts_are_not_empty_and_bounded(prompt: Any, n: int, says
 def test_completions_prompts_that_pass(prompt: Any) -> None:
     _check({"model": "m", "prompt": prompt}, "/v1/completions")
     _check({"model": "m", "messages": [{"role": "user", "content": ""}]})  # chat: not a prompt
+
+
+def test_a_lone_surrogate_is_refused_and_a_pair_is_a_character() -> None:
+    """JSON's grammar allows `\\ud886` alone; no engine takes it (llama-server fails on it) and
+    no answer could name it in UTF-8: one 400 on every engine, keys included. A pair is the
+    character it encodes."""
+    paired = b'{"model": "m", "messages": [{"role": "user", "content": "hi \\ud83d\\ude00"}]}'
+    assert parse_body(paired)["messages"][0]["content"] == "hi \U0001f600"
+    for body in (
+        b'{"model": "m", "messages": [{"role": "user", "content": "hi \\ud886"}]}',
+        b'{"model": "m", "y\\ud886": {"a": 1}}',
+        b'{"model": "m", "stop": ["\\udfcb"]}',
+    ):
+        with pytest.raises(InvalidRequestError, match="unpaired UTF-16 surrogate"):
+            parse_body(body)

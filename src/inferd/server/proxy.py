@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
@@ -82,7 +83,31 @@ def parse_body(body: bytes) -> dict[str, Any]:
         raise InvalidRequestError("request body is nested too deeply") from None
     if not isinstance(payload, dict):
         raise InvalidRequestError("request body must be a JSON object")
+    if _SURROGATE_ESCAPE.search(body) and _has_lone_surrogate(payload):
+        # JSON's grammar lets `\ud886` stand alone; no engine can take it (llama-server fails
+        # on it, and the answer could not be written back as UTF-8). The same 400 everywhere.
+        raise InvalidRequestError(
+            "request body holds an unpaired UTF-16 surrogate escape (\\ud800-\\udfff without "
+            "its pair), which is not a character; send valid Unicode"
+        )
     return payload
+
+
+# A surrogate escape (paired or not): only then is the parsed body searched for a lone one.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _has_lone_surrogate(value: object) -> bool:
+    """Whether a string anywhere in the parsed body (keys too) holds a lone surrogate (json
+    joins the escapes of a valid pair into one character)."""
+    if isinstance(value, str):
+        return _SURROGATE.search(value) is not None
+    if isinstance(value, dict):
+        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_lone_surrogate(v) for v in value)
+    return False
 
 
 def _stream_flag(payload: dict[str, Any]) -> bool:
@@ -403,6 +428,11 @@ class Proxy:
                 status = resp.status
                 if status >= 500:
                     status = 400 if client.engine.clients_fault(status, data) else 502
+                    if status == 502:  # the engine's own words, for whoever reads the log
+                        log.warning(
+                            "%s answered %s %s: %s", client.engine.name, resp.status, path,
+                            data[:300].decode("utf-8", "replace"),
+                        )  # fmt: skip
                 self._end(call, status)
                 error = await client.error(status, data, body)
                 if translation is not None:  # name the field the client sent
