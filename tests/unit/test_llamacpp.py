@@ -205,6 +205,8 @@ def test_cuda_builds_add_ggmls_cuda_backend_for_the_gpus_found() -> None:
         b'{"error":{"code":500,"message":"Failed to parse messages: Missing \'role\' in message"}}',
         b'{"error":{"code":500,"message":"[json.exception.parse_error.101] parse error"}}',
         b'{"error":{"code":500,"message":"image input is not supported - hint: mmproj"}}',
+        b'{"error":{"code":500,"message":"audio input is not supported - hint: if this is '
+        b'unexpected, you may need to provide the mmproj","type":"server_error"}}',
     ],
 )
 def test_llama_servers_500s_for_malformed_requests_are_the_clients(

@@ -381,11 +381,12 @@ class LlamaCppEngine(Engine):
 
     # llama-server answers these malformed requests with a 500 (seen in the adversarial suite:
     # a message without a role, a text part without text, a tool call without a type, a lone
-    # UTF-16 surrogate, an image for a text-only model): they are the client's errors.
+    # UTF-16 surrogate, an image or audio for a text-only model): they are the client's errors.
     CLIENT_FAULTS = (
         b"Failed to parse messages",
         b"[json.exception.",
         b"image input is not supported",
+        b"audio input is not supported",
     )
 
     def clients_fault(self, status: int, answer: bytes) -> bool:
