@@ -284,14 +284,14 @@ def test_with_both_engines_behind_the_model_each_holds_and_applies_the_adapter(
     running, waiting = metrics.requests_running, metrics.requests_waiting
     admission = Admission(entry.id, Limits(2, 2, 1.0), running, waiting)
     on_llama: dict[str, object] = {"model": "topic"}
-    found.use(Slot(admission, 0), on_llama)
+    found.use(Slot(admission, 0), served.backends[0].supervisor.engine, on_llama)
     assert on_llama["lora"] == [{"id": 0, "scale": 1.0}]
     on_vllm: dict[str, object] = {"model": "topic"}
-    found.use(Slot(admission, 1), on_vllm)
+    found.use(Slot(admission, 1), served.backends[1].supervisor.engine, on_vllm)
     assert on_vllm == {"model": "topic"}  # vLLM picks the adapter by `model`
     base_on_llama: dict[str, object] = {"model": entry.id}
-    assert adapters.plain(served, Slot(admission, 0), base_on_llama)
+    assert adapters.plain(served.backends[0].supervisor.engine, base_on_llama)
     assert base_on_llama["lora"] == [{"id": 0, "scale": 0.0}]
     base_on_vllm: dict[str, object] = {"model": entry.id}
-    assert not adapters.plain(served, Slot(admission, 1), base_on_vllm)
+    assert not adapters.plain(served.backends[1].supervisor.engine, base_on_vllm)
     assert base_on_vllm == {"model": entry.id}

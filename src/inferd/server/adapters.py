@@ -36,7 +36,7 @@ from typing import Any
 from inferd.cache.adapter_store import StoredAdapter
 from inferd.cache.store import ModelStore
 from inferd.config import Settings
-from inferd.engines.base import Adapter, LoraLimits
+from inferd.engines.base import Adapter, Engine, LoraLimits
 from inferd.errors import ConfigError
 from inferd.server.adapter_folder import AdapterFolder, Found
 from inferd.server.admission import Slot
@@ -69,10 +69,10 @@ class ServedAdapter:
     def engine_adapter(self) -> Adapter:
         return Adapter(self.name, self.stored.path, self.stored.gguf)
 
-    def use(self, slot: Slot, payload: dict[str, Any]) -> Slot:
-        """Run this request with the adapter (in place) on the slot's engine, counted in flight
-        until its slot goes."""
-        self.base.backends[slot.lane].supervisor.engine.use_adapter(payload, self.name)
+    def use(self, slot: Slot, engine: Engine, payload: dict[str, Any]) -> Slot:
+        """Run this request with the adapter (in place) on `engine`, the one its slot names,
+        counted in flight until its slot goes."""
+        engine.use_adapter(payload, self.name)
         self.inflight += 1
         self.idle.clear()
         return AdapterSlot(slot, self)
@@ -176,12 +176,10 @@ class Adapters:
             return None
         return self.served.get(model)
 
-    def plain(self, served: ServedModel, slot: Slot, payload: dict[str, Any]) -> bool:
-        """A base-model request on an engine that holds adapters: none applied, in the terms
-        of the slot's engine (`Engine.use_base`); True when the payload changed."""
-        if self._reader is None:
-            return False
-        return served.backends[slot.lane].supervisor.engine.use_base(payload)
+    def plain(self, engine: Engine, payload: dict[str, Any]) -> bool:
+        """A base-model request on an engine that holds adapters (the one its slot names): none
+        applied, in that engine's terms (`Engine.use_base`); True when the payload changed."""
+        return self._reader is not None and engine.use_base(payload)
 
     async def gate(self, served: ServedModel) -> None:
         """Wait while `served`'s engine restarts to load new adapters."""

@@ -357,9 +357,9 @@ class Proxy:
             shown = json.dumps(payload) if rewritten else body.decode("utf-8", "replace")
             log.info("request body: %s", shown)
         if adapter is not None:  # after the slot: its engine is not restarting under it
-            slot = adapter.use(slot, payload)
+            slot = adapter.use(slot, engine, payload)
             rewritten = True
-        elif self.adapters.plain(served, slot, payload):
+        elif self.adapters.plain(engine, payload):
             rewritten = True
         call = Call(
             model_id,

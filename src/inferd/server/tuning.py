@@ -75,6 +75,13 @@ async def started(engine: Engine, ready_timeout_s: float) -> AsyncIterator[tune.
         await supervisor.stop()
 
 
+def starter(
+    engine: Engine, ready_timeout_s: float
+) -> Callable[[], AbstractAsyncContextManager[tune.Started]]:
+    """How `bench.tune` starts `engine` (afresh each time it is called)."""
+    return lambda: started(engine, ready_timeout_s)
+
+
 async def in_turns(
     engines: Mapping[str, Engine],
     figures: Mapping[str, measured.Measurement],
@@ -86,11 +93,8 @@ async def in_turns(
     """`bench.tune.in_turns` on these engines (each started afresh per turn, its `tune.turn`
     plan): the profiles' `figures` merged with what the turns found."""
 
-    def start(engine: Engine) -> Callable[[], AbstractAsyncContextManager[tune.Started]]:
-        return lambda: started(engine, ready_timeout_s)
-
     return await tune.in_turns(
-        {pid: start(engine) for pid, engine in engines.items()},
+        {pid: starter(engine, ready_timeout_s) for pid, engine in engines.items()},
         {pid: figures[pid] for pid in engines},
         {pid: tune.turn(e.profile.max_running, e.context) for pid, e in engines.items()},
         gate=gate,
@@ -184,16 +188,13 @@ class Tuner:
         engine.cache_dir.mkdir(parents=True, exist_ok=True)
         return engine
 
-    def _start(self, engine: Engine) -> Callable[[], AbstractAsyncContextManager[tune.Started]]:
-        return lambda: started(engine, TUNE_READY_TIMEOUT_S)
-
     async def _measure(
         self, entry: ModelEntry, engine: Engine, fp: measured.Fingerprint
     ) -> measured.Measurement:
         profile = engine.profile
         await self._quiet()  # no engine starts while requests run
         return await tune.tune(
-            self._start(engine),
+            starter(engine, TUNE_READY_TIMEOUT_S),
             model=entry.id,
             profile=profile.id,
             engine=profile.engine,
