@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from inferd.server.engine_link import RuntimeFolder
-from inferd.server.supervisor import State, Supervisor
+from inferd.server.supervisor import REST_AFTER_S, State, Supervisor
 from tests.integration.conftest import MODEL, served_model, start_front, stop_front
 
 
@@ -214,3 +214,50 @@ async def test_a_paused_start_is_stopped_at_once(tmp_path: Path) -> None:
     await supervisor.stop()  # a stopped process takes SIGTERM only once continued
     assert time.monotonic() - began < 5
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+async def test_a_ready_later_engine_rests_while_idle_and_wakes_for_the_front(
+    tmp_path: Path,
+) -> None:
+    served = served_model(tmp_path)
+    supervisor = Supervisor(served.supervisor.engine, ready_timeout_s=20, nice=10)
+    supervisor.start()
+    try:
+        await asyncio.wait_for(supervisor.ready.wait(), 20)
+        assert supervisor.pid is not None
+        engine = psutil.Process(supervisor.pid)
+        supervisor.rest(True)
+        assert not supervisor.parked  # not at once: a crowd's requests come and go
+        await asyncio.sleep(REST_AFTER_S + 0.5)
+        assert supervisor.parked and engine.status() == psutil.STATUS_STOPPED
+        assert supervisor.describe()["parked"] is True
+        # The front's own ask wakes it, is answered, and it rests again afterwards.
+        answer = await supervisor.fetch("/health")
+        assert answer is not None and answer[0] == 200
+        assert engine.status() != psutil.STATUS_STOPPED
+        await asyncio.sleep(REST_AFTER_S + 0.5)
+        assert supervisor.parked and supervisor.parks == 2
+        supervisor.rest(False)  # a request on its lane: continued before it is sent
+        assert not supervisor.parked and engine.status() != psutil.STATUS_STOPPED
+        assert supervisor.parked_s > 0
+        supervisor.rest(True)
+        await asyncio.sleep(REST_AFTER_S + 0.5)
+        assert engine.status() == psutil.STATUS_STOPPED
+        began = time.monotonic()
+    finally:
+        await supervisor.stop()  # continued first: a stopped process ignores SIGTERM
+    assert time.monotonic() - began < 5
+    assert not psutil.pid_exists(engine.pid) or engine.status() == psutil.STATUS_ZOMBIE
+
+
+async def test_only_a_later_engine_rests(tmp_path: Path) -> None:
+    supervisor = served_model(tmp_path).supervisor  # the first engine of its model: nice 0
+    supervisor.start()
+    try:
+        await asyncio.wait_for(supervisor.ready.wait(), 20)
+        supervisor.rest(True)
+        await asyncio.sleep(REST_AFTER_S + 0.5)
+        assert not supervisor.parked
+        assert psutil.Process(supervisor.pid).status() != psutil.STATUS_STOPPED
+    finally:
+        await supervisor.stop()

@@ -182,11 +182,13 @@ async def test_no_lane_can_serve_it_is_refused() -> None:
         await admission.acquire(Want(frozenset(), 8, 8))
 
 
-class _Start:
-    """What `warmup.Yield` asks of a starting engine's supervisor: pause and resume."""
+class _Later:
+    """What `warmup.Yield` asks of a later engine's supervisor: pause and resume its start,
+    and rest once ready while it has nothing to do."""
 
     def __init__(self) -> None:
         self.paused = False
+        self.idle: bool | None = None
 
     def pause(self) -> None:
         self.paused = True
@@ -194,13 +196,16 @@ class _Start:
     def resume(self) -> None:
         self.paused = False
 
+    def rest(self, idle: bool) -> None:
+        self.idle = idle
+
 
 async def test_a_starting_engine_yields_while_the_first_serves_and_runs_for_a_crowd() -> None:
     vllm_ready = {"now": False}
     lanes = [Lane("llamacpp", 1), Lane("vllm", 4, usable=lambda: vllm_ready["now"])]
     admission = _admission(lanes, queue=4)
-    start = _Start()
-    admission.watchers.append(warmup.Yield(admission, [start]))
+    start = _Later()
+    admission.watchers.append(warmup.Yield(admission, {1: start}))
     one = await admission.acquire()
     assert start.paused  # one user on llama.cpp: the start holds
     crowd = asyncio.create_task(admission.acquire())
@@ -211,6 +216,21 @@ async def test_a_starting_engine_yields_while_the_first_serves_and_runs_for_a_cr
     assert start.paused  # the waiter runs alone again
     second.release()
     assert not start.paused  # idle: the start goes on
+
+
+async def test_a_later_engine_rests_while_its_lane_has_nothing_to_do() -> None:
+    lanes = [Lane("llamacpp", 1), Lane("vllm", 4)]
+    admission = _admission(lanes, queue=4)
+    later = _Later()
+    admission.watchers.append(warmup.Yield(admission, {1: later}))
+    first = await admission.acquire(Want(frozenset({0}), 8, 8))
+    assert later.idle is True  # a request on llama.cpp: vLLM has nothing to do
+    first.release()
+    assert later.idle is True
+    second = await admission.acquire(Want(frozenset({1}), 8, 8))
+    assert second.lane == 1 and later.idle is False  # told before its request is sent
+    second.release()
+    assert later.idle is True
 
 
 async def test_a_change_of_turn_waits_for_the_drain_only_so_long() -> None:

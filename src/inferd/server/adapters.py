@@ -406,8 +406,11 @@ class Adapters:
         if link is None:
             return False
         try:
-            async with link.pool.post(link.url(path), json=body, headers=sup.auth_headers()) as r:
-                text = await r.text()
+            with sup.awake():  # a resting engine (`Supervisor.rest`) wakes for it
+                async with link.pool.post(
+                    link.url(path), json=body, headers=sup.auth_headers()
+                ) as r:
+                    text = await r.text()
                 if r.status != 200:
                     log.warning("%s %s: %s %s", model, path, r.status, text[:300])
                 return r.status == 200

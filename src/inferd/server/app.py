@@ -195,8 +195,10 @@ def _admission(m: ServedModel, settings: Settings, metrics: Metrics) -> Admissio
     )
     for b in m.backends:  # a lane whose engine becomes ready takes waiters at once
         b.supervisor.on_ready.append(admission.wake)
-    # The later engines' starts yield the cores while the first engine serves (server.warmup).
-    admission.watchers.append(warmup.Yield(admission, [b.supervisor for b in m.others]))
+    # The later engines' starts yield the cores while the first engine serves, and once ready
+    # they rest while they have nothing to do (server.warmup).
+    later = {lane: b.supervisor for lane, b in enumerate(m.others, start=1)}  # m.backends' order
+    admission.watchers.append(warmup.Yield(admission, later))
     return admission
 
 

@@ -199,8 +199,11 @@ class EngineClient:
 
     async def token_count(self, query: dict[str, Any]) -> tuple[int, int] | None:
         """(tokens, the model's context) from the engine's tokenizer; None if it cannot say."""
-        with contextlib.suppress(
-            aiohttp.ClientError, TimeoutError, ValueError, KeyError, EngineUnavailableError
+        with (
+            self.supervisor.awake(),  # the request's slot may be gone: a resting engine wakes
+            contextlib.suppress(
+                aiohttp.ClientError, TimeoutError, ValueError, KeyError, EngineUnavailableError
+            ),
         ):
             async with self.link().pool.post(
                 EngineLink.url("/tokenize"),
@@ -231,9 +234,10 @@ class EngineClient:
 
     async def _post_json(self, path: str, payload: dict[str, Any]) -> Any:
         """A small request of the front's own; the engine's 4xx become the client's error."""
-        resp = await self.post(path, self.encode(path, dict(payload)), "count")
-        async with resp:
-            data = await resp.read()
+        with self.supervisor.awake():  # outside any request's slot: a resting engine wakes
+            resp = await self.post(path, self.encode(path, dict(payload)), "count")
+            async with resp:
+                data = await resp.read()
         if resp.status >= 400:
             err = from_engine(resp.status, data)["error"]
             if resp.status >= 500:
