@@ -14,6 +14,7 @@ import ipaddress
 import os
 import stat
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -92,9 +93,30 @@ def test_another_user_cannot_connect_to_the_engine(server: Served) -> None:
         assert done.returncode != 0 and "PermissionError" in done.stderr, done.stderr
 
 
+def _continue_resting_engines(server: Served) -> None:
+    """A later engine of a combined profile rests stopped (SIGSTOP) once it has had nothing to
+    do for a second, and the front continues it for its own requests; this test talks to the
+    engine past the front, so once it rests it continues it itself (the front, which thinks it
+    stopped, rests it again only after its next request to it)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        ready = httpx.get(server.url + "/v1/health/ready", timeout=5).json()
+        engines = ready["models"][MODEL].get("engines", [])
+        if all(e.get("parked", True) for e in engines):
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError(f"a later engine did not rest within 30 s: {engines}")
+    for proc in psutil.Process(server.proc.pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if proc.status() == psutil.STATUS_STOPPED:
+                proc.resume()
+
+
 def test_the_engine_refuses_requests_without_the_key(server: Served) -> None:
     completion = {"model": MODEL, "prompt": "Hi", "max_tokens": 4}
     sockets = engine_sockets(server)
+    _continue_resting_engines(server)
     # Each engine start has its own key: another engine's opens nothing (with several).
     keys = {key for _, key in sockets.values()}
     assert len(keys) == len(sockets)
