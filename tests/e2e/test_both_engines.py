@@ -36,6 +36,18 @@ from tests.e2e.conftest import (
 )
 
 BOTH = "cpu-both"
+# A function tool; with `tool_choice: required` only vLLM honours it here.
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+        },
+    },
+}
 
 
 @dataclass
@@ -230,17 +242,7 @@ def test_a_tool_choice_only_vllm_honours_goes_to_vllm(
 ) -> None:
     served, _ = both
     before = _requests(served)
-    weather: Any = {
-        "type": "function",
-        "function": {
-            "name": "get_weather",
-            "parameters": {
-                "type": "object",
-                "properties": {"city": {"type": "string"}},
-                "required": ["city"],
-            },
-        },
-    }
+    weather: Any = WEATHER_TOOL
     answer = _chat(served).chat.completions.create(
         model=MODEL,
         messages=[{"role": "user", "content": "What is the weather in Paris?"}],

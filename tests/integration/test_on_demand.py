@@ -23,28 +23,45 @@ import pytest
 from inferd.catalog import Catalog
 from inferd.server.app import create_app
 from inferd.server.keys import KeyRing
+from inferd.server.routing import Router, Table
 from inferd.server.runtime import DrainingServer, make_server
-from inferd.server.served import ServedModel
-from inferd.server.supervisor import Supervisor
+from inferd.server.served import Backend, ServedModel
+from inferd.server.supervisor import State, Supervisor
 from tests.integration.conftest import MODEL, RecordedEngine, settings
 
 pytestmark = pytest.mark.integration
 OTHER = "smollm2-copy"
 
 
-def _served(tmp_path: Path, name: str) -> ServedModel:
+def _served(tmp_path: Path, name: str, *, both: bool = False) -> ServedModel:
     entry = Catalog.load().get(MODEL).model_copy(update={"id": name})
     profile = entry.profile("vllm-cpu-bf16")
     assert profile is not None
-    # Half a second to listen: a load the requests can be seen waiting for.
-    engine = RecordedEngine(name, tmp_path, profile, ["--ready-after", "0.5"], tmp_path)
-    supervisor = Supervisor(engine, ready_timeout_s=20, backoff_s=(0.2,))
-    return ServedModel(entry, profile, supervisor, "Apache License 2.0 (text)", {"source": {}})
+
+    def supervisor(nice: int = 0) -> Supervisor:
+        # Half a second to listen: a load the requests can be seen waiting for.
+        engine = RecordedEngine(name, tmp_path, profile, ["--ready-after", "0.5"], tmp_path)
+        return Supervisor(engine, ready_timeout_s=20, backoff_s=(0.2,), nice=nice)
+
+    if not both:
+        return ServedModel(entry, profile, supervisor(), "Apache License 2.0 (text)", {})
+    # Two engines behind the model, the second started behind the first (as cpu-both's vLLM).
+    speed = Table({128: 100.0}, {1: 10.0, 4: 20.0})
+    return ServedModel(
+        entry,
+        profile,
+        supervisor(),
+        "Apache License 2.0 (text)",
+        {},
+        others=(Backend(profile, supervisor(nice=10)),),
+        combined="cpu-both",
+        router=Router([speed, speed]),
+    )
 
 
 class Service:
-    def __init__(self, tmp_path: Path) -> None:
-        self.models = {n: _served(tmp_path, n) for n in (MODEL, OTHER)}
+    def __init__(self, tmp_path: Path, *, both: bool = False) -> None:
+        self.models = {n: _served(tmp_path, n, both=both and n == MODEL) for n in (MODEL, OTHER)}
         config = settings(tmp_path, max_loaded=1, load_timeout_s=20)
         app = create_app(list(self.models.values()), config, KeyRing(config.api_keys_file))
         self.server: DrainingServer = make_server(app, config)
@@ -123,3 +140,27 @@ def test_concurrent_requests_for_two_models_one_loaded(service: Service) -> None
     last = service.engine(OTHER if service.states()[OTHER] == "loaded" else MODEL)
     service.stop()
     assert _gone(last)  # the shutdown stops what is loaded
+
+
+def test_both_engines_of_a_model_load_together_and_are_evicted_together(tmp_path: Path) -> None:
+    service = Service(tmp_path, both=True)
+    try:
+        model = service.models[MODEL]
+        later = model.others[0].supervisor
+        for load in (1, 2):
+            r = service.chat(MODEL)  # loaded once its first engine answers
+            assert r.status_code == 200, r.text
+            deadline = time.monotonic() + 20
+            while later.state is not State.READY and time.monotonic() < deadline:
+                time.sleep(0.05)  # the second engine starts behind it
+            assert later.state is State.READY, later.describe()
+            engines = [service.engine(MODEL), psutil.Process(later.pid)]
+            assert service.chat(MODEL).status_code == 200
+
+            r = service.chat(OTHER)  # room for one: both engines of the first are stopped
+            assert r.status_code == 200, r.text
+            assert service.states() == {MODEL: "unloaded", OTHER: "loaded"}
+            assert all(_gone(e) for e in engines), f"load {load}: an engine outlived its unload"
+            assert later.describe()["state"] == State.STOPPED.value
+    finally:
+        service.stop()

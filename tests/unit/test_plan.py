@@ -137,11 +137,11 @@ def test_a_combined_profile_runs_by_name_with_each_engines_profile(tmp_path: Pat
     plan = resolve(_settings(tmp_path, profile="cpu-both"), entry=CHAT)
     assert plan.profile_id == "cpu-both" and plan.combined is not None
     assert [p.profile.id for p in plan.engines_run] == ["llamacpp-cpu-q8_0", "vllm-cpu-bf16"]
-    # Adapters run on both engines; models on demand need one engine per model.
+    # Adapters run on both engines, and models on demand load both.
     adapters = resolve(_settings(tmp_path, profile="cpu-both", lora_path=str(tmp_path)), entry=CHAT)
     assert adapters.profile_id == "cpu-both"
-    with pytest.raises(UsageError, match="does not load models on demand"):
-        resolve(_settings(tmp_path, profile="cpu-both", max_loaded="1"), entry=CHAT)
+    on_demand = resolve(_settings(tmp_path, profile="cpu-both", max_loaded="1"), entry=CHAT)
+    assert on_demand.profile_id == "cpu-both" and len(on_demand.engines_run) == 2
 
 
 def test_the_default_runs_a_combined_profile_only_where_the_catalog_says(tmp_path: Path) -> None:
@@ -152,7 +152,7 @@ def test_the_default_runs_a_combined_profile_only_where_the_catalog_says(tmp_pat
     )
     plan = resolve(_settings(tmp_path), entry=marked)
     assert plan.profile_id == "cpu-both" and "both engines behind one model" in plan.why
-    # A goal pins one engine; models on demand need one engine per model.
+    # A goal pins one engine; models on demand load both.
     assert resolve(_settings(tmp_path, optimize="latency"), entry=marked).combined is None
-    assert resolve(_settings(tmp_path, max_loaded="1"), entry=marked).combined is None
+    assert resolve(_settings(tmp_path, max_loaded="1"), entry=marked).combined is not None
     assert resolve(_settings(tmp_path, lora_path=str(tmp_path)), entry=marked).combined is not None

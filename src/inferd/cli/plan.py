@@ -191,7 +191,7 @@ def resolve(
     pick = _pick(entry, hw, figures)
     combo = entry.combination(wanted)
     if combo is not None:
-        parts = _combined_parts(settings, entry, combo, found, pick)
+        parts = combined.parts(combo, found, pick)
         why = f"--profile {wanted} asked for it: {combined.describe(combo, parts)}"
         return Plan(entry, hw, parts[0], store, why, note, combo, tuple(parts))
     chosen = profiles.select(
@@ -201,7 +201,7 @@ def resolve(
         why = f"--profile {wanted} asked for it"
     else:
         why = profiles.explain(chosen, found, optimize, figures, model=entry.id)
-        default = _default_combination(settings, entry, chosen, found, optimize, pick)
+        default = _default_combination(entry, chosen, found, optimize, pick)
         if default is not None:
             combo, parts = default
             why = (
@@ -225,24 +225,7 @@ def _pick(
     return pick
 
 
-def _combined_parts(
-    settings: Settings,
-    entry: ModelEntry,
-    combo: Combined,
-    found: list[Candidate],
-    pick: combined.Pick,
-) -> list[Candidate]:
-    """The profiles of a combined profile asked for by name; refused where it cannot run."""
-    if settings.on_demand:
-        raise UsageError(
-            f"profile {combo.id} runs several engines behind one model and does not load "
-            f"models on demand yet; name a single-engine profile (`inferd profiles {entry.id}`)"
-        )
-    return combined.parts(combo, found, pick)
-
-
 def _default_combination(
-    settings: Settings,
     entry: ModelEntry,
     chosen: Candidate,
     found: list[Candidate],
@@ -251,9 +234,8 @@ def _default_combination(
 ) -> tuple[Combined, list[Candidate]] | None:
     """The combined profile the default runs instead of `chosen`, if any: one marked `default`
     in the catalog, with no --optimize, on the device the single best profile runs on, where
-    every engine of it can run here and all fit together, and with nothing asked that it does
-    not serve (models on demand)."""
-    if optimize is not None or settings.on_demand:
+    every engine of it can run here and all fit together."""
+    if optimize is not None:
         return None
     for combo in entry.combined:
         if not combo.default or combo.device != chosen.profile.requires.device:

@@ -101,7 +101,8 @@ def create_app(
             for m in table:
                 if not m.supervisor.started:  # `inferd serve` starts them first (server.boot)
                     m.supervisor.start()
-        joining = [asyncio.create_task(_join(m)) for m in table if m.others]
+        # On demand, the pool starts a model's later engines with each load.
+        joining = [asyncio.create_task(m.join()) for m in table if m.others and pool is None]
         training = None
         if jailbreak_training is not None and guards.jailbreak_model is not None:
             training = asyncio.create_task(_prepare_jailbreak(jailbreak_training))
@@ -204,27 +205,6 @@ def _admission(m: ServedModel, settings: Settings, metrics: Metrics) -> Admissio
 
 def _usable(supervisor: Supervisor) -> bool:
     return supervisor.state is State.READY
-
-
-async def _join(m: ServedModel) -> None:
-    """Start a combined profile's other engines once its first answers (or has failed), each
-    after its model's check (`Backend.check`): they start at a lower CPU priority
-    (`Supervisor.nice`) and take requests when ready."""
-    first = asyncio.ensure_future(m.supervisor.ready.wait())
-    failed = asyncio.ensure_future(m.supervisor.failed.wait())
-    try:
-        await asyncio.wait({first, failed}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        first.cancel()
-        failed.cancel()
-    for b in m.others:
-        if b.check is not None:
-            try:
-                await asyncio.to_thread(b.check)
-            except Exception as exc:  # this engine fails; the first goes on serving
-                b.supervisor.fail(f"its model could not be prepared: {exc}")
-                continue
-        b.supervisor.start()
 
 
 def _pool(

@@ -11,6 +11,8 @@ estimate saying the next one does not fit beside them) stops the least recently 
 request holds and nobody pinned; if every loaded model is in use it waits until one is free: a
 request is never cut to make room. A model no request has held for `idle_unload_s` is stopped.
 Pinned models (`keep_loaded`, and those the guardrails call) load at start and stay.
+A model with a combined profile is loaded once its first engine answers; its later engines start
+behind it as they do at the service's start (`ServedModel.join`), and an unload stops them all.
 
 Neighbours: `supervisor.Supervisor` starts and stops the engine process (its whole process
 group); `served.ServedModel` holds the pool and takes the lease; `management` shows each model's
@@ -72,6 +74,7 @@ class Resident:
         self.load_seconds: float | None = None  # how long the last load took
         self.load_began: float | None = None  # when the load under way began (monotonic)
         self.task: asyncio.Task[None] | None = None  # the load under way
+        self.joining: asyncio.Task[None] | None = None  # a combined profile's later engines
         self.engine_started = False  # its engine is running or starting (takes room)
 
     @property
@@ -159,7 +162,9 @@ class ModelPool:
     async def shutdown(self) -> None:
         """Stop the idle watch and the loads under way (their engines stop with the app)."""
         self._closed = self._closed or "the service is shutting down"
-        tasks = [t for t in (self._idle_task, *(r.task for r in self._residents.values())) if t]
+        tasks = [t for r in self._residents.values() for t in (r.task, r.joining) if t]
+        if self._idle_task is not None:
+            tasks.append(self._idle_task)
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -255,6 +260,10 @@ class ModelPool:
         finally:
             self._changed()
         if ready:
+            if r.model.others:  # its later engines start behind the first, as at a service start
+                r.joining = asyncio.create_task(
+                    r.model.join(), name=f"join {r.id}", context=contextvars.Context()
+                )
             r.load_seconds = time.monotonic() - begun
             r.state, r.last_used, r.error = LoadState.LOADED, time.monotonic(), None
             self.metrics.model_loads.labels(r.id).inc()
@@ -264,7 +273,7 @@ class ModelPool:
         else:
             r.error = sup.last_error or "the engine failed to start"
             log.error("%s could not be loaded: %s", r.id, r.error)
-            await sup.stop()  # the failed engine's process group, cleared
+            await self._stop_engines(r)  # the failed engine's process group, cleared
             r.failures += 1
             r.state, r.engine_started = LoadState.UNLOADED, False
             self.metrics.model_load_failures.labels(r.id).inc()
@@ -314,13 +323,24 @@ class ModelPool:
         r.state = LoadState.UNLOADING
         self._changed()
         try:
-            await r.model.supervisor.stop()
+            await self._stop_engines(r)
         finally:
             r.state, r.engine_started = LoadState.UNLOADED, False
             self.metrics.model_unloads.labels(r.id, reason).inc()
             self.metrics.model_loaded.labels(r.id).set(0)
             self._changed()
         log.info("%s unloaded (%s)", r.id, reason)
+
+    @staticmethod
+    async def _stop_engines(r: Resident) -> None:
+        """Stop every engine of `r`'s model (with a combined profile, the later ones too, and
+        their start if it has not happened yet)."""
+        joining, r.joining = r.joining, None
+        if joining is not None:
+            joining.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await joining
+        await asyncio.gather(*(b.supervisor.stop() for b in r.model.backends))
 
     async def _watch_idle(self) -> None:
         idle = self.policy.idle_unload_s

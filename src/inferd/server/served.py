@@ -10,6 +10,7 @@ supervisor also as `profile` and `supervisor`); its slot says which engine the r
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -82,6 +83,27 @@ class ServedModel:
     def on_demand(self) -> bool:
         """Loaded on a request (not pinned): its readiness is checked once it is held loaded."""
         return self.pool is not None and not self.pool.pinned(self.id)
+
+    async def join(self) -> None:
+        """Start a combined profile's other engines once its first answers (or has failed),
+        each after its model's check (`Backend.check`): they start at a lower CPU priority
+        (`Supervisor.nice`) and take requests when ready. Run at the service's start
+        (`create_app`), or at each load of the model on demand (`server.loading`)."""
+        first = asyncio.ensure_future(self.supervisor.ready.wait())
+        failed = asyncio.ensure_future(self.supervisor.failed.wait())
+        try:
+            await asyncio.wait({first, failed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            first.cancel()
+            failed.cancel()
+        for b in self.others:
+            if b.check is not None:
+                try:
+                    await asyncio.to_thread(b.check)
+                except Exception as exc:  # this engine fails; the first goes on serving
+                    b.supervisor.fail(f"its model could not be prepared: {exc}")
+                    continue
+            b.supervisor.start()
 
     def require_ready(self) -> None:
         """503 + Retry-After unless the engine answers; a model on demand passes here and is
