@@ -4,8 +4,9 @@
    to its first token (the request waits for the engine to start and load the model), beside the
    same request once the model is loaded (warm). llama.cpp: the three models of
    tests/e2e/test_on_demand.py under `--max-loaded 1`, each made cold again by loading another
-   (`--cold-runs` times each). vLLM (part `vllm`): SmolLM2 on its CPU profile, the service's
-   first request (one run: vLLM takes minutes to start here).
+   (`--cold-runs` times each). vLLM (part `vllm`) and both engines behind the model (part
+   `both`, `cpu-both`: answered by llama.cpp, vLLM joining behind it): SmolLM2, the first
+   request of a fresh service, `--cold-runs` times, with how long every engine took to answer.
 2. *Swap churn*: the three models on llama.cpp, one loaded at a time, `--requests` completions
    (8 tokens) in random order from `--users` concurrent clients: completed, refused (503 +
    Retry-After), loads and unloads, and latency p50/p95 of the completed ones (a request that
@@ -15,7 +16,7 @@ Each part runs its own `inferd serve` (the e2e helpers' start, the shared test c
 afterwards. Printed as tables, and written as JSON (`--out`).
 
 Usage: python benchmarks/on_demand.py [--cold-runs 3] [--requests 200] [--users 8]
-       [--parts cold,vllm,churn] [--out benchmarks/runs/on_demand.json]
+       [--parts cold,vllm,both,churn] [--out benchmarks/runs/on_demand.json]
 """
 
 from __future__ import annotations
@@ -81,25 +82,35 @@ def cold_llamacpp(tmp: Path, runs: int) -> dict[str, Any]:
         served.stop()
 
 
-def cold_vllm(tmp: Path) -> dict[str, Any]:
-    tmp.mkdir(parents=True, exist_ok=True)
-    served = start(
-        tmp,
-        SMOL,
-        "--profile",
-        "vllm-cpu-bf16",
-        "--idle-unload-s",
-        "3600",
-        "--load-timeout-s",
-        "600",
-    )
-    try:
-        served.wait_ready()
-        cold = first_token_s(served, SMOL)
-        warm = first_token_s(served, SMOL)
-        return {SMOL: {"cold_s": [cold], "warm_s": [warm]}}
-    finally:
-        served.stop()
+def engines_ready(served: Served, model: str) -> bool:
+    """Whether every engine behind `model` answers (both, for a combined profile)."""
+    ready = httpx.get(served.url + "/v1/health/ready", timeout=10).json()["models"][model]
+    engines = ready.get("engines") or [ready]
+    return all(e.get("state") == "ready" for e in engines)
+
+
+def cold_profile(tmp: Path, profile: str, runs: int) -> dict[str, Any]:
+    """SmolLM2 on `profile` on demand, the service's first request, `runs` times (a fresh
+    service each: vLLM takes a minute or more to start here). For a combined profile, also how
+    long after that request its later engine joined."""
+    cold, warm, joined = [], [], []
+    for run in range(runs):
+        folder = tmp / f"{profile}-{run}"
+        folder.mkdir(parents=True, exist_ok=True)
+        args = ("--profile", profile, "--idle-unload-s", "3600", "--load-timeout-s", "600")
+        served = start(folder, SMOL, *args)
+        try:
+            served.wait_ready()
+            began = time.perf_counter()
+            cold.append(first_token_s(served, SMOL))
+            warm.append(first_token_s(served, SMOL))
+            deadline = began + 900
+            while not engines_ready(served, SMOL) and time.perf_counter() < deadline:
+                time.sleep(0.5)
+            joined.append(time.perf_counter() - began)
+        finally:
+            served.stop()
+    return {SMOL: {"cold_s": cold, "warm_s": warm, "all_engines_s": joined}}
 
 
 def churn(tmp: Path, requests: int, users: int) -> dict[str, Any]:
@@ -150,7 +161,8 @@ def main() -> None:
     parser.add_argument(
         "--parts",
         default="cold,churn",
-        help="comma-separated: cold (llama.cpp), vllm (vLLM's cold start: minutes), churn",
+        help="comma-separated: cold (llama.cpp), vllm (vLLM's cold start: minutes), both "
+        "(cpu-both's), churn",
     )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -159,8 +171,9 @@ def main() -> None:
     results: dict[str, Any] = {"cold": {}}
     if "cold" in parts:
         results["cold"]["llamacpp"] = cold_llamacpp(tmp / "cold", args.cold_runs)
-    if "vllm" in parts:
-        results["cold"]["vllm"] = cold_vllm(tmp / "vllm")
+    for part, profile in (("vllm", "vllm-cpu-bf16"), ("both", "cpu-both")):
+        if part in parts:
+            results["cold"][profile] = cold_profile(tmp / part, profile, args.cold_runs)
     if "churn" in parts:
         results["churn"] = churn(tmp / "churn", args.requests, args.users)
     report(results)
@@ -171,13 +184,14 @@ def main() -> None:
 
 def report(results: dict[str, Any]) -> None:
     """The results as the tables of benchmarks/RESULTS.md."""
-    print("| engine | model | cold first token, median (s) | warm (s) | runs |")
+    print("| engine | model | cold first token (s), runs | warm (s) | every engine (s) |")
     print("|---|---|---|---|---|")
     for engine, models in results["cold"].items():
         for model, r in models.items():
+            every = ", ".join(f"{s:.1f}" for s in r.get("all_engines_s", [])) or "-"
             print(
-                f"| {engine} | {model} | {statistics.median(r['cold_s']):.2f} | "
-                f"{statistics.median(r['warm_s']):.3f} | {len(r['cold_s'])} |"
+                f"| {engine} | {model} | {', '.join(f'{s:.2f}' for s in r['cold_s'])} | "
+                f"{statistics.median(r['warm_s']):.3f} | {every} |"
             )
     c = results.get("churn")
     if c is None:
