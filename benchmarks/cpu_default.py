@@ -18,9 +18,11 @@ Per setup and round, in this order:
    compiling behind llama.cpp), one user's rate right away ("during"), then, once every engine
    is ready, the same load again ("steady"); the engine states at each end are recorded, so a
    "during" run that outlived the warm-up shows as such;
-3. vLLM's serving benchmark (inferd.bench.runner: 128 in / 128 out, ignore_eos) at each
-   `--concurrency`; 503s count as `failed` in its result; each level draws its own prompts (a
-   seed per level) so no engine answers from a prompt cached by an earlier level;
+3. vLLM's serving benchmark (inferd.bench.runner: 128 in / 128 out unless `--input-len` /
+   `--output-len` say otherwise, ignore_eos) at each `--concurrency`; 503s count as `failed` in
+   its result; each level draws its own prompts (a seed per level) so no engine answers from a
+   prompt cached by an earlier level; on inferd, how many requests each engine took
+   (`inferd_engine_requests_total`, the load generator's warm-up request included);
 4. default only, the step load: 1 user for `--step-seconds`, then 16, then 1, run back to back by
    one load-generator process (this script's `--phases` mode: vLLM's benchmark imported once, so
    no start-up gap between phases); prompts per phase from the rates measured in step 3, so a
@@ -47,6 +49,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -71,7 +74,6 @@ from serve_overhead import MODEL, free_port, stop, wait_http
 HERE = Path(__file__).resolve().parent
 INFERD = str(Path(sys.executable).with_name("inferd"))
 PROFILES = ("llamacpp-cpu-q4_1", "llamacpp-cpu-q8_0", "vllm-cpu-bf16")
-IN_LEN = OUT_LEN = 128
 STEP_USERS = (1, 16, 1)
 
 
@@ -172,38 +174,71 @@ def memory(pid: int, inferd: bool) -> dict[str, list[float]]:
 # ---------------------------------------------------------------------- load
 
 
-def spec(url: str, setup: Setup, tokenizer: Path, prompts: int, seed: int) -> BenchSpec:
+@dataclass(frozen=True)
+class Lengths:
+    """Each request's prompt and output tokens (`--input-len`, `--output-len`)."""
+
+    prompt: int = 128
+    output: int = 128
+
+
+def spec(
+    url: str, setup: Setup, tokenizer: Path, prompts: int, seed: int, lengths: Lengths
+) -> BenchSpec:
     return BenchSpec(
         url=url,
         model=setup.served,
         tokenizer=str(tokenizer),
-        input_len=IN_LEN,
-        output_len=OUT_LEN,
+        input_len=lengths.prompt,
+        output_len=lengths.output,
         prompts_per_level=prompts,
         seed=seed,
         label=setup.name,
     )
 
 
+def engine_requests(url: str) -> dict[str, float]:
+    """inferd's requests per engine so far (`inferd_engine_requests_total`); {} elsewhere."""
+    with contextlib.suppress(httpx.HTTPError):
+        text = httpx.get(url + "/v1/metrics", timeout=5).text
+        return {
+            engine: float(value)
+            for engine, value in re.findall(
+                r'^inferd_engine_requests_total\{[^}]*engine="([^"]+)"[^}]*\} (\S+)$', text, re.M
+            )
+        }
+    return {}
+
+
 def level(
-    url: str, setup: Setup, tokenizer: Path, c: int, prompts: int, seed: int
+    url: str, setup: Setup, tokenizer: Path, c: int, prompts: int, seed: int, lengths: Lengths
 ) -> dict[str, Any]:
     began = time.monotonic()
+    before = engine_requests(url) if setup.inferd else {}
     try:
-        result = run_level(spec(url, setup, tokenizer, prompts, seed), {"concurrency": c})
+        result = run_level(spec(url, setup, tokenizer, prompts, seed, lengths), {"concurrency": c})
     except InferdError as exc:  # recorded, and the run goes on with the next measurement
         log(f"  {setup.name} c={c}: {exc}")
         return {"concurrency": c, "error": str(exc)}
+    if setup.inferd:  # which engine took the level's requests (the load generator's warm-up too)
+        after = engine_requests(url)
+        result["engine_requests"] = {e: n - before.get(e, 0.0) for e, n in after.items()}
     log(
         f"  {setup.name} c={c}: {result.get('output_throughput', 0):.1f} tok/s, TTFT p50 "
-        f"{result.get('median_ttft_ms', 0):.0f} ms, failed {result.get('failed')} "
-        f"({time.monotonic() - began:.0f} s)"
+        f"{result.get('median_ttft_ms', 0):.0f} ms, failed {result.get('failed')}, engines "
+        f"{result.get('engine_requests', '-')} ({time.monotonic() - began:.0f} s)"
     )
     return result
 
 
 def warmup(
-    url: str, setup: Setup, tokenizer: Path, prompts: int, seed: int, timeout: float
+    url: str,
+    setup: Setup,
+    tokenizer: Path,
+    prompts: int,
+    seed: int,
+    timeout: float,
+    lengths: Lengths,
 ) -> dict[str, Any]:
     """One user's rate while some engine is still starting, then once all are ready."""
     before = engine_states(url)
@@ -211,7 +246,7 @@ def warmup(
     if all(e["state"] == "ready" for e in before):
         out["note"] = "every engine ready with the service: nothing warming"
         return out
-    out["during"] = level(url, setup, tokenizer, 1, prompts, seed)
+    out["during"] = level(url, setup, tokenizer, 1, prompts, seed, lengths)
     out["states_after_during"] = engine_states(url)
     deadline = time.monotonic() + timeout
     while not all(e["state"] == "ready" for e in engine_states(url)):
@@ -220,7 +255,7 @@ def warmup(
             return out
         time.sleep(1)
     # Prompts of their own: the "during" ones are in the engines' prompt caches by now.
-    out["steady"] = level(url, setup, tokenizer, 1, prompts, seed + 1)
+    out["steady"] = level(url, setup, tokenizer, 1, prompts, seed + 1, lengths)
     return out
 
 
@@ -231,13 +266,15 @@ def step_load(
     seconds: float,
     rates: dict[int, float],
     seed: int,
+    lengths: Lengths,
 ) -> list[dict[str, Any]]:
     """1 user, 16, then 1, back to back in one load-generator process (`--phases`)."""
     argvs = []
     for i, users in enumerate(STEP_USERS):
         rate = rates.get(users) or (60.0 if users == 1 else 200.0)  # tok/s, if not measured
-        prompts = max(users, math.ceil(seconds * rate / OUT_LEN))
-        argv = _argv(spec(url, setup, tokenizer, prompts, seed + i), {"concurrency": users})
+        prompts = max(users, math.ceil(seconds * rate / lengths.output))
+        the_spec = spec(url, setup, tokenizer, prompts, seed + i, lengths)
+        argv = _argv(the_spec, {"concurrency": users})
         argv = argv[argv.index("--backend") :]  # the load generator's own arguments
         argv[argv.index("--num-warmups") + 1] = "1" if i == 0 else "0"  # no gap between phases
         argvs.append(argv)
@@ -290,6 +327,7 @@ def run_setup(
         setup.argv(port), env=env, start_new_session=True, stdout=logfile, stderr=subprocess.STDOUT
     )
     row: dict[str, Any] = {"setup": setup.name, "round": rnd}
+    lengths = Lengths(args.input_len, args.output_len)
     try:
         wait_http(url + setup.health, proc, timeout=args.ready_timeout)
         row["ready_s"] = round(time.monotonic() - began, 2)
@@ -300,17 +338,19 @@ def run_setup(
         seed = 1000 * rnd
         if setup.default:
             row["warmup"] = warmup(
-                url, setup, tokenizer, args.warm_prompts, seed + 900, args.ready_timeout
+                url, setup, tokenizer, args.warm_prompts, seed + 900, args.ready_timeout, lengths
             )
             engines = engine_states(url)
             row["engines"] = engines
         row["levels"] = {}
         for c in args.levels:
             prompts = args.prompts or max(8, 4 * c)
-            row["levels"][c] = level(url, setup, tokenizer, c, prompts, seed + c)
+            row["levels"][c] = level(url, setup, tokenizer, c, prompts, seed + c, lengths)
         if setup.default and args.step_seconds > 0:
             rates = {c: r.get("output_throughput") or 0.0 for c, r in row["levels"].items()}
-            row["step"] = step_load(url, setup, tokenizer, args.step_seconds, rates, seed + 500)
+            row["step"] = step_load(
+                url, setup, tokenizer, args.step_seconds, rates, seed + 500, lengths
+            )
         row["rss_mb"] = memory(proc.pid, setup.inferd)
         log(f"  {setup.name} memory (RSS MiB): {row['rss_mb']}")
     finally:
@@ -332,14 +372,24 @@ def _stats(values: list[Any], fmt: str = "{:.1f}") -> str:
     return f"{med} ({fmt.format(min(values))}-{fmt.format(max(values))})"
 
 
+def _shares(levels: list[dict[str, Any]]) -> str:
+    """Requests per engine, summed over rounds (inferd's own count; "-" for plain vLLM)."""
+    total: dict[str, float] = {}
+    for got in levels:
+        for engine, n in (got.get("engine_requests") or {}).items():
+            total[engine] = total.get(engine, 0.0) + n
+    return ", ".join(f"{e} {n:g}" for e, n in total.items()) or "-"
+
+
 def summarize(rows: list[dict[str, Any]], levels: list[int]) -> str:
     names = list(dict.fromkeys(r["setup"] for r in rows))
     by = {n: [r for r in rows if r["setup"] == n and "levels" in r] for n in names}
     out = [
         "Median over rounds, (min-max) beside it; `failed` summed over rounds.",
         "",
-        "| setup | profile | concurrency | output tok/s | TTFT p50 ms | ITL p50 ms | failed |",
-        "|---|---|---|---|---|---|---|",
+        "| setup | profile | concurrency | output tok/s | TTFT p50 ms | ITL p50 ms | failed "
+        "| requests per engine |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for c in levels:
         for n in names:
@@ -351,7 +401,7 @@ def summarize(rows: list[dict[str, Any]], levels: list[int]) -> str:
                 f"| {n} | {profile} | {c} | {_stats([g.get('output_throughput') for g in got])} | "
                 f"{_stats([g.get('median_ttft_ms') for g in got], '{:.0f}')} | "
                 f"{_stats([g.get('median_itl_ms') for g in got])} | "
-                f"{sum(int(g.get('failed') or 0) for g in got)} |"
+                f"{sum(int(g.get('failed') or 0) for g in got)} | {_shares(got)} |"
             )
     out += ["", "| setup | ready s | RSS MiB per engine tree (median) |", "|---|---|---|"]
     for n in names:
@@ -419,6 +469,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--setups", default="default,q4_1,q8_0,vllm,vllm-plain")
     parser.add_argument("--concurrency", default="1,4,8,16")
     parser.add_argument("--prompts", type=int, default=0, help="per level (default 4 x c, >= 8)")
+    parser.add_argument("--input-len", type=int, default=128, help="prompt tokens per request")
+    parser.add_argument("--output-len", type=int, default=128, help="output tokens per request")
     parser.add_argument("--warm-prompts", type=int, default=8, help="per warm-up measurement")
     parser.add_argument("--step-seconds", type=float, default=30, help="per step phase; 0: none")
     parser.add_argument("--ready-timeout", type=float, default=900)
