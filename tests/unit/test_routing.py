@@ -40,15 +40,15 @@ def test_one_user_goes_to_the_fastest_single_stream() -> None:
 
 def test_a_few_users_stay_on_llamacpp() -> None:
     router = Router([LLAMA, VLLM])
-    # Rates at 2 and 3 requests: llama.cpp 0.121 and 0.138 tokens/ms, vLLM 0.101 and 0.150
-    # (not 1.25 times better): they join llama.cpp.
+    # Rates at 2 and 3 requests of 128 in / 128 out: llama.cpp 0.106 and 0.118 tokens/ms,
+    # vLLM 0.096 and 0.140 (not 1.25 times better): they join llama.cpp.
     for running in (1, 2):
         assert router.choose(_lanes(llama=running), [0, 1], Want(None, 128, 128), running + 1) == 0
 
 
 def test_four_users_end_llamacpps_turn_and_wait_for_its_drain() -> None:
     router = Router([LLAMA, VLLM])
-    # At four, vLLM's 0.200 beats 1.25 x llama.cpp's 0.148: the fourth waits, as do all
+    # At four, vLLM's 0.182 beats 1.25 x llama.cpp's 0.125: the fourth waits, as do all
     # after it, until llama.cpp's three are done; then vLLM takes them all.
     assert router.turn(_lanes(llama=3), [0, 1], Want(None, 128, 128), 4) == 1
     assert router.choose(_lanes(llama=3), [0, 1], Want(None, 128, 128), 4) is None
@@ -59,10 +59,30 @@ def test_four_users_end_llamacpps_turn_and_wait_for_its_drain() -> None:
 def test_a_crowd_stays_on_vllm_until_one_user_is_left() -> None:
     router = Router([LLAMA, VLLM])
     assert router.choose(_lanes(vllm=15), [0, 1], Want(None, 128, 128), 16) == 1
-    # Two left: llama.cpp's 0.121 is not 1.25 x vLLM's 0.101: vLLM keeps its turn.
+    # Two left: llama.cpp's 0.106 is not 1.25 x vLLM's 0.096: vLLM keeps its turn.
     assert router.choose(_lanes(vllm=1), [0, 1], Want(None, 128, 128), 2) == 1
     # One alone: llama.cpp again.
     assert router.choose(_lanes(), [0, 1], Want(None, 128, 128), 1) == 0
+
+
+def test_the_prompts_count_in_an_engines_rate() -> None:
+    # `inferd tune` on another 2-core Zen 4 (2026-12-04), where vLLM's serving benchmark gave
+    # four users of 128 in / 128 out 192 tok/s and llama.cpp 140: the steps alone (22.9 and
+    # 19.9 ms) make vLLM 1.15 times faster, short of the margin; with each newcomer's prompt
+    # holding up the others' steps (147 and 55 ms), 1.27: the fourth user moves to vLLM.
+    llama = Table({32: 44, 128: 147, 512: 611, 1024: 1264}, {1: 6.1, 2: 13.7, 4: 22.9})
+    vllm = Table(
+        {32: 37, 128: 55, 512: 173, 1024: 363},
+        {1: 14.5, 2: 18.0, 4: 19.9, 8: 23.9, 16: 28.0, 32: 31.9},
+    )
+    router = Router([llama, vllm])
+    want = Want(None, 128, 128)
+    assert router.rate(_lanes()[1], 1, 4, want) / router.rate(_lanes()[0], 0, 4, want) > 1.25
+    assert router.turn(_lanes(llama=3), [0, 1], want, 4) == 1
+    # Three users stay: 0.138 against vLLM's 0.148 tokens/ms.
+    assert router.turn(_lanes(llama=2), [0, 1], want, 3) == 0
+    # Short prompts and long answers weigh the steps: four such users stay on llama.cpp.
+    assert router.turn(_lanes(llama=3), [0, 1], Want(None, 8, 1024), 4) == 0
 
 
 def test_a_full_engine_makes_its_requests_wait() -> None:
