@@ -21,8 +21,8 @@ Per setup and round, in this order:
 3. vLLM's serving benchmark (inferd.bench.runner: 128 in / 128 out unless `--input-len` /
    `--output-len` say otherwise, ignore_eos) at each `--concurrency`; 503s count as `failed` in
    its result; each level draws its own prompts (a seed per level) so no engine answers from a
-   prompt cached by an earlier level; on inferd, how many requests each engine took
-   (`inferd_engine_requests_total`, the load generator's warm-up request included);
+   prompt cached by an earlier level; with several engines behind the model, how many requests
+   each took (`inferd_engine_requests_total`, the load generator's warm-up request included);
 4. default only, the step load: 1 user for `--step-seconds`, then 16, then 1, run back to back by
    one load-generator process (this script's `--phases` mode: vLLM's benchmark imported once, so
    no start-up gap between phases); prompts per phase from the rates measured in step 3, so a
@@ -220,8 +220,8 @@ def level(
     except InferdError as exc:  # recorded, and the run goes on with the next measurement
         log(f"  {setup.name} c={c}: {exc}")
         return {"concurrency": c, "error": str(exc)}
-    if setup.inferd:  # which engine took the level's requests (the load generator's warm-up too)
-        after = engine_requests(url)
+    after = engine_requests(url) if setup.inferd else {}
+    if len(after) > 1:  # which engine took the level's requests (the generator's warm-up too)
         result["engine_requests"] = {e: n - before.get(e, 0.0) for e, n in after.items()}
     log(
         f"  {setup.name} c={c}: {result.get('output_throughput', 0):.1f} tok/s, TTFT p50 "
