@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -159,6 +160,12 @@ def main() -> None:
     parser.add_argument("--exit-at-start", action="store_true")
     parser.add_argument("--drop-reused", action="store_true")
     parser.add_argument("--require-key", action="store_true")
+    parser.add_argument(
+        "--loud-at-stop",
+        action="store_true",
+        help="on SIGTERM, print an error and a traceback first, as vLLM's server does when its "
+        "engine core ends before it",
+    )
     args = parser.parse_args()
     where = args.uds or f"{args.host}:{args.port}"
     print(json.dumps({"recorded engine": "starting", "listen": where}), flush=True)
@@ -180,6 +187,19 @@ def main() -> None:
     app.router.add_get("/debug/open-streams", rec.open_count)
 
     async def serve() -> None:
+        if args.loud_at_stop:
+
+            def loud() -> None:
+                # In vLLM's own format ("(APIServer pid=N) ERROR ...").
+                print(
+                    f"(APIServer pid={os.getpid()}) ERROR recorded engine stopped: "
+                    "its core is gone",
+                    file=sys.stderr,
+                )
+                print("Traceback (most recent call last):", file=sys.stderr, flush=True)
+                os._exit(0)
+
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, loud)
         await asyncio.sleep(args.ready_after)
         runner = web.AppRunner(app)
         await runner.setup()

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
+import signal
 import socketserver
 import threading
 import time
@@ -261,3 +263,37 @@ async def test_only_a_later_engine_rests(tmp_path: Path) -> None:
         assert psutil.Process(supervisor.pid).status() != psutil.STATUS_STOPPED
     finally:
         await supervisor.stop()
+
+
+async def test_what_an_engine_prints_while_it_is_stopped_is_no_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="inferd.engine")
+    supervisor = served_model(tmp_path, "--loud-at-stop").supervisor
+    supervisor.start()
+    await asyncio.wait_for(supervisor.ready.wait(), 20)
+    await supervisor.stop()
+    said = [r for r in caplog.records if r.name.startswith("inferd.engine")]
+    loud = [r for r in said if "stopped: its core is gone" in r.getMessage()]
+    assert loud and all(r.levelno == logging.DEBUG for r in loud), [r.levelname for r in loud]
+    assert any("Traceback" in r.getMessage() and r.levelno == logging.DEBUG for r in said)
+    assert any("its core is gone" in line for line in supervisor.tail)
+
+
+async def test_an_engines_error_while_it_runs_is_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="inferd.engine")
+    supervisor = served_model(tmp_path, "--loud-at-stop").supervisor
+    supervisor.start()
+    await asyncio.wait_for(supervisor.ready.wait(), 20)
+    assert supervisor.pid is not None
+    os.kill(supervisor.pid, signal.SIGTERM)  # not inferd's stop: the engine ends on its own
+    deadline = time.monotonic() + 20
+    # The supervisor has no event for a restart: its count, polled.
+    while supervisor.restarts < 1 and time.monotonic() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.05)
+    await supervisor.stop()
+    said = [r for r in caplog.records if r.name.startswith("inferd.engine")]
+    loud = [r for r in said if "stopped: its core is gone" in r.getMessage()]
+    assert loud and loud[0].levelno == logging.WARNING, [r.levelname for r in loud]

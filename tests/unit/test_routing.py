@@ -79,10 +79,30 @@ def test_the_prompts_count_in_an_engines_rate() -> None:
     want = Want(None, 128, 128)
     assert router.rate(_lanes()[1], 1, 4, want) / router.rate(_lanes()[0], 0, 4, want) > 1.25
     assert router.turn(_lanes(llama=3), [0, 1], want, 4) == 1
-    # Three users stay: 0.138 against vLLM's 0.148 tokens/ms.
-    assert router.turn(_lanes(llama=2), [0, 1], want, 3) == 0
+    # Three users stay (a router that has not changed turns): 0.138 against vLLM's 0.148.
+    assert Router([llama, vllm]).turn(_lanes(llama=2), [0, 1], want, 3) == 0
     # Short prompts and long answers weigh the steps: four such users stay on llama.cpp.
-    assert router.turn(_lanes(llama=3), [0, 1], Want(None, 8, 1024), 4) == 0
+    assert Router([llama, vllm]).turn(_lanes(llama=3), [0, 1], Want(None, 8, 1024), 4) == 0
+
+
+def test_a_change_of_turn_holds_while_the_old_engine_drains() -> None:
+    router = Router([LLAMA, VLLM])
+    want = Want(None, 128, 128)
+    # Four users: the fourth ends llama.cpp's turn.
+    assert router.choose(_lanes(llama=3), [0, 1], want, 4) is None
+    # One of llama.cpp's three finishes: the load seen is three (its client has not sent the
+    # next yet), where llama.cpp alone would keep its turn; the change holds.
+    assert router.choose(_lanes(llama=2), [0, 1], want, 3) is None
+    assert router.choose(_lanes(), [0, 1], want, 4) == 1
+    # On vLLM, loads of three and two stay there; one user alone goes back to llama.cpp.
+    assert router.choose(_lanes(vllm=2), [0, 1], want, 3) == 1
+    assert router.choose(_lanes(vllm=1), [0, 1], want, 2) == 1
+    assert router.choose(_lanes(), [0, 1], want, 1) == 0
+
+
+def test_without_the_held_turn_four_users_would_never_move() -> None:
+    # A fresh router that only sees the state after a finish keeps llama.cpp: the load of three.
+    assert Router([LLAMA, VLLM]).choose(_lanes(llama=2), [0, 1], Want(None, 128, 128), 3) == 0
 
 
 def test_a_full_engine_makes_its_requests_wait() -> None:

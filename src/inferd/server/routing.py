@@ -22,9 +22,11 @@ prompts (147 and 55 ms) make it 1.27.
   change of turn) go to the engine with the best rate at that load.
 - While an engine runs requests, newcomers join it, unless another engine's rate at the load is
   more than `SWITCH_MARGIN` times its own: then its turn ends (it takes no more and drains). The
-  margin keeps a load near the crossing from switching back and forth, each switch costing a
-  drain. On the EPYC's figures: one to three users stay on llama.cpp; four and more move to
-  vLLM's batches; back to one, llama.cpp again.
+  turn, once changed, holds until the same test changes it again (not each time the draining
+  engine finishes a request and the load seen drops by one). The margin keeps a load near the
+  crossing from switching back and forth, each switch costing a drain. On a Zen 4's figures:
+  one to three users stay on llama.cpp; four and more move to vLLM's batches; back to one,
+  llama.cpp again.
 - A request only some engines can serve (`tool_choice: required`: vLLM) waits for one of
   them; as nobody overtakes a waiter, the turn passes to its engine once the other drains.
 - A change of turn waits at most `TURN_WAIT_S` for the drain; then the new engine starts
@@ -120,6 +122,11 @@ class Router:
         self.speeds = list(speeds)
         self.spill_wait_s = SPILL_SHARE * queue_timeout_s
         self.turn_wait_s = min(TURN_WAIT_S, self.spill_wait_s)
+        # Whose turn it is while some engine runs requests: kept once decided, so that a change
+        # holds through the drain it waits for (each request the old engine finishes lowers the
+        # load by one until its client sends the next: judged again at that lower load, four
+        # users would go back to the old engine at every finish and never move).
+        self._turn: int | None = None
 
     @property
     def moments(self) -> tuple[float, float]:
@@ -144,15 +151,20 @@ class Router:
     def turn(self, lanes: list[Lane], ready: list[int], want: Want, load: int) -> int:
         """The lane (of `ready`) whose turn it is for `want` at `load`."""
         busy = [i for i, lane in enumerate(lanes) if lane.running > 0]
-        current = next((i for i in busy if i in ready), None)
-        if current is None:
+        if not busy:  # nothing runs: decided afresh
             if load <= 1:  # ties go to the earlier lane (the engine that starts first)
-                return min(ready, key=lambda i: (self.cost(i, want), i))
+                self._turn = min(ready, key=lambda i: (self.cost(i, want), i))
+            else:
+                self._turn = max(ready, key=lambda i: (self.rate(lanes[i], i, load, want), -i))
+            return self._turn
+        current = self._turn if self._turn in ready else next((i for i in busy if i in ready), None)
+        if current is None:  # only an engine that is not ready runs: the best of the others
             return max(ready, key=lambda i: (self.rate(lanes[i], i, load, want), -i))
         best = max(ready, key=lambda i: (self.rate(lanes[i], i, load, want), -i))
         mine = self.rate(lanes[current], current, load, want)
         better = self.rate(lanes[best], best, load, want) > SWITCH_MARGIN * mine
-        return best if better else current
+        self._turn = best if better else current
+        return self._turn
 
     def choose(
         self, lanes: list[Lane], ready: list[int], want: Want, load: int, waited_s: float = 0.0

@@ -267,7 +267,10 @@ class Supervisor:
 
     def _log_line(self, line: str) -> None:
         self.tail.append(line)
-        level = logging.WARNING if any(w in line for w in _LOUD) else logging.DEBUG
+        # What an engine prints while inferd stops it (vLLM's server reports its engine core's
+        # end as an error with a traceback) is the stop, not a fault: kept for debug only.
+        loud = not self._stopping and any(w in line for w in _LOUD)
+        level = logging.WARNING if loud else logging.DEBUG
         self._log.log(level, "%s", line)
 
     async def _wait_ready(self, proc: asyncio.subprocess.Process) -> None:
