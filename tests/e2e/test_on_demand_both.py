@@ -18,10 +18,10 @@ import httpx
 import psutil
 import pytest
 
-from tests.e2e.conftest import EAGER, MODEL, Served, serving
+from tests.e2e.conftest import MODEL, Served
 from tests.e2e.test_both_engines import WEATHER_TOOL
 from tests.e2e.test_on_demand import QWEN, _complete, _states
-from tests.e2e.test_on_demand_vllm import _client, _metric, _tree, _zombie
+from tests.e2e.test_on_demand_vllm import _client, _metric, _tree, _zombie, on_demand_service
 
 pytestmark = pytest.mark.e2e
 
@@ -31,13 +31,8 @@ VLLM_JOIN_S = 600  # vLLM's eager start behind llama.cpp on a shared 2-core mach
 
 @pytest.fixture(scope="module")
 def on_demand(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    args = ("--profile", PROFILES, "--max-loaded", "1", EAGER)
-    with serving(tmp_path_factory.mktemp("both-on-demand"), MODEL, QWEN, *args) as s:
+    with on_demand_service(tmp_path_factory.mktemp("both-on-demand"), PROFILES) as s:
         yield s
-        engines = _tree(s)
-    assert s.proc.returncode == 0, s.log_tail()
-    _, alive = psutil.wait_procs(engines, timeout=10)
-    assert all(_zombie(p) for p in alive), "an engine outlived the service"
 
 
 def _engines(served: Served) -> list[dict[str, object]]:

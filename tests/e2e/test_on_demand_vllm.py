@@ -15,6 +15,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import openai
@@ -35,15 +36,23 @@ LOAD_TIMEOUT_S = 600
 REQUEST_TIMEOUT_S = LOAD_TIMEOUT_S + 60
 
 
-@pytest.fixture(scope="module")
-def on_demand(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    args = ("--profile", PROFILES, "--max-loaded", "1", EAGER)
-    with serving(tmp_path_factory.mktemp("vllm-on-demand"), MODEL, QWEN, *args) as s:
+@contextlib.contextmanager
+def on_demand_service(tmp: Path, profiles: str) -> Iterator[Served]:
+    """`inferd serve SMOL QWEN --profile PROFILES --max-loaded 1`, vLLM uncompiled; once left,
+    the service has exited cleanly and none of its engines outlived it."""
+    args = ("--profile", profiles, "--max-loaded", "1", EAGER)
+    with serving(tmp, MODEL, QWEN, *args) as s:
         yield s
         engines = _tree(s)
     assert s.proc.returncode == 0, s.log_tail()
     _, alive = psutil.wait_procs(engines, timeout=10)
     assert all(_zombie(p) for p in alive), "an engine outlived the service"
+
+
+@pytest.fixture(scope="module")
+def on_demand(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    with on_demand_service(tmp_path_factory.mktemp("vllm-on-demand"), PROFILES) as s:
+        yield s
 
 
 def _tree(served: Served) -> list[psutil.Process]:
