@@ -82,13 +82,6 @@ def cold_llamacpp(tmp: Path, runs: int) -> dict[str, Any]:
         served.stop()
 
 
-def engines_ready(served: Served, model: str) -> bool:
-    """Whether every engine behind `model` answers (both, for a combined profile)."""
-    ready = httpx.get(served.url + "/v1/health/ready", timeout=10).json()["models"][model]
-    engines = ready.get("engines") or [ready]
-    return all(e.get("state") == "ready" for e in engines)
-
-
 def cold_profile(tmp: Path, profile: str, runs: int) -> dict[str, Any]:
     """SmolLM2 on `profile` on demand, the service's first request, `runs` times (a fresh
     service each: vLLM takes a minute or more to start here). For a combined profile, also how
@@ -104,9 +97,7 @@ def cold_profile(tmp: Path, profile: str, runs: int) -> dict[str, Any]:
             began = time.perf_counter()
             cold.append(first_token_s(served, SMOL))
             warm.append(first_token_s(served, SMOL))
-            deadline = began + 900
-            while not engines_ready(served, SMOL) and time.perf_counter() < deadline:
-                time.sleep(0.5)
+            served.wait_all_engines(timeout=900)
             joined.append(time.perf_counter() - began)
         finally:
             served.stop()

@@ -265,13 +265,20 @@ async def test_only_a_later_engine_rests(tmp_path: Path) -> None:
         await supervisor.stop()
 
 
-async def test_what_an_engine_prints_while_it_is_stopped_is_no_warning(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+async def _loud_engine(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> Supervisor:
+    """A ready engine that prints an error and a traceback when it gets SIGTERM, its output
+    captured down to debug."""
     caplog.set_level(logging.DEBUG, logger="inferd.engine")
     supervisor = served_model(tmp_path, "--loud-at-stop").supervisor
     supervisor.start()
     await asyncio.wait_for(supervisor.ready.wait(), 20)
+    return supervisor
+
+
+async def test_what_an_engine_prints_while_it_is_stopped_is_no_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    supervisor = await _loud_engine(tmp_path, caplog)
     await supervisor.stop()
     said = [r for r in caplog.records if r.name.startswith("inferd.engine")]
     loud = [r for r in said if "stopped: its core is gone" in r.getMessage()]
@@ -283,10 +290,7 @@ async def test_what_an_engine_prints_while_it_is_stopped_is_no_warning(
 async def test_an_engines_error_while_it_runs_is_a_warning(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.DEBUG, logger="inferd.engine")
-    supervisor = served_model(tmp_path, "--loud-at-stop").supervisor
-    supervisor.start()
-    await asyncio.wait_for(supervisor.ready.wait(), 20)
+    supervisor = await _loud_engine(tmp_path, caplog)
     assert supervisor.pid is not None
     os.kill(supervisor.pid, signal.SIGTERM)  # not inferd's stop: the engine ends on its own
     deadline = time.monotonic() + 20

@@ -136,17 +136,20 @@ class Router:
     def cost(self, lane: int, want: Want) -> float:
         """The milliseconds `want` takes alone on lane `lane`: its prompt, then its output."""
         speed = self.speeds[lane]
-        output = want.output_tokens or DEFAULT_OUTPUT_TOKENS
-        return speed.prompt_time(want.prompt_tokens) + output * speed.step_time(1)
+        return speed.prompt_time(want.prompt_tokens) + _output(want) * speed.step_time(1)
 
     def rate(self, lane: Lane, index: int, load: int, want: Want) -> float:
         """Tokens per millisecond lane `index` gives `load` requests the size of `want`
         together (as many as it has slots for running), their prompts included."""
         n = max(1, min(load, lane.max_running))
         speed = self.speeds[index]
-        output = want.output_tokens or DEFAULT_OUTPUT_TOKENS
+        output = _output(want)
         took = n * speed.prompt_time(want.prompt_tokens) + output * speed.step_time(n)
         return n * output / took if took > 0 else float("inf")
+
+    def _fastest(self, lanes: list[Lane], among: list[int], load: int, want: Want) -> int:
+        """The lane of `among` with the best rate at `load` (ties to the earlier lane)."""
+        return max(among, key=lambda i: (self.rate(lanes[i], i, load, want), -i))
 
     def turn(self, lanes: list[Lane], ready: list[int], want: Want, load: int) -> int:
         """The lane (of `ready`) whose turn it is for `want` at `load`."""
@@ -155,12 +158,12 @@ class Router:
             if load <= 1:  # ties go to the earlier lane (the engine that starts first)
                 self._turn = min(ready, key=lambda i: (self.cost(i, want), i))
             else:
-                self._turn = max(ready, key=lambda i: (self.rate(lanes[i], i, load, want), -i))
+                self._turn = self._fastest(lanes, ready, load, want)
             return self._turn
         current = self._turn if self._turn in ready else next((i for i in busy if i in ready), None)
         if current is None:  # only an engine that is not ready runs: the best of the others
-            return max(ready, key=lambda i: (self.rate(lanes[i], i, load, want), -i))
-        best = max(ready, key=lambda i: (self.rate(lanes[i], i, load, want), -i))
+            return self._fastest(lanes, ready, load, want)
+        best = self._fastest(lanes, ready, load, want)
         mine = self.rate(lanes[current], current, load, want)
         better = self.rate(lanes[best], best, load, want) > SWITCH_MARGIN * mine
         self._turn = best if better else current
@@ -180,11 +183,16 @@ class Router:
             spare = [i for i in ready if lanes[i].running < lanes[i].max_running]
             if not spare:
                 return None
-            return max(spare, key=lambda i: (self.rate(lanes[i], i, load, want), -i))
+            return self._fastest(lanes, spare, load, want)
         draining = any(other.running > 0 for i, other in enumerate(lanes) if i != lane)
         if draining and waited_s < self.turn_wait_s:
             return None
         return lane
+
+
+def _output(want: Want) -> int:
+    """The output tokens `want` is taken to produce: its limit, else a typical chat answer."""
+    return want.output_tokens or DEFAULT_OUTPUT_TOKENS
 
 
 def want_of(payload: Mapping[str, object], body_bytes: int, lanes: frozenset[int] | None) -> Want:
