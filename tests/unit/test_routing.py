@@ -340,3 +340,103 @@ async def test_a_crowd_the_faster_engine_serves_alone_waits_for_it() -> None:
     assert [(await w).lane for w in crowd[1:]] == [1, 1, 1]
     for slot in held:
         slot.release()
+
+
+def _with_turns(lanes: list[Lane], queue: int = 16) -> Admission:
+    """Admission as a combined profile's: the router's choice, and its turn for recalls."""
+    registry = CollectorRegistry()
+    running = Gauge("running", "", ["model"], registry=registry)
+    waiting = Gauge("waiting", "", ["model"], registry=registry)
+    router = Router([LLAMA, VLLM])
+    limits = Limits(sum(lane.max_running for lane in lanes), queue, 5.0)
+    return Admission(
+        "m", limits, running, waiting, lanes=lanes, choose=router.choose,
+        moments=router.moments, turn=lambda: router.turn_now,
+    )  # fmt: skip
+
+
+async def test_a_change_of_turn_recalls_what_the_old_engine_has_not_begun() -> None:
+    lanes = [Lane("llamacpp", 4), Lane("vllm", 32)]
+    admission = _with_turns(lanes)
+    want = Want(None, 128, 128)
+    # A burst's first three arrive one by one: llama.cpp's turn at loads of one to three.
+    first = [await admission.acquire(want) for _ in range(3)]
+    assert [slot.lane for slot in first] == [0, 0, 0]
+    recalls = [slot.recallable() for slot in first]
+    assert all(r is not None and not r.is_set() for r in recalls)
+    # The fourth shows the crowd: vLLM's turn. The three llama.cpp has not begun to answer
+    # are taken back, and go first to vLLM with the rest, none left to drain.
+    crowd = [asyncio.create_task(admission.acquire(want)) for _ in range(5)]
+    await asyncio.sleep(0)
+    assert all(r is not None and r.is_set() for r in recalls)
+    # Each gives back its slot and asks again, before the crowd (two in line ahead of it).
+    first[0].release()
+    again = [asyncio.create_task(admission.acquire(want, again=True))]
+    first[1].release()
+    again.append(asyncio.create_task(admission.acquire(want, again=True)))
+    await asyncio.sleep(0)
+    assert [entry[0] in admission._again for entry in admission._queue] == [True] * 2 + [False] * 5
+    first[2].release()
+    again.append(asyncio.create_task(admission.acquire(want, again=True)))
+    assert [(await w).lane for w in again] == [1, 1, 1]
+    assert [(await w).lane for w in crowd] == [1] * 5
+    assert lanes[0].running == 0 and lanes[1].running == 8
+    # The share goes to the engine that answers: llama.cpp took none, and gave three back.
+    assert (lanes[0].taken, lanes[0].recalled, lanes[1].taken) == (0, 3, 8)
+
+
+async def test_a_request_its_engine_has_begun_to_answer_stays() -> None:
+    lanes = [Lane("llamacpp", 4), Lane("vllm", 32)]
+    admission = _with_turns(lanes)
+    want = Want(None, 128, 128)
+    answered, fresh, old = [await admission.acquire(want) for _ in range(3)]
+    begun = answered.recallable()
+    answered.settled()  # its first token is out: it stays on llama.cpp
+    recall = fresh.recallable()
+    late = old.recallable()
+    old.handed_at -= 2.0  # handed two seconds ago: its engine's work is not thrown away
+    crowd = [asyncio.create_task(admission.acquire(want)) for _ in range(5)]
+    await asyncio.sleep(0)
+    assert begun is not None and not begun.is_set()
+    assert late is not None and not late.is_set()
+    assert recall is not None and recall.is_set()
+    fresh.release()
+    answered.release()
+    old.release()
+    assert [(await w).lane for w in crowd] == [1] * 5
+    assert (lanes[0].taken, lanes[0].recalled) == (2, 1)
+
+
+async def test_a_request_that_only_the_old_engine_serves_is_not_recalled() -> None:
+    lanes = [Lane("llamacpp", 4), Lane("vllm", 32)]
+    admission = _with_turns(lanes)
+    mine = await admission.acquire(Want(frozenset({0}), 128, 128))
+    others = [await admission.acquire(Want(None, 128, 128)) for _ in range(2)]
+    recall = mine.recallable()
+    crowd = [asyncio.create_task(admission.acquire(Want(None, 128, 128))) for _ in range(5)]
+    await asyncio.sleep(0)
+    assert recall is not None and not recall.is_set()
+    for slot in (mine, *others):
+        slot.release()
+    assert [(await w).lane for w in crowd] == [1] * 5
+
+
+def test_a_slot_off_its_engines_turn_or_of_one_engine_is_never_recalled() -> None:
+    registry = CollectorRegistry()
+    one = Admission(
+        "m", Limits(1, 1, 1.0), Gauge("r", "", ["model"], registry=registry),
+        Gauge("w", "", ["model"], registry=registry),
+    )  # fmt: skip
+
+    async def take() -> None:
+        slot = await one.acquire()
+        assert slot.recallable() is None  # one engine: no turns
+        slot.release()
+        # A waiter out of patience takes the other engine's free slot: never taken back.
+        lanes = [Lane("llamacpp", 4, running=3), Lane("vllm", 1)]
+        admission = _with_turns(lanes)
+        admission.lanes[1].running = 1
+        spilled = admission._take(0, Want(None, 128, 128))
+        assert not spilled.on_turn and spilled.recallable() is None
+
+    asyncio.run(take())

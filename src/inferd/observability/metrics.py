@@ -156,6 +156,12 @@ class Metrics:
             "Requests given to each of the model's engines (several: a combined profile).",
             engine,
         )
+        self.engine_recalls = counter(
+            "inferd_engine_recalls",
+            "Requests taken back from an engine at a change of turn, before it answered, and "
+            "sent to the engine whose turn it is (counted in inferd_engine_requests there).",
+            engine,
+        )
         # Models on demand (server.loading): engines started on a request, stopped when idle
         # or to make room.
         self.model_loads = counter("inferd_model_loads", "Times a model was loaded on demand.")
@@ -205,6 +211,7 @@ class Metrics:
         self.engine_ready.labels(model, engine).set(0)
         self.engine_restarts.labels(model, engine).set(0)
         self.engine_requests.labels(model, engine)
+        self.engine_recalls.labels(model, engine)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

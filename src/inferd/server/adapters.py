@@ -39,7 +39,7 @@ from inferd.config import Settings
 from inferd.engines.base import Adapter, Engine, LoraLimits
 from inferd.errors import ConfigError
 from inferd.server.adapter_folder import AdapterFolder, Found
-from inferd.server.admission import Slot
+from inferd.server.admission import Recall, Slot
 from inferd.server.served import Backend, ServedModel
 from inferd.server.supervisor import State
 
@@ -99,6 +99,12 @@ class AdapterSlot(Slot):
         self._slot = slot
         self._adapter: ServedAdapter | None = adapter
         self.lane = slot.lane
+
+    def recallable(self) -> Recall | None:
+        return self._slot.recallable()
+
+    def settled(self) -> None:
+        self._slot.settled()
 
     def release(self) -> None:
         self._slot.release()

@@ -184,15 +184,18 @@ def _admission(m: ServedModel, settings: Settings, metrics: Metrics) -> Admissio
     running = sum(lane.max_running for lane in lanes)
     queue = settings.max_queue if settings.max_queue is not None else 2 * running
     limits = Limits(running, queue, settings.queue_timeout_s)
-    assert m.router is not None, "a model with several engines is served with its router"
+    router = m.router
+    assert router is not None, "a model with several engines is served with its router"
     admission = Admission(
         m.id,
         limits,
         metrics.requests_running,
         metrics.requests_waiting,
         lanes=lanes,
-        choose=m.router.choose,
-        moments=m.router.moments,
+        choose=router.choose,
+        moments=router.moments,
+        turn=lambda: router.turn_now,
+        prompt_s=router.prompt_s,
     )
     for b in m.backends:  # a lane whose engine becomes ready takes waiters at once
         b.supervisor.on_ready.append(admission.wake)

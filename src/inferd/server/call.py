@@ -21,7 +21,7 @@ import aiohttp
 
 from inferd.guardrails.stream import StreamFilter
 from inferd.observability.metrics import Metrics
-from inferd.server.admission import Slot
+from inferd.server.admission import Recall, Slot
 from inferd.server.keys import KeyRecord, KeyRing
 
 log = logging.getLogger("inferd.requests")
@@ -80,7 +80,18 @@ class Call:
         self.engine_error = False  # the engine reported an error inside a 200 stream
         self.upstream: aiohttp.ClientResponse | None = None
         self.abort_reason: str | None = None
+        # Set when a change of turn takes the request back before its engine answered
+        # (`Slot.recallable`); None where nothing can.
+        self.recall: Recall | None = None
         self._open = True
+
+    def withdraw(self) -> None:
+        """Taken back before its engine answered: the slot goes, nothing is recorded (the
+        request is sent again, and recorded once, where it is answered)."""
+        if self._open:
+            self._open = False
+            if self.slot is not None:
+                self.slot.release()
 
     def abort(self, reason: str) -> None:
         """Cut the engine connection (drain deadline): the relay then ends the stream."""

@@ -104,6 +104,7 @@ def _engines(m: ServedModel) -> list[dict[str, Any]]:
             "max_running": lane.max_running,
             "requests": lane.taken,
             "share": round(lane.taken / total, 3),
+            "recalled": lane.recalled,
         }
         for b, lane in zip(m.backends, lanes, strict=True)
     ]

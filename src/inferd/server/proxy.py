@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import json
 import logging
 import re
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -43,7 +45,8 @@ from inferd.errors import (
 from inferd.guardrails.rails import Guardrails
 from inferd.observability.metrics import Metrics
 from inferd.server import limits, retrieval, routing
-from inferd.server.adapters import Adapters
+from inferd.server.adapters import Adapters, ServedAdapter
+from inferd.server.admission import Recall, Want
 from inferd.server.apis import conform, schemas
 from inferd.server.apis.translation import Translation
 from inferd.server.call import Call
@@ -218,6 +221,50 @@ async def _unless_client_leaves(
     return task.result()
 
 
+class Recalled(Exception):
+    """A change of turn took the request back before its engine answered
+    (`server.admission`): it waits for a slot again."""
+
+
+async def _unless_recalled(
+    post: Coroutine[Any, Any, aiohttp.ClientResponse], recall: Recall
+) -> aiohttp.ClientResponse:
+    """`post`'s response, or `Recalled` once `recall` is set first. A response that came as
+    the recall did wins: the engine has begun to answer, so the request stays."""
+    task = asyncio.ensure_future(post)
+    recalled = asyncio.ensure_future(recall.wait())
+    try:
+        await asyncio.wait({task, recalled}, return_when=asyncio.FIRST_COMPLETED)
+    finally:  # also when this request itself is cancelled
+        recalled.cancel()
+        if not task.done():
+            task.cancel()  # closes the engine connection
+    if task.done() and not task.cancelled():
+        return task.result()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    raise Recalled
+
+
+@dataclass
+class Prepared:
+    """A request checked, through its input rails and translated, before any engine: what
+    each try at an engine starts from (a recalled request tries again)."""
+
+    route: Route
+    served: ServedModel
+    model_id: str  # what the client named (the adapter's id for an adapter)
+    adapter: ServedAdapter | None
+    key: KeyRecord | None
+    body: bytes  # as the client sent it
+    payload: dict[str, Any]  # the request in the client's terms, after rails and translation
+    stream: bool
+    rewritten: bool  # payload no longer says what body says
+    translation: Translation | None
+    reshape_answer: Callable[[dict[str, Any]], dict[str, Any]] | None
+    want: Want
+
+
 async def _disconnected(request: Request) -> None:
     """Return when the client disconnects. The body is read whole by now, so the server's next
     message for this request can only be `http.disconnect` (it blocks until then)."""
@@ -336,62 +383,101 @@ class Proxy:
             offload = len(body) > GUARD_INLINE_BYTES
             guarded = await self.guards.guard_request(route.text, payload, offload)
         defaulted = _default_max_tokens(path, payload)
+        job = Prepared(
+            route=route,
+            served=served,
+            model_id=model_id,
+            adapter=adapter,
+            key=key,
+            body=body,
+            payload=payload,
+            stream=stream,
+            rewritten=guarded or defaulted or route.shape is not None or translation is not None,
+            translation=translation,
+            reshape_answer=reshape_answer,
+            # A model with several engines gives the slot of the one that will finish the
+            # request soonest (`server.routing`), by its size.
+            want=routing.want_of(payload, len(body), lanes),
+        )
+        again = False
+        while True:
+            try:
+                return await self._dispatch(request, job, again)
+            except Recalled:  # its engine's turn ended before it answered: in line again
+                again = True
+
+    async def _dispatch(self, request: Request, job: Prepared, again: bool) -> Response:
+        """One try at an engine: a slot (`again`: first in line, for a recalled request), the
+        request in that engine's terms, then the answer. Raises `Recalled` when a change of turn
+        takes the request back before its engine answered (admission's docstring)."""
+        served, route, path = job.served, job.route, job.route.engine_path
+        clients = self.clients[served.id]
+        several = len(clients) > 1
         # Every route waits for a slot (tokenize too: it runs on the engine like the rest), and
-        # with models on demand for its model to load first. A model with several engines
-        # gives the slot of the one that will finish the request soonest (`server.routing`).
-        want = routing.want_of(payload, len(body), lanes)
-        await self.adapters.gate(served)
-        slot = await served.acquire(want)
+        # with models on demand for its model to load first.
+        await self.adapters.gate(served)  # while its engine restarts for new adapters
+        slot = await served.acquire(job.want, again=again)
         client = clients[slot.lane]
         engine = client.engine
-        if len(clients) > 1:
-            self.metrics.engine_requests.labels(served.id, engine.name).inc()
+        # The engines change the request in their own terms: each try starts from the client's.
+        payload = copy.deepcopy(job.payload) if several else job.payload
         try:
             # After the rails (they read the client's terms) and once the engine is known.
-            adapted = engine.adapt_request(path, payload) or defaulted
+            adapted = engine.adapt_request(path, payload)
         except BaseException:
             slot.release()
             raise
-        rewritten = guarded or adapted or route.shape is not None or translation is not None
+        recall = slot.recallable() if several else None
+        rewritten = job.rewritten or adapted
         if self.log_requests:  # what the engine gets: after the input rails
-            shown = json.dumps(payload) if rewritten else body.decode("utf-8", "replace")
+            shown = json.dumps(payload) if rewritten else job.body.decode("utf-8", "replace")
             log.info("request body: %s", shown)
-        if adapter is not None:  # after the slot: its engine is not restarting under it
-            slot = adapter.use(slot, engine, payload)
+        if job.adapter is not None:  # after the slot: its engine is not restarting under it
+            slot = job.adapter.use(slot, engine, payload)
             rewritten = True
         elif self.adapters.plain(engine, payload):
             rewritten = True
         call = Call(
-            model_id,
+            job.model_id,
             self.metrics,
             path,
             current_request_id(),
             slot=slot,
-            key=key,
+            key=job.key,
             keys=self.keys,
             counted=route.counted,
         )
-        call.reshape_answer = reshape_answer
+        call.recall = recall
+        call.reshape_answer = job.reshape_answer
         self.active.add(call)
-        if stream and not (payload.get("stream_options") or {}).get("include_usage"):
+        if job.stream and not (payload.get("stream_options") or {}).get("include_usage"):
             payload["stream_options"] = {
                 **(payload.get("stream_options") or {}),
                 "include_usage": True,
             }
             call.strip_usage = rewritten = True
-        body = client.encode(path, payload, None if rewritten else body)
+        body = client.encode(path, payload, None if rewritten else job.body)
         call.adapt_event = engine.event_adapter(path)
-        if self.guards is not None and stream:
+        if self.guards is not None and job.stream:
             call.stream_filter = self.guards.stream_filter(route.text, payload)
         try:
-            send = self._send(client, route, body, stream, call, payload, translation)
-            if stream:  # the relay watches the client from here (see RelayResponse)
+            send = self._send(client, route, body, job.stream, call, payload, job.translation)
+            if job.stream:  # the relay watches the client from here (see RelayResponse)
                 return await send
             answer = await _unless_client_leaves(request, send)
             if answer is None:  # nobody reads it; the engine connection is closed already
                 self._end(call, 499)
                 return Response(status_code=499)
             return answer
+        except Recalled:
+            log.debug("request recalled from %s at a change of turn", engine.name)
+            self.metrics.engine_recalls.labels(served.id, engine.name).inc()
+            try:  # its slot is held while the engine may still compute its prompt
+                await asyncio.sleep(call.recall.linger_s if call.recall else 0.0)
+            finally:
+                call.withdraw()
+                self._gone(call)
+            raise
         except asyncio.CancelledError:
             self._end(call, 499)  # the client went away while the engine was answering
             raise
@@ -404,6 +490,9 @@ class Proxy:
 
     def _end(self, call: Call, status: int) -> None:
         call.finish(status)
+        self._gone(call)
+
+    def _gone(self, call: Call) -> None:
         self.active.discard(call)
         if not self.active and self._idle is not None:
             self._idle.set()
@@ -419,7 +508,7 @@ class Proxy:
         translation: Translation | None,
     ) -> Response:
         path = route.engine_path
-        resp = await client.post(path, body, call.engine_rid)
+        resp = await self._post(client, path, body, call)
         call.upstream = resp
         if not stream or resp.status != 200:
             data = await self._read(resp, call, client)
@@ -476,6 +565,31 @@ class Proxy:
             headers={"Cache-Control": "no-cache"},
             on_close=release,
         )
+
+    async def _post(
+        self, client: EngineClient, path: str, body: bytes, call: Call
+    ) -> aiohttp.ClientResponse:
+        """The engine's response (its status and headers), unless a change of turn recalls the
+        request first (`Recalled`: the connection is closed, which makes the engine drop it)."""
+        try:
+            if call.recall is None:
+                resp = await client.post(path, body, call.engine_rid)
+            else:
+                resp = await _unless_recalled(client.post(path, body, call.engine_rid), call.recall)
+        except Recalled:
+            raise
+        except BaseException:
+            self._given(client, call)
+            raise
+        self._given(client, call)
+        return resp
+
+    def _given(self, client: EngineClient, call: Call) -> None:
+        """The request stays on `client`'s engine (it answered, or failed): counted there."""
+        if call.slot is not None:
+            call.slot.settled()
+        if len(self.clients[client.served.id]) > 1:
+            self.metrics.engine_requests.labels(client.served.id, client.engine.name).inc()
 
     async def _read(self, resp: aiohttp.ClientResponse, call: Call, client: EngineClient) -> bytes:
         served = client.served

@@ -129,6 +129,12 @@ class Router:
         self._turn: int | None = None
 
     @property
+    def turn_now(self) -> int | None:
+        """The lane whose turn it is (None before the first request): admission takes back,
+        at a change of it, what the old engine has not begun to answer."""
+        return self._turn
+
+    @property
     def moments(self) -> tuple[float, float]:
         """How long into a wait `choose` may answer differently (admission looks again then)."""
         return self.turn_wait_s, self.spill_wait_s
@@ -137,6 +143,10 @@ class Router:
         """The milliseconds `want` takes alone on lane `lane`: its prompt, then its output."""
         speed = self.speeds[lane]
         return speed.prompt_time(want.prompt_tokens) + _output(want) * speed.step_time(1)
+
+    def prompt_s(self, lane: int, want: Want) -> float:
+        """Seconds `want`'s prompt takes alone on lane `lane`."""
+        return self.speeds[lane].prompt_time(want.prompt_tokens) / 1000
 
     def rate(self, lane: Lane, index: int, load: int, want: Want) -> float:
         """Tokens per millisecond lane `index` gives `load` requests the size of `want`

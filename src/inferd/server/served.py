@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from inferd.catalog.schema import ModelEntry, Profile
 from inferd.errors import EngineNotReadyError, InvalidRequestError, ModelNotFoundError
-from inferd.server.admission import ANY, Admission, Slot, Want
+from inferd.server.admission import ANY, Admission, Recall, Slot, Want
 from inferd.server.routing import Router
 from inferd.server.supervisor import State, Supervisor
 
@@ -119,16 +119,16 @@ class ServedModel:
                 "retry shortly"
             )
 
-    async def acquire(self, want: Want = ANY) -> Slot:
+    async def acquire(self, want: Want = ANY, *, again: bool = False) -> Slot:
         """A place at an engine for one request: the model held loaded (models on demand,
         waiting while it loads), then an admission slot (in the lane of the engine it gets).
-        Released by `Call.finish`."""
+        Released by `Call.finish`. `again`: a recalled request (`Admission.acquire`)."""
         if self.pool is None:
-            return await self.admission.acquire(want)
+            return await self.admission.acquire(want, again=again)
         lease = await self.pool.use(self)
         try:
             self._check_ready()  # loaded, but its engine may be restarting after a crash
-            slot = await self.admission.acquire(want)
+            slot = await self.admission.acquire(want, again=again)
         except BaseException:
             lease.release()
             raise
@@ -143,6 +143,12 @@ class HeldSlot(Slot):
         self._slot = slot
         self._lease = lease
         self.lane = slot.lane
+
+    def recallable(self) -> Recall | None:
+        return self._slot.recallable()
+
+    def settled(self) -> None:
+        self._slot.settled()
 
     def release(self) -> None:
         self._slot.release()
