@@ -351,7 +351,7 @@ def _with_turns(lanes: list[Lane], queue: int = 16) -> Admission:
     limits = Limits(sum(lane.max_running for lane in lanes), queue, 5.0)
     return Admission(
         "m", limits, running, waiting, lanes=lanes, choose=router.choose,
-        moments=router.moments, turn=lambda: router.turn_now,
+        moments=router.moments, turn=lambda: router.turn_now, prompt_s=router.prompt_s,
     )  # fmt: skip
 
 
@@ -440,3 +440,27 @@ def test_a_slot_off_its_engines_turn_or_of_one_engine_is_never_recalled() -> Non
         assert not spilled.on_turn and spilled.recallable() is None
 
     asyncio.run(take())
+
+
+async def test_a_whole_answer_moves_only_while_its_prompt_may_be_computing() -> None:
+    lanes = [Lane("llamacpp", 4), Lane("vllm", 32)]
+    admission = _with_turns(lanes)
+    want = Want(None, 128, 128)
+    fresh, old, stream = [await admission.acquire(want) for _ in range(3)]
+    # Three prompts of 128 tokens at 155 ms each: llama.cpp's batch may run 0.465 s.
+    recall = fresh.recallable(streamed=False)
+    decoding = old.recallable(streamed=False)
+    old.handed_at -= 0.6  # its prompt is done: it decodes, and would go on a while if cut
+    streamed = stream.recallable()
+    stream.handed_at -= 0.6  # no first token yet: a stream still moves
+    crowd = [asyncio.create_task(admission.acquire(want)) for _ in range(5)]
+    await asyncio.sleep(0)
+    assert decoding is not None and not decoding.is_set()
+    assert recall is not None and recall.is_set()
+    assert streamed is not None and streamed.is_set()
+    # Held until llama.cpp can have finished the batch it may have begun with them.
+    assert recall.linger_s == pytest.approx(0.465, abs=0.05)
+    assert streamed.linger_s == 0.0
+    for slot in (fresh, old, stream):
+        slot.release()
+    assert [(await w).lane for w in crowd] == [1] * 5

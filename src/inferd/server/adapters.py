@@ -100,8 +100,8 @@ class AdapterSlot(Slot):
         self._adapter: ServedAdapter | None = adapter
         self.lane = slot.lane
 
-    def recallable(self) -> Recall | None:
-        return self._slot.recallable()
+    def recallable(self, *, streamed: bool = True) -> Recall | None:
+        return self._slot.recallable(streamed=streamed)
 
     def settled(self) -> None:
         self._slot.settled()

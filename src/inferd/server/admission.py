@@ -22,7 +22,8 @@ engine becomes ready; a new request goes through it too, behind everyone already
 
 A change of turn can take back (recall) what the old engine has not begun to answer: a request
 whose slot was handed on its engine's turn, and whose engine has sent nothing back yet
-(`Slot.recallable` until `Slot.settled`), for at most `RECALL_S`. A burst's first requests are
+(`Slot.recallable` until `Slot.settled`), for at most `RECALL_S` (a whole answer: while its
+prompt may still be computing). A burst's first requests are
 given out one by one as they arrive, the first at a load of one, so they go to the engine that
 serves one user best; the arrival that shows the crowd changes the turn, and without a recall
 the crowd's engine would idle while the old one worked through them (measured on a 2-core Zen
@@ -48,9 +49,9 @@ from prometheus_client import Gauge
 
 from inferd.errors import DrainingError, OverloadedError
 
-# How long after its slot was handed a request may still be recalled at a change of turn: its
-# engine's work on it is lost (a streamed answer is recallable only until its first token, a
-# whole answer until it is done), so only a request that has barely begun moves.
+# How long after its slot was handed a streamed request may still be recalled at a change of
+# turn (until its first token, which settles it): its engine's work on it is lost, so only a
+# request that has barely begun moves.
 RECALL_S = 1.0
 
 
@@ -128,13 +129,16 @@ class Slot:
         self.handed_at = time.monotonic()
         self.recall: Recall | None = None
         self.recalled = False
+        self.streamed = True
 
-    def recallable(self) -> Recall | None:
+    def recallable(self, *, streamed: bool = True) -> Recall | None:
         """An event set if a change of turn takes this request back before `settled` (its
-        engine has answered) and within `RECALL_S`; None when nothing can (one engine, or a
-        slot handed off its engine's turn: a waiter that took another engine's free slot)."""
+        engine has answered), within `RECALL_S` for a stream, while its prompt may still be
+        computing for a whole answer; None when nothing can (one engine, or a slot handed off
+        its engine's turn: a waiter that took another engine's free slot)."""
         if not self.on_turn or not self._held:
             return None
+        self.streamed = streamed
         self.recall = Recall()
         self._admission._recallable.add(self)
         return self.recall
@@ -333,11 +337,17 @@ class Admission:
             if slot.lane == turn or not slot.want.allows(turn):
                 continue
             self._recallable.discard(slot)
-            if now - slot.handed_at <= RECALL_S and slot.recall is not None:
+            # Its engine's batch began at most when the slot was handed, with at most every
+            # request its lane runs.
+            batch = self._prompt_s(slot.lane, slot.want) * self.lanes[slot.lane].running
+            # A stream shows that its engine has begun by its first token (`settled`); a whole
+            # answer shows nothing until done, so it moves only while its prompt may still be
+            # computing (llama-server notices the closed connection of a whole answer only at
+            # its poll, once a second, and decodes on meanwhile).
+            if now - slot.handed_at > (RECALL_S if slot.streamed else batch):
+                continue
+            if slot.recall is not None:
                 slot.recalled = True
-                # Its engine's batch began at most when the slot was handed, with at most every
-                # request its lane runs.
-                batch = self._prompt_s(slot.lane, slot.want) * self.lanes[slot.lane].running
                 slot.recall.linger_s = max(0.0, slot.handed_at + batch - now)
                 slot.recall.set()
 

@@ -427,7 +427,7 @@ class Proxy:
         except BaseException:
             slot.release()
             raise
-        recall = slot.recallable() if several else None
+        recall = slot.recallable(streamed=job.stream) if several else None
         rewritten = job.rewritten or adapted
         if self.log_requests:  # what the engine gets: after the input rails
             shown = json.dumps(payload) if rewritten else job.body.decode("utf-8", "replace")

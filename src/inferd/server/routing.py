@@ -27,6 +27,9 @@ prompts (147 and 55 ms) make it 1.27.
   crossing from switching back and forth, each switch costing a drain. On a Zen 4's figures:
   one to three users stay on llama.cpp; four and more move to vLLM's batches; back to one,
   llama.cpp again.
+- At a change of turn, admission takes back what the old engine has not begun to answer
+  (`admission.Admission` recalls it): a burst arrives one request at a time, so its first
+  requests were given to the engine that serves one to three users best.
 - A request only some engines can serve (`tool_choice: required`: vLLM) waits for one of
   them; as nobody overtakes a waiter, the turn passes to its engine once the other drains.
 - A change of turn waits at most `TURN_WAIT_S` for the drain; then the new engine starts

@@ -144,8 +144,8 @@ class HeldSlot(Slot):
         self._lease = lease
         self.lane = slot.lane
 
-    def recallable(self) -> Recall | None:
-        return self._slot.recallable()
+    def recallable(self, *, streamed: bool = True) -> Recall | None:
+        return self._slot.recallable(streamed=streamed)
 
     def settled(self) -> None:
         self._slot.settled()
