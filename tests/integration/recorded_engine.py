@@ -6,6 +6,7 @@ a real engine will not produce on demand. What the user message says picks the b
 
     "crash"    stream two events, then the process dies (engine crash mid-stream)
     "slow"     stream with 0.3 s between events (to see events arrive one by one, and to hang up)
+    "hold"     answer nothing for 1 s, then as usual (a long prompt: its first token comes late)
     "invalid"  answer with vLLM's real 400 body
     otherwise  replay the recorded answer (streamed or not)
 
@@ -51,6 +52,7 @@ class Recorded:
         self.served_on: set[object] = set()
         self.dropped = 0
         self.refused = 0  # requests without the key (--require-key)
+        self.held = 0  # "hold" requests not answered yet (their client may have gone)
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         if self.drop_reused and request.transport is not None:
@@ -95,6 +97,12 @@ class Recorded:
                 status=400,
             )
         text = messages[-1]["content"]
+        if text == "hold":
+            self.held += 1
+            try:
+                await asyncio.sleep(1.0)
+            finally:
+                self.held -= 1
         if text == "invalid":
             return web.Response(
                 body=(FIXTURES / "error-max-tokens.json").read_bytes(),
@@ -135,7 +143,12 @@ class Recorded:
 
     async def open_count(self, _: web.Request) -> web.Response:
         return web.json_response(
-            {"open": self.open_streams, "dropped": self.dropped, "refused": self.refused}
+            {
+                "open": self.open_streams,
+                "dropped": self.dropped,
+                "refused": self.refused,
+                "held": self.held,
+            }
         )
 
     def key_check(self, key: str) -> Middleware:

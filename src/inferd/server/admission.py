@@ -53,6 +53,9 @@ from inferd.errors import DrainingError, OverloadedError
 # turn (until its first token, which settles it): its engine's work on it is lost, so only a
 # request that has barely begun moves.
 RECALL_S = 1.0
+# When the line is looked at again after a recalled request gave back its slot, should the
+# request not ask for one again (its client gone meanwhile).
+RECALL_REWAKE_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -292,11 +295,16 @@ class Admission:
 
     def _release(self, lane: int, *, recalled: bool = False) -> None:
         self.lanes[lane].running -= 1
+        self._running -= 1
+        self._running_gauge.dec()
         if recalled:  # its share goes to the engine that answers it
             self.lanes[lane].taken -= 1
             self.lanes[lane].recalled += 1
-        self._running -= 1
-        self._running_gauge.dec()
+            # Its request asks again at once (`acquire(again=True)`), and that wakes the line:
+            # judged now, the load would miss it (a crowd of two seen as one user, handed
+            # back to the old engine). Should it never ask again, the line moves on shortly.
+            asyncio.get_running_loop().call_later(RECALL_REWAKE_S, self.wake)
+            return
         self.wake()
 
     def wake(self) -> None:
