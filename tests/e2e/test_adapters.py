@@ -252,14 +252,27 @@ def _engine_requests(served: Served) -> dict[str, float]:
 def test_a_crowd_of_adapter_requests_is_answered_by_each_engine(
     served: Served, oai: openai.OpenAI
 ) -> None:
-    """With both engines behind the model, the router spreads a crowd over both: each holds the
-    adapter (llama.cpp as GGUF, vLLM as PEFT) and every answer is in the adapter's format."""
+    """With both engines behind the model, one user on llama.cpp and a crowd arriving while it
+    streams on vLLM: each holds the adapter (llama.cpp as GGUF, vLLM as PEFT) and every answer
+    is in the adapter's format."""
     if served.profile != BOTH_PROFILE:
         pytest.skip("one engine: the tests above show it")
     before = _engine_requests(served)
-    jobs = [PROMPTS[i % len(PROMPTS)][0] for i in range(16)]
+    # One user alone: llama.cpp. Once its stream has begun it stays there (a crowd arriving
+    # before its first token would take it back for vLLM).
+    first = oai.chat.completions.create(
+        model=ADAPTER,
+        messages=[{"role": "user", "content": PROMPTS[0][0]}],
+        max_tokens=24,
+        temperature=0,
+        stream=True,
+    )
+    events = iter(first)
+    text = next(e.choices[0].delta.content or "" for e in events if e.choices)
+    jobs = [PROMPTS[i % len(PROMPTS)][0] for i in range(1, 16)]
     with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
         replies = list(pool.map(lambda prompt: chat(oai, ADAPTER, prompt), jobs))
+    replies.append(text + "".join(e.choices[0].delta.content or "" for e in events if e.choices))
     assert all(train_lora.parse_label(r) in train_lora.TOPICS for r in replies), replies
     after = _engine_requests(served)
     gained = {engine: after[engine] - before.get(engine, 0) for engine in after}

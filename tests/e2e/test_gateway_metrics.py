@@ -75,6 +75,14 @@ def capacity(served: Served) -> int:
     return profile.max_running
 
 
+def _recalled(served: Served) -> int:
+    """Requests taken back at a change of turn so far (several engines; 0 for one)."""
+    if len(served.engines) == 1:
+        return 0
+    meta = httpx.get(served.url + "/v1/metadata", timeout=10).json()
+    return sum(int(e["recalled"]) for e in meta["models"][0]["engines"])
+
+
 def test_waiting_and_running_move_with_the_load(server: Served) -> None:
     slots = capacity(server)
     sent = slots + 2  # two wait in inferd's queue
@@ -107,6 +115,7 @@ def test_waiting_and_running_move_with_the_load(server: Served) -> None:
             return
         done.append(sum(1 for chunk in stream if chunk.choices and chunk.choices[0].delta.content))
 
+    recalled = _recalled(server)
     threads = [threading.Thread(target=ask) for _ in range(sent)]
     for t in threads:
         t.start()
@@ -120,8 +129,11 @@ def test_waiting_and_running_move_with_the_load(server: Served) -> None:
     assert len(done) + len(refused) == sent and len(done) >= slots and all(done)
     assert all(r.startswith("503") and "no free slot" in r for r in refused), refused
     # At the peak every request in the pod is counted once, waiting or running; some waited,
-    # the engine ran several at once, and their KV cache showed.
-    assert max(w + r for w, r, _ in seen) == sent
+    # the engine ran several at once, and their KV cache showed. With both engines, a request
+    # taken back from llama.cpp at a change of turn waits again in inferd's queue while
+    # llama.cpp may still count it until it has dropped it (after the batch at hand).
+    twice = _recalled(server) - recalled
+    assert sent <= max(w + r for w, r, _ in seen) <= sent + twice
     assert max(w for w, _, _ in seen) >= 2
     assert max(r for _, r, _ in seen) >= 2
     assert 0 < max(kv for _, _, kv in seen) <= 1

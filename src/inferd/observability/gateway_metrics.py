@@ -35,6 +35,11 @@ sees which adapters its batches use and which wait); else the adapters the engin
 start, all ready (`ModelLoad.running_adapters`, none waiting), and `max_lora` the service's limit
 of adapters per batch; empty lists and `max_lora="0"` while no adapter is served.
 
+With both engines behind a model, a request taken back from llama.cpp at a change of turn
+(`server.admission`) waits again in inferd's queue while llama-server may still count it as
+processing until it has dropped it (after the batch at hand, a fraction of a second): counted
+twice that long, never missed.
+
 vLLM exports these names itself, but its queue is only the engine's: inferd takes the engine's
 families out of the pass-through (`scrape`) and writes them again with its own queue
 added, so each family appears once in `/v1/metrics` (a family written twice breaks the picker's
