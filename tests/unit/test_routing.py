@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 from prometheus_client import CollectorRegistry, Gauge
@@ -464,3 +465,22 @@ async def test_a_whole_answer_moves_only_while_its_prompt_may_be_computing() -> 
     for slot in (fresh, old, stream):
         slot.release()
     assert [(await w).lane for w in crowd] == [1] * 5
+
+
+async def test_a_burst_on_its_way_is_judged_whole() -> None:
+    lanes = [Lane("llamacpp", 4), Lane("vllm", 32)]
+    admission = _with_turns(lanes)
+    want = Want(None, 128, 128)
+    # One user alone: llama.cpp.
+    alone = await admission.acquire(want)
+    assert alone.lane == 0
+    alone.release()
+    # The first of sixteen reaches admission while fifteen are still being read: vLLM's turn
+    # from the first, nothing to take back.
+    with contextlib.ExitStack() as others:
+        for _ in range(15):
+            others.enter_context(admission.arriving())
+        first = await admission.acquire(want)
+    assert first.lane == 1
+    # Nothing on its way any more: the count is back to what runs and waits.
+    assert admission._coming == 0

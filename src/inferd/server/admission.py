@@ -40,9 +40,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from prometheus_client import Gauge
@@ -197,6 +198,7 @@ class Admission:
         self._prompt_s = prompt_s  # `Router.prompt_s`: one prompt's seconds on a lane, alone
         self._recallable: set[Slot] = set()
         self._again: set[asyncio.Future[Slot]] = set()  # recalled requests waiting
+        self._coming = 0  # requests on their way to `acquire` (`arriving`)
         self._closed: str | None = None  # why nobody may queue any more (the drain)
         self._running_gauge = running.labels(model)
         self._waiting_gauge = waiting.labels(model)
@@ -210,6 +212,18 @@ class Admission:
     @property
     def waiting(self) -> int:
         return len(self._queue)
+
+    @contextlib.contextmanager
+    def arriving(self) -> Iterator[None]:
+        """A request on its way to `acquire` (read, checked, through its input rails): counted
+        in the load the router judges by. A burst's requests arrive together but reach
+        admission one by one, the first while the others are still being read; without them
+        the first is judged as one user alone."""
+        self._coming += 1
+        try:
+            yield
+        finally:
+            self._coming -= 1
 
     def _retry_after(self) -> int:
         # A rough wait: one queue's worth of requests at a few seconds each, at least 1 s.
@@ -314,7 +328,7 @@ class Admission:
         at again at its next `moments`."""
         live = [entry for entry in self._queue if not entry[0].done()]
         self._queue = collections.deque(live)
-        load = self._running + len(live)
+        load = self._running + len(live) + self._coming
         now = asyncio.get_running_loop().time() if live else 0.0
         for entry in live:
             waiter, want, since = entry

@@ -361,44 +361,51 @@ class Proxy:
         adapter = self.adapters.find(payload.get("model"))
         served = adapter.base if adapter else self.models.lookup(payload.get("model"))
         model_id = adapter.name if adapter else served.id  # what the client named
-        path = route.engine_path
-        translation: Translation | None = None
-        if route.translation is not None:
-            # Another API onto chat completions: from here on, a chat request like any other.
-            translation = route.translation.create(payload, model_id, **self.translations)
-            payload = translation.request()
-        retrieval.check_route(served.entry, path, request.url.path)
-        stream = _stream_flag(payload)
-        clients = self.clients[served.id]
-        reshape_answer = None
-        if route.shape is not None:
-            # NIM's request format in the engine's terms (see server.retrieval).
-            payload, reshape_answer = route.shape(payload, served.entry)
-        lanes = _lanes(path, payload, served, clients, translation)
-        await self.adapters.gate(served)  # while its engine restarts for new adapters
-        served.require_ready()
-        guarded = False
-        if self.guards is not None:
-            # Long texts: the PII rail off the event loop.
-            offload = len(body) > GUARD_INLINE_BYTES
-            guarded = await self.guards.guard_request(route.text, payload, offload)
-        defaulted = _default_max_tokens(path, payload)
-        job = Prepared(
-            route=route,
-            served=served,
-            model_id=model_id,
-            adapter=adapter,
-            key=key,
-            body=body,
-            payload=payload,
-            stream=stream,
-            rewritten=guarded or defaulted or route.shape is not None or translation is not None,
-            translation=translation,
-            reshape_answer=reshape_answer,
-            # A model with several engines gives the slot of the one that will finish the
-            # request soonest (`server.routing`), by its size.
-            want=routing.want_of(payload, len(body), lanes),
-        )
+        with served.admission.arriving():  # counted in the load from here (see admission)
+            path = route.engine_path
+            translation: Translation | None = None
+            if route.translation is not None:
+                # Another API onto chat completions: from here on, a chat request like any other.
+                translation = route.translation.create(payload, model_id, **self.translations)
+                payload = translation.request()
+            retrieval.check_route(served.entry, path, request.url.path)
+            stream = _stream_flag(payload)
+            clients = self.clients[served.id]
+            reshape_answer = None
+            if route.shape is not None:
+                # NIM's request format in the engine's terms (see server.retrieval).
+                payload, reshape_answer = route.shape(payload, served.entry)
+            lanes = _lanes(path, payload, served, clients, translation)
+            await self.adapters.gate(served)  # while its engine restarts for new adapters
+            served.require_ready()
+            guarded = False
+            if self.guards is not None:
+                # Long texts: the PII rail off the event loop.
+                offload = len(body) > GUARD_INLINE_BYTES
+                guarded = await self.guards.guard_request(route.text, payload, offload)
+            defaulted = _default_max_tokens(path, payload)
+            rewritten = guarded or defaulted or route.shape is not None or translation is not None
+            job = Prepared(
+                route=route,
+                served=served,
+                model_id=model_id,
+                adapter=adapter,
+                key=key,
+                body=body,
+                payload=payload,
+                stream=stream,
+                rewritten=rewritten,
+                translation=translation,
+                reshape_answer=reshape_answer,
+                # A model with several engines gives the slot of the one that will finish the
+                # request soonest (`server.routing`), by its size.
+                want=routing.want_of(payload, len(body), lanes),
+            )
+            if len(self.clients[served.id]) > 1:
+                # Let the requests that arrived with this one reach this point too, so that the
+                # router sees a burst whole (each runs from its arrival to here without a pause
+                # otherwise, the first judged as one user alone while the others are unread).
+                await asyncio.sleep(0)
         again = False
         while True:
             try:

@@ -7,7 +7,8 @@ RESULTS.md). So the engines take turns: requests run on one engine at a time, an
 engine waits for the one running to finish what it has (its drain), with the requests that
 arrive meanwhile waiting in admission's queue, in order.
 
-Which engine's turn it is follows the load (requests running and waiting, this one included)
+Which engine's turn it is follows the load (requests running, waiting and on their way to
+admission, this one included)
 and the engines' speed on this machine (`inferd tune`'s figures, or the catalog's reference
 ones): the rate of an engine at load L, for requests the size of this one (P prompt tokens, O
 output tokens), is `n * O / (n * prompt(P) + O * step(n))` tokens per millisecond for everyone
