@@ -39,7 +39,7 @@ from inferd.config import Settings
 from inferd.engines.base import Adapter, Engine, LoraLimits
 from inferd.errors import ConfigError
 from inferd.server.adapter_folder import AdapterFolder, Found
-from inferd.server.admission import Recall, Slot
+from inferd.server.admission import Slot, SlotWith
 from inferd.server.served import Backend, ServedModel
 from inferd.server.supervisor import State
 
@@ -75,7 +75,7 @@ class ServedAdapter:
         engine.use_adapter(payload, self.name)
         self.inflight += 1
         self.idle.clear()
-        return AdapterSlot(slot, self)
+        return SlotWith(slot, self.done)
 
     def done(self) -> None:
         self.inflight -= 1
@@ -90,27 +90,6 @@ class ServedAdapter:
             "digest": self.stored.digest,
             "path": str(self.stored.path),
         }
-
-
-class AdapterSlot(Slot):
-    """An admission slot that also counts its adapter's requests in flight."""
-
-    def __init__(self, slot: Slot, adapter: ServedAdapter) -> None:
-        self._slot = slot
-        self._adapter: ServedAdapter | None = adapter
-        self.lane = slot.lane
-
-    def recallable(self, *, streamed: bool = True) -> Recall | None:
-        return self._slot.recallable(streamed=streamed)
-
-    def settled(self) -> None:
-        self._slot.settled()
-
-    def release(self) -> None:
-        self._slot.release()
-        adapter, self._adapter = self._adapter, None
-        if adapter is not None:
-            adapter.done()
 
 
 class Adapters:

@@ -131,7 +131,6 @@ class Slot:
         self.want = want
         self.on_turn = on_turn
         self.handed_at = time.monotonic()
-        self.recall: Recall | None = None
         self.recalled = False
         self.streamed = True
 
@@ -143,21 +142,43 @@ class Slot:
         if not self.on_turn or not self._held:
             return None
         self.streamed = streamed
-        self.recall = Recall()
-        self._admission._recallable.add(self)
-        return self.recall
+        recall = self._admission._recallable[self] = Recall()
+        return recall
 
     def settled(self) -> None:
         """Its engine has begun to answer: it stays there (a recall that came as it did is
         void)."""
-        self._admission._recallable.discard(self)
+        self._admission._recallable.pop(self, None)
         self.recalled = False
 
     def release(self) -> None:
         if self._held:
             self._held = False
-            self._admission._recallable.discard(self)
+            self._admission._recallable.pop(self, None)
             self._admission._release(self.lane, recalled=self.recalled)
+
+
+class SlotWith(Slot):
+    """An admission slot that also holds something else, given back once with it (`also`: a
+    model held loaded, an adapter's count of requests in flight). Slot's own fields are never
+    used: the wrapped slot keeps them."""
+
+    def __init__(self, slot: Slot, also: Callable[[], None]) -> None:
+        self._slot = slot
+        self._also: Callable[[], None] | None = also
+        self.lane = slot.lane
+
+    def recallable(self, *, streamed: bool = True) -> Recall | None:
+        return self._slot.recallable(streamed=streamed)
+
+    def settled(self) -> None:
+        self._slot.settled()
+
+    def release(self) -> None:
+        self._slot.release()
+        also, self._also = self._also, None
+        if also is not None:
+            also()
 
 
 class Admission:
@@ -196,7 +217,7 @@ class Admission:
         # a change of it may take back (see the module's docstring).
         self._turn = turn
         self._prompt_s = prompt_s  # `Router.prompt_s`: one prompt's seconds on a lane, alone
-        self._recallable: set[Slot] = set()
+        self._recallable: dict[Slot, Recall] = {}
         self._again: set[asyncio.Future[Slot]] = set()  # recalled requests waiting
         self._coming = 0  # requests on their way to `acquire` (`arriving`)
         self._closed: str | None = None  # why nobody may queue any more (the drain)
@@ -355,10 +376,10 @@ class Admission:
         if turn is None or not self.lanes[turn].usable():
             return
         now = time.monotonic()
-        for slot in list(self._recallable):
+        for slot, recall in list(self._recallable.items()):
             if slot.lane == turn or not slot.want.allows(turn):
                 continue
-            self._recallable.discard(slot)
+            del self._recallable[slot]
             # Its engine's batch began at most when the slot was handed, with at most every
             # request its lane runs.
             batch = self._prompt_s(slot.lane, slot.want) * self.lanes[slot.lane].running
@@ -368,10 +389,9 @@ class Admission:
             # its poll, once a second, and decodes on meanwhile).
             if now - slot.handed_at > (RECALL_S if slot.streamed else batch):
                 continue
-            if slot.recall is not None:
-                slot.recalled = True
-                slot.recall.linger_s = max(0.0, slot.handed_at + batch - now)
-                slot.recall.set()
+            slot.recalled = True
+            recall.linger_s = max(0.0, slot.handed_at + batch - now)
+            recall.set()
 
     def _wake_at(self, when: float) -> None:
         """Look again at `when` (a waiter's patience runs out then), if nothing else has."""

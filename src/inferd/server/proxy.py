@@ -27,7 +27,7 @@ import logging
 import re
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiohttp
 from fastapi import Request, Response
@@ -67,6 +67,7 @@ if TYPE_CHECKING:  # routes names the proxy's handlers; the proxy only reads a R
     from inferd.server.routes import Route
 
 log = logging.getLogger("inferd.requests")
+_T = TypeVar("_T")
 # Request bodies above this size are checked by the input rails in their worker threads: PII
 # detection takes up to about 15 ms per KiB of digit-dense text, which would hold up every
 # other stream; below it, the thread hop costs more than the check.
@@ -206,19 +207,28 @@ async def _unless_client_leaves(
     gives the client nothing to read until it is done, so nothing else would notice a client
     that gave up: the engine would generate for nobody and the request keep its admission slot
     to the end. Cancelling `work` closes the engine connection, which makes the engine abort."""
+    task = await _before(work, _disconnected(request))
+    return None if task is None else task.result()
+
+
+async def _before(
+    work: Coroutine[Any, Any, _T], rival: Coroutine[Any, Any, object]
+) -> asyncio.Task[_T] | None:
+    """`work`'s task if it is done before `rival` returns (or with it), else None: then `work`
+    was cancelled and has ended. The loser is cancelled either way."""
     task = asyncio.ensure_future(work)
-    gone = asyncio.ensure_future(_disconnected(request))
+    other = asyncio.ensure_future(rival)
     try:
-        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:  # also when this request itself is cancelled
-        gone.cancel()
+        await asyncio.wait({task, other}, return_when=asyncio.FIRST_COMPLETED)
+    finally:  # also when the caller itself is cancelled
+        other.cancel()
         if not task.done():
             task.cancel()
-    if task.cancelled() or not task.done():
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        return None
-    return task.result()
+    if task.done() and not task.cancelled():
+        return task
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return None
 
 
 class Recalled(Exception):
@@ -229,21 +239,12 @@ class Recalled(Exception):
 async def _unless_recalled(
     post: Coroutine[Any, Any, aiohttp.ClientResponse], recall: Recall
 ) -> aiohttp.ClientResponse:
-    """`post`'s response, or `Recalled` once `recall` is set first. A response that came as
-    the recall did wins: the engine has begun to answer, so the request stays."""
-    task = asyncio.ensure_future(post)
-    recalled = asyncio.ensure_future(recall.wait())
-    try:
-        await asyncio.wait({task, recalled}, return_when=asyncio.FIRST_COMPLETED)
-    finally:  # also when this request itself is cancelled
-        recalled.cancel()
-        if not task.done():
-            task.cancel()  # closes the engine connection
-    if task.done() and not task.cancelled():
-        return task.result()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-    raise Recalled
+    """`post`'s response, or `Recalled` once `recall` is set first (the engine connection is
+    closed). A response that came as the recall did wins: the engine has begun to answer."""
+    task = await _before(post, recall.wait())
+    if task is None:
+        raise Recalled
+    return task.result()
 
 
 @dataclass
@@ -401,7 +402,7 @@ class Proxy:
                 # request soonest (`server.routing`), by its size.
                 want=routing.want_of(payload, len(body), lanes),
             )
-            if len(self.clients[served.id]) > 1:
+            if len(clients) > 1:
                 # Let the requests that arrived with this one reach this point too, so that the
                 # router sees a burst whole (each runs from its arrival to here without a pause
                 # otherwise, the first judged as one user alone while the others are unread).
@@ -479,8 +480,9 @@ class Proxy:
         except Recalled:
             log.debug("request recalled from %s at a change of turn", engine.name)
             self.metrics.engine_recalls.labels(served.id, engine.name).inc()
+            assert call.recall is not None  # only a recallable try is recalled
             try:  # its slot is held while the engine may still compute its prompt
-                await asyncio.sleep(call.recall.linger_s if call.recall else 0.0)
+                await asyncio.sleep(call.recall.linger_s)
             finally:
                 call.withdraw()
                 self._gone(call)
@@ -578,11 +580,9 @@ class Proxy:
     ) -> aiohttp.ClientResponse:
         """The engine's response (its status and headers), unless a change of turn recalls the
         request first (`Recalled`: the connection is closed, which makes the engine drop it)."""
+        post = client.post(path, body, call.engine_rid)
         try:
-            if call.recall is None:
-                resp = await client.post(path, body, call.engine_rid)
-            else:
-                resp = await _unless_recalled(client.post(path, body, call.engine_rid), call.recall)
+            resp = await (post if call.recall is None else _unless_recalled(post, call.recall))
         except Recalled:
             raise
         except BaseException:

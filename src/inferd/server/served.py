@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING, Any
 
 from inferd.catalog.schema import ModelEntry, Profile
 from inferd.errors import EngineNotReadyError, InvalidRequestError, ModelNotFoundError
-from inferd.server.admission import ANY, Admission, Recall, Slot, Want
+from inferd.server.admission import ANY, Admission, Slot, SlotWith, Want
 from inferd.server.routing import Router
 from inferd.server.supervisor import State, Supervisor
 
 if TYPE_CHECKING:  # the pool holds served models; a served model asks its pool
-    from inferd.server.loading import Lease, ModelPool
+    from inferd.server.loading import ModelPool
 
 
 @dataclass(frozen=True)
@@ -132,27 +132,7 @@ class ServedModel:
         except BaseException:
             lease.release()
             raise
-        return HeldSlot(slot, lease)
-
-
-class HeldSlot(Slot):
-    """An admission slot that also holds its model loaded until released."""
-
-    # Slot's own fields are never used: each half releases itself once (both are idempotent).
-    def __init__(self, slot: Slot, lease: Lease) -> None:
-        self._slot = slot
-        self._lease = lease
-        self.lane = slot.lane
-
-    def recallable(self, *, streamed: bool = True) -> Recall | None:
-        return self._slot.recallable(streamed=streamed)
-
-    def settled(self) -> None:
-        self._slot.settled()
-
-    def release(self) -> None:
-        self._slot.release()
-        self._lease.release()
+        return SlotWith(slot, lease.release)  # the model stays loaded while it is held
 
 
 class ModelTable:
