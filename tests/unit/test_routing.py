@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry, Gauge
 
 from inferd.errors import OverloadedError
 from inferd.server import warmup
-from inferd.server.admission import Admission, Lane, Limits, Want
+from inferd.server.admission import RETURN_S, Admission, Lane, Limits, Slot, Want
 from inferd.server.routing import DEFAULT_OUTPUT_TOKENS, Router, Table, want_of
 
 # Measured by `inferd tune` on a quiet 2-core EPYC (the catalog's reference figures of
@@ -484,3 +484,39 @@ async def test_a_burst_on_its_way_is_judged_whole() -> None:
     assert first.lane == 1
     # Nothing on its way any more: the count is back to what runs and waits.
     assert admission._coming == 0
+
+
+async def test_the_next_wave_of_a_crowd_is_judged_whole() -> None:
+    lanes = [Lane("llamacpp", 4), Lane("vllm", 32)]
+    admission = _with_turns(lanes)
+    want = Want(None, 128, 128)
+
+    async def arrive() -> Slot:
+        with admission.arriving():
+            return await admission.acquire(want)
+
+    # One user in a loop: each answer's end and the next request cancel out, llama.cpp.
+    for _ in range(3):
+        alone = await arrive()
+        assert alone.lane == 0
+        alone.release()
+    await asyncio.sleep(RETURN_S + 0.05)
+    # Eight users on vLLM, whose equal answers end in the same step.
+    with contextlib.ExitStack() as others:
+        for _ in range(7):
+            others.enter_context(admission.arriving())
+        wave = [await admission.acquire(want)]
+    wave += [await arrive() for _ in range(7)]
+    assert {slot.lane for slot in wave} == {1}
+    for slot in wave:
+        slot.release()
+    # The first of the next wave finds nothing running, but seven clients are about to send
+    # theirs: still a crowd, vLLM.
+    first = await arrive()
+    assert first.lane == 1
+    first.release()
+    # Past `RETURN_S` nobody came back: one user alone again.
+    await asyncio.sleep(RETURN_S + 0.05)
+    alone = await arrive()
+    assert alone.lane == 0
+    alone.release()

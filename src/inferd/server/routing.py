@@ -8,11 +8,13 @@ engine waits for the one running to finish what it has (its drain), with the req
 arrive meanwhile waiting in admission's queue, in order.
 
 Which engine's turn it is follows the load (requests running, waiting and on their way to
-admission, this one included)
-and the engines' speed on this machine (`inferd tune`'s figures, or the catalog's reference
-ones): the rate of an engine at load L, for requests the size of this one (P prompt tokens, O
-output tokens), is `n * O / (n * prompt(P) + O * step(n))` tokens per millisecond for everyone
-together, n = min(L, slots). The prompts count: each newcomer's prompt holds up the others'
+admission, this one included, and those that ended within `admission.RETURN_S` whose clients
+have not sent their next yet: a batch of equal answers ends all at once, and the next wave's
+first request would otherwise find nothing running) and the engines' speed on this machine
+(`inferd tune`'s figures, or the catalog's reference ones): the rate of an engine at load L,
+for requests the size of this one (P prompt tokens, O output tokens), is
+`n * O / (n * prompt(P) + O * step(n))` tokens per millisecond for everyone together,
+n = min(L, slots). The prompts count: each newcomer's prompt holds up the others'
 steps while it is computed, and in a steady load each request sees about n of them. Measured
 on a 2-core Zen 4 (benchmarks/RESULTS.md), four users of 128 in / 128 out got 140 tok/s from
 llama.cpp and 192 from vLLM, where the steps alone (23 and 20 ms) said 1.15 times and the
