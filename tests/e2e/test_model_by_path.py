@@ -21,6 +21,7 @@ import openai
 import pytest
 
 from tests.e2e.conftest import EAGER, INFERD, MODEL, Served, cache_path, serving
+from tests.e2e.hub import Hub
 
 pytestmark = pytest.mark.e2e
 
@@ -28,8 +29,10 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
 
-def _inferd(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "INFERD_CACHE_PATH": str(cache_path())}
+def _inferd(
+    *args: str, timeout: float = 900, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "INFERD_CACHE_PATH": str(cache_path()), **(env or {})}
     return subprocess.run(
         [INFERD, *args], capture_output=True, text=True, timeout=timeout, env=env, check=False
     )
@@ -153,8 +156,8 @@ def test_a_model_of_another_architecture_is_served_by_path_on_vllm(
     assert answer.usage.total_tokens == answer.usage.prompt_tokens + answer.usage.completion_tokens
 
 
-def _refusal(*args: str) -> str:
-    r = _inferd("serve", *args, timeout=120)
+def _refusal(*args: str, env: dict[str, str] | None = None) -> str:
+    r = _inferd("serve", *args, timeout=120, env=env)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2, r.stderr
     assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
@@ -182,7 +185,62 @@ def test_what_is_not_a_servable_model_is_refused_in_one_line(
     config = json.loads((other / "config.json").read_text())
     (other / "config.json").write_text(json.dumps({**config, "architectures": ["BertModel"]}))
     assert "architecture BertModel is not a text-generation model" in _refusal(str(other))
-    # No hub here: "cannot be reached"; with one: "no such repository". Exit 2 either way.
+    # No hub here: "the download ... failed"; with one: "no such repository". Exit 2 either way.
     assert _refusal("hf://inferd-tests/no-such-model@main").startswith(
         "inferd: error: hf://inferd-tests/no-such-model: "
     )
+
+
+def test_a_hub_model_is_downloaded_once_served_and_kept_for_offline_restarts(
+    tiny_qwen2: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`inferd serve hf://ORG/NAME@REVISION` through huggingface_hub's client, against a hub of
+    the test's own (tests/e2e/hub.py; no hub is reachable here): a download cut short is never
+    served and is resumed by the next start; the model is served on vLLM under the id from its
+    name; a restart needs no hub; what the hub does not have is refused by name."""
+    repo = "inferd-tests/Tiny-Qwen2"
+    cache = tmp_path / "cache"  # its own: the download happens here, every run
+    with Hub({repo: tiny_qwen2}) as hub:
+        hub_env = {
+            "HF_ENDPOINT": hub.url,
+            "HF_HOME": str(tmp_path / "hf-home"),  # no token or cache of the user's
+            "INFERD_CACHE_PATH": str(cache),
+        }
+        for name, value in hub_env.items():
+            monkeypatch.setenv(name, value)  # for `serving`, which passes the environment on
+        # A file the hub fails: refused in one line, and nothing half-downloaded is kept as done.
+        weights = next(n for n in hub.files(repo) if n.endswith(".safetensors"))
+        hub.failing.add(weights)
+        r = _inferd("serve", f"hf://{repo}@main", timeout=120, env=hub_env)
+        last = r.stderr.strip().splitlines()[-1]  # after the download's progress bar
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert last.startswith(f"inferd: error: hf://{repo}: the download from the Hugging Face")
+        folder = cache / "hub" / "inferd-tests--Tiny-Qwen2" / "main"
+        assert not (folder / ".inferd-complete").exists()
+        hub.failing.clear()
+
+        r = _inferd("serve", f"hf://{repo}@main", "--dry-run", "--json", env=hub_env)
+        assert r.returncode == 0, r.stderr
+        plan = json.loads(r.stdout)
+        assert (plan["model"], plan["profile"]["id"]) == ("tiny-qwen2", "vllm-cpu-bf16")
+        for name in (weights, "config.json", "tokenizer.json"):
+            assert (folder / name).read_bytes() == (tiny_qwen2 / name).read_bytes()
+        assert any("/resolve/" in p and p.endswith(f"/{weights}") for p in hub.seen)
+
+        # Served for real; the start reads the cache, not the hub.
+        hub.seen.clear()
+        with serving(tmp_path, f"hf://{repo}@main", EAGER, cache=cache) as served:
+            answer = _chat(served, "tiny-qwen2", max_tokens=8)
+        assert answer.choices[0].finish_reason in ("length", "stop")
+        assert hub.seen == []
+
+        # What the hub does not have: refused by name, exit 2.
+        assert "no such repository" in _refusal("hf://inferd-tests/nope@main", env=hub_env)
+        assert "or revision v9" in _refusal(f"hf://{repo}@v9", env=hub_env)
+    # The hub gone: the model is served from the cache, --offline or not.
+    for extra in ((), ("--offline",)):
+        r = _inferd("serve", f"hf://{repo}@main", *extra, "--dry-run", "--json", env=hub_env)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["model"] == "tiny-qwen2"
+    # Another revision was never downloaded: with --offline, refused by name.
+    assert "--offline" in _refusal(f"hf://{repo}@v2", "--offline", env=hub_env)

@@ -171,12 +171,18 @@ def _convert(
     return {"tool": "transformers", "versions": converter_versions(), "seconds": round(seconds, 1)}
 
 
+# Written into a hub download's folder once snapshot_download has returned (see fetch_hub).
+HUB_DONE = ".inferd-complete"
+
+
 def fetch_hub(repo: str, revision: str, store: ModelStore, *, offline: bool) -> Path:
     """`hf://ORG/NAME@REVISION`: the repository's files downloaded into `hub/` of the cache,
-    then served like a folder given by path. A hub that cannot be reached is a usage error (the
-    user named it), in one line."""
+    then served like a folder given by path. A hub that cannot be reached, or a download that
+    fails, is a usage error (the user named it), in one line. A download counts once it has
+    ended (`HUB_DONE` written after it): an interrupted one is resumed by the next start, never
+    served half-way."""
     folder = store.root / "hub" / repo.replace("/", "--") / (revision or "main")
-    if folder.is_dir() and (folder / "config.json").is_file():
+    if (folder / HUB_DONE).is_file():
         return folder
     if offline:
         raise UsageError(
@@ -202,6 +208,7 @@ def fetch_hub(repo: str, revision: str, store: ModelStore, *, offline: bool) -> 
     except Exception as exc:  # the hub client raises many kinds (HTTP, connection, DNS, OS)
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UsageError(
-            f"hf://{repo}: the Hugging Face hub cannot be reached ({reason})"
+            f"hf://{repo}: the download from the Hugging Face hub failed ({reason})"
         ) from None
+    (folder / HUB_DONE).write_text(f"{repo}@{revision or 'main'}\n")
     return folder

@@ -70,3 +70,7 @@ def configure(level: str, json_logs: bool) -> None:
         logger = logging.getLogger(name)
         logger.handlers[:] = []
         logger.propagate = True
+    # Libraries that log each HTTP request they make at INFO (httpx, under huggingface_hub's
+    # downloads of `hf://` models): a line per file beside inferd's own; shown at debug.
+    if level.lower() != "debug":
+        logging.getLogger("httpx").setLevel(logging.WARNING)
