@@ -33,6 +33,7 @@ import openai
 import psutil
 import pytest
 
+from inferd.server.admission import RETURN_S
 from tests.adapters import train_lora
 from tests.e2e.conftest import (
     BOTH_PROFILE,
@@ -257,6 +258,9 @@ def test_a_crowd_of_adapter_requests_is_answered_by_each_engine(
     is in the adapter's format."""
     if served.profile != BOTH_PROFILE:
         pytest.skip("one engine: the tests above show it")
+    # The test before ended a crowd's requests a moment ago: within RETURN_S a request counts
+    # as one of their clients' next (admission), so one user is alone only after it.
+    time.sleep(RETURN_S + 0.25)
     before = _engine_requests(served)
     # One user alone: llama.cpp. Once its stream has begun it stays there (a crowd arriving
     # before its first token would take it back for vLLM).
