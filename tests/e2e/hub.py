@@ -60,12 +60,12 @@ class _Handler(BaseHTTPRequestHandler):
         pass  # quiet: the test reads `Hub.seen`
 
     def do_GET(self) -> None:
-        self._answer(body=True)
+        self._answer()
 
     def do_HEAD(self) -> None:
-        self._answer(body=False)
+        self._answer()
 
-    def _answer(self, body: bool) -> None:
+    def _answer(self) -> None:
         path = unquote(urlsplit(self.path).path)
         self.server.seen.append(path)
         parts = path.strip("/").split("/")
@@ -99,13 +99,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self._error(403, "", f"{name}: access denied")
             else:
                 data = files[name]
-                self.send_response(200)
-                self.send_header("X-Repo-Commit", commit)
-                self.send_header("ETag", f'"{_blob_id(data)}"')
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                if body:
-                    self.wfile.write(data)
+                self._send(200, data, {"X-Repo-Commit": commit, "ETag": f'"{_blob_id(data)}"'})
         else:
             self._error(404, "", f"no route {path}")
 
@@ -121,21 +115,19 @@ class _Handler(BaseHTTPRequestHandler):
         return commit
 
     def _json(self, value: object) -> None:
-        data = json.dumps(value).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(data)
+        self._send(200, json.dumps(value).encode(), {"Content-Type": "application/json"})
 
     def _error(self, status: int, code: str, message: str) -> None:
-        data = json.dumps({"error": message}).encode()
-        self.send_response(status)
+        headers = {"X-Error-Message": message, "Content-Type": "application/json"}
         if code:
-            self.send_header("X-Error-Code", code)
-        self.send_header("X-Error-Message", message)
-        self.send_header("Content-Type", "application/json")
+            headers["X-Error-Code"] = code
+        self._send(status, json.dumps({"error": message}).encode(), headers)
+
+    def _send(self, status: int, data: bytes, headers: dict[str, str]) -> None:
+        """`data` with `headers` and its length; the body only for GET (HEAD: the headers)."""
+        self.send_response(status)
+        for name, value in headers.items():
+            self.send_header(name, value)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         if self.command != "HEAD":

@@ -248,8 +248,7 @@ class Admission:
         in the load the router judges by. A burst's requests arrive together but reach
         admission one by one, the first while the others are still being read; without them
         the first is judged as one user alone."""
-        self._returning()
-        if self._returns:  # this is the next request of a client whose request just ended
+        if self._returning():  # the next request of a client whose request just ended
             self._returns.popleft()
         self._coming += 1
         try:
