@@ -25,13 +25,18 @@ import openai
 import psutil
 import pytest
 
+from inferd.catalog import Catalog
+from inferd.engines.llamacpp import LlamaCppEngine
 from tests.e2e.conftest import (
     EAGER,
     INFERD,
+    LLAMACPP_PROFILE,
     MODEL,
     START_TIMEOUT_S,
     Served,
     cache_with_crowd_figures,
+    engine_client,
+    engine_socket,
     serving,
 )
 
@@ -200,6 +205,38 @@ def test_one_user_goes_to_llamacpp(both: tuple[Served, Seen]) -> None:
     assert answer.choices[0].message.content
     after = _requests(served)
     assert after["llamacpp"] == before["llamacpp"] + 1 and after["vllm"] == before["vllm"]
+
+
+def test_llamacpp_says_which_of_its_slots_work(both: tuple[Served, Seen], tmp_path: Path) -> None:
+    """What a recalled request's slot waits for (`server.proxy._linger`): llama-server's own
+    account of its busy slots, read as inferd reads it."""
+    served, _ = both
+    entry = Catalog.load().get(MODEL)
+    profile = entry.profile(LLAMACPP_PROFILE)
+    assert profile is not None
+    engine = LlamaCppEngine(MODEL, tmp_path, profile, [], tmp_path)
+    assert engine.working_path is not None
+    with engine_client(*engine_socket(served, MODEL, "llamacpp")) as c:
+
+        def working() -> int | None:
+            return engine.working(c.get(engine.working_path or "").json())
+
+        assert working() == 0
+        stream = _chat(served).chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "Tell a long story."}],
+            max_tokens=256,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+        next(iter(stream))  # one user: llama.cpp answers
+        assert working() == 1
+        for _ in stream:
+            pass
+        deadline = time.monotonic() + 10
+        while working() != 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert working() == 0
 
 
 def test_a_crowd_spills_over_to_vllm_and_nothing_is_refused(

@@ -7,6 +7,8 @@ a real engine will not produce on demand. What the user message says picks the b
     "crash"    stream two events, then the process dies (engine crash mid-stream)
     "slow"     stream with 0.3 s between events (to see events arrive one by one, and to hang up)
     "hold"     answer nothing for 1 s, then as usual (a long prompt: its first token comes late)
+    "late"     a stream's headers at once, its first event after 1 s (llama-server's way with a
+               long prompt)
     "invalid"  answer with vLLM's real 400 body
     otherwise  replay the recorded answer (streamed or not)
 
@@ -117,6 +119,12 @@ class Recorded:
         events = [e for e in self.events if with_usage or b'"choices":[]' not in e]
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
+        if text == "late":
+            self.held += 1
+            try:
+                await asyncio.sleep(1.0)
+            finally:
+                self.held -= 1
         self.open_streams += 1
         try:
             for i, event in enumerate(events):

@@ -97,11 +97,14 @@ def _held(front: Front) -> int:
         return int(engine.get("/debug/open-streams").json()["held"])
 
 
+@pytest.mark.parametrize("held", ["hold", "late"])
 def test_a_change_of_turn_takes_back_what_the_old_engine_has_not_answered(
-    front: Front,
+    front: Front, held: str
 ) -> None:
+    """`hold`: nothing answered yet; `late`: the stream's headers sent, no event yet (what
+    llama-server does while it computes the prompt): neither has begun to answer."""
     answers: dict[str, list[str]] = {}
-    first = threading.Thread(target=lambda: answers.setdefault("held", _stream(front, "hold")))
+    first = threading.Thread(target=lambda: answers.setdefault("held", _stream(front, held)))
     first.start()
     deadline = time.monotonic() + 5
     while _held(front) == 0 and time.monotonic() < deadline:  # the first engine has it

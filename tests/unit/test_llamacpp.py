@@ -54,6 +54,19 @@ def test_tokenize_and_detokenize_are_translated(tmp_path: Path) -> None:
     assert e.adapt_answer("/detokenize", {"content": "hi"}) == {"prompt": "hi"}
 
 
+def test_its_slots_say_how_many_requests_it_works_on(tmp_path: Path) -> None:
+    e = _engine(tmp_path)
+    assert e.working_path == "/slots"
+    # llama-server's /slots answer (tools/server, `slot.to_json` without debug fields).
+    slots = [
+        {"id": 0, "n_ctx": 8192, "speculative": False, "is_processing": True},
+        {"id": 1, "n_ctx": 8192, "speculative": False, "is_processing": False},
+        {"id": 2, "n_ctx": 8192, "speculative": False, "is_processing": True},
+    ]
+    assert e.working(slots) == 2
+    assert e.working({"error": {"message": "slots endpoint disabled"}}) is None
+
+
 def test_vllm_names_are_accepted_and_renamed(tmp_path: Path) -> None:
     e = _engine(tmp_path)
     accepted = e.accepted_params("/v1/chat/completions")

@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from types import SimpleNamespace
+from typing import cast
 
 import pytest
 from prometheus_client import CollectorRegistry, Gauge
 
 from inferd.errors import OverloadedError
+from inferd.server import admission as admission_module
 from inferd.server import warmup
 from inferd.server.admission import RETURN_S, Admission, Lane, Limits, Slot, Want
+from inferd.server.engine_client import EngineClient
+from inferd.server.proxy import _linger
 from inferd.server.routing import DEFAULT_OUTPUT_TOKENS, Router, Table, want_of
+from inferd.server.served import ServedModel
 
 # Measured by `inferd tune` on a quiet 2-core EPYC (the catalog's reference figures of
 # smollm2-135m-instruct): llama.cpp fast alone, its steps growing steeply; vLLM slower alone,
@@ -467,6 +473,72 @@ async def test_a_whole_answer_moves_only_while_its_prompt_may_be_computing() -> 
     assert [(await w).lane for w in crowd] == [1] * 5
 
 
+async def test_recalled_requests_are_not_counted_as_kept_by_their_engine() -> None:
+    lanes = [Lane("llamacpp", 4), Lane("vllm", 32)]
+    admission = _with_turns(lanes)
+    want = Want(None, 128, 128)
+    begun, cut, voided = [await admission.acquire(want) for _ in range(3)]
+    assert admission.kept(0) == 3
+    begun.recallable()
+    begun.settled()  # its first token came: it stays
+    cut_recall, voided_recall = cut.recallable(), voided.recallable()
+    crowd = [asyncio.create_task(admission.acquire(want)) for _ in range(5)]
+    await asyncio.sleep(0)
+    assert cut_recall is not None and cut_recall.is_set()
+    assert voided_recall is not None and voided_recall.is_set()
+    # Both recalled hold their slots meanwhile; llama.cpp is meant to work on the begun one.
+    assert lanes[0].running == 3 and admission.kept(0) == 1
+    voided.settled()  # its answer came as the recall did: it stays, and counts again
+    assert admission.kept(0) == 2
+    cut.release()
+    assert admission.kept(0) == 2 and lanes[0].running == 2
+    for slot in (begun, voided):
+        slot.release()
+    await asyncio.gather(*crowd)
+
+
+class _Says:
+    """An engine client that says it works on `counts` requests, one ask after another (the
+    last for good; None: it does not say)."""
+
+    def __init__(self, *counts: int | None) -> None:
+        self.counts = list(counts)
+        self.asked = 0
+
+    async def working(self) -> int | None:
+        self.asked += 1
+        return self.counts.pop(0) if len(self.counts) > 1 else self.counts[0]
+
+
+async def test_a_recalled_request_holds_its_slot_until_its_engine_is_done_with_it() -> None:
+    lanes = [Lane("llamacpp", 4), Lane("vllm", 32)]
+    admission = _with_turns(lanes)
+    want = Want(None, 128, 128)
+    begun, *cut = [await admission.acquire(want) for _ in range(3)]
+    recalls = [slot.recallable() for slot in cut]
+    crowd = [asyncio.create_task(admission.acquire(want)) for _ in range(5)]
+    await asyncio.sleep(0)
+    served = cast(ServedModel, SimpleNamespace(admission=admission))
+    recall = recalls[0]
+    assert recall is not None and recall.is_set() and admission.kept(0) == 1
+    recall.linger_s = 5.0  # the bound from prompt speeds
+    loop = asyncio.get_running_loop()
+    # llama.cpp still computes the cut prompts (three slots busy), then only the begun one.
+    says = _Says(3, 3, 1)
+    began = loop.time()
+    await _linger(cast(EngineClient, says), served, 0, recall)
+    assert says.asked == 3 and loop.time() - began < 2.0
+    # An engine that does not say what it works on: held for the whole bound.
+    recall.linger_s = 0.2
+    silent = _Says(None)
+    began = loop.time()
+    await _linger(cast(EngineClient, silent), served, 0, recall)
+    assert silent.asked == 1 and loop.time() - began >= 0.2
+    for slot in (begun, *cut):
+        slot.release()
+    await asyncio.gather(*crowd)
+
+
 async def test_a_burst_on_its_way_is_judged_whole() -> None:
     lanes = [Lane("llamacpp", 4), Lane("vllm", 32)]
     admission = _with_turns(lanes)
@@ -484,6 +556,34 @@ async def test_a_burst_on_its_way_is_judged_whole() -> None:
     assert first.lane == 1
     # Nothing on its way any more: the count is back to what runs and waits.
     assert admission._coming == 0
+
+
+async def test_a_request_right_after_another_waits_until_its_burst_is_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Wider than the service's, so that a slow test machine keeps the order of things.
+    monkeypatch.setattr(admission_module, "BURST_GAP_S", 1.0)
+    monkeypatch.setattr(admission_module, "BURST_QUIET_S", 0.05)
+    monkeypatch.setattr(admission_module, "BURST_WAIT_S", 5.0)
+    admission = _with_turns([Lane("llamacpp", 4), Lane("vllm", 32)])
+    loop = asyncio.get_running_loop()
+    with admission.arriving() as close:
+        assert not close  # on its own: judged after one turn of the event loop
+        await asyncio.wait_for(admission.gathered(close), 0.04)
+    with admission.arriving() as close:
+        assert close  # right after the first: one of a burst
+        began = loop.time()
+        waiting = asyncio.create_task(admission.gathered(close))
+        await asyncio.sleep(0.01)
+        with admission.arriving():  # more of the burst are read meanwhile
+            await asyncio.sleep(0.01)
+            assert not waiting.done()
+        await waiting
+        # Until a quiet spell after the last one came.
+        assert loop.time() - began >= 0.09
+    admission._arrived_at -= 2.0  # long after the last: a user on their own again
+    with admission.arriving() as close:
+        assert not close
 
 
 async def test_the_next_wave_of_a_crowd_is_judged_whole() -> None:

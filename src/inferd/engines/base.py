@@ -74,6 +74,9 @@ class Engine(ABC):
     # The route that counts a chat request's prompt tokens (`messages`, `tools`) as the
     # model's template renders them: answers `count` or `input_tokens`.
     chat_tokens_path = "/tokenize"
+    # The route that says how many requests the engine is working on now (`working`); None:
+    # the engine does not say.
+    working_path: str | None = None
     # Flags that say where the engine listens: `listen_flags` sets them, and pass-through
     # arguments may not (a TCP address would open the engine to every local process).
     listen_options: frozenset[str] = frozenset({"--host", "--port", "--uds"})
@@ -134,6 +137,11 @@ class Engine(ABC):
         """Put a request the front has accepted into the terms this engine honours, in place
         (e.g. a `tool_choice` form it would otherwise drop); True when it changed anything."""
         return False
+
+    def working(self, answer: Any) -> int | None:
+        """How many requests the engine is working on, from the answer of its `working_path`
+        (None: the answer does not say)."""
+        return None
 
     def clients_fault(self, status: int, answer: bytes) -> bool:
         """True when this engine's server error (`status` >= 500) is really about the request

@@ -250,12 +250,20 @@ class LlamaCppEngine(Engine):
     # template and counts it (`{"input_tokens": N}`).
     chat_tokens_path = "/v1/chat/completions/input_tokens"
     adapted_routes = frozenset({"/tokenize", "/detokenize"})
+    # Each slot and whether it is busy; answered between (and during) decodes, so it shows a
+    # cancelled request's slot freed once the batch that held it is done.
+    working_path = "/slots"
     # vLLM's (and inferd's) names for sampling fields llama.cpp calls otherwise.
     param_aliases = {"repetition_penalty": "repeat_penalty", "max_completion_tokens": "max_tokens"}
 
     @property
     def slots(self) -> int:
         return self.profile.max_running
+
+    def working(self, answer: Any) -> int | None:
+        if not isinstance(answer, list):
+            return None
+        return sum(1 for slot in answer if isinstance(slot, dict) and slot.get("is_processing"))
 
     def accepted_params(self, route: str) -> frozenset[str] | None:
         accepted = ACCEPTED_PARAMS.get(route)

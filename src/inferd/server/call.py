@@ -83,6 +83,9 @@ class Call:
         # Set when a change of turn takes the request back before its engine answered
         # (`Slot.recallable`); None where nothing can.
         self.recall: Recall | None = None
+        # A stream's first bytes, read while a change of turn could still take it back
+        # (`proxy._first_unless_recalled`); the relay sends them first.
+        self.head = b""
         self._open = True
 
     def withdraw(self) -> None:

@@ -14,6 +14,7 @@ and the guard models (rail calls) go through it, so the translation code lives o
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -29,6 +30,10 @@ from inferd.server.served import ServedModel
 from inferd.server.supervisor import Supervisor
 
 log = logging.getLogger("inferd.requests")
+
+# How long the engine has to say what it is working on (`EngineClient.working`): it answers
+# between decodes, so a long batch may hold it back; a late answer is no answer.
+WORKING_LIMIT_S = 1.0
 
 
 def _too_long(tokens: int, context: int, engine_said: str) -> str:
@@ -74,6 +79,7 @@ class EngineClient:
         self.served = served
         self.sessions = sessions
         self.supervisor = supervisor or served.supervisor
+        self._asking: asyncio.Future[int | None] | None = None  # `working`'s ask in flight
 
     @property
     def engine(self) -> Engine:
@@ -162,6 +168,25 @@ class EngineClient:
             raise EngineUnavailableError(
                 f"{who}: the guard model's server answered something not JSON"
             ) from None
+
+    async def working(self) -> int | None:
+        """How many requests the engine is working on now, by its own account (None: it does
+        not say, or did not answer). Callers at the same moment share one ask."""
+        if self.engine.working_path is None:
+            return None
+        if self._asking is None or self._asking.done():
+            self._asking = asyncio.ensure_future(self._ask_working(self.engine.working_path))
+        # Shielded: one caller that goes away does not cancel the others' answer.
+        return await asyncio.shield(self._asking)
+
+    async def _ask_working(self, path: str) -> int | None:
+        got = await self.supervisor.fetch(path, limit_s=WORKING_LIMIT_S)
+        if got is None or got[0] != 200:
+            return None
+        try:
+            return self.engine.working(json.loads(got[1]))
+        except ValueError:
+            return None
 
     # ------------------------------------------------------------------ errors
 

@@ -74,6 +74,9 @@ _T = TypeVar("_T")
 GUARD_INLINE_BYTES = 1024
 CHAT_PATH = "/v1/chat/completions"
 COMPLETION_PATH = "/v1/completions"
+# How often a recalled request asks its engine whether it still computes its prompt
+# (`_linger`); the first ask waits this long too, for the engine to have taken the request in.
+LINGER_ASK_S = 0.02
 
 
 def parse_body(body: bytes) -> dict[str, Any]:
@@ -247,6 +250,45 @@ async def _unless_recalled(
     return task.result()
 
 
+async def _linger(client: EngineClient, served: ServedModel, lane: int, recall: Recall) -> None:
+    """Hold a recalled request's slot while its engine may still compute its prompt
+    (`server.admission`): until the engine says it works on no more than admission has `kept`
+    on it, or for `recall.linger_s` where it does not say."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + recall.linger_s
+    while (left := end - loop.time()) > 0:
+        await asyncio.sleep(min(LINGER_ASK_S, left))
+        try:
+            working = await asyncio.wait_for(client.working(), max(0.0, end - loop.time()))
+        except TimeoutError:
+            return
+        if working is None:  # the engine does not say: the bound it is
+            await asyncio.sleep(max(0.0, end - loop.time()))
+            return
+        if working <= served.admission.kept(lane):
+            return
+
+
+async def _first_unless_recalled(resp: aiohttp.ClientResponse, recall: Recall) -> bytes:
+    """A stream's first bytes, or `Recalled` (the engine connection closed) if `recall` is set
+    first. An engine may send a stream's headers at once (llama-server does, within a few
+    ms) and its first event only with the first token: until that event it has not begun to
+    answer. A recall that came with the first bytes still takes the request back: nothing has
+    reached its client, and the crowd's engine would otherwise wait for the whole answer. A
+    read that fails gives nothing: the relay meets the failure and reports it."""
+    try:
+        task = await _before(resp.content.readany(), recall.wait())
+    except (TimeoutError, aiohttp.ClientError):
+        return b""
+    if task is None or recall.is_set():
+        resp.close()
+        raise Recalled
+    try:
+        return task.result()
+    except (TimeoutError, aiohttp.ClientError):
+        return b""
+
+
 @dataclass
 class Prepared:
     """A request checked, through its input rails and translated, before any engine: what
@@ -362,7 +404,7 @@ class Proxy:
         adapter = self.adapters.find(payload.get("model"))
         served = adapter.base if adapter else self.models.lookup(payload.get("model"))
         model_id = adapter.name if adapter else served.id  # what the client named
-        with served.admission.arriving():  # counted in the load from here (see admission)
+        with served.admission.arriving() as close:  # counted in the load from here
             path = route.engine_path
             translation: Translation | None = None
             if route.translation is not None:
@@ -406,7 +448,7 @@ class Proxy:
                 # Let the requests that arrived with this one reach this point too, so that the
                 # router sees a burst whole (each runs from its arrival to here without a pause
                 # otherwise, the first judged as one user alone while the others are unread).
-                await asyncio.sleep(0)
+                await served.admission.gathered(close)
         again = False
         while True:
             try:
@@ -482,7 +524,7 @@ class Proxy:
             self.metrics.engine_recalls.labels(served.id, engine.name).inc()
             assert call.recall is not None  # only a recallable try is recalled
             try:  # its slot is held while the engine may still compute its prompt
-                await asyncio.sleep(call.recall.linger_s)
+                await _linger(client, served, slot.lane, call.recall)
             finally:
                 call.withdraw()
                 self._gone(call)
@@ -517,7 +559,7 @@ class Proxy:
         translation: Translation | None,
     ) -> Response:
         path = route.engine_path
-        resp = await self._post(client, path, body, call)
+        resp = await self._post(client, path, body, call, stream)
         call.upstream = resp
         if not stream or resp.status != 200:
             data = await self._read(resp, call, client)
@@ -576,13 +618,19 @@ class Proxy:
         )
 
     async def _post(
-        self, client: EngineClient, path: str, body: bytes, call: Call
+        self, client: EngineClient, path: str, body: bytes, call: Call, stream: bool
     ) -> aiohttp.ClientResponse:
-        """The engine's response (its status and headers), unless a change of turn recalls the
-        request first (`Recalled`: the connection is closed, which makes the engine drop it)."""
+        """The engine's response (its status and headers; a recallable stream's first bytes
+        read too, into `call.head`), unless a change of turn recalls the request first
+        (`Recalled`: the connection is closed, which makes the engine drop it)."""
         post = client.post(path, body, call.engine_rid)
         try:
-            resp = await (post if call.recall is None else _unless_recalled(post, call.recall))
+            if call.recall is None:
+                resp = await post
+            else:
+                resp = await _unless_recalled(post, call.recall)
+                if stream and resp.status == 200:
+                    call.head = await _first_unless_recalled(resp, call.recall)
         except Recalled:
             raise
         except BaseException:

@@ -65,6 +65,15 @@ async def read_bounded(resp: aiohttp.ClientResponse, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+async def _chunks(resp: aiohttp.ClientResponse, call: Call) -> AsyncIterator[bytes]:
+    """The stream's bytes: what the proxy read of it already (`Call.head`), then the rest."""
+    head, call.head = call.head, b""
+    if head:
+        yield head
+    async for chunk in resp.content.iter_any():
+        yield chunk
+
+
 async def chat_events(
     resp: aiohttp.ClientResponse,
     call: Call,
@@ -77,7 +86,7 @@ async def chat_events(
     pending = b""
     status = 499  # if the generator is closed early, the client went away
     try:
-        async for chunk in resp.content.iter_any():
+        async for chunk in _chunks(resp, call):
             if not pending and chunk.endswith(b"\n\n"):
                 complete = chunk  # the common read: whole events, nothing held back
             else:
