@@ -131,9 +131,12 @@ def _first(
 
 class Recall(asyncio.Event):
     """Set when a change of turn takes a request back (`Slot.recallable`). `linger_s`: how long
-    its slot is still held (its engine may be computing its prompt: see the module's docstring)."""
+    its slot is still held (its engine may be computing its prompt: see the module's docstring).
+    `until`: the moment (`time.monotonic`) after which no change of turn takes a stream back
+    (`RECALL_S` after its slot was handed)."""
 
     linger_s = 0.0
+    until = math.inf
 
 
 class Slot:
@@ -161,6 +164,8 @@ class Slot:
             return None
         self.streamed = streamed
         recall = self._admission._recallable[self] = Recall()
+        if streamed:
+            recall.until = self.handed_at + RECALL_S
         return recall
 
     def settled(self) -> None:

@@ -25,6 +25,7 @@ import copy
 import json
 import logging
 import re
+import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -274,15 +275,24 @@ async def _first_unless_recalled(resp: aiohttp.ClientResponse, recall: Recall) -
     first. An engine may send a stream's headers at once (llama-server does, within a few
     ms) and its first event only with the first token: until that event it has not begun to
     answer. A recall that came with the first bytes still takes the request back: nothing has
-    reached its client, and the crowd's engine would otherwise wait for the whole answer. A
-    read that fails gives nothing: the relay meets the failure and reports it."""
+    reached its client, and the crowd's engine would otherwise wait for the whole answer.
+    Nothing once no recall can come any more (`Recall.until`: a long prompt's stream goes on
+    to the relay, which watches its client), nor from a read that fails (the relay meets the
+    failure and reports it)."""
+
+    async def recalled() -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(recall.wait(), max(0.0, recall.until - time.monotonic()))
+
     try:
-        task = await _before(resp.content.readany(), recall.wait())
+        task = await _before(resp.content.readany(), recalled())
     except (TimeoutError, aiohttp.ClientError):
         return b""
-    if task is None or recall.is_set():
+    if recall.is_set():
         resp.close()
         raise Recalled
+    if task is None:
+        return b""
     try:
         return task.result()
     except (TimeoutError, aiohttp.ClientError):
