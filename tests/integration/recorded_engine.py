@@ -100,11 +100,7 @@ class Recorded:
             )
         text = messages[-1]["content"]
         if text == "hold":
-            self.held += 1
-            try:
-                await asyncio.sleep(1.0)
-            finally:
-                self.held -= 1
+            await self._hold()
         if text == "invalid":
             return web.Response(
                 body=(FIXTURES / "error-max-tokens.json").read_bytes(),
@@ -120,11 +116,7 @@ class Recorded:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         if text == "late":
-            self.held += 1
-            try:
-                await asyncio.sleep(1.0)
-            finally:
-                self.held -= 1
+            await self._hold()
         self.open_streams += 1
         try:
             for i, event in enumerate(events):
@@ -135,6 +127,14 @@ class Recorded:
         finally:
             self.open_streams -= 1
         return resp
+
+    async def _hold(self) -> None:
+        """Answer nothing for 1 s (a long prompt), counted in `held` meanwhile."""
+        self.held += 1
+        try:
+            await asyncio.sleep(1.0)
+        finally:
+            self.held -= 1
 
     async def fixture(self, request: web.Request) -> web.Response:
         name = {
