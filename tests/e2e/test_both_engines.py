@@ -268,11 +268,12 @@ def test_a_crowd_spills_over_to_vllm_and_nothing_is_refused(
     after = _requests(served)
     gained = {name: after[name] - before[name] for name in after}
     assert sum(gained.values()) == 16
-    # The first arrivals went to llama.cpp one by one (one to three users are its); the one
-    # that showed the crowd gave the turn to vLLM, which took back what llama.cpp had not begun
-    # to answer. What llama.cpp answered is what it had begun: three at most.
+    # The crowd is vLLM's. The burst is read whole before its second request is judged
+    # (`Admission.gathered`); its first may have gone to llama.cpp as one user's, and then been
+    # taken back by the arrival that showed the crowd unless llama.cpp had begun to answer it.
+    # What llama.cpp answered is what it had begun: three at most (one to three users are its).
     taken_back = _engines(served)["llamacpp"]["recalled"] - recalled
-    assert gained["vllm"] >= 13 and gained["llamacpp"] + taken_back >= 1, (gained, taken_back)
+    assert gained["vllm"] >= 13 and gained["llamacpp"] <= 3, (gained, taken_back)
     metrics = httpx.get(served.url + "/metrics", timeout=10).text
     for engine in ("llamacpp", "vllm"):
         assert f'inferd_engine_requests_total{{engine="{engine}",model="{MODEL}"}}' in metrics
