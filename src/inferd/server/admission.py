@@ -171,15 +171,13 @@ class Slot:
     def settled(self) -> None:
         """Its engine has begun to answer: it stays there (a recall that came as it did is
         void)."""
-        self._admission._recallable.pop(self, None)
-        self._admission._lingering.discard(self)
+        self._admission._forget(self)
         self.recalled = False
 
     def release(self) -> None:
         if self._held:
             self._held = False
-            self._admission._recallable.pop(self, None)
-            self._admission._lingering.discard(self)
+            self._admission._forget(self)
             self._admission._release(self.lane, recalled=self.recalled)
 
 
@@ -309,6 +307,11 @@ class Admission:
         while self._returns and now - self._returns[0] > RETURN_S:
             self._returns.popleft()
         return len(self._returns)
+
+    def _forget(self, slot: Slot) -> None:
+        """`slot` can no longer be recalled, nor is it lingering (settled, or given back)."""
+        self._recallable.pop(slot, None)
+        self._lingering.discard(slot)
 
     def kept(self, lane: int) -> int:
         """The requests lane `lane`'s engine is meant to be working on: its slots, less those of
