@@ -1,22 +1,23 @@
 """llama.cpp's first token alone and beside a stopped process holding memory, taken apart.
 
-In `cpu-both`, one user's first token on llama.cpp is later than on llama.cpp alone while vLLM
-rests (stopped, no CPU) holding about 5 GB (benchmarks/RESULTS.md). This measures that without
-vLLM: llama-server is started exactly as inferd starts it for the profile
+In `cpu-both`, one user's first token on llama.cpp was later than on llama.cpp alone while
+vLLM rested (stopped, no CPU) holding about 5 GB (benchmarks/RESULTS.md). This measures that
+without vLLM: llama-server is started exactly as inferd starts it for the profile
 (`LlamaCppEngine.command`: its argv and environment, on a Unix socket in a private folder),
 either alone or beside a Python process that has written `--beside-gib` GiB (every page
 touched) and stopped itself (SIGSTOP): a resting vLLM's footprint, without its code. Per
 condition, `--requests` sequential streamed completions of a fixed prompt with 128 tokens out
 (ignore_eos, no prompt cache), each on a new connection (llama-server closes a connection after
-a stream anyway); reported, medians with the first request of
-a start left out: the time to the response's headers, to the first token, llama.cpp's own
-prompt time and decode rate (its `timings`), and the huge pages it holds. Each `--variant
-NAME=TUNABLES` runs llama-server with that `GLIBC_TUNABLES` (default: as inferd starts it, and
-with malloc's memory in transparent huge pages, `glibc.malloc.hugetlb=1`). Conditions rotate
+a stream anyway); reported, medians with the first request of a start left out: the time to the
+response's headers, to the first token, llama.cpp's own prompt time and decode rate (its
+`timings`), its RSS and the huge pages it holds. Each `--variant NAME=VAR=VALUE[,VAR=VALUE]`
+adds that environment to llama-server's (default: as inferd starts it, and with llama-server's
+own prompt cache in RAM, `LLAMA_ARG_CACHE_RAM=8192`, as before inferd turned it off; e.g.
+`GLIBC_TUNABLES=glibc.malloc.hugetlb=1` for malloc's memory in huge pages). Conditions rotate
 within each of `--rounds` rounds, so drift hits all alike.
 
 Usage: python benchmarks/llama_memory.py [--profile llamacpp-cpu-q8_0] [--rounds 3]
-       [--requests 12] [--beside-gib 5] [--variant NAME=TUNABLES ...]
+       [--requests 12] [--beside-gib 5] [--variant NAME=VAR=VALUE ...]
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 
 from engine_profiles import environment
 from inferd.cache import prepare
@@ -130,8 +132,8 @@ def main() -> None:
     parser.add_argument(
         "--variant",
         action="append",
-        help="NAME=GLIBC_TUNABLES for llama-server (repeatable; default: as inferd starts it, "
-        "and with huge pages)",
+        help="NAME=VAR=VALUE[,VAR=VALUE]: environment for llama-server (repeatable; default: "
+        "as inferd starts it, and with its prompt cache in RAM)",
     )
     args = parser.parse_args()
     settings = load_settings({"model": MODEL, "profile": args.profile})
@@ -139,7 +141,8 @@ def main() -> None:
     prepare(plan.entry, plan.chosen.profile, plan.store, index_url=settings.pypi_index_url)
     variants = dict(
         v.split("=", 1)
-        for v in args.variant or ["as inferd starts it=", "huge pages=glibc.malloc.hugetlb=1"]
+        for v in args.variant
+        or ["as inferd starts it=", "prompt cache in RAM=LLAMA_ARG_CACHE_RAM=8192"]
     )
     conditions = [(pages, beside) for beside in (False, True) for pages in variants]
     results: dict[str, list[dict[str, float]]] = {}
@@ -157,11 +160,11 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as folder:
                 socket = Path(folder) / "engine-1.sock"
                 cmd = plan.engine(settings).command(socket)
-                tunables = {"GLIBC_TUNABLES": variants[pages]} if variants[pages] else {}
+                extra = dict(item.split("=", 1) for item in variants[pages].split(",") if item)
                 env = {
                     **os.environ,
                     **cmd.env,
-                    **tunables,
+                    **extra,
                     "LLAMA_API_KEY": os.urandom(16).hex(),
                 }
                 engine = start_engine(cmd.argv, env, socket)
@@ -169,6 +172,7 @@ def main() -> None:
                     with client(socket, env) as c:
                         row = measure(c, args.requests, f"{rnd}{pages}{beside}")
                     row["anon_huge_mib"] = anon_huge_mib(engine.pid)
+                    row["rss_mib"] = psutil.Process(engine.pid).memory_info().rss / 2**20
                 finally:
                     engine.terminate()
                     engine.wait()
@@ -185,13 +189,13 @@ def main() -> None:
     print(f"\n{args.profile}, {args.rounds} rounds, median (min-max) of the rounds' medians")
     print(
         "\n| condition | headers ms | first token ms | prompt ms | decode tok/s "
-        "| AnonHugePages MiB |"
+        "| RSS MiB | AnonHugePages MiB |"
     )
-    print("|---|---|---|---|---|---|")
-    keys = ("headers_ms", "first_token_ms", "prompt_ms", "decode_tok_s")
+    print("|---|---|---|---|---|---|---|")
+    keys = ("headers_ms", "first_token_ms", "prompt_ms", "decode_tok_s", "rss_mib", "anon_huge_mib")
     for name, rows in results.items():
         cells = [cell(rows, k) for k in keys]
-        print(f"| {name} | {' | '.join(cells)} | {cell(rows, 'anon_huge_mib')} |")
+        print(f"| {name} | {' | '.join(cells)} |")
     print(f"\n{environment()}")
 
 

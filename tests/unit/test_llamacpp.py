@@ -167,6 +167,21 @@ def test_cpu_profiles_stay_off_gpus_and_gpu_profiles_offload_everything(
     assert "--device" not in _engine(tmp_path).command(Path("/r/engine-1.sock")).argv
 
 
+def test_no_prompt_cache_in_ram_unless_the_user_asks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    monkeypatch.setattr("inferd.engines.llamacpp.find_binary", lambda: "/bin/llama-server")
+    monkeypatch.delenv("LLAMA_ARG_CACHE_RAM", raising=False)
+    for profile in ("llamacpp-cpu-q8_0", "llamacpp-gpu-q4_1"):
+        cmd = _engine(tmp_path, profile).command(Path("/r/engine-1.sock"))
+        assert cmd.env["LLAMA_ARG_CACHE_RAM"] == "0"
+        assert "--cache-ram" not in cmd.argv  # an older llama-server would refuse the flag
+    # The user's own setting, in inferd's environment, reaches the engine as it is.
+    monkeypatch.setenv("LLAMA_ARG_CACHE_RAM", "2048")
+    assert "LLAMA_ARG_CACHE_RAM" not in _engine(tmp_path).command(Path("/r/e.sock")).env
+
+
 @pytest.mark.built
 def test_gpu_support_reads_the_build_stamp_or_asks_the_binary(tmp_path: Path) -> None:
     binary = tmp_path / "llama-server"

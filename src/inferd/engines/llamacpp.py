@@ -18,6 +18,7 @@ speaks OpenAI on /v1/*, but its tokenize/detokenize routes differ from vLLM's; `
 from __future__ import annotations
 
 import functools
+import os
 import re
 import shutil
 import subprocess
@@ -30,6 +31,8 @@ from inferd.engines.base import Engine, EngineCommand, flags_from_mapping
 from inferd.errors import EngineStartError
 
 BINARY = "llama-server"
+# llama-server's variable for `--cache-ram` (MiB of host memory for its prompt cache; 0: none).
+PROMPT_CACHE_ENV = "LLAMA_ARG_CACHE_RAM"
 
 # Request fields llama-server reads on its OpenAI routes: its own sampling schema
 # (tools/server/server-schema.cpp) plus the OpenAI fields its chat/completion parsers take
@@ -304,7 +307,16 @@ class LlamaCppEngine(Engine):
             *flags_from_mapping(self.profile.engine_args),
             *self.extra_args,
         ]
-        return EngineCommand(argv=argv, env=dict(self.profile.engine_env))
+        # No host-memory prompt cache (`--cache-ram`, on by default in llama-server since late
+        # 2025, up to 8 GiB): on every new request it copies the state of the prompt a slot gives
+        # up into newly allocated memory, which inferd's memory estimate does not count, and
+        # that costs the request before its prompt starts (4 ms alone on a 2-core Zen 4 VM, 24-41
+        # ms beside a resting vLLM's 5 GB: benchmarks/RESULTS.md, "llama.cpp's prompt cache in
+        # RAM"). Each slot still reuses its own last prompt. Through the environment, which
+        # llama-servers older than the flag ignore; `--engine-args "llamacpp: --cache-ram N"` or
+        # the variable in inferd's own environment brings it back.
+        memory = {} if PROMPT_CACHE_ENV in os.environ else {PROMPT_CACHE_ENV: "0"}
+        return EngineCommand(argv=argv, env={**memory, **self.profile.engine_env})
 
     def listen_flags(self, socket: Path) -> list[str]:
         # A `--host` ending in `.sock` is a Unix socket path (tools/server/server-http.cpp binds
