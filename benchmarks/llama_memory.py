@@ -42,6 +42,7 @@ from inferd.cache import prepare
 from inferd.cli.plan import resolve
 from inferd.config import load_settings
 from inferd.server.engine_link import BASE_URL
+from serve_overhead import wait_http
 
 MODEL = "smollm2-135m-instruct"
 PROMPT = " ".join(f"word{i}" for i in range(50))
@@ -52,24 +53,6 @@ for i in range(0, len(held), 4096):
 print("held", flush=True)
 os.kill(os.getpid(), signal.SIGSTOP)
 """
-
-
-def start_engine(argv: list[str], env: dict[str, str], socket: Path) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            sys.exit(f"llama-server exited with {proc.returncode}")
-        if socket.exists():
-            try:
-                with client(socket, env) as c:
-                    if c.get("/health").status_code == 200:
-                        return proc
-            except httpx.HTTPError:
-                pass
-        time.sleep(0.1)
-    proc.kill()
-    sys.exit("llama-server did not become ready in 120 s")
 
 
 def client(socket: Path, env: dict[str, str]) -> httpx.Client:
@@ -144,12 +127,12 @@ def main() -> None:
         for v in args.variant
         or ["as inferd starts it=", "prompt cache in RAM=LLAMA_ARG_CACHE_RAM=8192"]
     )
-    conditions = [(pages, beside) for beside in (False, True) for pages in variants]
+    conditions = [(variant, beside) for beside in (False, True) for variant in variants]
     results: dict[str, list[dict[str, float]]] = {}
     for rnd in range(args.rounds):
         shift = rnd % len(conditions)
-        for pages, beside in conditions[shift:] + conditions[:shift]:
-            name = f"{pages}, " + (f"beside {args.beside_gib} GiB stopped" if beside else "alone")
+        for variant, beside in conditions[shift:] + conditions[:shift]:
+            name = f"{variant}, " + (f"beside {args.beside_gib} GiB stopped" if beside else "alone")
             holder = None
             if beside:
                 holder = subprocess.Popen(
@@ -160,17 +143,18 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as folder:
                 socket = Path(folder) / "engine-1.sock"
                 cmd = plan.engine(settings).command(socket)
-                extra = dict(item.split("=", 1) for item in variants[pages].split(",") if item)
+                extra = dict(item.split("=", 1) for item in variants[variant].split(",") if item)
                 env = {
                     **os.environ,
                     **cmd.env,
                     **extra,
                     "LLAMA_API_KEY": os.urandom(16).hex(),
                 }
-                engine = start_engine(cmd.argv, env, socket)
+                engine = subprocess.Popen(cmd.argv, env=env, stdout=subprocess.DEVNULL)
+                wait_http(BASE_URL + "/health", engine, timeout=120, uds=socket)
                 try:
                     with client(socket, env) as c:
-                        row = measure(c, args.requests, f"{rnd}{pages}{beside}")
+                        row = measure(c, args.requests, f"{rnd}{variant}{beside}")
                     row["anon_huge_mib"] = anon_huge_mib(engine.pid)
                     row["rss_mib"] = psutil.Process(engine.pid).memory_info().rss / 2**20
                 finally:
