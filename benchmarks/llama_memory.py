@@ -121,6 +121,7 @@ def main() -> None:
     args = parser.parse_args()
     settings = load_settings({"model": MODEL, "profile": args.profile})
     plan = resolve(settings)
+    plan.store.ensure_writable()  # a cache not made yet: its folders, locks included
     prepare(plan.entry, plan.chosen.profile, plan.store, index_url=settings.pypi_index_url)
     variants = dict(
         v.split("=", 1)
