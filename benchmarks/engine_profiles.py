@@ -209,7 +209,8 @@ def main() -> None:
     print(environment(), file=sys.stderr)
 
 
-def _stats(values: list[float]) -> str:
+def median_spread(values: list[float]) -> str:
+    """`median (min-max)`, one decimal; `-` for none."""
     if not values:
         return "-"
     return f"{statistics.median(values):.1f} ({min(values):.1f}-{max(values):.1f})"
@@ -234,10 +235,10 @@ def summarize(
             if not mine:
                 continue
             lines.append(
-                f"| {s} | {c} | {_stats([r['output_throughput'] for r in mine])} | "
-                f"{_stats([r['median_ttft_ms'] for r in mine])} | "
-                f"{_stats([r['median_itl_ms'] for r in mine])} | "
-                f"{_stats([r['ready_s'] for r in mine])} |"
+                f"| {s} | {c} | {median_spread([r['output_throughput'] for r in mine])} | "
+                f"{median_spread([r['median_ttft_ms'] for r in mine])} | "
+                f"{median_spread([r['median_itl_ms'] for r in mine])} | "
+                f"{median_spread([r['ready_s'] for r in mine])} |"
             )
     # Decode speed from the single stream's inter-token time, so prompt time does not count.
     lines += [

@@ -37,7 +37,7 @@ from typing import Any
 import httpx
 import psutil
 
-from engine_profiles import environment
+from engine_profiles import environment, median_spread
 from inferd.cache import prepare
 from inferd.cli.plan import resolve
 from inferd.config import load_settings
@@ -167,10 +167,6 @@ def main() -> None:
             results.setdefault(name, []).append(row)
             print(f"round {rnd} {name}: {row}", file=sys.stderr, flush=True)
 
-    def cell(rows: list[dict[str, Any]], key: str) -> str:
-        values = [r[key] for r in rows]
-        return f"{statistics.median(values):.1f} ({min(values):.1f}-{max(values):.1f})"
-
     print(f"\n{args.profile}, {args.rounds} rounds, median (min-max) of the rounds' medians")
     print(
         "\n| condition | headers ms | first token ms | prompt ms | decode tok/s "
@@ -179,7 +175,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     keys = ("headers_ms", "first_token_ms", "prompt_ms", "decode_tok_s", "rss_mib", "anon_huge_mib")
     for name, rows in results.items():
-        cells = [cell(rows, k) for k in keys]
+        cells = [median_spread([r[k] for r in rows]) for k in keys]
         print(f"| {name} | {' | '.join(cells)} |")
     print(f"\n{environment()}")
 
