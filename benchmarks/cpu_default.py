@@ -30,7 +30,9 @@ Per setup and round, in this order:
 5. memory: RSS of each engine's process tree (and of the front) before the setup is stopped.
 
 Writes every result to `--out`/cpu_default.json and prints markdown tables (median over rounds,
-min-max beside it) ready for benchmarks/RESULTS.md, with the machine and versions.
+min-max beside it) ready for benchmarks/RESULTS.md, with the machine and versions, and the
+default (or `both`) against every other setup, level by level and round by round (the targets'
+ratios). `--summary-of RUN/cpu_default.json` prints those tables again for a finished run.
 
 inferd's background tuning (`--tune-in-background`, on by default) may start llama.cpp profiles
 of its own between measurements; `--no-background-tuning` turns it off for every inferd setup.
@@ -381,6 +383,47 @@ def _shares(levels: list[dict[str, Any]]) -> str:
     return ", ".join(f"{e} {n:g}" for e, n in total.items()) or "-"
 
 
+def against(rows: list[dict[str, Any]], levels: list[int]) -> list[str]:
+    """The measured setup (the default, or `both` by name) against every other setup, level by
+    level: the ratio of the medians' output rates, the same ratio round by round (each round
+    starts every setup afresh, side by side), and the first token's difference. The rounds of
+    one setup vary by 5-10% on a shared 2-core VM, so a ratio near 1.0 is read round by round,
+    not from the medians alone."""
+    names = list(dict.fromkeys(r["setup"] for r in rows))
+    mine = next((n for n in names if n in ("default", "both")), None)
+    if mine is None or len(names) < 2:
+        return []
+    got: dict[tuple[str, int], dict[int, dict[str, Any]]] = {}
+    for r in rows:
+        for c, level in (r.get("levels") or {}).items():
+            if level.get("output_throughput"):
+                got.setdefault((r["setup"], int(c)), {})[r["round"]] = level
+    out = [
+        "",
+        f"| {mine} against | concurrency | output tok/s, ratio of medians | round by round "
+        "| TTFT p50 ms, difference of medians |",
+        "|---|---|---|---|---|",
+    ]
+    for c in levels:
+        ours = got.get((mine, c), {})
+        for other in (n for n in names if n != mine):
+            theirs = got.get((other, c), {})
+            if not ours or not theirs:
+                continue
+
+            def median(levels: dict[int, dict[str, Any]], key: str) -> float:
+                return float(statistics.median(v[key] for v in levels.values()))
+
+            rate = median(ours, "output_throughput") / median(theirs, "output_throughput")
+            rounds = ", ".join(
+                f"{ours[i]['output_throughput'] / theirs[i]['output_throughput']:.2f}"
+                for i in sorted(ours.keys() & theirs.keys())
+            )
+            ttft = median(ours, "median_ttft_ms") - median(theirs, "median_ttft_ms")
+            out.append(f"| {other} | {c} | {rate:.2f}x | {rounds} | {ttft:+.0f} |")
+    return out
+
+
 def summarize(rows: list[dict[str, Any]], levels: list[int]) -> str:
     names = list(dict.fromkeys(r["setup"] for r in rows))
     by = {n: [r for r in rows if r["setup"] == n and "levels" in r] for n in names}
@@ -403,6 +446,7 @@ def summarize(rows: list[dict[str, Any]], levels: list[int]) -> str:
                 f"{_stats([g.get('median_itl_ms') for g in got])} | "
                 f"{sum(int(g.get('failed') or 0) for g in got)} | {_shares(got)} |"
             )
+    out += against(rows, levels)
     out += ["", "| setup | ready s | RSS MiB per engine tree (median) |", "|---|---|---|"]
     for n in names:
         rss: dict[str, list[float]] = {}
@@ -489,6 +533,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--out", type=Path, default=HERE / "runs" / time.strftime("cpu-%Y%m%d-%H%M%S")
     )
+    parser.add_argument(
+        "--summary-of",
+        type=Path,
+        help="print the tables of a finished run (its cpu_default.json) and run nothing",
+    )
     parser.add_argument("--phases", help=argparse.SUPPRESS)  # internal: the step load's runner
     args = parser.parse_args()
     if args.phases is None:
@@ -509,6 +558,20 @@ def main() -> None:
     args = parse_args()
     if args.phases is not None:
         run_phases(json.loads(args.phases))
+        return
+    if args.summary_of is not None:
+        try:
+            saved = json.loads(args.summary_of.read_text())
+            done: list[dict[str, Any]] = saved["rows"]
+            for r in done:  # JSON made the levels' concurrency keys strings
+                r["levels"] = {int(c): v for c, v in (r.get("levels") or {}).items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            print(
+                f"--summary-of {args.summary_of}: not a cpu_default.json ({exc})", file=sys.stderr
+            )
+            sys.exit(2)
+        levels = sorted({c for r in done for c in r["levels"]})
+        print(summarize(done, levels) + f"\n{saved.get('machine', '')}")
         return
     settings = load_settings(
         {"model": MODEL, "cache_path": args.cache_path, "profile": PROFILES[2]}
