@@ -383,6 +383,11 @@ def _shares(levels: list[dict[str, Any]]) -> str:
     return ", ".join(f"{e} {n:g}" for e, n in total.items()) or "-"
 
 
+def _median(rounds: dict[int, dict[str, Any]], key: str) -> float:
+    """The median of `key` over one setup's rounds of one level."""
+    return float(statistics.median(level[key] for level in rounds.values()))
+
+
 def against(rows: list[dict[str, Any]], levels: list[int]) -> list[str]:
     """The measured setup (the default, or `both` by name) against every other setup, level by
     level: the ratio of the medians' output rates, the same ratio round by round (each round
@@ -410,16 +415,12 @@ def against(rows: list[dict[str, Any]], levels: list[int]) -> list[str]:
             theirs = got.get((other, c), {})
             if not ours or not theirs:
                 continue
-
-            def median(levels: dict[int, dict[str, Any]], key: str) -> float:
-                return float(statistics.median(v[key] for v in levels.values()))
-
-            rate = median(ours, "output_throughput") / median(theirs, "output_throughput")
+            rate = _median(ours, "output_throughput") / _median(theirs, "output_throughput")
             rounds = ", ".join(
                 f"{ours[i]['output_throughput'] / theirs[i]['output_throughput']:.2f}"
                 for i in sorted(ours.keys() & theirs.keys())
             )
-            ttft = median(ours, "median_ttft_ms") - median(theirs, "median_ttft_ms")
+            ttft = _median(ours, "median_ttft_ms") - _median(theirs, "median_ttft_ms")
             out.append(f"| {other} | {c} | {rate:.2f}x | {rounds} | {ttft:+.0f} |")
     return out
 
