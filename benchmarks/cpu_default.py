@@ -42,8 +42,9 @@ of its own between measurements; `--no-background-tuning` turns it off for every
 
 Usage: python benchmarks/cpu_default.py [--rounds 3] [--setups default,q4_1,q8_0,vllm,vllm-plain]
        [--concurrency 1,4,8,16] [--step-seconds 30] [--no-background-tuning] [--quick] [--out DIR]
-A full round takes about 20-25 minutes on 2 cores (three vLLM starts of 1-2 minutes each, the
-load generator's ~10 s start per measurement, 128 requests at 16 users per setup).
+A round of `both,q4_1,vllm` at 1,4,8,16 users with 20 s step phases takes about 11 minutes on a
+2-core Xeon with AMX (two vLLM starts of about 36 s, vLLM alone's 16 requests at one user 84 s);
+each further setup adds about 3-6 minutes (a cold vLLM compile: 1-2 minutes more).
 Smoke: python benchmarks/cpu_default.py --quick --rounds 1 --setups q8_0 --concurrency 1
 """
 
