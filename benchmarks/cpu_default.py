@@ -314,17 +314,20 @@ def step_load(
     return phases
 
 
-def run_phases(argvs: list[list[str]]) -> None:
-    """`--phases`: vLLM's benchmark for each argument list in turn, one process; one JSON line."""
+def run_generator(argv: list[str]) -> dict[str, Any]:
+    """vLLM's serving benchmark in this process (imported once, so no start-up gap between
+    runs) with the load generator's own arguments: the figures inferd keeps (`KEPT`)."""
     from vllm.benchmarks import serve
 
-    results = []
-    for argv in argvs:
-        parser = argparse.ArgumentParser()
-        serve.add_cli_args(parser)
-        result = serve.main(parser.parse_args(argv))
-        results.append({k: result[k] for k in KEPT if k in result})
-    print(json.dumps(results))
+    parser = argparse.ArgumentParser()
+    serve.add_cli_args(parser)
+    result = serve.main(parser.parse_args(argv))
+    return {k: result[k] for k in KEPT if k in result}
+
+
+def run_phases(argvs: list[list[str]]) -> None:
+    """`--phases`: vLLM's benchmark for each argument list in turn, one process; one JSON line."""
+    print(json.dumps([run_generator(argv) for argv in argvs]))
 
 
 # ---------------------------------------------------------------------- one setup, one round

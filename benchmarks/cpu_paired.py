@@ -39,7 +39,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,16 +52,18 @@ from cpu_default import (
     engine_states,
     log,
     memory,
+    run_generator,
     serving_env,
     setups,
     spec,
     vllm_weights,
 )
 from engine_profiles import environment
-from inferd.bench.runner import KEPT, _argv
+from inferd.bench.runner import _argv
 from serve_overhead import free_port, stop, wait_http
 
-# One-sided 95% quantiles of Student's t by degrees of freedom (beyond the table: 1.645).
+# One-sided 95% quantiles of Student's t by degrees of freedom (beyond the table: 1.645); a
+# table, as scipy is no dependency of inferd's (only of some engines').
 T95 = {1: 6.314, 2: 2.920, 3: 2.353, 4: 2.132, 5: 2.015, 6: 1.943, 7: 1.895, 8: 1.860}
 T95 |= {9: 1.833, 10: 1.812, 11: 1.796, 12: 1.782, 13: 1.771, 14: 1.761, 15: 1.753}
 T95 |= {16: 1.746, 17: 1.740, 18: 1.734, 19: 1.729, 20: 1.725, 25: 1.708, 30: 1.697}
@@ -76,7 +78,7 @@ class Running:
     url: str
     ready_s: float
     stoppable: bool  # vLLM alone: stopped while the other setup is measured
-    stopped: bool = field(default=False)
+    stopped: bool = False
 
     def signal_tree(self, sig: signal.Signals) -> None:
         with contextlib.suppress(psutil.Error):
@@ -135,13 +137,8 @@ def block_argv(
 
 
 def run_block(argv: list[str]) -> dict[str, Any]:
-    from vllm.benchmarks import serve
-
-    parser = argparse.ArgumentParser()
-    serve.add_cli_args(parser)
     with contextlib.redirect_stdout(sys.stderr):  # its tables go to the log, not our JSON
-        result = serve.main(parser.parse_args(argv))
-    return {k: result[k] for k in KEPT if k in result}
+        return run_generator(argv)
 
 
 def mean_low(values: list[float]) -> tuple[float, float]:
@@ -184,8 +181,10 @@ def level(
         on(target, users, seed + 90 + i, warmups=1)
     for i in range(pairs):
         order = (ours, theirs) if i % 2 == 0 else (theirs, ours)
-        got = {t.setup.name: on(t, prompts, seed + 2 * i + j, 0) for j, t in enumerate(order)}
-        got["first"] = {"setup": order[0].setup.name}
+        got: dict[str, Any] = {
+            t.setup.name: on(t, prompts, seed + 2 * i + j, 0) for j, t in enumerate(order)
+        }
+        got["first"] = order[0].setup.name
         blocks.append(got)
     a, b = ours.setup.name, theirs.setup.name
     ratios = [p[a]["output_throughput"] / p[b]["output_throughput"] for p in blocks]
@@ -262,8 +261,10 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     env = serving_env(args)
     running: dict[str, Running] = {}
-    result: dict[str, Any] = {"machine": environment(), "args": vars(args) | {"plan": args.plan}}
-    result["args"] = {k: str(v) for k, v in result["args"].items()}
+    result: dict[str, Any] = {
+        "machine": environment(),
+        "args": {k: str(v) for k, v in vars(args).items()},
+    }
     levels: list[dict[str, Any]] = []
     try:
         # The comparators first (vLLM alone's start is the long one), then cpu-both on its own.
@@ -286,8 +287,7 @@ def main() -> None:
             )
             result["levels"] = levels
             (args.out / "cpu_paired.json").write_text(json.dumps(result, indent=1))
-        for r in running.values():
-            r.resume(settle_s=0)
+        # RSS reads the same of a stopped process: nothing to continue for it.
         result["rss_mb"] = {n: memory(r.proc.pid, True) for n, r in running.items()}
     finally:
         for r in running.values():
