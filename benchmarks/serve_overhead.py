@@ -72,11 +72,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def client(uds: Path | None = None, key: str | None = None, timeout: float = 60) -> httpx.Client:
-    """An HTTP client; on the Unix socket `uds` (an engine's) when given, with its key."""
+def client(
+    uds: Path | None = None, key: str | None = None, timeout: float = 60, keep_alive: bool = True
+) -> httpx.Client:
+    """An HTTP client; on the Unix socket `uds` (an engine's) when given, with its key.
+    `keep_alive=False`: a connection per request (llama-server closes one after every stream,
+    and a client that reuses it at once gets "server disconnected")."""
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    transport = httpx.HTTPTransport(uds=str(uds)) if uds else None
-    return httpx.Client(transport=transport, headers=headers, timeout=timeout)
+    limits = httpx.Limits(max_keepalive_connections=None if keep_alive else 0)
+    transport = httpx.HTTPTransport(uds=str(uds), limits=limits) if uds else None
+    return httpx.Client(transport=transport, headers=headers, timeout=timeout, limits=limits)
 
 
 def wait_http(
@@ -165,12 +170,15 @@ def first_token_ms(side: httpx.Client, base_url: str, prompt: str) -> float:
     raise SystemExit(f"no token from {base_url}")
 
 
-def paired_ttft(engine: tuple[Path, str], front: str, pairs: int) -> list[float]:
+def paired_ttft(
+    engine: tuple[Path, str], front: str, pairs: int, keep_alive: bool = True
+) -> list[float]:
     """Added TTFT per pair (front minus direct), alternating which side goes first. `engine`:
-    its socket and key."""
+    its socket and key; `keep_alive`: whether the engine keeps a streamed answer's connection
+    (the front opens one per stream to an engine that does not, as the direct side then does)."""
     prompt = " ".join(["hello"] * 128)  # 128 prompt tokens
     diffs = []
-    with client(*engine) as direct, client() as through:
+    with client(*engine, keep_alive=keep_alive) as direct, client() as through:
         sides = {"direct": (direct, BASE_URL), "front": (through, front)}
         for side, url in sides.values():
             first_token_ms(side, url, prompt)  # warm connections
@@ -288,7 +296,9 @@ def main() -> None:
             sock, key = engine_of(front, log)
             record("same engine: direct", rnd, BASE_URL, uds=sock, key=key)
             record("same engine: via inferd", rnd, f"http://127.0.0.1:{port}")
-            diffs = paired_ttft((sock, key), f"http://127.0.0.1:{port}", args.pairs)
+            diffs = paired_ttft(
+                (sock, key), f"http://127.0.0.1:{port}", args.pairs, not engine.closes_streams
+            )
             pair_rows.append({"round": rnd, "added_ttft_ms": diffs})
             with (args.out / "paired.jsonl").open("a") as fh:
                 fh.write(json.dumps(pair_rows[-1]) + "\n")

@@ -3,6 +3,7 @@ behind the one model (where each engine shows, with its share of the requests)."
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import httpx
@@ -103,3 +104,31 @@ def test_metadata_names_model_profile_and_engine(server: Served) -> None:
     assert meta["inferd_version"]
     lic = httpx.get(server.url + "/v1/license", timeout=30).json()["licenses"][0]
     assert "Apache License" in lic["content"]
+
+
+def test_no_engine_connection_is_retried_under_mixed_load(server: Served, base_url: str) -> None:
+    """Eight clients, four of five requests streamed: none goes to the engine twice. llama-server
+    closes the connection after every streamed answer; when streams went out on pooled
+    connections, the next request often took the dead one and was sent again (43 of 240 such
+    requests at eight clients, `inferd.server.engine_client`)."""
+    before = server.log.read_text(errors="replace").count("retrying once")
+
+    async def client(seed: int) -> None:
+        async with openai.AsyncOpenAI(base_url=base_url, api_key="none") as ai:
+            for i in range(6):
+                prompt = f"Count to {seed * 10 + i}:"
+                if i % 5:
+                    stream = await ai.completions.create(
+                        model=MODEL, prompt=prompt, max_tokens=8, stream=True
+                    )
+                    assert [c async for c in stream]
+                else:
+                    answer = await ai.completions.create(model=MODEL, prompt=prompt, max_tokens=8)
+                    assert answer.choices
+
+    async def crowd() -> None:
+        await asyncio.gather(*(client(n) for n in range(8)))
+
+    asyncio.run(crowd())
+    retried = server.log.read_text(errors="replace").count("retrying once") - before
+    assert retried == 0, server.log_tail()

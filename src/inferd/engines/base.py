@@ -77,6 +77,9 @@ class Engine(ABC):
     # The route that says how many requests the engine is working on now (`working`); None:
     # the engine does not say.
     working_path: str | None = None
+    # Whether the engine closes its connection after every streamed answer: then a stream goes
+    # out on a connection of its own, never a pooled one it would leave dead in the pool.
+    closes_streams = False
     # Flags that say where the engine listens: `listen_flags` sets them, and pass-through
     # arguments may not (a TCP address would open the engine to every local process).
     listen_options: frozenset[str] = frozenset({"--host", "--port", "--uds"})

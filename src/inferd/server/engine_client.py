@@ -107,9 +107,13 @@ class EngineClient:
             return raw
         return json.dumps(payload).encode()
 
-    async def post(self, path: str, body: bytes, rid: str) -> aiohttp.ClientResponse:
+    async def post(
+        self, path: str, body: bytes, rid: str, *, stream: bool = False
+    ) -> aiohttp.ClientResponse:
         """Post `body`; the engine's response, its body unread. A connection that fails before
-        an answer is tried once more on a fresh connection; then the engine is reported."""
+        an answer is tried once more on a fresh connection; then the engine is reported. A
+        `stream` to an engine that closes streams' connections (`Engine.closes_streams`) goes
+        on a fresh connection from the start."""
         url = EngineLink.url(path)
         headers = {
             "Content-Type": "application/json",
@@ -122,12 +126,14 @@ class EngineClient:
                 # Nothing is awaited between taking the link and posting on it: the supervisor
                 # closes a link once its engine start has ended, and posting on a closed one
                 # would raise RuntimeError, not a ClientError.
-                return await self.link().pool.post(url, data=body, headers=headers, timeout=timeout)
+                link = self.link()
+                session = link.fresh if stream and self.engine.closes_streams else link.pool
+                return await session.post(url, data=body, headers=headers, timeout=timeout)
             except aiohttp.ClientConnectionError as first:
                 # A kept-alive connection the engine closed just as it was reused: nothing was
-                # answered, so send once more, on a fresh connection. llama-server does this to
-                # 5-25% of requests at 12-16 streams (benchmarks/RESULTS.md), whatever its
-                # number of HTTP threads.
+                # answered, so send once more, on a fresh connection. Before streams to
+                # llama-server went out on fresh connections, 5-25% of requests at 12-16
+                # streams took this way (benchmarks/RESULTS.md).
                 log.info("engine connection failed before an answer (%s); retrying once", first)
                 fresh = self.link().fresh
                 return await fresh.post(url, data=body, headers=headers, timeout=timeout)

@@ -633,7 +633,7 @@ class Proxy:
         """The engine's response (its status and headers; a recallable stream's first bytes
         read too, into `call.head`), unless a change of turn recalls the request first
         (`Recalled`: the connection is closed, which makes the engine drop it)."""
-        post = client.post(path, body, call.engine_rid)
+        post = client.post(path, body, call.engine_rid, stream=stream)
         try:
             if call.recall is None:
                 resp = await post

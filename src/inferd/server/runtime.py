@@ -396,6 +396,11 @@ class Closes(Protocol):
     def close(self, reason: str) -> None: ...
 
 
+# How often the server's main loop renews the Date header (HTTP dates have one-second
+# resolution) when nothing tells it to exit.
+TICK_S = 1.0
+
+
 class DrainingServer(uvicorn.Server):
     """uvicorn, but the first SIGTERM/SIGINT drains before stopping (a second one stops now).
 
@@ -416,6 +421,8 @@ class DrainingServer(uvicorn.Server):
         inflight: InFlight | None = None,
         admissions: Iterable[Closes] = (),
     ) -> None:
+        self._exit_now = asyncio.Event()  # set with `should_exit`: the main loop ends at once
+        self._loop: asyncio.AbstractEventLoop | None = None
         super().__init__(config)
         self.proxy = proxy
         self.drain_timeout_s = drain_timeout_s
@@ -423,11 +430,35 @@ class DrainingServer(uvicorn.Server):
         self.admissions = list(admissions)
         self._drain: asyncio.Task[None] | None = None
         self._signalled = False
-        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
         await super().serve(sockets)
+
+    # uvicorn's main loop wakes every 0.1 s to read `should_exit` (and renews the Date header
+    # every tenth time). Each wake-up of the front takes CPU from the engine's threads, which
+    # hold every core while they decode: on a 2-core Xeon VM the idle front's wake-ups (this
+    # and the engine supervisors' polls) cost ~7 ms of CPU a second, ~50 us per token of a
+    # llama.cpp stream (benchmarks/RESULTS.md, "The front's idle wake-ups"). So: once a second
+    # for the Date header, and at once when `should_exit` is set.
+
+    @property
+    def should_exit(self) -> bool:
+        return self._should_exit
+
+    @should_exit.setter
+    def should_exit(self, value: bool) -> None:
+        self._should_exit = value
+        if value and self._loop is not None and not self._loop.is_closed():
+            # Set from a signal handler too (uvicorn's `handle_exit`): only this call is safe
+            # there.
+            self._loop.call_soon_threadsafe(self._exit_now.set)
+
+    async def main_loop(self) -> None:
+        while not await self.on_tick(0):  # tick 0: the Date header is renewed every time
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(TICK_S):
+                    await self._exit_now.wait()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._signalled or self._loop is None or not self.started:

@@ -47,7 +47,11 @@ HEALTH_POLL_S = 0.5
 # A start is polled from this interval up, doubling to HEALTH_POLL_S: llama-server is often ready
 # within a second, and a fixed half-second poll added a quarter of a second to it on average.
 FIRST_POLL_S = 0.05
+# Where the kernel has no process handles (pidfd, Linux 5.3+), a running engine's exit is
+# polled this often; with one, nothing polls while it runs (`Supervisor._exited`).
 EXIT_POLL_S = 0.2
+# Between an exit and asyncio's reaping of the process (its return code).
+REAP_POLL_S = 0.01
 STOP_GRACE_S = 10.0
 # How long a ready engine started behind another waits, idle, before it is stopped until it has
 # work again (`Supervisor.rest`): a crowd's requests come and go within a second, and each stop
@@ -109,6 +113,20 @@ class _LineCutter:
         self._kept.clear()
         self._dropped = 0
         return line
+
+
+def _pidfd(pid: int) -> int | None:
+    """A handle on process `pid` that turns readable when it exits; None where the kernel or
+    Python has none (not Linux, or before 5.3), or the process is already gone."""
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
+
+
+def _settle(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _threads_of_group(pgid: int) -> list[int]:
@@ -553,9 +571,24 @@ class Supervisor:
     async def _exited(proc: asyncio.subprocess.Process) -> int:
         """The engine's exit code, as soon as it exits. Not `proc.wait()`: asyncio only returns
         from that once the output pipe closes too, and the engine's own children (vLLM's engine
-        core) hold it open after the engine itself has died."""
-        while proc.returncode is None:  # noqa: ASYNC110 (no event fires before the pipe closes)
-            await asyncio.sleep(EXIT_POLL_S)
+        core) hold it open after the engine itself has died. The wait is on a pidfd, readable
+        once the process has exited: polling a running engine woke the front five times a
+        second, CPU taken from the engine's threads (see `runtime.DrainingServer.main_loop`)."""
+        fd = _pidfd(proc.pid) if proc.returncode is None else None
+        if fd is not None:
+            try:
+                if proc.returncode is None:  # reaped meanwhile: the pid may be another's now
+                    loop = asyncio.get_running_loop()
+                    gone: asyncio.Future[None] = loop.create_future()
+                    loop.add_reader(fd, _settle, gone)
+                    try:
+                        await gone
+                    finally:
+                        loop.remove_reader(fd)
+            finally:
+                os.close(fd)
+        while proc.returncode is None:  # noqa: ASYNC110 (asyncio reaps it on SIGCHLD)
+            await asyncio.sleep(REAP_POLL_S if fd is not None else EXIT_POLL_S)
         return proc.returncode
 
     async def _backoff(self, attempt: int) -> None:
