@@ -79,7 +79,7 @@ def client(
     `keep_alive=False`: a connection per request (llama-server closes one after every stream,
     and a client that reuses it at once gets "server disconnected")."""
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    limits = httpx.Limits(max_keepalive_connections=None if keep_alive else 0)
+    limits = httpx.Limits() if keep_alive else httpx.Limits(max_keepalive_connections=0)
     transport = httpx.HTTPTransport(uds=str(uds), limits=limits) if uds else None
     return httpx.Client(transport=transport, headers=headers, timeout=timeout, limits=limits)
 

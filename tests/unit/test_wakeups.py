@@ -18,7 +18,7 @@ from inferd.server.supervisor import Supervisor
 
 
 def _sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
-    """The delays the supervisor module sleeps for, from now on."""
+    """The delays `asyncio.sleep` is called with from now on (the supervisor's polls)."""
     seen: list[float] = []
     real = asyncio.sleep
 

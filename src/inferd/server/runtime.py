@@ -436,11 +436,11 @@ class DrainingServer(uvicorn.Server):
         await super().serve(sockets)
 
     # uvicorn's main loop wakes every 0.1 s to read `should_exit` (and renews the Date header
-    # every tenth time). Each wake-up of the front takes CPU from the engine's threads, which
-    # hold every core while they decode: on a 2-core Xeon VM the idle front's wake-ups (this
-    # and the engine supervisors' polls) cost ~7 ms of CPU a second, ~50 us per token of a
-    # llama.cpp stream (benchmarks/RESULTS.md, "The front's idle wake-ups"). So: once a second
-    # for the Date header, and at once when `should_exit` is set.
+    # every tenth time). Each wake-up of the front is CPU taken from the engine's threads, which
+    # hold every core while they decode: with the engine supervisors' exit polls, the idle
+    # front woke 15 times a second (2.0 ms of CPU a second on a 2-core Xeon VM; once, and 0.8
+    # ms, since: benchmarks/RESULTS.md, "The front's cost on llama.cpp on the Xeon"). So: once
+    # a second for the Date header, and at once when `should_exit` is set.
 
     @property
     def should_exit(self) -> bool:
