@@ -30,17 +30,16 @@ import argparse
 import asyncio
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from serve_overhead import client, engine_of, free_port, stop, wait_http
+from engine_profiles import median_spread
+from serve_overhead import MODEL, client, engine_of, environment, free_port, stop, wait_http
 
 HERE = Path(__file__).resolve().parent
-MODEL = "smollm2-135m-instruct"
 RELAYS = ("pipe", "asgi", "starlette")
 
 
@@ -155,11 +154,6 @@ def idle(pid: int, windows: int, seconds: float) -> list[dict[str, float]]:
     return got
 
 
-def spread(values: list[float], fmt: str = "{:.0f}") -> str:
-    low, mid, high = (fmt.format(v) for v in (min(values), statistics.median(values), max(values)))
-    return f"{mid} ({low}-{high})"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--profile", default="llamacpp-cpu-q4_1")
@@ -245,17 +239,18 @@ def main() -> None:
     for name, got in runs.items():
         per_event = [g["cpu_us_per_event"] for g in got]
         client_ms = [g["ms_per_event"] for g in got]
-        lines.append(f"| {name} | {spread(per_event)} | {spread(client_ms, '{:.2f}')} |")
+        lines.append(f"| {name} | {median_spread(per_event)} | {median_spread(client_ms)} |")
     lines += ["", f"Idle ({args.idle_windows} x {args.idle_seconds:g} s):", ""]
     for name, windows in quiet.items():
         lines.append(
-            f"- {name}: {spread([q['wakeups_per_s'] for q in windows], '{:.1f}')} wake-ups/s, "
-            f"{spread([q['cpu_ms_per_s'] for q in windows], '{:.1f}')} ms CPU/s"
+            f"- {name}: {median_spread([q['wakeups_per_s'] for q in windows])} wake-ups/s, "
+            f"{median_spread([q['cpu_ms_per_s'] for q in windows])} ms CPU/s"
         )
     print("\n".join(lines))
     (args.out / "front_vs_relays.md").write_text("\n".join(lines) + "\n")
     record = {"args": {k: str(v) for k, v in vars(args).items()}, "idle": quiet, "runs": runs}
     (args.out / "front_vs_relays.json").write_text(json.dumps(record, indent=2))
+    print(environment(), file=sys.stderr)
 
 
 if __name__ == "__main__":
