@@ -22,6 +22,15 @@ Each level's blocks are `--waves` waves of its users (`waves x c` requests, at l
 block of `c` requests on each setup first that is not counted (the generator's warm-up and a
 burst's first change of engine on cpu-both, once). Prompts are drawn afresh for every block.
 
+Each block also records where the machine's CPU went while it ran (`cpu` in the JSON, seconds):
+the measured setup's front and engines, the other setup, the load generator (this process), the
+rest of the machine and the hypervisor's steal. A block in which the other setup, the rest and
+steal together used more than `--void-interference` of a core on average (0.15 by default)
+measured something besides the setups: its pair is void, reported and left out of the ratios. A
+slow block with nothing else running is not void: it counts against whichever setup was slow.
+(Written after one cpu-both block at sixteen users ran at half speed for its whole length, the
+cause never seen for want of this record.)
+
 Usage: python benchmarks/cpu_paired.py [--pairs 8] [--levels 1:q4_1,4:q4_1,8:q4_1,16:vllm]
        [--waves 4] [--no-background-tuning] [--cache-path DIR] [--out DIR]
 On the 2-core Xeon: about 30 minutes for 8 pairs at the four default levels (vLLM alone's start
@@ -67,6 +76,71 @@ from serve_overhead import free_port, stop, wait_http
 T95 = {1: 6.314, 2: 2.920, 3: 2.353, 4: 2.132, 5: 2.015, 6: 1.943, 7: 1.895, 8: 1.860}
 T95 |= {9: 1.833, 10: 1.812, 11: 1.796, 12: 1.782, 13: 1.771, 14: 1.761, 15: 1.753}
 T95 |= {16: 1.746, 17: 1.740, 18: 1.734, 19: 1.729, 20: 1.725, 25: 1.708, 30: 1.697}
+
+
+def tree_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) of a setup's processes by what they run: the front (the
+    root), and each engine's tree below it (`llamacpp`, `vllm`) or, for a setup that is one
+    engine's own server, everything under the root."""
+    out: dict[str, float] = {}
+    with contextlib.suppress(psutil.Error):
+        root = psutil.Process(pid)
+        out["front"] = sum(root.cpu_times()[:2])
+        for child in root.children():
+            with contextlib.suppress(psutil.Error):
+                cmd = " ".join(child.cmdline())
+                kind = "llamacpp" if "llama-server" in cmd else "vllm" if "vllm" in cmd else "other"
+                for p in (child, *child.children(recursive=True)):
+                    with contextlib.suppress(psutil.Error):
+                        out[kind] = out.get(kind, 0.0) + sum(p.cpu_times()[:2])
+    return out
+
+
+@dataclass(frozen=True)
+class CpuMark:
+    """The machine's and each setup's CPU counters at one moment."""
+
+    at: float
+    busy: float  # every CPU's non-idle seconds, steal left out
+    steal: float
+    generator: float
+    trees: dict[str, dict[str, float]]
+
+    @classmethod
+    def take(cls, running: list[Running]) -> CpuMark:
+        t = psutil.cpu_times()
+        busy = sum(t) - t.idle - t.iowait - t.steal - t.guest - t.guest_nice  # guest is in user
+        return cls(
+            time.monotonic(),
+            busy,
+            t.steal,
+            sum(psutil.Process().cpu_times()[:2]),
+            {r.setup.name: tree_cpu(r.proc.pid) for r in running},
+        )
+
+    def since(self, start: CpuMark, measured: str) -> dict[str, Any]:
+        """Seconds of CPU from `start` to this mark: the measured setup's by part, the other
+        setups', the generator's, the rest of the machine's, steal, and the interference (other
+        + rest + steal, in cores on average)."""
+        wall = self.at - start.at
+        parts = {
+            name: {k: v - start.trees[name].get(k, 0.0) for k, v in tree.items()}
+            for name, tree in self.trees.items()
+        }
+        mine = parts.pop(measured)
+        other = sum(sum(p.values()) for p in parts.values())
+        generator = self.generator - start.generator
+        steal = self.steal - start.steal
+        rest = self.busy - start.busy - sum(mine.values()) - other - generator
+        return {
+            "wall_s": round(wall, 2),
+            "measured": {k: round(v, 2) for k, v in mine.items()},
+            "other": round(other, 2),
+            "generator": round(generator, 2),
+            "rest": round(rest, 2),
+            "steal": round(steal, 2),
+            "interference": round((other + max(rest, 0.0) + steal) / wall, 3) if wall else 0.0,
+        }
 
 
 @dataclass
@@ -159,8 +233,10 @@ def level(
     pairs: int,
     waves: int,
     seed: int,
+    void_above: float,
 ) -> dict[str, Any]:
-    """One level: a block on each setup not counted, then `pairs` pairs of blocks, ABBA."""
+    """One level: a block on each setup not counted, then `pairs` pairs of blocks, ABBA; the
+    ratios and first-token differences over the pairs not void (`void_above`)."""
     prompts = max(8, waves * users)
     blocks: list[dict[str, Any]] = []
 
@@ -169,11 +245,14 @@ def level(
             if other is not target:
                 other.pause()
         target.resume(settle_s=2.0)
+        began = CpuMark.take([ours, theirs])
         got = run_block(block_argv(target, tokenizer, users, n, the_seed, warmups))
+        got["cpu"] = CpuMark.take([ours, theirs]).since(began, target.setup.name)
         got["setup"] = target.setup.name
         log(
             f"  c={users} {target.setup.name}: {got.get('output_throughput', 0):.1f} tok/s, "
-            f"TTFT p50 {got.get('median_ttft_ms', 0):.0f} ms, failed {got.get('failed')}"
+            f"TTFT p50 {got.get('median_ttft_ms', 0):.0f} ms, failed {got.get('failed')}, "
+            f"interference {got['cpu']['interference']:.3f} cores"
         )
         return got
 
@@ -185,16 +264,19 @@ def level(
             t.setup.name: on(t, prompts, seed + 2 * i + j, 0) for j, t in enumerate(order)
         }
         got["first"] = order[0].setup.name
+        got["void"] = any(got[t.setup.name]["cpu"]["interference"] > void_above for t in order)
         blocks.append(got)
     a, b = ours.setup.name, theirs.setup.name
-    ratios = [p[a]["output_throughput"] / p[b]["output_throughput"] for p in blocks]
-    ttft = [p[a]["median_ttft_ms"] - p[b]["median_ttft_ms"] for p in blocks]
-    mean, low = mean_low(ratios)
+    valid = [p for p in blocks if not p["void"]]
+    ratios = [p[a]["output_throughput"] / p[b]["output_throughput"] for p in valid]
+    ttft = [p[a]["median_ttft_ms"] - p[b]["median_ttft_ms"] for p in valid]
+    mean, low = mean_low(ratios) if ratios else (float("nan"), float("nan"))
     return {
         "concurrency": users,
         "against": b,
         "prompts_per_block": prompts,
         "pairs": blocks,
+        "void": sum(p["void"] for p in blocks),
         "ratios": ratios,
         "ratio_mean": mean,
         "ratio_low95": low,
@@ -208,20 +290,31 @@ def level(
 
 def summarize(levels: list[dict[str, Any]]) -> str:
     out = [
-        "| users | cpu-both against | pairs | output tok/s, medians of blocks | ratio: mean "
-        "(one-sided 95% low), pair by pair | TTFT p50 ms, median paired difference | failed |",
-        "|---|---|---|---|---|---|---|",
+        "| users | cpu-both against | pairs (void) | output tok/s, medians of blocks | ratio: mean "
+        "(one-sided 95% low), pair by pair | TTFT p50 ms, median paired difference | failed "
+        "| interference, cores: median (max) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for lv in levels:
         b = lv["against"]
-        mine = statistics.median(p["both"]["output_throughput"] for p in lv["pairs"])
-        theirs = statistics.median(p[b]["output_throughput"] for p in lv["pairs"])
-        pairs = ", ".join(f"{r:.3f}" for r in lv["ratios"])
+        valid = [p for p in lv["pairs"] if not p.get("void")]
+        mine = statistics.median(p["both"]["output_throughput"] for p in valid or lv["pairs"])
+        theirs = statistics.median(p[b]["output_throughput"] for p in valid or lv["pairs"])
+        pairs = ", ".join(
+            f"{p['both']['output_throughput'] / p[b]['output_throughput']:.3f}"
+            + (" (void)" if p.get("void") else "")
+            for p in lv["pairs"]
+        )
+        ttft = statistics.median(lv["ttft_diff_ms"]) if lv["ttft_diff_ms"] else float("nan")
+        seen = [
+            p[s]["cpu"]["interference"] for p in lv["pairs"] for s in ("both", b) if "cpu" in p[s]
+        ]
+        noise = f"{statistics.median(seen):.3f} ({max(seen):.3f})" if seen else "-"
         out.append(
-            f"| {lv['concurrency']} | {b} | {len(lv['pairs'])} | {mine:.1f} against {theirs:.1f} "
-            f"| {lv['ratio_mean']:.3f}x ({lv['ratio_low95']:.3f}): {pairs} "
-            f"| {statistics.median(lv['ttft_diff_ms']):+.1f} | {lv['failed']['both']}, "
-            f"{b} {lv['failed'][b]} |"
+            f"| {lv['concurrency']} | {b} | {len(lv['pairs'])} ({lv.get('void', 0)}) "
+            f"| {mine:.1f} against {theirs:.1f} | {lv['ratio_mean']:.3f}x "
+            f"({lv['ratio_low95']:.3f}): {pairs} | {ttft:+.1f} | {lv['failed']['both']}, "
+            f"{b} {lv['failed'][b]} | {noise} |"
         )
     return "\n".join(out)
 
@@ -236,6 +329,13 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--waves", type=int, default=4, help="waves of users per block")
     parser.add_argument("--ready-timeout", type=float, default=900)
+    parser.add_argument(
+        "--void-interference",
+        type=float,
+        default=0.15,
+        help="a pair is void where a block's other setup, rest of machine and steal used more "
+        "than this many cores on average",
+    )
     add_serving_args(parser, "paired")
     args = parser.parse_args()
     try:
@@ -283,6 +383,7 @@ def main() -> None:
                     args.pairs,
                     args.waves,
                     seed=10_000 * users,
+                    void_above=args.void_interference,
                 )
             )
             result["levels"] = levels
