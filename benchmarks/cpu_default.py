@@ -113,8 +113,8 @@ def setups(vllm_dir: Path) -> dict[str, Setup]:
     ready = "/v1/health/ready"
     return {
         "default": Setup("default", serve(), ready, MODEL, default=True),
-        # The combined profile by name, measured like the default (warm-up, step load), for
-        # comparing it while it is not the default.
+        # The combined profile by name, measured like the default (warm-up, step load): the
+        # same as `default` where the catalog makes it the default and this machine runs it.
         "both": Setup("both", serve("--profile", "cpu-both"), ready, MODEL, default=True),
         "q4_1": Setup("q4_1", serve("--profile", PROFILES[0]), ready, MODEL),
         "q8_0": Setup("q8_0", serve("--profile", PROFILES[1]), ready, MODEL),

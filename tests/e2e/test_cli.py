@@ -80,7 +80,10 @@ def test_listings_have_json(tmp_path: Path) -> None:
     models = json.loads(_run("models", "--json", env=env).stdout)
     assert any(m["id"] == "smollm2-135m-instruct" for m in models)
     profiles = json.loads(_run("profiles", "smollm2-135m-instruct", "--json", env=env).stdout)
-    assert profiles["selected"] == _catalog_pick_here()
+    # No `inferd tune` figures: the catalog's rules pick llama.cpp's profile for this CPU, run
+    # behind the model with vLLM (the CPU default, `cpu-both`).
+    assert profiles["selected"] == "cpu-both"
+    assert profiles["combined"][0]["engines"][0]["profile"] == _catalog_pick_here()
     assert profiles["profiles"][0]["id"] == "llamacpp-cpu-q4_1"
     assert profiles["by_goal"] == {
         "latency": _catalog_pick_here(),
@@ -134,9 +137,16 @@ def test_dry_run_prints_the_engine_command(tmp_path: Path) -> None:
     argv = plan["engine"]["argv"]
     assert Path(argv[0]).name == "llama-server"
     assert argv[argv.index("--parallel") + 1] == "4"
-    assert plan["profile"]["id"] == _catalog_pick_here()
-    assert "engines" not in plan  # one engine (cpu-both is asked for by name)
+    # On a CPU the default runs both engines behind the model: llama.cpp first, vLLM behind it.
+    assert plan["profile"]["id"] == "cpu-both"
+    engines = [(e["name"], e["profile"]) for e in plan["engines"]]
+    assert engines == [("llamacpp", _catalog_pick_here()), ("vllm", "vllm-cpu-bf16")]
+    assert plan["engines"][1]["argv"][1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
     assert "no --optimize given" in plan["profile"]["why"]
+
+    r = _run("serve", "--dry-run", "--json", "--optimize", "latency", env=clean)
+    plan = json.loads(r.stdout)
+    assert plan["profile"]["id"] == _catalog_pick_here() and "engines" not in plan
 
     r = _run("serve", "--dry-run", "--json", "--optimize", "throughput", env=clean)
     assert r.returncode == 0, r.stderr

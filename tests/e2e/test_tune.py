@@ -68,7 +68,12 @@ def test_tune_measures_stores_and_the_ranking_says_so(tmp_path: Path) -> None:
         assert shown["tok_s_1"] == row["tok_s_1"] and shown["ttft_128_ms"] == row["ttft_128_ms"]
     assert rows["vllm-cpu-bf16"]["measured"] is None
     assert "measured on this machine" in listing["why"]
-    assert listing["selected"] in PROFILES
+    # What serve runs: both engines behind the model, llama.cpp's profile the one the figures
+    # measured here rank first for one user.
+    assert listing["selected"] == "cpu-both"
+    both = {c["id"]: c for c in listing["combined"]}["cpu-both"]
+    assert both["selected"] and both["engines"][0]["profile"] in PROFILES
+    assert both["engines"][0]["profile"] == listing["by_goal"]["latency"]
     table = _inferd("profiles", MODEL, cache=cache).stdout
     assert "TTFT 128" in table and "ranked by figures measured on this machine" in table
 

@@ -145,14 +145,16 @@ def test_a_combined_profile_runs_by_name_with_each_engines_profile(tmp_path: Pat
 
 
 def test_the_default_runs_a_combined_profile_only_where_the_catalog_says(tmp_path: Path) -> None:
-    # cpu-both is not the default model's default (its benchmark does not hold on 2 cores).
-    assert resolve(_settings(tmp_path), entry=CHAT).profile_id == "llamacpp-cpu-q8_0"
-    marked = CHAT.model_copy(
-        update={"combined": tuple(c.model_copy(update={"default": True}) for c in CHAT.combined)}
-    )
-    plan = resolve(_settings(tmp_path), entry=marked)
+    # cpu-both is the default model's CPU default (its benchmark held on a 2-core Xeon with AMX).
+    plan = resolve(_settings(tmp_path), entry=CHAT)
     assert plan.profile_id == "cpu-both" and "both engines behind one model" in plan.why
-    # A goal pins one engine; models on demand load both.
-    assert resolve(_settings(tmp_path, optimize="latency"), entry=marked).combined is None
-    assert resolve(_settings(tmp_path, max_loaded="1"), entry=marked).combined is not None
-    assert resolve(_settings(tmp_path, lora_path=str(tmp_path)), entry=marked).combined is not None
+    assert [p.profile.id for p in plan.engines_run] == ["llamacpp-cpu-q8_0", "vllm-cpu-bf16"]
+    # A goal pins one engine; models on demand and adapters keep both.
+    assert resolve(_settings(tmp_path, optimize="latency"), entry=CHAT).combined is None
+    assert resolve(_settings(tmp_path, max_loaded="1"), entry=CHAT).combined is not None
+    assert resolve(_settings(tmp_path, lora_path=str(tmp_path)), entry=CHAT).combined is not None
+    # Not marked: the best single profile.
+    unmarked = CHAT.model_copy(
+        update={"combined": tuple(c.model_copy(update={"default": False}) for c in CHAT.combined)}
+    )
+    assert resolve(_settings(tmp_path), entry=unmarked).profile_id == "llamacpp-cpu-q8_0"
