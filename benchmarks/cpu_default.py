@@ -161,6 +161,18 @@ def tree_rss_mb(proc: psutil.Process) -> float:
     return round(total / 2**20, 1)
 
 
+def engine_trees(front: psutil.Process) -> Iterator[tuple[str, psutil.Process]]:
+    """Each engine process under an inferd front, by what it runs (`llamacpp`, `vllm`, or
+    `other`)."""
+    for child in front.children():
+        with contextlib.suppress(psutil.Error):
+            cmd = " ".join(child.cmdline())
+            yield (
+                "llamacpp" if "llama-server" in cmd else "vllm" if "vllm" in cmd else "other",
+                child,
+            )
+
+
 def memory(pid: int, inferd: bool) -> dict[str, list[float]]:
     """RSS (MiB) of each engine's process tree, by what it runs, and of the front. RSS counts
     shared pages in every process: an upper bound for vLLM's several processes. More than one
@@ -169,11 +181,8 @@ def memory(pid: int, inferd: bool) -> dict[str, list[float]]:
     if not inferd:
         return {"vllm": [tree_rss_mb(root)]}
     out = {"front": [round(root.memory_info().rss / 2**20, 1)]}
-    for child in root.children():
-        with contextlib.suppress(psutil.Error):
-            cmd = " ".join(child.cmdline())
-            kind = "llamacpp" if "llama-server" in cmd else "vllm" if "vllm" in cmd else "other"
-            out.setdefault(kind, []).append(tree_rss_mb(child))
+    for kind, child in engine_trees(root):
+        out.setdefault(kind, []).append(tree_rss_mb(child))
     return out
 
 

@@ -59,6 +59,7 @@ from cpu_default import (
     Setup,
     add_serving_args,
     engine_states,
+    engine_trees,
     log,
     memory,
     run_generator,
@@ -79,20 +80,16 @@ T95 |= {16: 1.746, 17: 1.740, 18: 1.734, 19: 1.729, 20: 1.725, 25: 1.708, 30: 1.
 
 
 def tree_cpu(pid: int) -> dict[str, float]:
-    """CPU seconds (user + system) of a setup's processes by what they run: the front (the
-    root), and each engine's tree below it (`llamacpp`, `vllm`) or, for a setup that is one
-    engine's own server, everything under the root."""
+    """CPU seconds (user + system) of an inferd setup's processes: its front, and each engine's
+    tree below it by what it runs (`cpu_default.engine_trees`)."""
     out: dict[str, float] = {}
     with contextlib.suppress(psutil.Error):
         root = psutil.Process(pid)
         out["front"] = sum(root.cpu_times()[:2])
-        for child in root.children():
-            with contextlib.suppress(psutil.Error):
-                cmd = " ".join(child.cmdline())
-                kind = "llamacpp" if "llama-server" in cmd else "vllm" if "vllm" in cmd else "other"
-                for p in (child, *child.children(recursive=True)):
-                    with contextlib.suppress(psutil.Error):
-                        out[kind] = out.get(kind, 0.0) + sum(p.cpu_times()[:2])
+        for kind, child in engine_trees(root):
+            for p in (child, *child.children(recursive=True)):
+                with contextlib.suppress(psutil.Error):
+                    out[kind] = out.get(kind, 0.0) + sum(p.cpu_times()[:2])
     return out
 
 
