@@ -13,9 +13,10 @@ import concurrent.futures
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from tests.e2e.conftest import (
     MODEL,
     START_TIMEOUT_S,
     Served,
+    cache_path,
     cache_with_crowd_figures,
     engine_client,
     engine_socket,
@@ -94,6 +96,10 @@ def _vllm_tree(served: Served) -> list[psutil.Process]:
     return found
 
 
+# The processes of one part of vLLM's way in, found among a server's descendants.
+Tree = Callable[[Served], list[psutil.Process]]
+
+
 def _wait_joined(served: Served, timeout: float = START_TIMEOUT_S) -> float:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -132,10 +138,20 @@ def both(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Served, See
         yield served, seen
 
 
-def _statuses(served: Served, running: set[str] | None = None) -> set[str]:
-    """The states of vLLM's processes; those not stopped named in `running`."""
+def _converter(served: Served) -> list[psutil.Process]:
+    """The process converting vLLM's weights from the GGUF (`cache.convert`), while it runs."""
+    found = []
+    for p in served.descendants():
+        with contextlib.suppress(psutil.Error):
+            if "inferd.cache.convert" in p.cmdline():
+                found.append(p)
+    return found
+
+
+def _statuses(served: Served, running: set[str] | None = None, tree: Tree = _vllm_tree) -> set[str]:
+    """The states of vLLM's processes (or `tree`'s); those not stopped named in `running`."""
     found: set[str] = set()
-    for p in _vllm_tree(served):
+    for p in tree(served):
         with contextlib.suppress(psutil.Error):
             found.add(p.status())
             if running is not None and p.status() != psutil.STATUS_STOPPED:
@@ -143,9 +159,9 @@ def _statuses(served: Served, running: set[str] | None = None) -> set[str]:
     return found
 
 
-def _stream_watching_vllm(served: Served, seen: Seen) -> None:
-    """One user's stream from llama.cpp while vLLM starts: vLLM's start is paused meanwhile
-    (server.warmup), and goes on once the stream is done."""
+def _stream_watching_vllm(served: Served, seen: Seen, tree: Tree = _vllm_tree) -> None:
+    """One user's stream from llama.cpp while vLLM starts (or its weights are built: `tree`):
+    vLLM's start is paused meanwhile (server.warmup), and goes on once the stream is done."""
     stream = _chat(served).chat.completions.create(
         model=MODEL,
         messages=[{"role": "user", "content": "Write a long story about a lighthouse keeper."}],
@@ -158,13 +174,13 @@ def _stream_watching_vllm(served: Served, seen: Seen) -> None:
         # Not near the end: the front frees the slot (and vLLM goes on) once llama.cpp has
         # sent its last token, while the client is still reading the last events.
         if 4 <= i <= 64 and i % 8 == 0:
-            seen.while_serving |= _statuses(served, seen.not_stopped)
+            seen.while_serving |= _statuses(served, seen.not_stopped, tree)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and (
         not seen.after_serving or "stopped" in seen.after_serving
     ):
         time.sleep(0.2)
-        seen.after_serving = _statuses(served)
+        seen.after_serving = _statuses(served, tree=tree)
 
 
 def _chat(served: Served) -> openai.OpenAI:
@@ -177,7 +193,9 @@ def test_ready_on_the_first_engine_while_vllm_starts_niced(
     served, seen = both
     assert seen.health_status == 200 and seen.health["status"] == "ready"
     states = {e["engine"]: e["state"] for e in seen.health["models"][MODEL]["engines"]}
-    assert states["llamacpp"] == "ready" and states["vllm"] in {"stopped", "starting"}
+    # (preparing: its weights are converted first where the shared test cache has none yet)
+    assert states["llamacpp"] == "ready"
+    assert states["vllm"] in {"stopped", "preparing", "starting"}
     assert seen.nice_while_starting and min(seen.nice_while_starting) >= 10
     assert seen.policy_while_starting == {os.SCHED_IDLE}
     # While a user streamed from llama.cpp, vLLM's start was stopped; then it went on.
@@ -361,3 +379,54 @@ def test_the_dry_run_shows_both_engines(tmp_path: Path) -> None:
     info = json.loads(out.stdout)
     assert info["profile"]["id"] == BOTH
     assert [e["name"] for e in info["engines"]] == ["llamacpp", "vllm"]
+
+
+def _cache_without_vllm(root: Path) -> Path:
+    """A cache as a first run finds it after llama.cpp's model is fetched: the suite's blobs and
+    engine caches (linked) and its llama.cpp folders of the model (copied), no vLLM folder."""
+    shared, cache = cache_path(), root / "cache"
+    for name in ("blobs", "engines"):
+        (shared / name).mkdir(parents=True, exist_ok=True)
+        (cache / name).parent.mkdir(parents=True, exist_ok=True)
+        (cache / name).symlink_to(shared / name)
+    for folder in (shared / "models" / MODEL).glob("gguf-*"):
+        shutil.copytree(folder, cache / "models" / MODEL / folder.name)
+    return cache
+
+
+def test_a_first_start_is_ready_before_vllms_weights_are_built(tmp_path: Path) -> None:
+    """From a cache without vLLM's weights (a first run): ready as soon as llama.cpp answers,
+    while vLLM's weights are converted behind it (niced, in the idle class, paused while a user
+    streams); vLLM starts once they are built, and joins."""
+    cache = _cache_without_vllm(tmp_path)
+    built = cache / "models" / MODEL / "safetensors-bf16"
+    with serving(tmp_path, "--profile", BOTH, EAGER, cache=cache) as served:
+        converting = _converter(served)
+        assert converting, f"ready only after the conversion:\n{served.log_tail()}"
+        assert _engines(served)["vllm"]["state"] == "preparing" and not built.exists()
+        health = httpx.get(served.url + "/v1/health/ready", timeout=10)
+        assert health.status_code == 200
+        child = converting[0]
+        assert child.nice() == 10 and os.sched_getscheduler(child.pid) == os.SCHED_IDLE
+        seen = Seen()
+        _stream_watching_vllm(served, seen, _converter)
+        assert seen.while_serving == {psutil.STATUS_STOPPED}, seen
+        assert seen.after_serving and psutil.STATUS_STOPPED not in seen.after_serving, seen
+        _wait_joined(served)
+        assert not child.is_running() and (built / "provenance.json").is_file()
+        vllm = _engines(served)["vllm"]
+        assert vllm["state"] == "ready" and not vllm.get("last_error")
+        # The built weights serve: a request only vLLM honours here goes to it and is answered.
+        before = _requests(served)["vllm"]
+        weather: Any = WEATHER_TOOL
+        answer = _chat(served).chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+            tools=[weather],
+            tool_choice="required",
+            max_tokens=120,  # room for the whole call (a cut one is no call)
+            temperature=0,
+        )
+        calls: Any = answer.choices[0].message.tool_calls
+        assert calls and calls[0].function.name == "get_weather"
+        assert _requests(served)["vllm"] == before + 1

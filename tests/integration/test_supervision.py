@@ -1,16 +1,21 @@
 """The supervisor with a real process: readiness, crash mid-stream, restart, failing start, stop;
-the engine's key, and its socket taken by another process."""
+the engine's key, and its socket taken by another process; a later engine's start and the build
+of its model behind the first engine, paused and stopped."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import signal
 import socketserver
+import subprocess
+import sys
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
@@ -18,7 +23,9 @@ import httpx
 import psutil
 import pytest
 
+from inferd.errors import CacheError
 from inferd.server.engine_link import RuntimeFolder
+from inferd.server.served import Backend, ServedModel
 from inferd.server.supervisor import REST_AFTER_S, State, Supervisor
 from tests.integration.conftest import MODEL, served_model, start_front, stop_front
 
@@ -301,3 +308,124 @@ async def test_an_engines_error_while_it_runs_is_a_warning(
     said = [r for r in caplog.records if r.name.startswith("inferd.engine")]
     loud = [r for r in said if "stopped: its core is gone" in r.getMessage()]
     assert loud and loud[0].levelno == logging.WARNING, [r.levelname for r in loud]
+
+
+def _build(pids: list[int], seconds: float) -> Callable[[Callable[[int], None]], None]:
+    """A later engine's model build (`Backend.check`) whose work is a child process running for
+    `seconds`, its pid told as `convert.run_conversion` tells a conversion's."""
+
+    def check(on_spawn: Callable[[int], None]) -> None:
+        child = subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({seconds})"])
+        pids.append(child.pid)
+        on_spawn(child.pid)
+        if child.wait() != 0:
+            raise CacheError(f"the build's child exited with code {child.returncode}")
+
+    return check
+
+
+def _behind(tmp_path: Path, check: Callable[[Callable[[int], None]], None]) -> ServedModel:
+    """A model whose first engine (recorded) is followed by a later one built by `check`."""
+    served = served_model(tmp_path)
+    later = Supervisor(served.supervisor.engine, ready_timeout_s=20, nice=10)
+    served.others = (Backend(served.profile, later, check=check),)
+    return served
+
+
+async def _until(what: Callable[[], bool], within_s: float = 10) -> None:
+    async with asyncio.timeout(within_s):
+        while not what():  # noqa: ASYNC110 (a process's state has no event)
+            await asyncio.sleep(0.02)
+
+
+def _status(pid: int) -> str:
+    try:
+        return str(psutil.Process(pid).status())
+    except psutil.NoSuchProcess:
+        return "gone"
+
+
+async def test_a_later_engines_model_is_built_behind_the_first_paused_while_it_serves(
+    tmp_path: Path,
+) -> None:
+    pids: list[int] = []
+    served = _behind(tmp_path, _build(pids, 1.5))
+    later = served.others[0].supervisor
+    served.supervisor.start()
+    later.pause()  # the first engine's users need the cores (`server.warmup.Yield`)
+    joining = asyncio.create_task(served.join())
+    try:
+        await _until(lambda: bool(pids) and _status(pids[0]) == psutil.STATUS_STOPPED)
+        assert served.supervisor.state is State.READY  # built once the first engine is ready
+        assert later.describe()["state"] == "preparing" and later.paused
+        child = psutil.Process(pids[0])
+        assert child.nice() == 10 and os.sched_getscheduler(child.pid) == os.SCHED_IDLE
+        await asyncio.sleep(2.0)  # held past the build's own length
+        assert later.state is State.PREPARING and _status(pids[0]) == psutil.STATUS_STOPPED
+        later.resume()
+        await _until(lambda: _status(pids[0]) != psutil.STATUS_STOPPED)
+        await asyncio.wait_for(later.ready.wait(), 20)  # built, then started
+        await joining
+        assert later.paused_s >= 2.0 and later.last_error is None
+    finally:
+        joining.cancel()
+        await asyncio.gather(served.supervisor.stop(), later.stop())
+
+
+async def test_a_stop_while_the_model_is_built_ends_the_build_at_once(tmp_path: Path) -> None:
+    pids: list[int] = []
+    served = _behind(tmp_path, _build(pids, 60))
+    later = served.others[0].supervisor
+    served.supervisor.start()
+    joining = asyncio.create_task(served.join())
+    try:
+        await _until(lambda: bool(pids) and later._preparer is not None)
+        later.pause()  # stopped: a stop must still end it
+        await _until(lambda: _status(pids[0]) == psutil.STATUS_STOPPED)
+        began = time.monotonic()
+        await later.stop()
+        await asyncio.wait_for(joining, 5)  # given up, not failed
+        assert time.monotonic() - began < 5
+        assert _status(pids[0]) in ("gone", psutil.STATUS_ZOMBIE)
+        assert later.state is State.STOPPED and later.last_error is None
+        assert not later.started  # never started after the build it gave up
+    finally:
+        joining.cancel()
+        await served.supervisor.stop()
+
+
+async def test_a_service_stopping_while_the_model_is_built_ends_the_build(
+    tmp_path: Path,
+) -> None:
+    # The front's lifespan cancels the join at shutdown, before it stops the engines: the build
+    # must not go on behind it (the service's exit waits for the thread that waits on it).
+    pids: list[int] = []
+    served = _behind(tmp_path, _build(pids, 60))
+    later = served.others[0].supervisor
+    served.supervisor.start()
+    joining = asyncio.create_task(served.join())
+    try:
+        await _until(lambda: bool(pids) and later._preparer is not None)
+        joining.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await joining
+        await _until(lambda: _status(pids[0]) in ("gone", psutil.STATUS_ZOMBIE), within_s=5)
+        assert later.state is State.STOPPED
+    finally:
+        await asyncio.gather(served.supervisor.stop(), later.stop())
+
+
+async def test_a_failed_build_fails_the_later_engine_alone(tmp_path: Path) -> None:
+    def check(on_spawn: Callable[[int], None]) -> None:
+        raise CacheError("the wheel could not be fetched (offline)")
+
+    served = _behind(tmp_path, check)
+    later = served.others[0].supervisor
+    served.supervisor.start()
+    try:
+        await asyncio.wait_for(served.join(), 20)
+        assert later.state is State.FAILED and later.failed.is_set()
+        assert "could not be prepared: the wheel could not be fetched" in str(later.last_error)
+        assert served.supervisor.state is State.READY and served.ready
+    finally:
+        await asyncio.gather(served.supervisor.stop(), later.stop())

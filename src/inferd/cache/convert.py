@@ -82,9 +82,17 @@ def convert(
 
 
 def run_conversion(
-    gguf: Path, out: Path, dtype: str, reporter: Reporter = SILENT, *, chat: bool = True
+    gguf: Path,
+    out: Path,
+    dtype: str,
+    reporter: Reporter = SILENT,
+    *,
+    chat: bool = True,
+    on_spawn: Callable[[int], None] | None = None,
 ) -> float:
-    """Convert in a child process; returns the seconds it took. Raises `CacheError` on failure."""
+    """Convert in a child process; returns the seconds it took. Raises `CacheError` on failure.
+    `on_spawn` is told the child's pid as soon as it runs: a conversion behind an engine that
+    serves is lowered and paused by that engine's supervisor as a start is (`server.supervisor`)."""
     started = time.monotonic()
     cmd = [sys.executable, "-m", "inferd.cache.convert", str(gguf), str(out), "--dtype", dtype]
     if chat:
@@ -97,6 +105,8 @@ def run_conversion(
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errfile, text=True, env=env)
         assert proc.stdout is not None
         try:
+            if on_spawn is not None:
+                on_spawn(proc.pid)
             for line in proc.stdout:
                 if line.startswith('{"stage"'):
                     advance(1)

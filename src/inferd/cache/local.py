@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -113,7 +114,11 @@ def _linked(folder: Path, source: Source) -> dict[str, Any] | None:
 
 
 def prepare_local(
-    model: ModelEntry, profile: Profile, store: ModelStore, reporter: Reporter = SILENT
+    model: ModelEntry,
+    profile: Profile,
+    store: ModelStore,
+    reporter: Reporter = SILENT,
+    on_spawn: Callable[[int], None] | None = None,
 ) -> PreparedModel:
     """The folder `profile`'s engine loads for a model given by path (see the module's doc)."""
     source = model.source(profile.source)
@@ -128,7 +133,7 @@ def prepare_local(
             staged = scratch / "model"
             staged.mkdir()
             if converted:
-                conversion = _convert(model, profile, source, staged, scratch, reporter)
+                conversion = _convert(model, profile, source, staged, scratch, reporter, on_spawn)
                 outputs = None
             else:
                 for f in source.files:
@@ -159,6 +164,7 @@ def _convert(
     staged: Path,
     scratch: Path,
     reporter: Reporter,
+    on_spawn: Callable[[int], None] | None,
 ) -> dict[str, Any]:
     weights = source.file("weights")
     if source.format != "gguf" or profile.format != "safetensors" or weights is None:
@@ -167,7 +173,9 @@ def _convert(
     gguf = scratch / "gguf" / weights.path
     gguf.parent.mkdir()
     gguf.symlink_to(Path(source.path) / weights.path)
-    seconds = run_conversion(gguf, staged, profile.precision, reporter, chat=model.task == "chat")
+    seconds = run_conversion(
+        gguf, staged, profile.precision, reporter, chat=model.task == "chat", on_spawn=on_spawn
+    )
     return {"tool": "transformers", "versions": converter_versions(), "seconds": round(seconds, 1)}
 
 

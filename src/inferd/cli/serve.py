@@ -14,6 +14,7 @@ import json
 import shlex
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -148,16 +149,14 @@ def _prepare(plan: Plan, settings: Settings, console: Console, *, several: bool)
         return ServedModel(entry, profile, first, prepared.license_text, prepared.provenance)
     others = []
     for part in later:
+        # Checked, or fetched and built (a first run: vLLM's weights converted from the GGUF,
+        # 25 s on two cores), once the first engine serves, just before this one starts
+        # (`Backend.check`), so neither is in the way of readiness; a build is paused while
+        # the first engine's users need the cores (`Supervisor.preparation`).
         folder = plan.store.model_dir(entry.id, variant(part.profile))
-        check = None
-        if folder.is_dir():
-            # In the cache: checked once the first engine serves, just before this one starts
-            # (`Backend.check`), so the hash of vLLM's 273 MB is not in the way of readiness.
-            console.print(f"  model    {folder} (checked once the first engine is ready)")
-            check = functools.partial(_checked, plan, part.profile, settings, LogReporter(), folder)
-        else:  # fetched or converted now, with its progress bars (a first run)
-            built = _checked(plan, part.profile, settings, RichReporter(console), folder)
-            console.print(f"  model    {built.path} (built)")
+        when = "checked" if folder.is_dir() else "built"
+        console.print(f"  model    {folder} ({when} once the first engine is ready)")
+        check = functools.partial(_checked, plan, part.profile, settings, LogReporter(), folder)
         supervisor = _supervisor(plan, settings, folder, part.profile, behind=True)
         others.append(Backend(part.profile, supervisor, check=check))
     router, said = _router(plan, settings)
@@ -180,9 +179,11 @@ def _checked(
     settings: Settings,
     reporter: Reporter,
     folder: Path | None = None,
+    on_spawn: Callable[[int], None] | None = None,
 ) -> PreparedModel:
     """One engine's model, fetched, built or reused from the cache and its hashes checked; its
-    signature too under INFERD_REQUIRE_SIGNED. `folder`: where the engine was told it is."""
+    signature too under INFERD_REQUIRE_SIGNED. `folder`: where the engine was told it is;
+    `on_spawn`: told the pid of a conversion's child (`Backend.check`)."""
     prepared = prepare(
         plan.entry,
         profile,
@@ -190,6 +191,7 @@ def _checked(
         index_url=settings.pypi_index_url,
         offline=settings.offline,
         reporter=reporter,
+        on_spawn=on_spawn,
     )
     if folder is not None and prepared.path != folder:
         raise CacheError(f"{profile.id}'s model was prepared in {prepared.path}, not {folder}")

@@ -31,10 +31,11 @@ class Backend:
 
     profile: Profile
     supervisor: Supervisor
-    # Run (in a thread) before the engine's first start, when its model is checked then rather
-    # than before the service starts: a combined profile's later engines (`inferd serve`); an
-    # error fails this engine alone.
-    check: Callable[[], object] | None = None
+    # Run (in a thread) before the engine's first start, when its model is checked, or built,
+    # then rather than before the service starts: a combined profile's later engines (`inferd
+    # serve`); an error fails this engine alone. It is given the callback to tell the pid of a
+    # child process it runs (`Supervisor.preparation`).
+    check: Callable[[Callable[[int], None]], object] | None = None
 
     @property
     def name(self) -> str:
@@ -86,7 +87,8 @@ class ServedModel:
 
     async def join(self) -> None:
         """Start a combined profile's other engines once its first answers (or has failed),
-        each after its model's check (`Backend.check`): they start at a lower CPU priority
+        each after its model's check or build (`Backend.check`, paused while the first engine's
+        users need the cores: `Supervisor.preparation`): they start at a lower CPU priority
         (`Supervisor.nice`) and take requests when ready. Run at the service's start
         (`create_app`), or at each load of the model on demand (`server.loading`)."""
         first = asyncio.ensure_future(self.supervisor.ready.wait())
@@ -99,8 +101,11 @@ class ServedModel:
         for b in self.others:
             if b.check is not None:
                 try:
-                    await asyncio.to_thread(b.check)
+                    with b.supervisor.preparation() as spawned:
+                        await asyncio.to_thread(b.check, spawned)
                 except Exception as exc:  # this engine fails; the first goes on serving
+                    if b.supervisor.stopping:  # stopped while it was built: given up
+                        return
                     b.supervisor.fail(f"its model could not be prepared: {exc}")
                     continue
             b.supervisor.start()

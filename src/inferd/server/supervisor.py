@@ -8,7 +8,8 @@ that socket, the supervisor's `EngineLink` reaches it there (every request to th
 through `link`), and readiness is its health route answering 200.
 
 States: starting -> ready; ready -> restarting (the process exited) -> starting ...; a stop leads to
-stopped. An engine that fails `MAX_START_FAILURES` times in a row without ever becoming ready
+stopped. A later engine of a combined profile may be preparing before its first start, while its
+model is built (`preparation`). An engine that fails `MAX_START_FAILURES` times in a row without ever becoming ready
 goes to failed and `failed` is set: the serve loop then exits with the engine's last log lines,
 rather than restarting forever something that cannot start.
 """
@@ -71,6 +72,9 @@ _LOUD = (" ERROR ", " CRITICAL ", "Traceback (most recent call last)")
 
 
 class State(enum.StrEnum):
+    # Its model is being built before its first start (a combined profile's later engine from
+    # an empty cache: `preparation`).
+    PREPARING = "preparing"
     STARTING = "starting"
     READY = "ready"
     SUSPECT = "suspect"  # a request just failed to reach it: not ready until it answers again
@@ -165,6 +169,9 @@ class Supervisor:
         self._users = 0  # the front's own asks in flight (`awake`)
         self._rest_timer: asyncio.TimerHandle | None = None
         self._parked_at: float | None = None  # when the ready engine was stopped
+        # The child process building the model before the first start, if one runs
+        # (`preparation`): lowered and paused as the start is.
+        self._preparer: psutil.Process | None = None
         self.parked_s = 0.0
         self.parks = 0
         # Called each time the engine becomes ready (admission hands out the new engine's slots).
@@ -203,6 +210,11 @@ class Supervisor:
     def auth_headers(self) -> dict[str, str]:
         """The header every request to the engine carries: the key of its current start."""
         return {"Authorization": f"Bearer {self._secret}"}
+
+    @property
+    def stopping(self) -> bool:
+        """Told to stop (`stop`) and not started since."""
+        return self._stopping
 
     @property
     def started(self) -> bool:
@@ -462,23 +474,86 @@ class Supervisor:
         self._continue_start()
 
     def _stop_start(self) -> None:
+        if self._paused_at is not None:
+            return
         proc = self._proc
-        if (
-            self._paused_at is None
-            and self.state in (State.STARTING, State.RESTARTING)
+        if self._preparer is not None:
+            self._signal_preparer(signal.SIGSTOP)
+        elif (
+            self.state in (State.STARTING, State.RESTARTING)
             and proc is not None
             and proc.returncode is None
         ):
             self._signal_tree(proc.pid, signal.SIGSTOP)
-            self._paused_at = time.monotonic()
+        else:
+            return
+        self._paused_at = time.monotonic()
 
     def _continue_start(self) -> None:
         if self._paused_at is None:
             return
         self.paused_s += time.monotonic() - self._paused_at
         self._paused_at = None
-        if self._proc is not None:
+        if self._preparer is not None:
+            self._signal_preparer(signal.SIGCONT)
+        elif self._proc is not None:
             self._signal_tree(self._proc.pid, signal.SIGCONT)
+
+    @contextlib.contextmanager
+    def preparation(self) -> Iterator[Callable[[int], None]]:
+        """While this engine's model is built before its first start (`served.Backend.check`,
+        run in a thread): the state is `preparing`, and the callback it gives, called from that
+        thread with the pid of a child that does the work (`convert.run_conversion`'s
+        `on_spawn`), has the child treated as a start behind another is: at this supervisor's
+        lower priority, paused (`pause`) while the first engine's users need the cores.
+        Converting vLLM's weights takes a CPU-bound process about 25 s on two cores; beside
+        llama.cpp's stream it would slow it many times over (`server.warmup`)."""
+        loop = asyncio.get_running_loop()
+        self.state = State.PREPARING
+        self.started_at = time.monotonic()
+
+        def spawned(pid: int) -> None:
+            loop.call_soon_threadsafe(self._prepared_by, pid)
+
+        try:
+            yield spawned
+        finally:
+            # Ended, or given up (the service stops while the thread still waits on the child):
+            # a child still running must not go on, nor keep the service's exit waiting on it.
+            self._continue_start()
+            self._signal_preparer(signal.SIGKILL)
+            self._preparer = None
+            if self.state is State.PREPARING:
+                self.state = State.STOPPED
+
+    def _prepared_by(self, pid: int) -> None:
+        if self.state is not State.PREPARING or self._stopping:  # given up: it must not run on
+            with contextlib.suppress(psutil.Error):
+                psutil.Process(pid).kill()
+            return
+        try:
+            # psutil checks a pid against the process's start time before each signal, so a
+            # child that has ended is never mistaken for a later process given its pid.
+            self._preparer = psutil.Process(pid)
+        except psutil.Error:
+            return  # ended already
+        if self.nice:  # as `engines.launch` lowers a start: niced, in the idle class
+            with contextlib.suppress(psutil.Error, OSError):
+                self._preparer.nice(self.nice)
+                if hasattr(os, "SCHED_IDLE"):
+                    os.sched_setscheduler(pid, os.SCHED_IDLE, os.sched_param(0))
+        if self._hold:
+            self._stop_start()
+
+    def _signal_preparer(self, sig: signal.Signals) -> None:
+        """`sig` to the process building the model, and to any process of its own."""
+        preparer = self._preparer
+        if preparer is None:
+            return
+        with contextlib.suppress(psutil.Error):
+            for proc in (preparer, *preparer.children(recursive=True)):
+                with contextlib.suppress(psutil.Error):
+                    proc.send_signal(sig)
 
     @property
     def parked(self) -> bool:
@@ -628,6 +703,11 @@ class Supervisor:
         self._stopping = True
         self._settle()  # a stopped process would only take SIGTERM once continued
         self.ready.clear()
+        if self.state is State.PREPARING:
+            # The build is given up (its staging folder is removed by the cache): the thread
+            # that waits on it returns once it has ended, as the service's exit waits for it.
+            self._continue_start()
+            self._signal_preparer(signal.SIGKILL)
         if self._proc is not None:
             await self._terminate(self._proc)
         if self._task is not None:
