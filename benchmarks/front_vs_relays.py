@@ -19,8 +19,11 @@ the order rotating; CPU is the process's own (all its threads, `/proc/PID/task/*
 nanoseconds), divided by the events received. Before the rounds, the front's wake-ups and CPU
 while idle are counted over `--idle-windows` windows of `--idle-seconds`.
 
+With `--variant NAME=SRC` (repeatable), more source trees are served the same way, each a
+setup of its own: several changes to the front measured in one run, against one another.
+
 Usage: python benchmarks/front_vs_relays.py [--profile llamacpp-cpu-q4_1] [--rounds 5]
-       [--tokens 1500] [--baseline-src OTHER_CHECKOUT/src]
+       [--tokens 1500] [--baseline-src OTHER_CHECKOUT/src] [--variant NAME=SRC ...]
 Prints markdown tables and writes the raw figures as JSON under --out.
 """
 
@@ -168,6 +171,14 @@ def main() -> None:
         type=Path,
         help="another inferd source tree (its `src`), served beside as setup `baseline`",
     )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=SRC",
+        help="another inferd source tree served beside as setup NAME (repeatable; name it in "
+        "--setups)",
+    )
     parser.add_argument("--out", type=Path, default=HERE / "runs" / time.strftime("%Y%m%d-%H%M%S"))
     parser.add_argument("--relay", choices=RELAYS, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -185,6 +196,11 @@ def main() -> None:
     fronts = {"inferd": env}
     if args.baseline_src:
         fronts["baseline"] = {**env, "PYTHONPATH": str(args.baseline_src.resolve())}
+    for variant in args.variant:
+        name, _, src = variant.partition("=")
+        if not name or not src:
+            parser.error(f"--variant takes NAME=SRC, not {variant!r}")
+        fronts[name] = {**env, "PYTHONPATH": str(Path(src).resolve())}
     started: dict[str, tuple[subprocess.Popen[bytes], int, Path]] = {}
     relays: list[subprocess.Popen[bytes]] = []
     try:

@@ -16,6 +16,7 @@ import functools
 import logging
 from collections.abc import AsyncIterator
 
+import anyio
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
@@ -95,6 +96,11 @@ def create_app(
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await proxy.open()
         assert proxy.session is not None
+        # Starlette runs a streamed answer in an anyio task group, and anyio imports its asyncio
+        # backend on the first: 7-10 ms of the first user's first token, paid here instead,
+        # while the engines load.
+        async with anyio.create_task_group():
+            pass
         if pool is not None:
             pool.open()
         else:

@@ -9,9 +9,9 @@ through `link`), and readiness is its health route answering 200.
 
 States: starting -> ready; ready -> restarting (the process exited) -> starting ...; a stop leads to
 stopped. A later engine of a combined profile may be preparing before its first start, while its
-model is built (`preparation`). An engine that fails `MAX_START_FAILURES` times in a row without ever becoming ready
-goes to failed and `failed` is set: the serve loop then exits with the engine's last log lines,
-rather than restarting forever something that cannot start.
+model is built (`preparation`). An engine that fails `MAX_START_FAILURES` times in a row without
+ever becoming ready goes to failed and `failed` is set: the serve loop then exits with the
+engine's last log lines, rather than restarting forever something that cannot start.
 """
 
 from __future__ import annotations
