@@ -539,9 +539,9 @@ class Supervisor:
             return  # ended already
         if self.nice:  # as `engines.launch` lowers a start: niced, in the idle class
             with contextlib.suppress(psutil.Error, OSError):
-                self._preparer.nice(self.nice)
                 if hasattr(os, "SCHED_IDLE"):
                     os.sched_setscheduler(pid, os.SCHED_IDLE, os.sched_param(0))
+                self._preparer.nice(self.nice)
         if self._hold:
             self._stop_start()
 
