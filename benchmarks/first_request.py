@@ -3,8 +3,9 @@
 Readiness says the service can answer; the first request after it still pays for what was left
 to do on first use (an import, a connection, the engine's own first run). Each trial starts a
 fresh `inferd serve --profile P`, waits until it is ready and a second more, then sends
-`--requests` streamed `/v1/completions` (a new prompt each: no prompt-cache reuse, one token
-out) and times each one's first token. Sides, alternating trial by trial:
+`--requests` streamed requests (`--route`: chat, or completions; a new prompt each, no
+prompt-cache reuse, one token out) and times each one's first token. Sides, alternating trial
+by trial:
 
 - `inferd`: through the front of this source tree;
 - `baseline` (with `--baseline-src`): through the front of another source tree, so a change
@@ -13,7 +14,8 @@ out) and times each one's first token. Sides, alternating trial by trial:
   start's key, found as `serve_overhead.engine_of` does): the engine's own first-use cost.
 
 Usage: python benchmarks/first_request.py [--profile llamacpp-cpu-q4_1] [--trials 8]
-       [--requests 3] [--baseline-src OTHER_CHECKOUT/src] [--cache-path DIR]
+       [--requests 3] [--route chat|completions] [--baseline-src OTHER_CHECKOUT/src]
+       [--cache-path DIR]
 Prints a markdown table (first request, the later ones, in ms: median (min-max)).
 """
 
@@ -27,8 +29,11 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
+
 from engine_profiles import median_spread
 from serve_overhead import (
+    MODEL,
     client,
     engine_of,
     environment,
@@ -70,6 +75,27 @@ def prompt() -> str:
     return " ".join(random.sample(WORDS, 12))
 
 
+def first_chat_token_ms(side: httpx.Client, base_url: str, text: str) -> float:
+    """`first_token_ms` for a chat: a user message, one token out, streamed."""
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": text}],
+        "max_tokens": 1,
+        "stream": True,
+        "temperature": 0,
+    }
+    started = time.perf_counter()
+    with side.stream("POST", base_url + "/v1/chat/completions", json=body) as resp:
+        lines = resp.iter_lines()
+        for line in lines:
+            if line.startswith("data: {"):
+                elapsed = (time.perf_counter() - started) * 1000
+                for _ in lines:  # the rest of the stream
+                    pass
+                return elapsed
+    raise SystemExit(f"no token from {base_url}")
+
+
 def trial(side: str, src: Path, args: argparse.Namespace, out: Path) -> list[float]:
     """One fresh server; the first tokens of its first `args.requests` requests, in ms."""
     env = {**os.environ, "PYTHONPATH": str(src), "INFERD_TUNE_IN_BACKGROUND": "false"}
@@ -84,13 +110,14 @@ def trial(side: str, src: Path, args: argparse.Namespace, out: Path) -> list[flo
     try:
         wait_http(f"http://127.0.0.1:{port}/v1/health/ready", proc, timeout=600)
         time.sleep(1.0)
+        first = first_chat_token_ms if args.route == "chat" else first_token_ms
         if side == "engine":
             socket, key = engine_of(proc, log)
             with client(socket, key, keep_alive=False) as c:
-                return [first_token_ms(c, "http://engine", prompt()) for _ in range(args.requests)]
+                return [first(c, "http://engine", prompt()) for _ in range(args.requests)]
         with client(keep_alive=False) as c:
             base = f"http://127.0.0.1:{port}"
-            return [first_token_ms(c, base, prompt()) for _ in range(args.requests)]
+            return [first(c, base, prompt()) for _ in range(args.requests)]
     finally:
         stop(proc)
 
@@ -100,6 +127,7 @@ def main() -> None:
     parser.add_argument("--profile", default="llamacpp-cpu-q4_1")
     parser.add_argument("--trials", type=int, default=8)
     parser.add_argument("--requests", type=int, default=3)
+    parser.add_argument("--route", choices=("chat", "completions"), default="chat")
     parser.add_argument("--baseline-src", type=Path)
     parser.add_argument("--cache-path", type=Path)
     here = Path(__file__).resolve().parent
@@ -120,7 +148,7 @@ def main() -> None:
             print(f"trial {t + 1} {side}: {[round(ms, 1) for ms in got[side][-1]]}", flush=True)
     lines = [
         f"First token of the first streamed request after a start, `{args.profile}`, "
-        f"{args.trials} trials, ms",
+        f"{args.route}, {args.trials} trials, ms",
         "",
         "| side | first request | later requests |",
         "|---|---|---|",

@@ -1,4 +1,5 @@
-"""Stopping `inferd serve` while its engine starts leaves no engine process behind.
+"""Stopping `inferd serve` while its engine starts leaves no engine process behind; llama.cpp is
+warmed up before it is called ready.
 
 A SIGTERM once ready is test_hardening.py's drain test, on every engine (it checks the exit
 status and that each of the engines' processes is gone). This starts its own server with vLLM
@@ -11,10 +12,20 @@ import signal
 import time
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
 
-from tests.e2e.conftest import EAGER, VLLM, Served, start
+from tests.e2e.conftest import (
+    EAGER,
+    LLAMACPP_PROFILE,
+    VLLM,
+    Served,
+    engine_client,
+    engine_socket,
+    serving,
+    start,
+)
 
 pytestmark = pytest.mark.e2e
 EAGER_VLLM = (*VLLM, EAGER)
@@ -43,3 +54,17 @@ def test_ctrl_c_while_the_engine_starts_stops_everything(tmp_path: Path) -> None
     assert served.stop(signal.SIGINT) == 0
     assert not _gone(children)
     assert "Traceback" not in served.log_tail(200)
+
+
+def test_llamacpp_is_warmed_up_before_it_is_called_ready(tmp_path: Path) -> None:
+    """llama-server's first chat after its start is slower than the next; the supervisor sends
+    it one small chat, straight to the engine, before it calls it ready: at readiness a slot has
+    served it, and the front has counted no request."""
+    with serving(tmp_path, "--profile", LLAMACPP_PROFILE) as served:
+        socket, key = engine_socket(served)
+        with engine_client(socket, key) as engine:
+            slots = engine.get("/slots").json()
+        metrics = httpx.get(served.url + "/metrics", timeout=10).text
+    # A slot that has never served lists only its id, context, speculation and whether busy.
+    assert any("id_task" in slot for slot in slots), slots
+    assert "request_success_total{" not in metrics

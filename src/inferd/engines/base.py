@@ -80,6 +80,10 @@ class Engine(ABC):
     # Whether the engine closes its connection after every streamed answer: then a stream goes
     # out on a connection of its own, never a pooled one it would leave dead in the pool.
     closes_streams = False
+    # A small request the supervisor sends once the engine answers its health route and before
+    # it calls it ready (route, body), for an engine whose first request is slower than the
+    # next: the first user then does not pay for it. None: the engine warms itself up.
+    warmup: tuple[str, dict[str, Any]] | None = None
     # Flags that say where the engine listens: `listen_flags` sets them, and pass-through
     # arguments may not (a TCP address would open the engine to every local process).
     listen_options: frozenset[str] = frozenset({"--host", "--port", "--uds"})

@@ -263,6 +263,14 @@ class LlamaCppEngine(Engine):
     # and httplib's write_content_chunked, llama.cpp b1-0c1e570). Pooled, the dead connection
     # was picked by the next request before its close was seen, and retried.
     closes_streams = True
+    # llama-server's first chat request after its start took 45-50 ms longer than the next
+    # (its own warm-up is an empty run): a one-token chat before readiness (50 ms more to
+    # ready) halved the first user's first token through the front, 95 -> 45 ms on the Xeon
+    # (benchmarks/first_request.py).
+    warmup = (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 1},
+    )
 
     @property
     def slots(self) -> int:

@@ -5,7 +5,8 @@ One `Supervisor` per served model. The engine runs in its own session (process g
 the kernel kills it if inferd itself dies. The engine listens on a Unix socket, new at each start,
 in a private folder of this supervisor (`server.engine_link`); once its own process tree holds
 that socket, the supervisor's `EngineLink` reaches it there (every request to the engine goes
-through `link`), and readiness is its health route answering 200.
+through `link`), and readiness is its health route answering 200 (then, for an engine whose
+first request is slower than the next, one warm-up request: `Engine.warmup`).
 
 States: starting -> ready; ready -> restarting (the process exited) -> starting ...; a stop leads to
 stopped. A later engine of a combined profile may be preparing before its first start, while its
@@ -54,6 +55,8 @@ EXIT_POLL_S = 0.2
 # Between an exit and asyncio's reaping of the process (its return code).
 REAP_POLL_S = 0.01
 STOP_GRACE_S = 10.0
+# The most a warm-up request (`Engine.warmup`) may take before the engine is called ready anyway.
+WARMUP_LIMIT_S = 30.0
 # How long a ready engine started behind another waits, idle, before it is stopped until it has
 # work again (`Supervisor.rest`): a crowd's requests come and go within a second, and each stop
 # and continue signals every process of the engine.
@@ -336,6 +339,38 @@ class Supervisor:
             with contextlib.suppress(ValueError, AttributeError):
                 self.engine_version = self.engine.parse_version(json.loads(answer[1]))
 
+    async def _warm_up(self) -> None:
+        """The engine's warm-up request (`Engine.warmup`), before it is called ready; not for an
+        engine started behind another (it may be paused meanwhile, and takes only crowds). A
+        warm-up that fails is logged and the engine is ready anyway: it answered its health
+        route, and the first user's request will say what is wrong."""
+        import aiohttp  # with the first link, not the module (see `engine_link.EngineLink`)
+
+        link, request = self.link, self.engine.warmup
+        if request is None or link is None or self.nice:
+            return
+        path, body = request
+        began = time.monotonic()
+        try:
+            async with link.pool.post(
+                link.url(path),
+                json=body,
+                headers=self.auth_headers(),
+                timeout=aiohttp.ClientTimeout(total=WARMUP_LIMIT_S),
+            ) as resp:
+                await resp.read()
+                status = resp.status
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.info("%s engine's warm-up request failed: %s", self.engine.name, exc)
+            return
+        log.debug(
+            "%s engine warmed up: %s %d in %.0f ms",
+            self.engine.name,
+            path,
+            status,
+            (time.monotonic() - began) * 1000,
+        )
+
     async def _unlink(self) -> None:
         """Close the pools to an engine start that has ended."""
         link, self.link = self.link, None
@@ -379,8 +414,9 @@ class Supervisor:
                 continue
             failures = 0
             ever_ready = True
-            self.ready_seconds = time.monotonic() - begun
             await self._read_version()
+            await self._warm_up()
+            self.ready_seconds = time.monotonic() - begun
             self._unnice(proc.pid)
             self._became_ready()
             up_since = time.monotonic()
