@@ -37,6 +37,7 @@ from serve_overhead import (
     client,
     engine_of,
     environment,
+    first_event_ms,
     first_token_ms,
     free_port,
     stop,
@@ -84,16 +85,7 @@ def first_chat_token_ms(side: httpx.Client, base_url: str, text: str) -> float:
         "stream": True,
         "temperature": 0,
     }
-    started = time.perf_counter()
-    with side.stream("POST", base_url + "/v1/chat/completions", json=body) as resp:
-        lines = resp.iter_lines()
-        for line in lines:
-            if line.startswith("data: {"):
-                elapsed = (time.perf_counter() - started) * 1000
-                for _ in lines:  # the rest of the stream
-                    pass
-                return elapsed
-    raise SystemExit(f"no token from {base_url}")
+    return first_event_ms(side, base_url + "/v1/chat/completions", body)
 
 
 def trial(side: str, src: Path, args: argparse.Namespace, out: Path) -> list[float]:

@@ -158,8 +158,13 @@ def bench(
 
 def first_token_ms(side: httpx.Client, base_url: str, prompt: str) -> float:
     body = {"model": MODEL, "prompt": prompt, "max_tokens": 1, "stream": True, "temperature": 0}
+    return first_event_ms(side, base_url + "/v1/completions", body)
+
+
+def first_event_ms(side: httpx.Client, url: str, body: dict[str, Any]) -> float:
+    """Milliseconds from sending the streamed request `body` to its first event."""
     started = time.perf_counter()
-    with side.stream("POST", base_url + "/v1/completions", json=body) as resp:
+    with side.stream("POST", url, json=body) as resp:
         lines = resp.iter_lines()
         for line in lines:
             if line.startswith("data: {"):
@@ -167,7 +172,7 @@ def first_token_ms(side: httpx.Client, base_url: str, prompt: str) -> float:
                 for _ in lines:  # finish the stream so the connection is reused
                     pass
                 return elapsed
-    raise SystemExit(f"no token from {base_url}")
+    raise SystemExit(f"no token from {url}")
 
 
 def paired_ttft(
