@@ -299,11 +299,8 @@ def test_a_crowd_spills_over_to_vllm_and_nothing_is_refused(
         assert f'inferd_engine_ready{{engine="{engine}",model="{MODEL}"}} 1.0' in metrics
 
 
-def test_a_tool_choice_only_vllm_honours_goes_to_vllm(
-    both: tuple[Served, Seen],
-) -> None:
-    served, _ = both
-    before = _requests(served)
+def _weather_call(served: Served) -> Any:
+    """The tool calls of a chat with `tool_choice: required`, which only vLLM honours here."""
     weather: Any = WEATHER_TOOL
     answer = _chat(served).chat.completions.create(
         model=MODEL,
@@ -313,11 +310,20 @@ def test_a_tool_choice_only_vllm_honours_goes_to_vllm(
         max_tokens=120,  # room for the whole call (a cut one is no call)
         temperature=0,
     )
-    calls: Any = answer.choices[0].message.tool_calls
+    return answer.choices[0].message.tool_calls
+
+
+def test_a_tool_choice_only_vllm_honours_goes_to_vllm(
+    both: tuple[Served, Seen],
+) -> None:
+    served, _ = both
+    before = _requests(served)
+    calls = _weather_call(served)
     assert calls and calls[0].function.name == "get_weather"
     after = _requests(served)
     assert after["vllm"] == before["vllm"] + 1 and after["llamacpp"] == before["llamacpp"]
     # What neither engine honours is refused by name, as on one engine.
+    weather: Any = WEATHER_TOOL
     with pytest.raises(openai.BadRequestError, match="tool_choice"):
         _chat(served).chat.completions.create(
             model=MODEL,
@@ -423,15 +429,6 @@ def test_a_first_start_is_ready_before_vllms_weights_are_built(tmp_path: Path) -
         assert vllm["state"] == "ready" and not vllm.get("last_error")
         # The built weights serve: a request only vLLM honours here goes to it and is answered.
         before = _requests(served)["vllm"]
-        weather: Any = WEATHER_TOOL
-        answer = _chat(served).chat.completions.create(
-            model=MODEL,
-            messages=[{"role": "user", "content": "What is the weather in Paris?"}],
-            tools=[weather],
-            tool_choice="required",
-            max_tokens=120,  # room for the whole call (a cut one is no call)
-            temperature=0,
-        )
-        calls: Any = answer.choices[0].message.tool_calls
+        calls = _weather_call(served)
         assert calls and calls[0].function.name == "get_weather"
         assert _requests(served)["vllm"] == before + 1

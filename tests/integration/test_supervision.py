@@ -324,12 +324,16 @@ def _build(pids: list[int], seconds: float) -> Callable[[Callable[[int], None]],
     return check
 
 
-def _behind(tmp_path: Path, check: Callable[[Callable[[int], None]], None]) -> ServedModel:
-    """A model whose first engine (recorded) is followed by a later one built by `check`."""
+def _behind(
+    tmp_path: Path, check: Callable[[Callable[[int], None]], None]
+) -> tuple[ServedModel, Supervisor]:
+    """A model whose first engine (recorded, started) is followed by a later one built by
+    `check`; the model, and the later engine's supervisor."""
     served = served_model(tmp_path)
     later = Supervisor(served.supervisor.engine, ready_timeout_s=20, nice=10)
     served.others = (Backend(served.profile, later, check=check),)
-    return served
+    served.supervisor.start()
+    return served, later
 
 
 async def _until(what: Callable[[], bool], within_s: float = 10) -> None:
@@ -349,9 +353,7 @@ async def test_a_later_engines_model_is_built_behind_the_first_paused_while_it_s
     tmp_path: Path,
 ) -> None:
     pids: list[int] = []
-    served = _behind(tmp_path, _build(pids, 1.5))
-    later = served.others[0].supervisor
-    served.supervisor.start()
+    served, later = _behind(tmp_path, _build(pids, 1.5))
     later.pause()  # the first engine's users need the cores (`server.warmup.Yield`)
     joining = asyncio.create_task(served.join())
     try:
@@ -374,9 +376,7 @@ async def test_a_later_engines_model_is_built_behind_the_first_paused_while_it_s
 
 async def test_a_stop_while_the_model_is_built_ends_the_build_at_once(tmp_path: Path) -> None:
     pids: list[int] = []
-    served = _behind(tmp_path, _build(pids, 60))
-    later = served.others[0].supervisor
-    served.supervisor.start()
+    served, later = _behind(tmp_path, _build(pids, 60))
     joining = asyncio.create_task(served.join())
     try:
         await _until(lambda: bool(pids) and later._preparer is not None)
@@ -400,9 +400,7 @@ async def test_a_service_stopping_while_the_model_is_built_ends_the_build(
     # The front's lifespan cancels the join at shutdown, before it stops the engines: the build
     # must not go on behind it (the service's exit waits for the thread that waits on it).
     pids: list[int] = []
-    served = _behind(tmp_path, _build(pids, 60))
-    later = served.others[0].supervisor
-    served.supervisor.start()
+    served, later = _behind(tmp_path, _build(pids, 60))
     joining = asyncio.create_task(served.join())
     try:
         await _until(lambda: bool(pids) and later._preparer is not None)
@@ -419,9 +417,7 @@ async def test_a_failed_build_fails_the_later_engine_alone(tmp_path: Path) -> No
     def check(on_spawn: Callable[[int], None]) -> None:
         raise CacheError("the wheel could not be fetched (offline)")
 
-    served = _behind(tmp_path, check)
-    later = served.others[0].supervisor
-    served.supervisor.start()
+    served, later = _behind(tmp_path, check)
     try:
         await asyncio.wait_for(served.join(), 20)
         assert later.state is State.FAILED and later.failed.is_set()

@@ -30,6 +30,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -233,17 +234,22 @@ class Supervisor:
         self.started_at = time.monotonic()
         self._task = asyncio.create_task(self._run(), name=f"supervise {self.engine.served_name}")
 
-    async def fetch(self, path: str, *, limit_s: float = 2.0) -> tuple[int, bytes] | None:
-        """GET `path` from the engine's current start, with its key: (status, body), or None
-        when it cannot be reached. For the front's own small asks (health, version, metrics)."""
+    async def fetch(
+        self, path: str, *, limit_s: float = 2.0, body: dict[str, Any] | None = None
+    ) -> tuple[int, bytes] | None:
+        """GET `path` from the engine's current start (POST `body` as JSON, when given), with
+        its key: (status, answer), or None when it cannot be reached. For the front's own small
+        asks (health, version, metrics, the warm-up)."""
         import aiohttp  # with the first link, not the module (see `engine_link.EngineLink`)
 
         link = self.link
         if link is None:
             return None
         with self.awake(), contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
-            async with link.pool.get(
+            async with link.pool.request(
+                "GET" if body is None else "POST",
                 link.url(path),
+                json=body,
                 headers=self.auth_headers(),
                 timeout=aiohttp.ClientTimeout(total=limit_s),
             ) as resp:
@@ -344,30 +350,20 @@ class Supervisor:
         engine started behind another (it may be paused meanwhile, and takes only crowds). A
         warm-up that fails is logged and the engine is ready anyway: it answered its health
         route, and the first user's request will say what is wrong."""
-        import aiohttp  # with the first link, not the module (see `engine_link.EngineLink`)
-
-        link, request = self.link, self.engine.warmup
-        if request is None or link is None or self.nice:
+        request = self.engine.warmup
+        if request is None or self.nice:
             return
         path, body = request
         began = time.monotonic()
-        try:
-            async with link.pool.post(
-                link.url(path),
-                json=body,
-                headers=self.auth_headers(),
-                timeout=aiohttp.ClientTimeout(total=WARMUP_LIMIT_S),
-            ) as resp:
-                await resp.read()
-                status = resp.status
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            log.info("%s engine's warm-up request failed: %s", self.engine.name, exc)
+        answer = await self.fetch(path, body=body, limit_s=WARMUP_LIMIT_S)
+        if answer is None:
+            log.info("%s engine's warm-up request got no answer", self.engine.name)
             return
         log.debug(
             "%s engine warmed up: %s %d in %.0f ms",
             self.engine.name,
             path,
-            status,
+            answer[0],
             (time.monotonic() - began) * 1000,
         )
 
@@ -554,10 +550,7 @@ class Supervisor:
         try:
             yield spawned
         finally:
-            # Ended, or given up (the service stops while the thread still waits on the child):
-            # a child still running must not go on, nor keep the service's exit waiting on it.
-            self._continue_start()
-            self._signal_preparer(signal.SIGKILL)
+            self._end_preparer()
             self._preparer = None
             if self.state is State.PREPARING:
                 self.state = State.STOPPED
@@ -580,6 +573,14 @@ class Supervisor:
                 self._preparer.nice(self.nice)
         if self._hold:
             self._stop_start()
+
+    def _end_preparer(self) -> None:
+        """The building child ended, if it still runs: the build has ended or is given up (the
+        service stops while the thread still waits on the child), and the child must not go on,
+        nor keep the service's exit waiting on it. Continued first, which also closes the
+        account of its pause (`paused_s`)."""
+        self._continue_start()
+        self._signal_preparer(signal.SIGKILL)
 
     def _signal_preparer(self, sig: signal.Signals) -> None:
         """`sig` to the process building the model, and to any process of its own."""
@@ -740,10 +741,9 @@ class Supervisor:
         self._settle()  # a stopped process would only take SIGTERM once continued
         self.ready.clear()
         if self.state is State.PREPARING:
-            # The build is given up (its staging folder is removed by the cache): the thread
-            # that waits on it returns once it has ended, as the service's exit waits for it.
-            self._continue_start()
-            self._signal_preparer(signal.SIGKILL)
+            # Stopped without the join being cancelled: the build is given up here (its staging
+            # folder is removed by the cache), and the thread that waits on it returns.
+            self._end_preparer()
         if self._proc is not None:
             await self._terminate(self._proc)
         if self._task is not None:
