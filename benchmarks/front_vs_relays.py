@@ -40,7 +40,16 @@ from pathlib import Path
 from typing import Any
 
 from engine_profiles import median_spread
-from serve_overhead import MODEL, client, engine_of, environment, free_port, stop, wait_http
+from serve_overhead import (
+    MODEL,
+    client,
+    engine_of,
+    environment,
+    free_port,
+    stop,
+    stream_pace,
+    wait_http,
+)
 
 HERE = Path(__file__).resolve().parent
 RELAYS = ("pipe", "asgi", "starlette")
@@ -136,15 +145,8 @@ def stream(base: str, tokens: int, key: str | None) -> tuple[int, float]:
     """Events received and ms per event (first to last) of one streamed completion."""
     body = {"model": MODEL, "prompt": "Tell me a story about a dragon.", "max_tokens": tokens,
             "ignore_eos": True, "stream": True}  # fmt: skip
-    events, first, last = 0, 0.0, 0.0
-    with client(None, key, timeout=600) as c, c.stream("POST", base, json=body) as r:
-        r.raise_for_status()
-        for line in r.iter_lines():
-            if line.startswith("data: {"):
-                last = time.perf_counter()
-                first = first or last
-                events += 1
-    return events, (last - first) * 1000 / max(events - 1, 1)
+    with client(None, key, timeout=600) as c:
+        return stream_pace(c, base, body)
 
 
 def idle(pid: int, windows: int, seconds: float) -> list[dict[str, float]]:

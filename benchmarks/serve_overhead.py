@@ -13,13 +13,17 @@ shared, noisy machine hits both sides alike:
    sides share one warm engine process and differ only by the front hop;
 3. paired TTFT: on that same server, `--pairs` single streamed requests (128-token prompt, one
    output token) sent alternately straight to the engine and through inferd; the median of the
-   paired differences is the latency the front adds, with drift cancelled pair by pair.
+   paired differences is the latency the front adds, with drift cancelled pair by pair;
+4. paired output rate (`--itl-pairs`): on that server too, streamed answers of `--itl-tokens`
+   tokens (ignore_eos) alternately straight and through inferd, each timed from its first token
+   event to its last; per pair, how much longer a token took through the front (0.02: 2%): the
+   output rate the front costs one user, with drift cancelled pair by pair.
 
 Engines listen on a Unix socket only, which vLLM's load generator cannot reach by itself: the
 straight runs go through `vllm_bench_uds.py`, the same tool with Unix connectors.
 
 Usage: python benchmarks/serve_overhead.py [--profile vllm-cpu-bf16] [--rounds 3]
-       [--concurrency 1,16] [--out DIR]
+       [--concurrency 1,16] [--skip-load] [--itl-pairs 0] [--itl-tokens 256] [--out DIR]
 Prints a markdown table (medians over rounds) and writes every raw result as JSON under --out.
 """
 
@@ -31,6 +35,7 @@ import json
 import os
 import platform
 import re
+import secrets
 import signal
 import statistics
 import subprocess
@@ -47,6 +52,7 @@ from inferd.cache import prepare
 from inferd.catalog import hardware
 from inferd.cli.plan import resolve
 from inferd.config import load_settings
+from inferd.engines.base import Engine
 from inferd.server.engine_link import BASE_URL, RuntimeFolder
 
 MODEL = "smollm2-135m-instruct"
@@ -194,6 +200,69 @@ def paired_ttft(
     return diffs
 
 
+def stream_pace(side: httpx.Client, url: str, body: dict[str, Any]) -> tuple[int, float]:
+    """Events received and milliseconds per event (first to last) of one streamed answer."""
+    events, first, last = 0, 0.0, 0.0
+    with side.stream("POST", url, json=body) as resp:
+        resp.raise_for_status()
+        for line in resp.iter_lines():
+            if line.startswith("data: {"):
+                last = time.perf_counter()
+                first = first or last
+                events += 1
+    return events, (last - first) * 1000 / max(events - 1, 1)
+
+
+def paired_pace(
+    sides: dict[str, tuple[httpx.Client, str]], pairs: int, tokens: int
+) -> dict[str, list[float]]:
+    """Milliseconds per token of `pairs` streamed answers of `tokens` tokens on each side (its
+    client and base URL), the sides taking turns and the first of each turn rotating, so that
+    drift hits every side alike; the i-th figures of the sides were measured together."""
+    body = {"model": MODEL, "prompt": "Tell me a story about a dragon.", "max_tokens": tokens,
+            "ignore_eos": True, "stream": True, "temperature": 0}  # fmt: skip
+    names = list(sides)
+    for side, url in sides.values():
+        stream_pace(side, url + "/v1/completions", {**body, "max_tokens": 8})  # warm
+    paces: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(pairs):
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            side, url = sides[name]
+            events, pace = stream_pace(side, url + "/v1/completions", body)
+            if events < tokens:
+                raise SystemExit(f"{name}: {events} token events of {tokens}")
+            paces[name].append(pace)
+    return paces
+
+
+def engine_alone_on_tcp(
+    engine: Engine, env: dict[str, str], folder: RuntimeFolder
+) -> tuple[subprocess.Popen[bytes], str, str]:
+    """The engine started alone with inferd's command for it, but listening on loopback TCP as
+    a user of the plain engine would call it: the process, its base URL and its key."""
+    sock, port = folder.socket(1), free_port()
+    cmd = engine.command(sock)
+    flags = engine.listen_flags(sock)
+    at = next(i for i in range(len(cmd.argv)) if cmd.argv[i : i + len(flags)] == flags)
+    argv = [
+        *cmd.argv[:at],
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *cmd.argv[at + len(flags) :],
+    ]
+    key = secrets.token_urlsafe(24)  # required, as inferd's supervisor requires one
+    proc = subprocess.Popen(
+        argv,
+        env={**env, **cmd.env, **engine.secret_env(key)},
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    return proc, f"http://127.0.0.1:{port}", key
+
+
 def engine_of(front: subprocess.Popen[bytes], log: Path, timeout: float = 120) -> tuple[Path, str]:
     """The socket inferd's engine listens on (from inferd's log) and the key of its start (from
     the engine's environment: only a process of the same user can read it)."""
@@ -230,6 +299,13 @@ def main() -> None:
         "--skip-separate", action="store_true", help="only the same-engine comparison"
     )
     parser.add_argument("--pairs", type=int, default=60, help="paired TTFT samples per round")
+    parser.add_argument(
+        "--skip-load", action="store_true", help="no load generator runs, only the paired ones"
+    )
+    parser.add_argument(
+        "--itl-pairs", type=int, default=0, help="paired output-rate samples per round"
+    )
+    parser.add_argument("--itl-tokens", type=int, default=256, help="tokens per paired answer")
     parser.add_argument("--profile", default="vllm-cpu-bf16", help="the profile to measure")
     parser.add_argument(
         "--tokenizer", type=Path, default=None, help="tokenizer folder (default: the model's)"
@@ -253,9 +329,10 @@ def main() -> None:
     prompts = {c: max(8, 4 * c) for c in levels}
     rows: list[dict[str, Any]] = []
     pair_rows: list[dict[str, Any]] = []
+    pace_rows: list[dict[str, Any]] = []
 
     def record(setup: str, rnd: int, url: str, **engine: Any) -> None:
-        for c in levels:
+        for c in levels if not args.skip_load else ():
             r = bench(url, args.tokenizer or prepared.path, c, prompts[c], **engine)
             row = {"setup": setup, "round": rnd, "concurrency": c, **{k: r.get(k) for k in KEYS}}
             rows.append(row)
@@ -301,16 +378,41 @@ def main() -> None:
             sock, key = engine_of(front, log)
             record("same engine: direct", rnd, BASE_URL, uds=sock, key=key)
             record("same engine: via inferd", rnd, f"http://127.0.0.1:{port}")
-            diffs = paired_ttft(
-                (sock, key), f"http://127.0.0.1:{port}", args.pairs, not engine.closes_streams
-            )
-            pair_rows.append({"round": rnd, "added_ttft_ms": diffs})
-            with (args.out / "paired.jsonl").open("a") as fh:
-                fh.write(json.dumps(pair_rows[-1]) + "\n")
-            print(
-                f"paired TTFT round {rnd}: median added {statistics.median(diffs):+.2f} ms",
-                flush=True,
-            )
+            if args.pairs:
+                diffs = paired_ttft(
+                    (sock, key), f"http://127.0.0.1:{port}", args.pairs, not engine.closes_streams
+                )
+                pair_rows.append({"round": rnd, "added_ttft_ms": diffs})
+                with (args.out / "paired.jsonl").open("a") as fh:
+                    fh.write(json.dumps(pair_rows[-1]) + "\n")
+                print(
+                    f"paired TTFT round {rnd}: median added {statistics.median(diffs):+.2f} ms",
+                    flush=True,
+                )
+            if args.itl_pairs:
+                folder = RuntimeFolder.create("bench")
+                alone, alone_url, alone_key = engine_alone_on_tcp(engine, env, folder)
+                try:
+                    wait_http(alone_url + "/health", alone)
+                    keep = not engine.closes_streams
+                    with (
+                        client(sock, key, keep_alive=keep, timeout=600) as direct,
+                        client(timeout=600) as through,
+                        client(None, alone_key, keep_alive=keep, timeout=600) as tcp,
+                    ):
+                        sides = {
+                            "same engine: direct": (direct, BASE_URL),
+                            "inferd": (through, f"http://127.0.0.1:{port}"),
+                            "engine alone (TCP)": (tcp, alone_url),
+                        }
+                        paces = paired_pace(sides, args.itl_pairs, args.itl_tokens)
+                finally:
+                    stop(alone)
+                    folder.remove()
+                pace_rows.append({"round": rnd, "ms_per_token": paces})
+                with (args.out / "paired-pace.jsonl").open("a") as fh:
+                    fh.write(json.dumps(pace_rows[-1]) + "\n")
+                print(f"paired output rate round {rnd}: " + pace_costs([paces]), flush=True)
         finally:
             stop(front)
 
@@ -322,9 +424,39 @@ def main() -> None:
             f"\npaired TTFT, {len(every)} pairs: median added {statistics.median(every):+.2f} ms"
             f" (quartiles {q[0]:+.2f} / {q[2]:+.2f} ms)\n"
         )
+    if pace_rows:
+        summary += (
+            f"\npaired output rate, {len(pace_rows) * args.itl_pairs} turns of"
+            f" {args.itl_tokens} tokens a side: "
+            + pace_costs([r["ms_per_token"] for r in pace_rows])
+            + "\n"
+        )
     (args.out / "summary.md").write_text(summary)
     print(summary)
     print(environment(), file=sys.stderr)
+
+
+def pace_costs(rounds: list[dict[str, list[float]]]) -> str:
+    """How much longer a token took through inferd than on each other side: the median (and
+    quartiles) of the turns' ratios, and each round's median."""
+    out = []
+    for base in (name for name in rounds[0] if name != "inferd"):
+        per_round = [[f / b - 1 for f, b in zip(r["inferd"], r[base], strict=True)] for r in rounds]
+        every = [c for costs in per_round for c in costs]
+        q = statistics.quantiles(every, n=4) if len(every) > 1 else [every[0]] * 3
+        out.append(
+            f"against {base} {100 * statistics.median(every):+.2f}% (quartiles"
+            f" {100 * q[0]:+.2f} / {100 * q[2]:+.2f}%; rounds "
+            + ", ".join(f"{100 * statistics.median(c):+.2f}%" for c in per_round)
+            + ")"
+        )
+    medians = {k: statistics.median(v for r in rounds for v in r[k]) for k in rounds[0]}
+    return (
+        "; ".join(out)
+        + " (ms per token: "
+        + ", ".join(f"{k} {v:.3f}" for k, v in medians.items())
+        + ")"
+    )
 
 
 def summarize(rows: list[dict[str, Any]], levels: list[int]) -> str:
@@ -351,7 +483,7 @@ def summarize(rows: list[dict[str, Any]], levels: list[int]) -> str:
                 f"| {label} | {c} | {bt:.1f} | {it:.1f} | {it / bt:.3f} | {bf:.1f} | "
                 f"{inf:.1f} | {inf - bf:+.1f} | {bi:.1f} / {ii:.1f} |"
             )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" if len(lines) > 2 else ""  # nothing loaded (--skip-load)
 
 
 def environment() -> str:

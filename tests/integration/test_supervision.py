@@ -394,6 +394,31 @@ async def test_a_stop_while_the_model_is_built_ends_the_build_at_once(tmp_path: 
         await served.supervisor.stop()
 
 
+async def test_a_stop_while_the_model_is_checked_keeps_the_engine_stopped(
+    tmp_path: Path,
+) -> None:
+    # A model already built is only checked (its files' hashes, in the thread, no child): a stop
+    # meanwhile, without the join being cancelled, must not be followed by a start.
+    checking, checked = threading.Event(), threading.Event()
+
+    def check(on_spawn: Callable[[int], None]) -> None:
+        checking.set()
+        time.sleep(1.0)
+        checked.set()
+
+    served, later = _behind(tmp_path, check)
+    joining = asyncio.create_task(served.join())
+    try:
+        await _until(checking.is_set)
+        await later.stop()
+        await asyncio.wait_for(joining, 5)
+        assert checked.is_set()  # the check finished, and the stop held
+        assert not later.started and later.state is State.STOPPED
+    finally:
+        joining.cancel()
+        await asyncio.gather(served.supervisor.stop(), later.stop())
+
+
 async def test_a_service_stopping_while_the_model_is_built_ends_the_build(
     tmp_path: Path,
 ) -> None:

@@ -108,6 +108,8 @@ class ServedModel:
                         return
                     b.supervisor.fail(f"its model could not be prepared: {exc}")
                     continue
+            if b.supervisor.stopping:  # stopped while its model was checked: not started now
+                return
             b.supervisor.start()
 
     def require_ready(self) -> None:
