@@ -37,8 +37,7 @@ def test_live_while_starting_and_ready_only_once_the_engine_answers(server: Serv
 
 
 def _metric(text: str, name: str, missing: float | None = None) -> float:
-    """The value of MODEL's series `name`; `missing` if given and the series is not written (a
-    histogram's series appear with its first request: on a fresh server, none before)."""
+    """The value of MODEL's series `name`; `missing` if given and the series is not written."""
     for line in text.splitlines():
         if line.startswith(f'{name}{{model="{MODEL}"'):
             return float(line.rsplit(" ", 1)[1])

@@ -200,12 +200,19 @@ class Metrics:
         )
 
     def add_model(self, model: str, engine: str) -> None:
-        """Create the model's series at zero, so dashboards and alerts see them before traffic."""
+        """Create the model's series at zero, so dashboards and alerts see them before traffic
+        (histograms too, as vLLM's own are: a latency panel shows an empty histogram, not "no
+        data"; and the first request does not pay for making them)."""
         for family in (
             self.requests_running,
             self.requests_waiting,
             self.prompt_tokens,
             self.generation_tokens,
+            self.ttft,
+            self.tpot,
+            self.e2e,
+            self.request_prompt_tokens,
+            self.request_generation_tokens,
         ):
             family.labels(model)
         self.engine_ready.labels(model, engine).set(0)

@@ -91,6 +91,8 @@ class ServedModel:
         users need the cores: `Supervisor.preparation`): they start at a lower CPU priority
         (`Supervisor.nice`) and take requests when ready. Run at the service's start
         (`create_app`), or at each load of the model on demand (`server.loading`)."""
+        for b in self.others:
+            b.supervisor.expect()
         first = asyncio.ensure_future(self.supervisor.ready.wait())
         failed = asyncio.ensure_future(self.supervisor.failed.wait())
         try:
@@ -108,7 +110,7 @@ class ServedModel:
                         return
                     b.supervisor.fail(f"its model could not be prepared: {exc}")
                     continue
-            if b.supervisor.stopping:  # stopped while its model was checked: not started now
+            if b.supervisor.stopping:  # stopped while its model was checked: given up too
                 return
             b.supervisor.start()
 

@@ -217,8 +217,14 @@ class Supervisor:
 
     @property
     def stopping(self) -> bool:
-        """Told to stop (`stop`) and not started since."""
+        """Told to stop (`stop`) and not started (or told a start is coming: `expect`) since."""
         return self._stopping
+
+    def expect(self) -> None:
+        """A start is coming: `ServedModel.join` starts a combined profile's later engine once
+        the first answers and the model is checked. A stop from now on gives that start up; a
+        stop before it (the model's last unload, on demand) does not."""
+        self._stopping = False
 
     @property
     def started(self) -> bool:
