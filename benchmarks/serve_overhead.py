@@ -14,10 +14,13 @@ shared, noisy machine hits both sides alike:
 3. paired TTFT: on that same server, `--pairs` single streamed requests (128-token prompt, one
    output token) sent alternately straight to the engine and through inferd; the median of the
    paired differences is the latency the front adds, with drift cancelled pair by pair;
-4. paired output rate (`--itl-pairs`): on that server too, streamed answers of `--itl-tokens`
-   tokens (ignore_eos) alternately straight and through inferd, each timed from its first token
-   event to its last; per pair, how much longer a token took through the front (0.02: 2%): the
-   output rate the front costs one user, with drift cancelled pair by pair.
+4. paired output rate (`--itl-pairs` turns a round): on that server too, and on the engine
+   started alone on loopback TCP beside it (inferd's command for it, as a user of the plain
+   engine calls it), streamed answers of `--itl-tokens` tokens (ignore_eos), one a side a turn
+   (straight to inferd's engine, through inferd, to the engine alone; the first side rotating),
+   each timed from its first token event to its last; per turn, how much longer a token took
+   through the front than on each other side (0.02: 2%): the output rate the front costs one
+   user, with drift cancelled turn by turn.
 
 Engines listen on a Unix socket only, which vLLM's load generator cannot reach by itself: the
 straight runs go through `vllm_bench_uds.py`, the same tool with Unix connectors.
@@ -303,7 +306,7 @@ def main() -> None:
         "--skip-load", action="store_true", help="no load generator runs, only the paired ones"
     )
     parser.add_argument(
-        "--itl-pairs", type=int, default=0, help="paired output-rate samples per round"
+        "--itl-pairs", type=int, default=0, help="paired output-rate turns per round"
     )
     parser.add_argument("--itl-tokens", type=int, default=256, help="tokens per paired answer")
     parser.add_argument("--profile", default="vllm-cpu-bf16", help="the profile to measure")
@@ -438,15 +441,18 @@ def main() -> None:
 
 def pace_costs(rounds: list[dict[str, list[float]]]) -> str:
     """How much longer a token took through inferd than on each other side: the median (and
-    quartiles) of the turns' ratios, and each round's median."""
+    quartiles), the mean (and its standard error) of the turns' ratios, and each round's
+    median."""
     out = []
     for base in (name for name in rounds[0] if name != "inferd"):
         per_round = [[f / b - 1 for f, b in zip(r["inferd"], r[base], strict=True)] for r in rounds]
         every = [c for costs in per_round for c in costs]
         q = statistics.quantiles(every, n=4) if len(every) > 1 else [every[0]] * 3
+        error = statistics.stdev(every) / len(every) ** 0.5 if len(every) > 1 else 0.0
         out.append(
             f"against {base} {100 * statistics.median(every):+.2f}% (quartiles"
-            f" {100 * q[0]:+.2f} / {100 * q[2]:+.2f}%; rounds "
+            f" {100 * q[0]:+.2f} / {100 * q[2]:+.2f}%; mean"
+            f" {100 * statistics.fmean(every):+.2f} +- {100 * error:.2f}%; rounds "
             + ", ".join(f"{100 * statistics.median(c):+.2f}%" for c in per_round)
             + ")"
         )
