@@ -11,6 +11,9 @@ key, found as `serve_overhead.engine_of` does):
 
 - `pipe`: a raw byte pipe (asyncio streams on uvloop), client TCP <-> engine socket: the floor
   for any relay process (two socket operations and a wake-up per token);
+- `callback`: an HTTP relay with no task between the sockets (`run_callback_relay`: both sides
+  parsed by httptools, each chunk written to the client from the engine connection's callback):
+  what a token costs once its path is out of the ASGI stack and aiohttp;
 - `asgi`: a bare ASGI app on uvicorn (httptools, uvloop) posting with aiohttp, as the front does;
 - `starlette`: the same as a Starlette route returning a `StreamingResponse`.
 
@@ -37,7 +40,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from engine_profiles import median_spread
 from serve_overhead import (
@@ -52,7 +55,7 @@ from serve_overhead import (
 )
 
 HERE = Path(__file__).resolve().parent
-RELAYS = ("pipe", "asgi", "starlette")
+RELAYS = ("pipe", "callback", "asgi", "starlette")
 
 
 def cpu_s(pid: int) -> float:
@@ -91,6 +94,9 @@ def run_relay(kind: str, port: int, socket: str, key: str) -> None:
             await server.serve_forever()
 
         uvloop.run(main())
+        return
+    if kind == "callback":
+        run_callback_relay(port, socket, key)
         return
     import aiohttp
     import uvicorn
@@ -136,6 +142,74 @@ def run_relay(kind: str, port: int, socket: str, key: str) -> None:
 
     uvicorn.run(app, host="127.0.0.1", port=port, http="httptools", loop="uvloop",
                 log_level="warning", access_log=False)  # fmt: skip
+
+
+def run_callback_relay(port: int, socket: str, key: str) -> None:
+    """An HTTP relay with no task between the two sockets: both sides' HTTP parsed in C
+    (httptools, as uvicorn's), each chunk of the engine's answer looked at (finish reason,
+    usage) and written to the client's transport from the engine connection's `data_received`
+    callback. What relaying a token costs once it is out of the ASGI stack and aiohttp."""
+    import httptools
+    import uvloop
+
+    opening: set[asyncio.Task[Any]] = set()  # engine connections being opened
+
+    class Engine(asyncio.Protocol):
+        def __init__(self, client: asyncio.Transport, request: bytes) -> None:
+            self.client, self.request = client, request
+            self.parser = httptools.HttpResponseParser(self)
+            self.seen = 0
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            cast(asyncio.Transport, transport).write(self.request)  # uvloop's: not a subclass
+
+        def data_received(self, data: bytes) -> None:
+            self.parser.feed_data(data)
+
+        def on_headers_complete(self) -> None:
+            self.client.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                              b"transfer-encoding: chunked\r\n\r\n")  # fmt: skip
+
+        def on_body(self, body: bytes) -> None:
+            if b'"finish_reason":"' in body or b'"usage"' in body:
+                self.seen += 1  # where the front reads a stream's end and its usage
+            self.client.write(b"%x\r\n%b\r\n" % (len(body), body))
+
+        def on_message_complete(self) -> None:
+            self.client.write(b"0\r\n\r\n")
+            self.client.close()
+
+    class Client(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = cast(asyncio.Transport, transport)
+            self.parser = httptools.HttpRequestParser(self)
+            self.body: list[bytes] = []
+
+        def data_received(self, data: bytes) -> None:
+            self.parser.feed_data(data)
+
+        def on_body(self, body: bytes) -> None:
+            self.body.append(body)
+
+        def on_message_complete(self) -> None:
+            body = b"".join(self.body)
+            head = (
+                "POST /v1/completions HTTP/1.1\r\nhost: engine\r\n"
+                f"authorization: Bearer {key}\r\ncontent-type: application/json\r\n"
+                f"content-length: {len(body)}\r\n\r\n"
+            )
+            loop, client = asyncio.get_running_loop(), self.transport
+            task = loop.create_task(
+                loop.create_unix_connection(lambda: Engine(client, head.encode() + body), socket)
+            )
+            opening.add(task)
+            task.add_done_callback(opening.discard)
+
+    async def main() -> None:
+        server = await asyncio.get_running_loop().create_server(Client, "127.0.0.1", port)
+        await server.serve_forever()
+
+    uvloop.run(main())
 
 
 # -- the measurement
