@@ -44,12 +44,12 @@ from typing import Any, cast
 
 from engine_profiles import median_spread
 from serve_overhead import (
-    MODEL,
     client,
     engine_of,
     environment,
     free_port,
     stop,
+    story,
     stream_pace,
     wait_http,
 )
@@ -217,10 +217,8 @@ def run_callback_relay(port: int, socket: str, key: str) -> None:
 
 def stream(base: str, tokens: int, key: str | None) -> tuple[int, float]:
     """Events received and ms per event (first to last) of one streamed completion."""
-    body = {"model": MODEL, "prompt": "Tell me a story about a dragon.", "max_tokens": tokens,
-            "ignore_eos": True, "stream": True}  # fmt: skip
     with client(None, key, timeout=600) as c:
-        return stream_pace(c, base, body)
+        return stream_pace(c, base, story(tokens))
 
 
 def idle(pid: int, windows: int, seconds: float) -> list[dict[str, float]]:

@@ -203,6 +203,12 @@ def paired_ttft(
     return diffs
 
 
+def story(tokens: int) -> dict[str, Any]:
+    """A streamed completion of exactly `tokens` tokens (ignore_eos), the same prompt each time."""
+    return {"model": MODEL, "prompt": "Tell me a story about a dragon.", "max_tokens": tokens,
+            "ignore_eos": True, "stream": True}  # fmt: skip
+
+
 def stream_pace(side: httpx.Client, url: str, body: dict[str, Any]) -> tuple[int, float]:
     """Events received and milliseconds per event (first to last) of one streamed answer."""
     events, first, last = 0, 0.0, 0.0
@@ -222,8 +228,7 @@ def paired_pace(
     """Milliseconds per token of `pairs` streamed answers of `tokens` tokens on each side (its
     client and base URL), the sides taking turns and the first of each turn rotating, so that
     drift hits every side alike; the i-th figures of the sides were measured together."""
-    body = {"model": MODEL, "prompt": "Tell me a story about a dragon.", "max_tokens": tokens,
-            "ignore_eos": True, "stream": True, "temperature": 0}  # fmt: skip
+    body = {**story(tokens), "temperature": 0}
     names = list(sides)
     for side, url in sides.values():
         stream_pace(side, url + "/v1/completions", {**body, "max_tokens": 8})  # warm
