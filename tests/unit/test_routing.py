@@ -15,7 +15,7 @@ from inferd.server import admission as admission_module
 from inferd.server import warmup
 from inferd.server.admission import RETURN_S, Admission, Lane, Limits, Slot, Want
 from inferd.server.engine_client import EngineClient
-from inferd.server.proxy import _linger
+from inferd.server.proxy import LINGER_ASK_S, _linger
 from inferd.server.routing import DEFAULT_OUTPUT_TOKENS, Router, Table, want_of
 from inferd.server.served import ServedModel
 
@@ -504,6 +504,7 @@ class _Says:
     def __init__(self, *counts: int | None) -> None:
         self.counts = list(counts)
         self.asked = 0
+        self.engine = SimpleNamespace(working_path=None if counts == (None,) else "/slots")
 
     async def working(self) -> int | None:
         self.asked += 1
@@ -528,12 +529,20 @@ async def test_a_recalled_request_holds_its_slot_until_its_engine_is_done_with_i
     began = loop.time()
     await _linger(cast(EngineClient, says), served, 0, recall)
     assert says.asked == 3 and loop.time() - began < 2.0
-    # An engine that does not say what it works on: held for the whole bound.
+    # An engine that does not say what it works on: held for the whole bound, not asked.
     recall.linger_s = 0.2
     silent = _Says(None)
     began = loop.time()
     await _linger(cast(EngineClient, silent), served, 0, recall)
-    assert silent.asked == 1 and loop.time() - began >= 0.2
+    assert silent.asked == 0 and loop.time() - began >= 0.2
+    # One that says is held past the bound from prompt speeds while it still works on the cut
+    # prompt (beside a busy engine it is many times slower than alone), and an answer that did
+    # not come (None) is asked again, not taken for an engine that does not say.
+    recall.linger_s = 0.01
+    busy = _Says(2, None, 2, 2, 2, 1)
+    began = loop.time()
+    await _linger(cast(EngineClient, busy), served, 0, recall)
+    assert busy.asked == 6 and loop.time() - began >= 5 * LINGER_ASK_S
     for slot in (begun, *cut):
         slot.release()
     await asyncio.gather(*crowd)

@@ -34,7 +34,8 @@ only once its engine has finished the prompts it was computing: an engine drops 
 request after the batch at hand, and llama.cpp's batch beside a busy vLLM is many times slower
 than alone (its threads wait on each other at every step): one cancelled prompt of 140 tokens
 took llama.cpp 10 s, at half the cores, beside vLLM's sixteen. An engine that says what it is
-working on (llama.cpp's slots) is asked until it works on no more than it `kept`; otherwise
+working on (llama.cpp's slots) is asked until it works on no more than it `kept` (at most as
+long as a change of turn waits for a drain, however long the prompt's time alone); otherwise
 the slot is held for as long as the prompts can take (`Recall.linger_s`, an upper bound from
 the engine's prompt speed: the crowd's engine waits that long, which at three prompts was 1 s
 where llama.cpp had finished after 0.3).
