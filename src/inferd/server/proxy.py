@@ -261,7 +261,7 @@ async def _linger(client: EngineClient, served: ServedModel, lane: int, recall: 
     Not that bound for an engine that says: the bound is the prompt's time alone, and a slot
     given back before the engine is done lets the crowd's engine start beside it, after which
     neither is alone. Measured on a 2-core Zen 5: a wave of eight's first request, recalled
-    from llama.cpp 1 ms after llama-server took it, had its slot back after the 0.14 s bound
+    from llama.cpp as llama-server took it in, had its slot back after the 0.14 s bound
     while llama-server still computed its 120-token prompt (it answers its slots only between
     batches); vLLM's eight began beside it, and the prompt took 7 s, the wave 7.6 s instead of
     3.7. An answer that does not come in time (None) is asked again."""
