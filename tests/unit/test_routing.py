@@ -519,7 +519,7 @@ async def test_a_recalled_request_holds_its_slot_until_its_engine_is_done_with_i
     recalls = [slot.recallable() for slot in cut]
     crowd = [asyncio.create_task(admission.acquire(want)) for _ in range(5)]
     await asyncio.sleep(0)
-    served = cast(ServedModel, SimpleNamespace(admission=admission))
+    served = cast(ServedModel, SimpleNamespace(admission=admission, router=Router([LLAMA, VLLM])))
     recall = recalls[0]
     assert recall is not None and recall.is_set() and admission.kept(0) == 1
     recall.linger_s = 5.0  # the bound from prompt speeds

@@ -255,7 +255,7 @@ async def _linger(client: EngineClient, served: ServedModel, lane: int, recall: 
     """Hold a recalled request's slot while its engine may still compute its prompt
     (`server.admission`): an engine that says what it works on (llama.cpp's slots) is asked
     until it works on no more than admission has `kept` on it, for as long as a change of turn
-    waits for a drain (`routing.TURN_WAIT_S`); one that does not say is given
+    waits for a drain (the model's `Router.turn_wait_s`); one that does not say is given
     `recall.linger_s`, the bound from its prompt speed alone.
 
     Not that bound for an engine that says: the bound is the prompt's time alone, and a slot
@@ -269,7 +269,8 @@ async def _linger(client: EngineClient, served: ServedModel, lane: int, recall: 
     if client.engine.working_path is None:
         await asyncio.sleep(recall.linger_s)
         return
-    end = loop.time() + routing.TURN_WAIT_S
+    assert served.router is not None  # only a model with several engines recalls
+    end = loop.time() + served.router.turn_wait_s
     while (left := end - loop.time()) > 0:
         await asyncio.sleep(min(LINGER_ASK_S, left))
         try:
