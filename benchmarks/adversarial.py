@@ -167,6 +167,7 @@ def attack(
                 fuzz(operation, mode, served.url + "/v1", tally, count)
         result["fuzz"] = {str(k): v for k, v in sorted(tally.statuses().items(), key=str)}
         result["fuzz_problems"] = tally.problems()[:20]
+        result["fuzz_undrawn"] = tally.undrawn  # examples schemathesis could not draw
         result["fuzz_seconds_max"] = round(max(o.seconds for o in tally.outcomes), 2)
         result["fuzz_slowest"] = tally.slowest(5)
         done("fuzz")

@@ -359,6 +359,7 @@ def _with_turns(lanes: list[Lane], queue: int = 16) -> Admission:
     return Admission(
         "m", limits, running, waiting, lanes=lanes, choose=router.choose,
         moments=router.moments, turn=lambda: router.turn_now, prompt_s=router.prompt_s,
+        alone=router.alone,
     )  # fmt: skip
 
 
@@ -593,6 +594,95 @@ async def test_a_request_right_after_another_waits_until_its_burst_is_read(
     admission._arrived_at -= 2.0  # long after the last: a user on their own again
     with admission.arriving() as close:
         assert not close
+
+
+async def test_a_burst_after_a_crowd_left_is_judged_whole_from_its_first_request(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Wider than the service's, so that a slow test machine keeps the order of things.
+    monkeypatch.setattr(admission_module, "BURST_GAP_S", 0.05)
+    monkeypatch.setattr(admission_module, "BURST_QUIET_S", 0.05)
+    monkeypatch.setattr(admission_module, "BURST_WAIT_S", 5.0)
+    lanes = [Lane("llamacpp", 4), Lane("vllm", 32)]
+    admission = _with_turns(lanes)
+    want = Want(None, 128, 128)
+    loop = asyncio.get_running_loop()
+
+    async def arrive() -> Slot:
+        with admission.arriving() as close:
+            await admission.gathered(close, want)
+            return await admission.acquire(want)
+
+    # A crowd on vLLM, then a pause: its clients went away.
+    wave = await asyncio.gather(*(arrive() for _ in range(8)))
+    assert {slot.lane for slot in wave} == {1}
+    for slot in wave:
+        slot.release()
+    await asyncio.sleep(RETURN_S + 0.05)
+    # The next burst's first request arrives on its own, nothing running, the turn still
+    # vLLM's: it waits until the burst is read, and goes with it to vLLM (without the wait: to
+    # llama.cpp as one user's, recalled once the rest came).
+    first = asyncio.create_task(arrive())
+    await asyncio.sleep(0.01)
+    assert not first.done()
+    burst = await asyncio.gather(first, *(arrive() for _ in range(7)))
+    assert {slot.lane for slot in burst} == {1}
+    assert lanes[0].taken == lanes[0].recalled == 0
+    for slot in burst:
+        slot.release()
+    await asyncio.sleep(RETURN_S + 0.05)
+    # One user after the crowd: waits for a quiet spell once, then llama.cpp's.
+    began = loop.time()
+    alone = await arrive()
+    assert alone.lane == 0 and loop.time() - began >= 0.05
+    alone.release()
+    # The turn is theirs now: after a pause as in a loop (an answer's time after the last
+    # arrival, which here is all but none), judged at once.
+    for pause in (RETURN_S + 0.05, 0.06):
+        await asyncio.sleep(pause)
+        began = loop.time()
+        alone = await arrive()
+        assert alone.lane == 0 and loop.time() - began < 0.04, pause
+        alone.release()
+
+
+async def test_a_tokenize_before_a_burst_leaves_the_turn_where_it_was(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(admission_module, "BURST_QUIET_S", 0.05)
+    monkeypatch.setattr(admission_module, "BURST_WAIT_S", 5.0)
+    lanes = [Lane("llamacpp", 4), Lane("vllm", 32)]
+    admission = _with_turns(lanes)
+    want = Want(None, 128, 128)
+
+    async def arrive(want: Want) -> Slot:
+        with admission.arriving() as close:
+            await admission.gathered(close, want)
+            return await admission.acquire(want)
+
+    wave = await asyncio.gather(*(arrive(want) for _ in range(8)))
+    assert {slot.lane for slot in wave} == {1}
+    for slot in wave:
+        slot.release()
+    await asyncio.sleep(RETURN_S + 0.05)
+    # A load generator tokenizes before its next burst (vLLM's serving benchmark does): judged
+    # as one user alone it went to llama.cpp and made the turn llama.cpp's, so the burst's first
+    # request followed it there and was recalled. Outside the turns it is answered by an engine
+    # with room (llama.cpp: vLLM may be resting), whose turn it is stays, nothing can recall it,
+    # and its end is nobody's next request.
+    tokenize = await arrive(Want(None, 8, 0, turns=False))
+    assert tokenize.lane == 0 and tokenize.recallable() is None
+    assert admission._turn() == 1
+    tokenize.release()
+    assert admission._returning() == 0
+    burst = await asyncio.gather(*(arrive(want) for _ in range(8)))
+    assert {slot.lane for slot in burst} == {1}
+    assert lanes[0].recalled == 0
+    # While an engine works, a tokenize goes to it (awake), at any load, the turn unchanged.
+    beside = await arrive(Want(None, 8, 0, turns=False))
+    assert beside.lane == 1 and admission._turn() == 1
+    for slot in (beside, *burst):
+        slot.release()
 
 
 async def test_the_next_wave_of_a_crowd_is_judged_whole() -> None:

@@ -202,6 +202,7 @@ def _admission(m: ServedModel, settings: Settings, metrics: Metrics) -> Admissio
         moments=router.moments,
         turn=lambda: router.turn_now,
         prompt_s=router.prompt_s,
+        alone=router.alone,
     )
     for b in m.backends:  # a lane whose engine becomes ready takes waiters at once
         b.supervisor.on_ready.append(admission.wake)

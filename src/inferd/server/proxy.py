@@ -462,14 +462,15 @@ class Proxy:
                 translation=translation,
                 reshape_answer=reshape_answer,
                 # A model with several engines gives the slot of the one that will finish the
-                # request soonest (`server.routing`), by its size.
-                want=routing.want_of(payload, len(body), lanes),
+                # request soonest (`server.routing`), by its size; the routes no metric counts
+                # (tokenize) compute next to nothing and stay outside the engines' turns.
+                want=routing.want_of(payload, len(body), lanes, turns=route.counted),
             )
             if len(clients) > 1:
                 # Let the requests that arrived with this one reach this point too, so that the
                 # router sees a burst whole (each runs from its arrival to here without a pause
                 # otherwise, the first judged as one user alone while the others are unread).
-                await served.admission.gathered(close)
+                await served.admission.gathered(close, job.want)
         again = False
         while True:
             try:
