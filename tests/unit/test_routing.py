@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from types import SimpleNamespace
 from typing import cast
 
@@ -596,6 +597,23 @@ async def test_a_request_right_after_another_waits_until_its_burst_is_read(
         assert not close
 
 
+async def _arrive(admission: Admission, want: Want) -> Slot:
+    """One request as the proxy brings it: on its way, its burst read, then a slot."""
+    with admission.arriving() as close:
+        await admission.gathered(close, want)
+        return await admission.acquire(want)
+
+
+async def _a_crowd_on_vllm_then_a_pause(admission: Admission, want: Want) -> None:
+    """Eight users served by vLLM, then gone: nothing runs, nobody is about to come back, and
+    the turn is still vLLM's."""
+    wave = await asyncio.gather(*(_arrive(admission, want) for _ in range(8)))
+    assert {slot.lane for slot in wave} == {1}
+    for slot in wave:
+        slot.release()
+    await asyncio.sleep(RETURN_S + 0.05)
+
+
 async def test_a_burst_after_a_crowd_left_is_judged_whole_from_its_first_request(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -607,18 +625,9 @@ async def test_a_burst_after_a_crowd_left_is_judged_whole_from_its_first_request
     admission = _with_turns(lanes)
     want = Want(None, 128, 128)
     loop = asyncio.get_running_loop()
+    arrive = functools.partial(_arrive, admission, want)
 
-    async def arrive() -> Slot:
-        with admission.arriving() as close:
-            await admission.gathered(close, want)
-            return await admission.acquire(want)
-
-    # A crowd on vLLM, then a pause: its clients went away.
-    wave = await asyncio.gather(*(arrive() for _ in range(8)))
-    assert {slot.lane for slot in wave} == {1}
-    for slot in wave:
-        slot.release()
-    await asyncio.sleep(RETURN_S + 0.05)
+    await _a_crowd_on_vllm_then_a_pause(admission, want)
     # The next burst's first request arrives on its own, nothing running, the turn still
     # vLLM's: it waits until the burst is read, and goes with it to vLLM (without the wait: to
     # llama.cpp as one user's, recalled once the rest came).
@@ -655,16 +664,9 @@ async def test_a_tokenize_before_a_burst_leaves_the_turn_where_it_was(
     admission = _with_turns(lanes)
     want = Want(None, 128, 128)
 
-    async def arrive(want: Want) -> Slot:
-        with admission.arriving() as close:
-            await admission.gathered(close, want)
-            return await admission.acquire(want)
+    arrive = functools.partial(_arrive, admission)
 
-    wave = await asyncio.gather(*(arrive(want) for _ in range(8)))
-    assert {slot.lane for slot in wave} == {1}
-    for slot in wave:
-        slot.release()
-    await asyncio.sleep(RETURN_S + 0.05)
+    await _a_crowd_on_vllm_then_a_pause(admission, want)
     # A load generator tokenizes before its next burst (vLLM's serving benchmark does): judged
     # as one user alone it went to llama.cpp and made the turn llama.cpp's, so the burst's first
     # request followed it there and was recalled. Outside the turns it is answered by an engine

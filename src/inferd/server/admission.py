@@ -329,8 +329,12 @@ class Admission:
         turn = self._turn()
         if turn is None or self._running or self._returning():
             return False
-        ready = [i for i, lane in enumerate(self.lanes) if want.allows(i) and lane.usable()]
+        ready = self._ready(want)
         return bool(ready) and self._alone(ready, want) not in (None, turn)
+
+    def _ready(self, want: Want) -> list[int]:
+        """The lanes `want` allows whose engines take requests now."""
+        return [i for i, lane in enumerate(self.lanes) if want.allows(i) and lane.usable()]
 
     def _returning(self) -> int:
         """Requests ended within `RETURN_S` whose clients have not sent another yet (each
@@ -460,7 +464,7 @@ class Admission:
         now = asyncio.get_running_loop().time() if live else 0.0
         for entry in live:
             waiter, want, since = entry
-            ready = [i for i, lane in enumerate(self.lanes) if want.allows(i) and lane.usable()]
+            ready = self._ready(want)
             if not ready:
                 continue  # its engines are starting (or down): it holds nobody back
             waited = now - since
