@@ -3,8 +3,7 @@
 On a small CPU llama.cpp's threads hold every core while they decode, so each microsecond the
 front spends relaying a token, and each wake-up while idle, is taken from the engine (issue 18:
 the front's cost on llama.cpp within 3% of output rate). This measures where that cost stands
-against what any relay costs (`front_cpu.py` measures the relay's code in process, against a
-stand-in engine). One `inferd serve --profile P` (and, with
+against what any relay costs. One `inferd serve --profile P` (and, with
 `--baseline-src`, another from a second source tree, with an engine of its own: a change to the
 front measured beside what it changes); beside it, on the same engine socket (with its start's
 key, found as `serve_overhead.engine_of` does):

@@ -271,6 +271,13 @@ def engine_alone_on_tcp(
     return proc, f"http://127.0.0.1:{port}", key
 
 
+def keeps_streams(engine: Engine) -> bool:
+    """Whether a stream's connection to the engine may be kept for the next: llama-server
+    closes every stream's connection (`server.engine_stream`), so a client of it straight
+    opens one per stream, as the front does."""
+    return engine.name != "llamacpp"
+
+
 def engine_of(front: subprocess.Popen[bytes], log: Path, timeout: float = 120) -> tuple[Path, str]:
     """The socket inferd's engine listens on (from inferd's log) and the key of its start (from
     the engine's environment: only a process of the same user can read it)."""
@@ -388,7 +395,7 @@ def main() -> None:
             record("same engine: via inferd", rnd, f"http://127.0.0.1:{port}")
             if args.pairs:
                 diffs = paired_ttft(
-                    (sock, key), f"http://127.0.0.1:{port}", args.pairs, not engine.closes_streams
+                    (sock, key), f"http://127.0.0.1:{port}", args.pairs, keeps_streams(engine)
                 )
                 pair_rows.append({"round": rnd, "added_ttft_ms": diffs})
                 with (args.out / "paired.jsonl").open("a") as fh:
@@ -402,7 +409,7 @@ def main() -> None:
                 alone, alone_url, alone_key = engine_alone_on_tcp(engine, env, folder)
                 try:
                     wait_http(alone_url + "/health", alone)
-                    keep = not engine.closes_streams
+                    keep = keeps_streams(engine)
                     with (
                         client(sock, key, keep_alive=keep, timeout=600) as direct,
                         client(timeout=600) as through,

@@ -77,9 +77,6 @@ class Engine(ABC):
     # The route that says how many requests the engine is working on now (`working`); None:
     # the engine does not say.
     working_path: str | None = None
-    # Whether the engine closes its connection after every streamed answer: then a stream goes
-    # out on a connection of its own, never a pooled one it would leave dead in the pool.
-    closes_streams = False
     # A small request the supervisor sends once the engine answers its health route and before
     # it calls it ready (route, body), for an engine whose first request is slower than the
     # next: the first user then does not pay for it. None: the engine warms itself up.

@@ -258,11 +258,6 @@ class LlamaCppEngine(Engine):
     working_path = "/slots"
     # vLLM's (and inferd's) names for sampling fields llama.cpp calls otherwise.
     param_aliases = {"repetition_penalty": "repeat_penalty", "max_completion_tokens": "max_tokens"}
-    # Every streamed answer ends with the connection closed: llama-server's chunk provider
-    # returns false after its last chunk, which cpp-httplib takes for a cancel (server-http.cpp
-    # and httplib's write_content_chunked, llama.cpp b1-0c1e570). Pooled, the dead connection
-    # was picked by the next request before its close was seen, and retried.
-    closes_streams = True
     # llama-server's first chat request after its start took 45-50 ms longer than the next
     # (its own warm-up is an empty run): a one-token chat before readiness (50 ms more to
     # ready) halved the first user's first token through the front, 95 -> 45 ms on the Xeon

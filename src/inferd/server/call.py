@@ -22,6 +22,7 @@ import aiohttp
 from inferd.guardrails.stream import StreamFilter
 from inferd.observability.metrics import Metrics
 from inferd.server.admission import Recall, Slot
+from inferd.server.engine_stream import EngineStream
 from inferd.server.keys import KeyRecord, KeyRing
 
 log = logging.getLogger("inferd.requests")
@@ -78,7 +79,7 @@ class Call:
         # Output rails over a streamed answer (per request), when a guardrails file has some.
         self.stream_filter: StreamFilter | None = None
         self.engine_error = False  # the engine reported an error inside a 200 stream
-        self.upstream: aiohttp.ClientResponse | None = None
+        self.upstream: aiohttp.ClientResponse | EngineStream | None = None
         self.abort_reason: str | None = None
         # Set when a change of turn takes the request back before its engine answered
         # (`Slot.recallable`); None where nothing can.

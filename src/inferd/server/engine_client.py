@@ -25,6 +25,7 @@ import aiohttp
 from inferd.engines.base import Engine
 from inferd.errors import EngineUnavailableError, InvalidRequestError
 from inferd.server.engine_link import EngineLink
+from inferd.server.engine_stream import EngineStream, request_bytes
 from inferd.server.errors import from_engine
 from inferd.server.served import ServedModel
 from inferd.server.supervisor import Supervisor
@@ -107,13 +108,10 @@ class EngineClient:
             return raw
         return json.dumps(payload).encode()
 
-    async def post(
-        self, path: str, body: bytes, rid: str, *, stream: bool = False
-    ) -> aiohttp.ClientResponse:
-        """Post `body`; the engine's response, its body unread. A connection that fails before
-        an answer is tried once more on a fresh connection; then the engine is reported. A
-        `stream` to an engine that closes streams' connections (`Engine.closes_streams`) goes
-        on a fresh connection from the start."""
+    async def post(self, path: str, body: bytes, rid: str) -> aiohttp.ClientResponse:
+        """Post `body` for a whole answer (streams: `stream`); the engine's response, its body
+        unread. A pooled connection that fails before an answer is tried once more on a fresh
+        connection; then the engine is reported."""
         url = EngineLink.url(path)
         headers = {
             "Content-Type": "application/json",
@@ -127,8 +125,7 @@ class EngineClient:
                 # closes a link once its engine start has ended, and posting on a closed one
                 # would raise RuntimeError, not a ClientError.
                 link = self.link()
-                session = link.fresh if stream and self.engine.closes_streams else link.pool
-                return await session.post(url, data=body, headers=headers, timeout=timeout)
+                return await link.pool.post(url, data=body, headers=headers, timeout=timeout)
             except aiohttp.ClientConnectionError as first:
                 # A kept-alive connection the engine closed just as it was reused: nothing was
                 # answered, so send once more, on a fresh connection. Before streams to
@@ -137,6 +134,25 @@ class EngineClient:
                 log.info("engine connection failed before an answer (%s); retrying once", first)
                 fresh = self.link().fresh
                 return await fresh.post(url, data=body, headers=headers, timeout=timeout)
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            self.supervisor.report_failure(f"a request could not reach the engine: {exc}")
+            raise EngineUnavailableError(
+                f"engine for {self.served.id} is unreachable: {exc}"
+            ) from None
+
+    async def stream(self, path: str, body: bytes, rid: str) -> EngineStream:
+        """Post `body` for a streamed answer, on a connection of its own
+        (`server.engine_stream`); the answer's status and headers read, its body not.
+        EngineUnavailableError (the engine reported) when it cannot be reached."""
+        headers = {
+            "Content-Type": "application/json",
+            "X-Request-Id": rid,
+            **self.supervisor.auth_headers(),
+        }
+        request = request_bytes(path, headers, body)
+        try:
+            socket = self.link().socket
+            return await EngineStream.open(socket, request, self.sessions.read_timeout_s)
         except (TimeoutError, aiohttp.ClientError) as exc:
             self.supervisor.report_failure(f"a request could not reach the engine: {exc}")
             raise EngineUnavailableError(

@@ -53,15 +53,10 @@ from inferd.server.apis.translation import Translation
 from inferd.server.call import Call
 from inferd.server.context import current_request_id
 from inferd.server.engine_client import EngineClient, EngineSessions
+from inferd.server.engine_stream import EngineStream
 from inferd.server.errors import anthropic_body
 from inferd.server.keys import KeyRecord, KeyRing
-from inferd.server.relay import (
-    AnswerTooLargeError,
-    RelayResponse,
-    chat_events,
-    read_bounded,
-    translated_events,
-)
+from inferd.server.relay import AnswerTooLargeError, Relay, RelayResponse, read_bounded
 from inferd.server.served import ModelTable, ServedModel
 
 if TYPE_CHECKING:  # routes names the proxy's handlers; the proxy only reads a Route
@@ -69,6 +64,8 @@ if TYPE_CHECKING:  # routes names the proxy's handlers; the proxy only reads a R
 
 log = logging.getLogger("inferd.requests")
 _T = TypeVar("_T")
+# An engine's answer: a whole one on a pooled connection, or a stream on its own.
+Answer = aiohttp.ClientResponse | EngineStream
 # Request bodies above this size are checked by the input rails in their worker threads: PII
 # detection takes up to about 15 ms per KiB of digit-dense text, which would hold up every
 # other stream; below it, the thread hop costs more than the check.
@@ -240,9 +237,7 @@ class Recalled(Exception):
     (`server.admission`): it waits for a slot again."""
 
 
-async def _unless_recalled(
-    post: Coroutine[Any, Any, aiohttp.ClientResponse], recall: Recall
-) -> aiohttp.ClientResponse:
+async def _unless_recalled(post: Coroutine[Any, Any, _T], recall: Recall) -> _T:
     """`post`'s response, or `Recalled` once `recall` is set first (the engine connection is
     closed). A response that came as the recall did wins: the engine has begun to answer."""
     task = await _before(post, recall.wait())
@@ -281,7 +276,7 @@ async def _linger(client: EngineClient, served: ServedModel, lane: int, recall: 
             return
 
 
-async def _first_unless_recalled(resp: aiohttp.ClientResponse, recall: Recall) -> bytes:
+async def _first_unless_recalled(resp: EngineStream, recall: Recall) -> bytes:
     """A stream's first bytes, or `Recalled` (the engine connection closed) if `recall` is set
     first. An engine may send a stream's headers at once (llama-server does, within a few
     ms) and its first event only with the first token: until that event it has not begun to
@@ -296,7 +291,7 @@ async def _first_unless_recalled(resp: aiohttp.ClientResponse, recall: Recall) -
             await asyncio.wait_for(recall.wait(), max(0.0, recall.until - time.monotonic()))
 
     try:
-        task = await _before(resp.content.readany(), recalled())
+        task = await _before(resp.readany(), recalled())
     except (TimeoutError, aiohttp.ClientError):
         return b""
     if recall.is_set():
@@ -583,7 +578,12 @@ class Proxy:
         path = route.engine_path
         resp = await self._post(client, path, body, call, stream)
         call.upstream = resp
-        if not stream or resp.status != 200:
+        if isinstance(resp, EngineStream) and resp.status == 200:
+            relay = Relay(call, translation, self.max_answer_bytes)
+            return RelayResponse(
+                resp, relay, client.supervisor, self._end, headers={"Cache-Control": "no-cache"}
+            )
+        else:
             data = await self._read(resp, call, client)
             if resp.status >= 400:
                 # An engine's own server error is, seen from the front, a failed upstream: 502.
@@ -625,33 +625,21 @@ class Proxy:
             self._end(call, resp.status)
             return Response(data, resp.status, media_type="application/json")
 
-        def release() -> None:
-            resp.close()
-            self._end(call, 499)  # a no-op when the relay already recorded how it ended
-
-        events = chat_events(resp, call, client.supervisor, self._end, self.max_answer_bytes)
-        if translation is not None:
-            events = translated_events(events, translation)
-        return RelayResponse(
-            events,
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache"},
-            on_close=release,
-        )
-
     async def _post(
         self, client: EngineClient, path: str, body: bytes, call: Call, stream: bool
-    ) -> aiohttp.ClientResponse:
+    ) -> Answer:
         """The engine's response (its status and headers; a recallable stream's first bytes
         read too, into `call.head`), unless a change of turn recalls the request first
         (`Recalled`: the connection is closed, which makes the engine drop it)."""
-        post = client.post(path, body, call.engine_rid, stream=stream)
+        rid = call.engine_rid
+        post: Coroutine[Any, Any, Answer]
+        post = client.stream(path, body, rid) if stream else client.post(path, body, rid)
         try:
             if call.recall is None:
                 resp = await post
             else:
                 resp = await _unless_recalled(post, call.recall)
-                if stream and resp.status == 200:
+                if isinstance(resp, EngineStream) and resp.status == 200:
                     call.head = await _first_unless_recalled(resp, call.recall)
         except Recalled:
             raise
@@ -668,10 +656,11 @@ class Proxy:
         if len(self.clients[client.served.id]) > 1:
             self.metrics.engine_requests.labels(client.served.id, client.engine.name).inc()
 
-    async def _read(self, resp: aiohttp.ClientResponse, call: Call, client: EngineClient) -> bytes:
+    async def _read(self, resp: Answer, call: Call, client: EngineClient) -> bytes:
         served = client.served
+        chunks = resp.chunks() if isinstance(resp, EngineStream) else resp.content.iter_any()
         try:
-            return await read_bounded(resp, self.max_answer_bytes)
+            return await read_bounded(chunks, self.max_answer_bytes)
         except AnswerTooLargeError as exc:
             resp.close()  # the rest is never read: this connection is not reused
             raise EngineUnavailableError(f"engine for {served.id}: {exc}") from None
@@ -683,7 +672,10 @@ class Proxy:
                 f"engine for {served.id} failed mid-answer: {exc}"
             ) from None
         finally:
-            resp.release()
+            if isinstance(resp, EngineStream):
+                resp.close()
+            else:
+                resp.release()  # its connection back to the pool
 
     async def _guard_answer(
         self, text: str, request: dict[str, Any], answer: dict[str, Any], call: Call

@@ -1,170 +1,130 @@
 """Streamed answers: the engine's SSE events relayed to the client as they arrive.
 
-Complete events are passed on as soon as they arrive; a finished event is never held. The common
-token event is forwarded without parsing (`Call.observe_events` looks only at events carrying
-usage, a finish reason or an error). With output rails, each batch goes through the request's
-`StreamFilter`, which may hold text back or end the stream. A translated route (Responses,
-Messages) gets the same chat events, after the rails, turned into its own events by its
-`Translation`. If the engine connection breaks, the stream ends with an error event (for chat:
-OpenAI's error object and `[DONE]`). `RelayResponse` releases the engine connection and the `Call`
-even when the client hangs up before the first byte.
+A `Relay` is one stream's per-request state on its way from the engine's bytes to the
+client's: whole events cut out of the engine's chunks (`events`; a finished event is never
+held), observed by the `Call` (usage, finish reason, errors: only events carrying them are
+parsed; the common token event passes untouched) and put in OpenAI's published shape (`conform`);
+after the output rails, in a translated route's (Responses, Messages) own events
+(`client_bytes`, by its `Translation`).
+
+`RelayResponse` sends them. A stream with output rails is relayed by a task reading the
+`EngineStream` (the rails are asynchronous: a guard model is asked over HTTP). One without is
+relayed from the engine connection's own callback (`EngineStream.deliver`): each token's bytes
+go through the `Relay` and into the ASGI `send` before the callback returns, with no task woken
+between the two sockets, which is most of what the front costs a token on a CPU whose cores the
+engine holds (benchmarks/RESULTS.md, "The token path out of aiohttp and out of a task"). If the
+engine connection breaks, the stream ends with an error event (for chat: OpenAI's error object
+and `[DONE]`). The response always records how the stream ended and closes the engine's
+connection, whether the client stayed, hung up, or was gone before the first byte.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+import types
+from collections.abc import AsyncIterator, Callable, Coroutine, Generator
 from typing import Any
 
 import aiohttp
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from inferd.server.apis import conform
-from inferd.server.apis.translation import Translation
+from inferd.server.apis.translation import SSE, Translation
 from inferd.server.call import Call
+from inferd.server.engine_stream import EngineStream
 from inferd.server.errors import envelope
 from inferd.server.supervisor import Supervisor
 
 DONE = b"data: [DONE]"
 
 
-class RelayResponse(StreamingResponse):
-    """A streaming response that always releases the engine call, even if never iterated.
-
-    When a client disconnects before the first byte, Starlette cancels the response without ever
-    starting the body generator, so the generator's own clean-up would not run.
-    """
-
-    def __init__(
-        self, content: AsyncIterator[bytes], *, on_close: Callable[[], object], **kwargs: Any
-    ) -> None:
-        super().__init__(content, **kwargs)
-        self._on_close = on_close
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self._on_close()
-
-
 class AnswerTooLargeError(aiohttp.ClientPayloadError):
     """An engine answer, or one event of its stream, beyond the front's bound."""
 
 
-async def read_bounded(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+async def read_bounded(chunks: AsyncIterator[bytes], limit: int) -> bytes:
     """A whole answer, at most `limit` bytes of it: an engine told to write megabytes (every
     token's probabilities, say) cannot make the front hold them all."""
-    chunks, size = [], 0
-    async for chunk in resp.content.iter_any():
+    got, size = [], 0
+    async for chunk in chunks:
         size += len(chunk)
         if size > limit:
             raise AnswerTooLargeError(f"the engine's answer exceeds {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+        got.append(chunk)
+    return b"".join(got)
 
 
-async def _chunks(resp: aiohttp.ClientResponse, call: Call) -> AsyncIterator[bytes]:
-    """The stream's bytes: what the proxy read of it already (`Call.head`), then the rest."""
-    head, call.head = call.head, b""
-    if head:
-        yield head
-    async for chunk in resp.content.iter_any():
-        yield chunk
+def _encoded(events: list[SSE]) -> bytes:
+    return b"".join(e.encode() for e in events)
 
 
-async def chat_events(
-    resp: aiohttp.ClientResponse,
-    call: Call,
-    supervisor: Supervisor,
-    end: Callable[[Call, int], None],
-    max_event_bytes: int = 64 * 2**20,
-) -> AsyncIterator[bytes]:
-    """The engine's events, as OpenAI's chat/completions stream them, through the output rails;
-    `end(call, status)` records how the stream ended; an event may be `max_event_bytes` long."""
-    pending = b""
-    status = 499  # if the generator is closed early, the client went away
-    try:
-        async for chunk in _chunks(resp, call):
-            if not pending and chunk.endswith(b"\n\n"):
-                complete = chunk  # the common read: whole events, nothing held back
-            else:
-                pending += chunk
-                cut = pending.rfind(b"\n\n")
-                if cut < 0:
-                    if len(pending) > max_event_bytes:
-                        raise AnswerTooLargeError(
-                            f"an engine event exceeds {max_event_bytes} bytes"
-                        )
-                    continue
-                complete, pending = pending[: cut + 2], pending[cut + 2 :]
-            # OpenAI's published shape (conform), after the engine's own reshaping and the
-            # usage split (observe_events), before the rails read it.
-            out = conform.stream_events(call.path, call.observe_events(complete))
-            stop = False
-            if call.stream_filter is not None:
-                out, stop = await call.stream_filter.process(out)
-                if stop:
-                    call.finish_reason = "content_filter"
-            if DONE in out:
-                # The answer is complete: a client that hangs up now has what it asked for.
-                status = 200
-            if out:
-                yield out
-            if stop:
-                return  # an output rail ended the stream; `finally` closes the engine's
-        if pending.strip():
-            if call.stream_filter is not None:  # a last event without its blank line
-                pending, stop = await call.stream_filter.process(pending + b"\n\n")
-                if stop:
-                    call.finish_reason = "content_filter"
-            yield pending
-        if call.stream_filter is not None and not call.stream_filter.blocked:
-            # Ended without [DONE]: what the rails still hold is judged and sent now.
-            tail = await call.stream_filter.finish()
-            if call.stream_filter.blocked:
-                call.finish_reason = "content_filter"
-            if tail:
-                yield tail
-        status = 200
-    except AnswerTooLargeError as exc:
-        status, err = 502, envelope(str(exc), "server_error", "answer_too_large")
-        yield b"data: " + json.dumps(err).encode() + b"\n\n" + DONE + b"\n\n"
-    except (TimeoutError, aiohttp.ClientError) as exc:
-        if call.abort_reason:
-            status, err = 503, envelope(call.abort_reason, "server_error", "shutting_down")
+class Relay:
+    """One stream's events, engine to client (per request). `translation`: a translated
+    route's; `max_event_bytes`: how long one engine event may be."""
+
+    def __init__(self, call: Call, translation: Translation | None, max_event_bytes: int) -> None:
+        self.call = call
+        self.translation = translation
+        self.max_event_bytes = max_event_bytes
+        self.pending = b""  # the start of an event whose end has not come
+        self.done = False  # `[DONE]` went to the client: the answer is complete
+        self.closed = False  # the translated stream's closing (or error) events went
+
+    def events(self, chunk: bytes) -> bytes:
+        """The whole events `chunk` completes, observed and in OpenAI's shape (b"" if none)."""
+        if not self.pending and chunk.endswith(b"\n\n"):
+            complete = chunk  # the common read: whole events, nothing held back
         else:
-            reason = f"the engine stopped mid-stream: {exc}"
-            supervisor.report_failure(reason)
-            status, err = 502, envelope(reason, "server_error", "engine_unavailable")
-        yield b"data: " + json.dumps(err).encode() + b"\n\n" + DONE + b"\n\n"
-    finally:
-        resp.close()
-        end(call, status)
+            self.pending += chunk
+            cut = self.pending.rfind(b"\n\n")
+            if cut < 0:
+                if len(self.pending) > self.max_event_bytes:
+                    raise AnswerTooLargeError(
+                        f"an engine event exceeds {self.max_event_bytes} bytes"
+                    )
+                return b""
+            complete, self.pending = self.pending[: cut + 2], self.pending[cut + 2 :]
+        # OpenAI's published shape (conform), after the engine's own reshaping and the usage
+        # split (observe_events), before the rails read it.
+        return conform.stream_events(self.call.path, self.call.observe_events(complete))
 
+    def last(self) -> bytes:
+        """A last event the engine sent without its blank line, completed (b"" if none)."""
+        pending, self.pending = self.pending, b""
+        return pending.strip() + b"\n\n" if pending.strip() else b""
 
-async def translated_events(
-    chat: AsyncIterator[bytes], translation: Translation
-) -> AsyncIterator[bytes]:
-    """A chat stream (already through the rails) in a translated API's events. The stream
-    ends once: with the API's closing events after `[DONE]`, or with its error event."""
-    yield b"".join(e.encode() for e in translation.start())
-    ended = False
-    async for batch in chat:
-        if ended:
-            continue  # drain what follows an end (the `[DONE]` after an error event)
-        out: list[bytes] = []
+    def opening(self) -> bytes:
+        return _encoded(self.translation.start()) if self.translation is not None else b""
+
+    def closing(self) -> bytes:
+        """A translated stream's closing events, if an end has not sent them (the chat stream
+        ended without `[DONE]`: an output rail stopped it)."""
+        if self.translation is None or self.closed:
+            return b""
+        self.closed = True
+        return _encoded(self.translation.end())
+
+    def client_bytes(self, batch: bytes) -> bytes:
+        """Chat events (after the rails) as the client gets them: as they are, or in the
+        translated API's events. The translated stream ends once: with the API's closing
+        events after `[DONE]`, or with its error event; what follows is dropped."""
+        if DONE in batch:
+            self.done = True
+        if self.translation is None or not batch:
+            return batch
+        out: list[SSE] = []
         for raw in batch.split(b"\n\n"):
             data = raw.strip().removeprefix(b"data:").strip()
-            if not data or ended:
+            if not data or self.closed:
                 continue
             if data == b"[DONE]":
-                ended = True
-                out += [e.encode() for e in translation.end()]
-                answer = translation.streamed()
+                self.closed = True
+                out += self.translation.end()
+                answer = self.translation.streamed()
                 if answer is not None:
-                    translation.finished(answer)
+                    self.translation.finished(answer)
                 continue
             try:
                 chunk = json.loads(data)
@@ -175,12 +135,204 @@ async def translated_events(
             error = chunk.get("error")
             if isinstance(error, dict):
                 message = str(error.get("message") or "the engine failed")
-                out += [e.encode() for e in translation.error_event(message, "api_error")]
-                ended = True
+                out += self.translation.error_event(message, "api_error")
+                self.closed = True
                 continue
-            out += [e.encode() for e in translation.event(chunk)]
-        if out:
-            yield b"".join(out)
-    if not ended:
-        # The chat stream ended without [DONE] (an output rail stopped it): close the answer.
-        yield b"".join(e.encode() for e in translation.end())
+            out += self.translation.event(chunk)
+        return _encoded(out)
+
+
+@types.coroutine
+def _resumed(coro: Any, waited: Any) -> Generator[Any, None, Any]:
+    """The rest of a coroutine that was stepped once outside a task and waits on `waited`:
+    awaited by a task, it resumes where it stopped (`await coro` cannot: the coroutine is
+    suspended in an await already). Python 3.12's eager tasks do this; inferd runs on 3.11."""
+    while True:
+        try:
+            yield waited
+        except BaseException as exc:  # a cancellation, passed on as a task would
+            try:
+                waited = coro.throw(exc)
+            except StopIteration as stop:
+                return stop.value
+        else:
+            try:
+                waited = coro.send(None)
+            except StopIteration as stop:
+                return stop.value
+
+
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+class RelayResponse(Response):
+    """The stream's response: relays `stream` through `relay` and records how it ended with
+    `end(call, status)` (200 once the answer is complete, 499 if the client left before, 502
+    or 503 if the engine's stream failed or the service cut it)."""
+
+    media_type = "text/event-stream"
+
+    def __init__(
+        self,
+        stream: EngineStream,
+        relay: Relay,
+        supervisor: Supervisor,
+        end: Callable[[Call, int], None],
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        self.status_code = 200
+        self.background = None
+        self.init_headers(headers)
+        self.stream = stream
+        self.relay = relay
+        self.call = relay.call
+        self.supervisor = supervisor
+        self.end = end
+        self.failed: int | None = None  # the status of a failed stream
+        self._send: Send | None = None
+        self._sending: asyncio.Future[None] | None = None  # a send that had to wait
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self._send = send
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            work = asyncio.ensure_future(self._relay())
+            # A client that hangs up ends the relay (uvicorn's sends then go nowhere).
+            gone = asyncio.ensure_future(_disconnected(receive))
+            try:
+                await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
+            finally:  # also when this response is cancelled
+                gone.cancel()
+                work.cancel()  # a no-op once it is done
+                await asyncio.wait((work,))
+            if not work.cancelled():
+                work.result()  # the relay's own failure, if any, is the server's error
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            self.stream.close()
+            if self._sending is not None:
+                self._sending.cancel()
+            self.end(self.call, self.status)
+
+    @property
+    def status(self) -> int:
+        if self.failed is not None:
+            return self.failed
+        return 200 if self.relay.done else 499
+
+    async def _out(self, body: bytes) -> None:
+        if body:
+            assert self._send is not None
+            await self._send({"type": "http.response.body", "body": body, "more_body": True})
+
+    async def _relay(self) -> None:
+        relay, call = self.relay, self.call
+        try:
+            await self._out(relay.opening())
+            head, call.head = call.head, b""  # what the proxy read already (`Call.head`)
+            if call.stream_filter is None:
+                await self._out(relay.client_bytes(relay.events(head)) if head else b"")
+                await self._by_callback()
+            else:
+                await self._through_rails(head)
+            relay.done = True
+        except AnswerTooLargeError as exc:
+            self.failed = 502
+            await self._error(envelope(str(exc), "server_error", "answer_too_large"))
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            if call.abort_reason:
+                self.failed = 503
+                await self._error(envelope(call.abort_reason, "server_error", "shutting_down"))
+            else:
+                reason = f"the engine stopped mid-stream: {exc}"
+                self.supervisor.report_failure(reason)
+                self.failed = 502
+                await self._error(envelope(reason, "server_error", "engine_unavailable"))
+
+    async def _error(self, err: dict[str, Any]) -> None:
+        chat = b"data: " + json.dumps(err).encode() + b"\n\n" + DONE + b"\n\n"
+        await self._out(self.relay.client_bytes(chat))
+
+    # ------------------------------------------------------------------ no rails: callbacks
+
+    async def _by_callback(self) -> None:
+        ended: asyncio.Future[BaseException | None] = asyncio.get_running_loop().create_future()
+
+        def on_end(exc: BaseException | None) -> None:
+            if not ended.done():  # not after this task was cancelled
+                ended.set_result(exc)
+
+        self.stream.deliver(self._pass_on, on_end)
+        exc = await ended
+        if exc is not None:
+            raise exc
+        relay = self.relay
+        await self._out(relay.client_bytes(relay.last()) + relay.closing())
+
+    def _pass_on(self, data: bytes) -> bool:
+        """The stream's sink, called from the engine connection's callback: False holds the
+        stream while a send waits for the client."""
+        out = self.relay.client_bytes(self.relay.events(data))
+        return self._send_now(out) if out else True
+
+    def _send_now(self, body: bytes) -> bool:
+        """Send `body` before returning, if the send does not wait. An ASGI send is a
+        coroutine; uvicorn's (and each middleware's around it) finishes without waiting unless
+        the client's socket is full, so it is stepped here once. If it waits, the rest of it
+        runs as a task, and the stream is held until it is done (so nothing overtakes it)."""
+        assert self._send is not None
+        sending = self._send({"type": "http.response.body", "body": body, "more_body": True})
+        if isinstance(sending, Coroutine):  # an `async def` send, as every ASGI server's
+            try:
+                waited = sending.send(None)
+            except StopIteration:
+                return True
+            sending = _resumed(sending, waited)
+        self._sending = asyncio.ensure_future(sending)
+        self._sending.add_done_callback(self._sent)
+        return False
+
+    def _sent(self, sending: asyncio.Future[None]) -> None:
+        self._sending = None
+        if sending.cancelled():
+            return
+        exc = sending.exception()
+        if exc is not None:
+            self.stream.fail(exc)
+        else:
+            self.stream.resume()
+
+    # ------------------------------------------------------------------ rails: a task
+
+    async def _through_rails(self, head: bytes) -> None:
+        rails, relay = self.call.stream_filter, self.relay
+        assert rails is not None
+        if head and await self._railed(relay.events(head)):
+            return
+        async for chunk in self.stream.chunks():
+            if await self._railed(relay.events(chunk)):
+                return
+        last = relay.last()
+        if last and await self._railed(last):
+            return
+        if not rails.blocked:
+            # Ended without [DONE]: what the rails still hold is judged and sent now.
+            tail = await rails.finish()
+            if rails.blocked:
+                self.call.finish_reason = "content_filter"
+            await self._out(relay.client_bytes(tail))
+        await self._out(relay.closing())
+
+    async def _railed(self, events: bytes) -> bool:
+        """`events` through the rails and on to the client; True if the rails ended it."""
+        if not events:
+            return False
+        rails, relay = self.call.stream_filter, self.relay
+        assert rails is not None
+        out, stop = await rails.process(events)
+        if stop:
+            self.call.finish_reason = "content_filter"
+        await self._out(relay.client_bytes(out) + (relay.closing() if stop else b""))
+        return stop
