@@ -10,6 +10,8 @@ a real engine will not produce on demand. What the user message says picks the b
     "late"     a stream's headers at once, its first event after 1 s (llama-server's way with a
                long prompt)
     "invalid"  answer with vLLM's real 400 body
+    "flood"    stream `FLOOD_EVENTS` token events as fast as it can write (each ~500 bytes, its
+               content `w<i> ` and padding), then the recorded end (a client slower than this)
     otherwise  replay the recorded answer (streamed or not)
 
 It listens where vLLM would: on the Unix socket `--uds PATH` (as inferd starts every engine), or
@@ -38,6 +40,20 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "vllm-0.32.0"
+
+
+FLOOD_EVENTS = 10_000
+
+
+def _flood(events: list[bytes]) -> list[bytes]:
+    """The recorded stream with `FLOOD_EVENTS` token events in place of its own."""
+    token = json.loads(events[1].removeprefix(b"data: "))
+    flood = []
+    for i in range(FLOOD_EVENTS):
+        token["choices"][0]["delta"]["content"] = f"w{i} " + "x" * 400
+        flood.append(b"data: " + json.dumps(token, separators=(",", ":")).encode() + b"\n\n")
+    end = [e for e in events[1:] if b'"finish_reason":null' not in e]  # finish, usage, DONE
+    return [events[0], *flood, *end]
 
 
 def _events() -> list[bytes]:
@@ -113,6 +129,8 @@ class Recorded:
             )
         with_usage = (body.get("stream_options") or {}).get("include_usage")
         events = [e for e in self.events if with_usage or b'"choices":[]' not in e]
+        if text == "flood":
+            events = _flood(events)
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         if text == "late":
@@ -123,7 +141,8 @@ class Recorded:
                 if text == "crash" and i == 2:
                     os._exit(3)
                 await resp.write(event)
-                await asyncio.sleep(0.3 if text == "slow" else 0.001)
+                if text != "flood":
+                    await asyncio.sleep(0.3 if text == "slow" else 0.001)
         finally:
             self.open_streams -= 1
         return resp

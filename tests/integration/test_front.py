@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,6 +16,7 @@ from tests.integration.conftest import (
     start_front,
     stop_front,
 )
+from tests.integration.recorded_engine import FLOOD_EVENTS
 
 
 def _chat(text: str, **extra: object) -> dict[str, object]:
@@ -130,6 +132,51 @@ def test_management_routes(front: Front) -> None:
     assert 'num_requests_running{model="smollm2-135m-instruct"} 0.0' in metrics
     assert "vllm:num_requests_running" in metrics  # the engine's own, passed through
     assert metrics.count("# TYPE process_cpu_seconds_total") <= 1  # no duplicate families
+
+
+def _dechunked(raw: bytes) -> bytes:
+    """An HTTP/1.1 chunked body (after the head), its chunks joined."""
+    body, at = b"", 0
+    while True:
+        end = raw.index(b"\r\n", at)
+        size = int(raw[at:end], 16)
+        if size == 0:
+            return body
+        body += raw[end + 2 : end + 2 + size]
+        at = end + 2 + size + 2
+
+
+def test_a_slow_client_holds_the_engine_back_and_gets_every_event_in_order(front: Front) -> None:
+    """A client that reads slower than the engine writes: the front's sends wait for it (the
+    relay's held path) and the engine's stream is held meanwhile rather than read into memory;
+    every event still arrives, once and in order."""
+    body = json.dumps(_chat("flood", stream=True)).encode()
+    host, port = front.url.removeprefix("http://").split(":")
+    with socket.socket() as conn:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window
+        conn.connect((host, int(port)))
+        conn.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+            b"\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%b" % (len(body), body)
+        )
+        raw = conn.recv(4096)
+        time.sleep(1.5)  # the engine writes its ~5 MB in well under this when nothing holds it
+        with front.engine() as direct:
+            assert direct.get("/debug/open-streams").json()["open"] == 1
+        conn.settimeout(30)
+        while chunk := conn.recv(65536):
+            raw += chunk
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    events = [e for e in _dechunked(rest).split(b"\n\n") if e]
+    assert events[-1] == b"data: [DONE]"
+    words = [
+        json.loads(e.removeprefix(b"data: "))["choices"][0]["delta"].get("content", "")
+        for e in events[:-1]
+    ]
+    flood = [w.split(" ")[0] for w in words if w.startswith("w")]
+    assert flood == [f"w{i}" for i in range(FLOOD_EVENTS)]
+    assert _metric(front, "num_requests_running") == 0
 
 
 def test_client_disconnect_closes_the_engine_stream(front: Front) -> None:

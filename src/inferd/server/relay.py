@@ -250,6 +250,8 @@ class RelayResponse(Response):
                 self.supervisor.report_failure(reason)
                 self.failed = 502
                 await self._error(envelope(reason, "server_error", "engine_unavailable"))
+        except OSError:
+            pass  # the client's connection is gone (a server of ASGI spec 2.4 says so in send)
 
     async def _error(self, err: dict[str, Any]) -> None:
         chat = b"data: " + json.dumps(err).encode() + b"\n\n" + DONE + b"\n\n"
