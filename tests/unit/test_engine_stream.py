@@ -231,6 +231,28 @@ def test_a_failure_while_held_is_told_after_the_chunks_before_it(tmp_path: Path)
     assert len(ends) == 1 and isinstance(ends[0], aiohttp.ServerDisconnectedError)
 
 
+def test_a_sink_that_fails_ends_the_stream_and_gets_nothing_more(tmp_path: Path) -> None:
+    # Three chunks and the end in one read: the sink fails at the first.
+    writes: list[bytes | float | None] = [HEAD, 0.02, chunk(event(1)) + chunk(event(2)) + END]
+
+    async def body(sock: Path, engine: Engine) -> tuple[int, list[object]]:
+        stream = await EngineStream.open(sock, REQUEST, read_timeout_s=5)
+        calls: list[bytes] = []
+        ends: list[object] = []
+
+        def sink(data: bytes) -> bool:
+            calls.append(data)
+            raise ValueError("the relay failed")
+
+        stream.deliver(sink, ends.append)
+        await asyncio.wait_for(engine.closed.wait(), 2)
+        return len(calls), ends
+
+    calls, ends = run(tmp_path, writes, body)
+    assert calls == 1
+    assert len(ends) == 1 and isinstance(ends[0], ValueError)
+
+
 # -- the relay from the connection's callback
 
 

@@ -151,6 +151,8 @@ class EngineStream(asyncio.Protocol):
             self._head.set_result(None)
 
     def on_body(self, body: bytes) -> None:
+        if self._error is not None:
+            return  # the rest of a read after a failure (the sink's): nothing more is passed on
         if self._sink is not None and not self._held:
             try:
                 go_on = self._sink(body)
@@ -168,6 +170,8 @@ class EngineStream(asyncio.Protocol):
                 self._pause()
 
     def on_message_complete(self) -> None:
+        if self._error is not None:
+            return
         self._complete = True
         if self._transport is not None:
             self._transport.close()  # one answer per connection

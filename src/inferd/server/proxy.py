@@ -583,47 +583,47 @@ class Proxy:
             return RelayResponse(
                 resp, relay, client.supervisor, self._end, headers={"Cache-Control": "no-cache"}
             )
-        else:
-            data = await self._read(resp, call, client)
-            if resp.status >= 400:
-                # An engine's own server error is, seen from the front, a failed upstream: 502.
-                status = resp.status
-                if status >= 500:
-                    status = 400 if client.engine.clients_fault(status, data) else 502
-                    if status == 502:  # the engine's own words, for whoever reads the log
-                        log.warning(
-                            "%s answered %s %s: %s", client.engine.name, resp.status, path,
-                            data[:300].decode("utf-8", "replace"),
-                        )  # fmt: skip
-                self._end(call, status)
-                error = await client.error(status, data, body)
-                if translation is not None:  # name the field the client sent
-                    error["error"]["param"] = translation.client_param(error["error"]["param"])
-                if route.api == "anthropic":
-                    return JSONResponse(anthropic_body(status, error), status)
-                return JSONResponse(error, status)
-            data = call.adapt_body(client.whole_answer(path, data))
-            answer = call.read_answer(data)
-            guard = self.guards is not None and self.guards.reads_answers(route.text)
-            if answer is not None and (
-                call.reshape_answer is not None
-                or guard
-                or translation is not None
-                or path in conform.ROUTES
-            ):
-                # Parsed once above; re-encoded once for all. OpenAI's published shape first
-                # (whatever the engine), so rails and translations read one shape.
-                answer = conform.answer(path, answer)
-                if call.reshape_answer is not None:
-                    answer = call.reshape_answer(answer)
-                if guard:
-                    answer = await self._guard_answer(route.text, payload, answer, call)
-                if translation is not None:
-                    answer = translation.answer(answer)
-                    translation.finished(answer)
-                data = json.dumps(answer).encode()
-            self._end(call, resp.status)
-            return Response(data, resp.status, media_type="application/json")
+        # A whole answer, or a stream the engine refused (its error, read whole).
+        data = await self._read(resp, call, client)
+        if resp.status >= 400:
+            # An engine's own server error is, seen from the front, a failed upstream: 502.
+            status = resp.status
+            if status >= 500:
+                status = 400 if client.engine.clients_fault(status, data) else 502
+                if status == 502:  # the engine's own words, for whoever reads the log
+                    log.warning(
+                        "%s answered %s %s: %s", client.engine.name, resp.status, path,
+                        data[:300].decode("utf-8", "replace"),
+                    )  # fmt: skip
+            self._end(call, status)
+            error = await client.error(status, data, body)
+            if translation is not None:  # name the field the client sent
+                error["error"]["param"] = translation.client_param(error["error"]["param"])
+            if route.api == "anthropic":
+                return JSONResponse(anthropic_body(status, error), status)
+            return JSONResponse(error, status)
+        data = call.adapt_body(client.whole_answer(path, data))
+        answer = call.read_answer(data)
+        guard = self.guards is not None and self.guards.reads_answers(route.text)
+        if answer is not None and (
+            call.reshape_answer is not None
+            or guard
+            or translation is not None
+            or path in conform.ROUTES
+        ):
+            # Parsed once above; re-encoded once for all. OpenAI's published shape first
+            # (whatever the engine), so rails and translations read one shape.
+            answer = conform.answer(path, answer)
+            if call.reshape_answer is not None:
+                answer = call.reshape_answer(answer)
+            if guard:
+                answer = await self._guard_answer(route.text, payload, answer, call)
+            if translation is not None:
+                answer = translation.answer(answer)
+                translation.finished(answer)
+            data = json.dumps(answer).encode()
+        self._end(call, resp.status)
+        return Response(data, resp.status, media_type="application/json")
 
     async def _post(
         self, client: EngineClient, path: str, body: bytes, call: Call, stream: bool
