@@ -267,10 +267,12 @@ def _call(path: str = "/v1/completions") -> Call:
 
 class Client:
     """An ASGI server's side of one response: `send` waits on every `wait_every`-th body (a
-    client whose socket is full), `receive` says the client left once `leave` is set."""
+    client whose socket is full), and after waiting raises `fails_with` if set; `receive` says
+    the client left once `leave` is set."""
 
-    def __init__(self, wait_every: int = 0) -> None:
+    def __init__(self, wait_every: int = 0, fails_with: Exception | None = None) -> None:
         self.wait_every = wait_every
+        self.fails_with = fails_with
         self.bodies: list[bytes] = []
         self.messages: list[MutableMapping[str, Any]] = []
         self.leave = asyncio.Event()
@@ -284,6 +286,8 @@ class Client:
         if self.wait_every and len(self.bodies) % self.wait_every == 0:
             self.waited += 1
             await asyncio.sleep(0.003)
+            if self.fails_with is not None:
+                raise self.fails_with
 
     async def receive(self) -> dict[str, Any]:
         await self.leave.wait()
@@ -323,6 +327,17 @@ def test_the_relay_passes_every_event_on_in_order_when_sends_wait(tmp_path: Path
     assert client.waited > 5  # the held path was taken, not only the direct one
     assert client.messages[-1] == {"type": "http.response.body", "body": b"", "more_body": False}
     assert ended == [200] and call.finish_reason == "length"
+
+
+def test_a_send_that_fails_after_waiting_ends_the_relay(tmp_path: Path) -> None:
+    """The client's connection fails while a send waits for it (an ASGI 2.4 server raises
+    OSError): the relay ends at once, the engine's connection closed, not held for ever."""
+    writes: list[bytes | float | None] = [HEAD]
+    writes += [chunk(event(i)) for i in range(10)] + [END]
+    client = Client(wait_every=3, fails_with=ConnectionResetError("the client went away"))
+    ended, _ = _relay_through(tmp_path, writes, client, _call())
+    assert client.waited == 1 and len(client.bodies) == 3
+    assert ended == [499]
 
 
 def test_a_broken_engine_ends_the_relay_with_an_error_event(tmp_path: Path) -> None:

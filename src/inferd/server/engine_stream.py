@@ -120,16 +120,16 @@ class EngineStream(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            self.fail(aiohttp.ClientPayloadError(f"the engine's answer is not valid HTTP: {exc}"))
+            self._broke(aiohttp.ClientPayloadError(f"the engine's answer is not valid HTTP: {exc}"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._timer is not None:
             self._timer.cancel()
         if not self._complete:
             if exc is None:
-                self.fail(aiohttp.ServerDisconnectedError("the engine closed the connection"))
+                self._broke(aiohttp.ServerDisconnectedError("the engine closed the connection"))
             else:
-                self.fail(aiohttp.ClientConnectionError(f"the engine's connection broke: {exc}"))
+                self._broke(aiohttp.ClientConnectionError(f"the engine's connection broke: {exc}"))
 
     def _watch(self) -> None:
         """The read timeout, checked by a timer rather than re-armed at every chunk."""
@@ -139,7 +139,7 @@ class EngineStream(asyncio.Protocol):
             self._last = now  # held for the client, not waiting for the engine
         silent = now - self._last
         if silent >= self._read_timeout_s:
-            self.fail(TimeoutError(f"the engine sent nothing for {self._read_timeout_s:g} s"))
+            self._broke(TimeoutError(f"the engine sent nothing for {self._read_timeout_s:g} s"))
             return
         self._timer = self._loop.call_later(self._read_timeout_s - silent, self._watch)
 
@@ -219,7 +219,6 @@ class EngineStream(asyncio.Protocol):
             try:
                 go_on = self._sink(data)
             except Exception as exc:
-                self._chunks.clear()
                 self.fail(exc)
                 return
             self._held = not go_on
@@ -238,8 +237,22 @@ class EngineStream(asyncio.Protocol):
     # ------------------------------------------------------------------ ending
 
     def fail(self, exc: BaseException) -> None:
-        """End the stream with `exc` (a failure the sink's owner met, or the engine's): a
-        reader gets it after the bytes before it, a sink's `on_end` once they are passed on."""
+        """End the stream with `exc`, a failure its reader or sink's owner met: nothing more is
+        passed on (a hold is let go), and `on_end` gets `exc` at once."""
+        self._chunks.clear()
+        self._held = False
+        if self._error is None:  # even after a whole answer: not all of it was passed on
+            self._error = exc
+            if not self._head.done():
+                self._head.set_exception(exc)
+        if self._transport is not None:
+            self._transport.close()
+        self._wake()
+        self._ended()
+
+    def _broke(self, exc: BaseException) -> None:
+        """The engine's answer failed: a reader gets `exc` after the bytes before it, a sink's
+        `on_end` once they are passed on."""
         if self._error is not None or self._complete:
             return
         self._error = exc

@@ -207,9 +207,10 @@ class RelayResponse(Response):
                 gone.cancel()
                 work.cancel()  # a no-op once it is done
                 await asyncio.wait((work,))
-            if not work.cancelled():
-                work.result()  # the relay's own failure, if any, is the server's error
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            if work.cancelled() or isinstance(work.exception(), OSError):
+                return  # the client is gone (a server of ASGI spec 2.4 says so from send)
+            work.result()  # the relay's own failure, if any, is the server's error
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             self.stream.close()
             if self._sending is not None:
@@ -250,8 +251,6 @@ class RelayResponse(Response):
                 self.supervisor.report_failure(reason)
                 self.failed = 502
                 await self._error(envelope(reason, "server_error", "engine_unavailable"))
-        except OSError:
-            pass  # the client's connection is gone (a server of ASGI spec 2.4 says so in send)
 
     async def _error(self, err: dict[str, Any]) -> None:
         chat = b"data: " + json.dumps(err).encode() + b"\n\n" + DONE + b"\n\n"
