@@ -108,16 +108,20 @@ class EngineClient:
             return raw
         return json.dumps(payload).encode()
 
+    def _headers(self, rid: str) -> dict[str, str]:
+        """What every request to the engine carries: JSON, the request's id, the start's key."""
+        return {
+            "Content-Type": "application/json",
+            "X-Request-Id": rid,
+            **self.supervisor.auth_headers(),
+        }
+
     async def post(self, path: str, body: bytes, rid: str) -> aiohttp.ClientResponse:
         """Post `body` for a whole answer (streams: `stream`); the engine's response, its body
         unread. A pooled connection that fails before an answer is tried once more on a fresh
         connection; then the engine is reported."""
         url = EngineLink.url(path)
-        headers = {
-            "Content-Type": "application/json",
-            "X-Request-Id": rid,
-            **self.supervisor.auth_headers(),
-        }
+        headers = self._headers(rid)
         timeout = self.sessions.timeout
         try:
             try:
@@ -144,11 +148,7 @@ class EngineClient:
         """Post `body` for a streamed answer, on a connection of its own
         (`server.engine_stream`); the answer's status and headers read, its body not.
         EngineUnavailableError (the engine reported) when it cannot be reached."""
-        headers = {
-            "Content-Type": "application/json",
-            "X-Request-Id": rid,
-            **self.supervisor.auth_headers(),
-        }
+        headers = self._headers(rid)
         request = request_bytes(path, headers, body)
         try:
             socket = self.link().socket

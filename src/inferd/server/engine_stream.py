@@ -241,23 +241,21 @@ class EngineStream(asyncio.Protocol):
         passed on (a hold is let go), and `on_end` gets `exc` at once."""
         self._chunks.clear()
         self._held = False
-        if self._error is None:  # even after a whole answer: not all of it was passed on
-            self._error = exc
-            if not self._head.done():
-                self._head.set_exception(exc)
-        if self._transport is not None:
-            self._transport.close()
-        self._wake()
-        self._ended()
+        self._stop(exc)  # even after a whole answer: not all of it was passed on
 
     def _broke(self, exc: BaseException) -> None:
         """The engine's answer failed: a reader gets `exc` after the bytes before it, a sink's
         `on_end` once they are passed on."""
-        if self._error is not None or self._complete:
-            return
-        self._error = exc
-        if not self._head.done():
-            self._head.set_exception(exc)
+        if not self._complete:
+            self._stop(exc)
+
+    def _stop(self, exc: BaseException) -> None:
+        """Record `exc` (the first failure stays), close the connection, wake a reader and tell
+        the sink's owner once its turn comes."""
+        if self._error is None:
+            self._error = exc
+            if not self._head.done():
+                self._head.set_exception(exc)
         if self._transport is not None:
             self._transport.close()
         self._wake()
